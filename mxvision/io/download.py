@@ -1,0 +1,304 @@
+"""Robust file downloads and safe archive extraction.
+
+Pretrained weights and datasets come from mirrors that fail in ordinary ways: connections drop
+half way through a 100 MB file, servers answer 500 or 429, proxies stall, captive portals send a
+login page with status 200. ``mxnet.gluon.utils.download`` restarts from zero and cannot tell a
+login page from a file, so this module:
+
+* streams into ``path + ".part"`` and resumes it with an HTTP Range request (restarting cleanly
+  if the server answers 200 instead of 206), so a dropped connection costs only what was lost;
+* retries transient failures (connection errors, timeouts, 5xx, 408/429) with exponential
+  backoff, honouring a bounded Retry-After, and gives up at once on permanent ones (404, 403,
+  an HTML page where a file was expected);
+* checks the size against Content-Length and the optional sha1/sha256, and only then moves the
+  file into place with ``os.replace``: ``path`` either holds a complete, verified file or nothing;
+* serialises concurrent downloads of the same path with an advisory lock on the ``.part`` file.
+
+User-caused failures raise :class:`~mxvision.errors.DownloadError` with a one-line message naming
+the URL. The safe archive extractors live in :mod:`mxvision.io.archive` and are re-exported here
+because callers almost always download an archive and then unpack it.
+"""
+import email.utils
+import hashlib
+import http.client
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import DownloadError
+from .archive import MAX_MEMBER_SIZE, MAX_TOTAL_SIZE, safe_extract_tar, safe_extract_zip
+
+try:  # POSIX advisory locks; on other platforms concurrent downloads are simply not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["download", "check_hash", "hash_file", "safe_extract_zip", "safe_extract_tar",
+           "USER_AGENT", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "mxvision/%s (python-urllib)" % __version__
+MAX_WAIT = 60.0  # upper bound on any single wait between attempts (Retry-After included)
+_CHUNK = 1 << 16
+_HEX_LENGTH = {"sha1": 40, "sha256": 64}
+
+
+class _Retry(Exception):
+    """A transient failure: wait (``wait`` seconds if the server said so) and try again."""
+
+    def __init__(self, reason, wait=None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+class _Fatal(Exception):
+    """A permanent failure: retrying cannot help."""
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def hash_file(path, algorithm="sha1"):
+    """Hex digest of a file, read in chunks so multi-GB files do not fill memory."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_hashes(sha1, sha256):
+    expected = {}
+    for algorithm, value in (("sha1", sha1), ("sha256", sha256)):
+        if value is None:
+            continue
+        value = value.strip().lower()
+        if not re.fullmatch("[0-9a-f]{%d}" % _HEX_LENGTH[algorithm], value):
+            raise ValueError("%s must be %d hex digits, got %r" % (algorithm, _HEX_LENGTH[algorithm], value))
+        expected[algorithm] = value
+    return expected
+
+
+def _mismatch(path, expected):
+    """First (algorithm, actual, expected) that does not match, or None."""
+    for algorithm, value in expected.items():
+        actual = hash_file(path, algorithm)
+        if actual != value:
+            return algorithm, actual, value
+    return None
+
+
+def check_hash(path, sha1=None, sha256=None):
+    """True if ``path`` exists and matches every given digest (at least one is required)."""
+    expected = _expected_hashes(sha1, sha256)
+    if not expected:
+        raise ValueError("check_hash needs sha1 or sha256")
+    return os.path.isfile(path) and _mismatch(path, expected) is None
+
+
+def _retry_after(headers, now=None):
+    """Seconds asked for by a Retry-After header (delta-seconds or HTTP-date), or None."""
+    value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _content_range(value):
+    """(start, total) from 'bytes start-end/total' or 'bytes */total' (None where absent)."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    start = int(match.group(1)) if match.group(1) else None
+    total = int(match.group(2)) if match.group(2) != "*" else None
+    return start, total
+
+
+def _describe(exc):
+    """A short human reason for a network exception."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    if isinstance(exc, (TimeoutError, OSError)) and "timed out" in str(exc).lower():
+        return "timed out"
+    name = type(exc).__name__
+    text = _one_line(exc)
+    return "%s: %s" % (name, text) if text else name
+
+
+def _looks_like_html_page(url, content_type):
+    """A text/html answer for a URL that does not name an HTML file is a portal or error page."""
+    if not (content_type or "").lower().startswith(("text/html", "application/xhtml")):
+        return False
+    return not urllib.parse.urlsplit(url).path.lower().endswith((".html", ".htm"))
+
+
+def _attempt(url, f, state, timeout, user_agent, bar):
+    """One HTTP request, appending to the open .part file ``f``; returns the final size.
+
+    Raises _Retry for transient problems (the bytes written so far stay: they are a valid
+    prefix) and _Fatal for permanent ones.
+    """
+    offset = f.seek(0, os.SEEK_END)
+    headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = "bytes=%d-" % offset
+        if state.get("validator"):
+            headers["If-Range"] = state["validator"]  # changed file -> 200 -> clean restart
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and offset:
+            _, total = _content_range(err.headers.get("Content-Range"))
+            if total == offset:
+                return offset  # the .part already holds the whole file
+            f.truncate(0)
+            raise _Retry("server cannot resume at byte %d; restarting" % offset, wait=0)
+        if err.code in (408, 425, 429) or err.code >= 500:
+            raise _Retry("HTTP %d %s" % (err.code, _one_line(err.reason)), wait=_retry_after(err.headers))
+        raise _Fatal("HTTP %d %s" % (err.code, _one_line(err.reason)))
+    except ValueError as err:  # malformed or unsupported URL
+        raise _Fatal(_one_line(err))
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise _Retry(_describe(err))
+
+    with response:
+        if _looks_like_html_page(url, response.headers.get("Content-Type")):
+            raise _Fatal("server sent an HTML page (Content-Type %s) instead of the file; "
+                         "check the URL, mirror or network login" % response.headers.get("Content-Type"))
+        total = None
+        if getattr(response, "status", 200) == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                f.truncate(0)
+                raise _Retry("server resumed at the wrong offset; restarting", wait=0)
+        else:
+            if offset:
+                log.info("%s: server ignored the Range request; restarting from zero", url)
+                f.truncate(0)
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        etag = response.headers.get("ETag")
+        state["validator"] = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+        bar.reset(total=total)
+        bar.update(offset)
+        try:
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                f.write(block)
+                bar.update(len(block))
+        except (OSError, http.client.HTTPException) as err:
+            f.flush()
+            raise _Retry("connection lost after %d bytes (%s)" % (f.tell(), _describe(err)))
+    f.flush()
+    size = f.tell()
+    if total is not None and size < total:
+        raise _Retry("connection closed after %d of %d bytes" % (size, total))
+    if total is not None and size > total:
+        f.truncate(0)
+        raise _Retry("received %d bytes, more than the announced %d; restarting" % (size, total), wait=0)
+    return size
+
+
+@contextmanager
+def _locked_part(part):
+    """Open ``part`` for appending under an exclusive lock (waits for a concurrent download).
+
+    After waiting, the file we locked may have been renamed into place or deleted by the other
+    process, so the lock only counts if it is still the inode at ``part``.
+    """
+    while True:
+        f = open(part, "ab")
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another download into %s", part)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if os.stat(part).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield f
+    finally:
+        f.close()  # closing releases the lock
+
+
+def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0.5, progress=True,
+             user_agent=USER_AGENT, *, resume=None, max_wait=MAX_WAIT):
+    """Download ``url`` to ``path`` atomically, resuming and retrying; return ``path``.
+
+    retries: extra attempts after the first (so ``retries + 1`` requests at most); the wait
+    before attempt ``k`` is ``backoff * 2**k`` seconds or the server's Retry-After, at most
+    ``max_wait``. timeout: seconds without progress on connect or read. resume: reuse a
+    ``.part`` left by an earlier call; the default (None) does so only when a checksum will
+    verify the result (without one a stale prefix of another version could go unnoticed).
+    Within one call a dropped transfer is always resumed. If ``path`` already exists and
+    matches the given checksum, nothing is downloaded. Raises DownloadError(url, reason).
+    """
+    path = os.fspath(path)
+    expected = _expected_hashes(sha1, sha256)
+    if expected and os.path.isfile(path) and _mismatch(path, expected) is None:
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + ".part"
+    resume = bool(expected) if resume is None else resume
+    state = {}
+    with _locked_part(part) as f, tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024,
+                                        desc=os.path.basename(path), disable=not progress,
+                                        leave=False) as bar:
+        if expected and os.path.isfile(path) and _mismatch(path, expected) is None:
+            if f.tell() == 0:
+                os.unlink(part)  # a concurrent download finished while we waited
+            return path
+        if not resume and f.seek(0, os.SEEK_END):
+            f.truncate(0)
+        reason = None
+        for attempt in range(retries + 1):
+            if attempt:
+                wait = backoff * 2 ** (attempt - 1) if reason.wait is None else reason.wait
+                wait = min(max(wait, 0.0), max_wait)
+                log.warning("%s: %s; retry %d/%d in %.1fs", url, reason, attempt, retries, wait)
+                time.sleep(wait)
+            try:
+                size = _attempt(url, f, state, timeout, user_agent, bar)
+                break
+            except _Retry as err:
+                reason = err
+            except _Fatal as err:
+                f.truncate(0)
+                os.unlink(part)
+                raise DownloadError(url, "%s (saving to %s)" % (err, path)) from None
+        else:
+            kept = f.seek(0, os.SEEK_END)
+            if not kept:
+                os.unlink(part)
+            where = "; %d bytes kept in %s to resume" % (kept, part) if kept else ""
+            raise DownloadError(url, "failed after %d attempts: %s%s" % (retries + 1, reason, where))
+        bad = _mismatch(part, expected)  # still holding the lock until the file is in place
+        if bad is not None:
+            os.unlink(part)
+            raise DownloadError(url, "%s of the %d downloaded bytes is %s, expected %s; deleted it "
+                                "(corrupt transfer or wrong file on the server)" % (bad[0], size, bad[1], bad[2]))
+        os.replace(part, path)
+    return path

@@ -1,0 +1,41 @@
+import pytest
+
+from mxvision._shared import shared_dir
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """The real-data folder ../shared; tests that need it skip with a reason when it is absent."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared (real data) is absent; set MXVISION_SHARED to run this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_index(tmp_path_factory):
+    """A small deterministic synthetic dataset (index CSV with patient-grouped splits)."""
+    from mxvision.data.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    return make_synthetic_dataset(out, n_per_class=12, size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_store(synth_index, tmp_path_factory):
+    """Features of the synthetic set from a random-weight ResNet-18 v2 trunk (fast on a CPU)."""
+    from mxvision.features import extract_features
+
+    out = tmp_path_factory.mktemp("features")
+    return extract_features(synth_index, out, backbone="resnet18_v2", weights="none",
+                            ctx="cpu", batch_size=8, shard_size=8, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_run(small_store, tmp_path_factory):
+    """A trained head (a few epochs) on the small feature store."""
+    from mxvision.train import train_head
+
+    out = tmp_path_factory.mktemp("run")
+    train_head(small_store, out, epochs=4, batch_size=8, ctx="cpu", progress=False)
+    return out
