@@ -1,5 +1,7 @@
 import pytest
 
+from httpserver import http_server  # noqa: F401  (real HTTP server on 127.0.0.1)
+
 from mxvision._shared import shared_dir
 
 

@@ -129,7 +129,8 @@ def safe_extract_zip(zip_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
                     total += _write_stream(zip_path, info.filename, src, target,
                                            min(max_size, max_total - total))
             except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                raise DownloadError(zip_path, "corrupt member %r (%s)" % (info.filename, _one_line(err))) from None
+                problem = "corrupt member %r (%s)" % (info.filename, _one_line(err))
+                raise DownloadError(zip_path, problem) from None
             written.append(target)
     return written
 

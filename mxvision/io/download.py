@@ -41,7 +41,7 @@ try:  # POSIX advisory locks; on other platforms concurrent downloads are simply
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["download", "check_hash", "hash_file", "safe_extract_zip", "safe_extract_tar",
+__all__ = ["download", "check_hash", "hash_file", "locked_file", "safe_extract_zip", "safe_extract_tar",
            "USER_AGENT", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ def _attempt(url, f, state, timeout, user_agent, bar):
     except ValueError as err:  # malformed or unsupported URL
         raise _Fatal(_one_line(err))
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        if isinstance(err, urllib.error.URLError) and "unknown url type" in str(err.reason):
+            raise _Fatal(_one_line(err.reason))
         raise _Retry(_describe(err))
 
     with response:
@@ -196,16 +198,23 @@ def _attempt(url, f, state, timeout, user_agent, bar):
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         etag = response.headers.get("ETag")
-        state["validator"] = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+        strong = etag if etag and not etag.startswith("W/") else None  # If-Range needs a strong one
+        state["validator"] = strong or response.headers.get("Last-Modified")
         bar.reset(total=total)
         bar.update(offset)
-        try:
-            for block in iter(lambda: response.read(_CHUNK), b""):
+        while True:
+            try:
+                block = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as err:
+                f.flush()
+                raise _Retry("connection lost after %d bytes (%s)" % (f.tell(), _describe(err)))
+            if not block:
+                break
+            try:
                 f.write(block)
-                bar.update(len(block))
-        except (OSError, http.client.HTTPException) as err:
-            f.flush()
-            raise _Retry("connection lost after %d bytes (%s)" % (f.tell(), _describe(err)))
+            except OSError as err:  # disk full, quota: retrying cannot help
+                raise _Fatal("cannot write %s (%s)" % (f.name, _one_line(err.strerror or err)))
+            bar.update(len(block))
     f.flush()
     size = f.tell()
     if total is not None and size < total:
@@ -217,14 +226,19 @@ def _attempt(url, f, state, timeout, user_agent, bar):
 
 
 @contextmanager
-def _locked_part(part):
-    """Open ``part`` for appending under an exclusive lock (waits for a concurrent download).
+def locked_file(part):
+    """Open ``part`` for appending under an exclusive lock, waiting for any other holder.
 
-    After waiting, the file we locked may have been renamed into place or deleted by the other
-    process, so the lock only counts if it is still the inode at ``part``.
+    Holders may rename the file into place or delete it while they hold the lock (that is how
+    they release it without leaving lock files behind), so after waiting the lock only counts
+    if the locked inode is still the one at ``part``; otherwise we try again with a fresh file.
     """
     while True:
-        f = open(part, "ab")
+        try:
+            f = open(part, "ab")
+        except OSError as err:
+            reason = _one_line(err.strerror or err)
+            raise DownloadError(part, "cannot write the download (%s)" % reason) from None
         if fcntl is None:
             break
         try:
@@ -249,22 +263,28 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
     """Download ``url`` to ``path`` atomically, resuming and retrying; return ``path``.
 
     retries: extra attempts after the first (so ``retries + 1`` requests at most); the wait
-    before attempt ``k`` is ``backoff * 2**k`` seconds or the server's Retry-After, at most
-    ``max_wait``. timeout: seconds without progress on connect or read. resume: reuse a
-    ``.part`` left by an earlier call; the default (None) does so only when a checksum will
-    verify the result (without one a stale prefix of another version could go unnoticed).
-    Within one call a dropped transfer is always resumed. If ``path`` already exists and
-    matches the given checksum, nothing is downloaded. Raises DownloadError(url, reason).
+    before retry ``k`` (1, 2, ...) is ``backoff * 2**(k-1)`` seconds, or the server's
+    Retry-After, and never more than ``max_wait``. timeout: seconds without progress on
+    connect or read. resume: reuse a ``.part`` left by an earlier call; the default (None)
+    does so only when a checksum will verify the result (without one a stale prefix of another
+    version could go unnoticed). Within one call a dropped transfer is always resumed. If
+    ``path`` already exists and matches the given checksum, nothing is downloaded.
+    Raises DownloadError(url, reason).
     """
     path = os.fspath(path)
     expected = _expected_hashes(sha1, sha256)
     if expected and os.path.isfile(path) and _mismatch(path, expected) is None:
         return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        reason = _one_line(err.strerror or err)
+        raise DownloadError(folder, "cannot create the folder (%s)" % reason) from None
     part = path + ".part"
     resume = bool(expected) if resume is None else resume
     state = {}
-    with _locked_part(part) as f, tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024,
+    with locked_file(part) as f, tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024,
                                         desc=os.path.basename(path), disable=not progress,
                                         leave=False) as bar:
         if expected and os.path.isfile(path) and _mismatch(path, expected) is None:
@@ -298,7 +318,8 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
         bad = _mismatch(part, expected)  # still holding the lock until the file is in place
         if bad is not None:
             os.unlink(part)
-            raise DownloadError(url, "%s of the %d downloaded bytes is %s, expected %s; deleted it "
-                                "(corrupt transfer or wrong file on the server)" % (bad[0], size, bad[1], bad[2]))
+            algorithm, actual, wanted = bad
+            raise DownloadError(url, "%s of the %d downloaded bytes is %s, expected %s; deleted it (corrupt "
+                                "transfer or wrong file on the server)" % (algorithm, size, actual, wanted))
         os.replace(part, path)
     return path
