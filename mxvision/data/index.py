@@ -1,0 +1,289 @@
+"""The index CSV: the one contract between the data sources and the pipeline.
+
+Every source (a class-per-folder tree, JSRT, NIH, the synthetic demo set) is turned into an index
+with the columns ``path,label[,patient_id,split,view]``; feature extraction, training and
+evaluation only ever read an index. Extra columns (nodule coordinates, subtlety, ...) are carried
+through untouched so later stages can use them.
+
+Paths in the CSV may be relative to the CSV's own folder (so a dataset folder can be moved as a
+whole) or absolute. In memory every path is absolute; the stable image id is the path relative to
+the index's folder, which does not change when the folder moves.
+
+Problems a user can fix raise :class:`~mxvision.errors.BadIndex` with a one-line message that
+names the CSV and the line.
+"""
+import csv
+import io
+import os
+
+import numpy as np
+
+from ..errors import BadIndex
+from ..utils import atomic_path
+
+REQUIRED_COLUMNS = ("path", "label")
+#: The optional columns the pipeline understands, written right after the required ones.
+KNOWN_COLUMNS = ("patient_id", "split", "view")
+SPLITS = ("train", "val", "test")
+#: Xvision's class order: label id 0 is normal, 1 is nodule (so "positive" means nodule).
+XVISION_CLASSES = ("normal", "nodule")
+
+
+def default_classes(labels):
+    """The class order for ``labels``: Xvision's ``normal, nodule`` when the labels are (a subset
+    of) those two, so nodule is always id 1 even in a one-class subset; otherwise sorted."""
+    found = set(labels)
+    if found and found <= set(XVISION_CLASSES):
+        return list(XVISION_CLASSES)
+    return sorted(found)
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+class Index:
+    """An immutable table of images: one record (a dict of strings) per image.
+
+    ``records`` are mappings with at least ``path`` and ``label``; relative paths are resolved
+    against ``root`` (the folder the index belongs to, e.g. the CSV's folder). ``classes`` fixes
+    the label order (default :func:`default_classes`). ``source`` names the index in error
+    messages. Methods that change something return a new Index.
+    """
+
+    def __init__(self, records, root, columns=None, classes=None, source=None, _lines=None):
+        self._root = os.path.abspath(os.fspath(root))
+        self._source = str(source) if source is not None else self._root
+        records = [dict(r) for r in records]
+
+        def where(i):  # lines of the CSV when read from one, else row numbers
+            return f"line {_lines[i]}" if _lines is not None else f"row {i + 1}"
+
+        self._columns = self._column_order(records, columns)
+        self._records = []
+        seen = {}
+        for i, rec in enumerate(records):
+            rec = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in self._columns}
+            for c in ("path", "label", "split"):
+                if c in rec:
+                    rec[c] = rec[c].strip()
+            if not rec["path"]:
+                raise BadIndex(self._source, f"{where(i)}: empty path")
+            if not rec["label"]:
+                raise BadIndex(self._source, f"{where(i)}: empty label for {rec['path']}")
+            if rec.get("split", "") not in SPLITS + ("",):
+                raise BadIndex(self._source, f"{where(i)}: split {rec['split']!r} is not one of "
+                                             f"train, val, test or empty")
+            path = os.path.expanduser(rec["path"])
+            rec["path"] = os.path.normpath(os.path.join(self._root, path))
+            if rec["path"] in seen:
+                raise BadIndex(self._source, f"{where(i)}: duplicate path {rec['path']} "
+                                             f"(also on {where(seen[rec['path']])})")
+            seen[rec["path"]] = i
+            self._records.append(rec)
+        self._classes = list(classes) if classes is not None else default_classes(self.labels)
+        unknown = sorted(set(self.labels) - set(self._classes))
+        if unknown:
+            raise BadIndex(self._source, f"label(s) {', '.join(unknown)} not among the classes "
+                                         f"{', '.join(self._classes)}")
+
+    @staticmethod
+    def _column_order(records, columns):
+        """path, label, then the given columns (or every key in first-seen order)."""
+        order = list(REQUIRED_COLUMNS)
+        if columns is None:
+            columns = [k for r in records for k in r]
+        for c in columns:
+            if c not in order:
+                order.append(c)
+        return tuple(order)
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _derive(self, records, columns=None):
+        return Index(records, self._root, columns=columns or self._columns, classes=self._classes,
+                     source=self._source)
+
+    def select(self, rows):
+        """A new Index with the rows at the integer positions (or boolean mask) ``rows``."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return self._derive([self._records[int(i)] for i in rows])
+
+    def subset(self, split):
+        """The rows of one split (``train``, ``val``, ``test`` or ``""`` for unassigned); the
+        class order is kept so label ids agree with the full index."""
+        if split not in SPLITS + ("",):
+            raise ValueError(f"unknown split {split!r}")
+        return self.select([s == split for s in self.splits])
+
+    def with_column(self, name, values):
+        """A new Index with column ``name`` set to ``values`` (one per row), added if new."""
+        values = list(values)
+        if len(values) != len(self):
+            raise ValueError(f"{len(values)} values for {len(self)} rows")
+        records = [dict(r, **{name: v}) for r, v in zip(self._records, values)]
+        return self._derive(records, columns=self._columns + (name,))
+
+    # -- columns -------------------------------------------------------------------------------
+    def column(self, name, default=""):
+        """The values of any column as a list (``default`` for every row when it is absent)."""
+        return [r.get(name, default) for r in self._records]
+
+    @property
+    def columns(self):
+        return self._columns
+
+    @property
+    def root(self):
+        """The folder relative paths and ids are resolved against."""
+        return self._root
+
+    @property
+    def source(self):
+        """What error messages name: the CSV or folder this index came from."""
+        return self._source
+
+    @property
+    def paths(self):
+        """Absolute, normalised image paths."""
+        return self.column("path")
+
+    @property
+    def labels(self):
+        return self.column("label")
+
+    @property
+    def classes(self):
+        return list(self._classes)
+
+    @property
+    def label_ids(self):
+        """Integer class id per row (position of the label in :attr:`classes`), int64 array."""
+        lookup = {c: i for i, c in enumerate(self._classes)}
+        return np.array([lookup[lab] for lab in self.labels], dtype=np.int64)
+
+    @property
+    def patient_ids(self):
+        """The ``patient_id`` column; where it is absent or empty, the image's file stem, i.e. each
+        such image counts as its own patient (right for one image per patient, as in JSRT)."""
+        return [r.get("patient_id") or _stem(r["path"]) for r in self._records]
+
+    @property
+    def splits(self):
+        """``train``/``val``/``test`` per row, ``""`` where unassigned or the column is absent."""
+        return self.column("split")
+
+    @property
+    def views(self):
+        """The ``view`` column (e.g. ``PA``), ``""`` where absent."""
+        return self.column("view")
+
+    @property
+    def ids(self):
+        """Stable image ids: the path relative to :attr:`root`, with ``/`` separators."""
+        return [_relative(r["path"], self._root) for r in self._records]
+
+    def records(self):
+        """Copies of the rows as dicts (absolute paths)."""
+        return [dict(r) for r in self._records]
+
+    def missing(self):
+        """Absolute paths of the image files that do not exist."""
+        return [p for p in self.paths if not os.path.isfile(p)]
+
+    def __len__(self):
+        return len(self._records)
+
+    def __repr__(self):
+        return f"Index({len(self)} images, classes={self._classes}, source={self._source!r})"
+
+
+def _relative(path, folder):
+    try:
+        rel = os.path.relpath(path, folder)
+    except ValueError:  # another drive on Windows
+        return path.replace(os.sep, "/")
+    return rel.replace(os.sep, "/")
+
+
+def _inside(path, folder):
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:
+        return False
+
+
+def read_index(csv_path, check_files=False, classes=None):
+    """Read and validate an index CSV; relative paths are resolved against the CSV's folder.
+
+    With ``check_files`` every image must exist, else BadIndex names the first missing one and how
+    many are missing. ``classes`` fixes the label order (e.g. that of a trained model).
+    """
+    csv_path = os.path.abspath(os.fspath(csv_path))
+    if os.path.isdir(csv_path):
+        raise BadIndex(csv_path, "is a folder, expected an index CSV file")
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise BadIndex(csv_path, "no such index CSV") from None
+    except UnicodeDecodeError:
+        raise BadIndex(csv_path, "not UTF-8 text; expected an index CSV") from None
+    except OSError as err:
+        raise BadIndex(csv_path, f"cannot read ({err.strerror or err})") from None
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, lines = [], []
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise BadIndex(csv_path, "empty file; expected a header line with path,label")
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise BadIndex(csv_path, f"line 1: missing column(s) {', '.join(missing)} "
+                                     f"(header: {','.join(header)[:80]})")
+        dups = sorted({h for h in header if header.count(h) > 1})
+        if dups or "" in header:
+            what = f"duplicate column(s) {', '.join(dups)}" if dups else "an unnamed column"
+            raise BadIndex(csv_path, f"line 1: {what} in the header")
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise BadIndex(csv_path, f"line {reader.line_num}: {len(row)} fields, "
+                                         f"the header has {len(header)}")
+            records.append(dict(zip(header, row)))
+            lines.append(reader.line_num)
+    except csv.Error as err:
+        raise BadIndex(csv_path, f"line {reader.line_num}: malformed CSV ({err})") from None
+    if not records:
+        raise BadIndex(csv_path, "no images listed after the header")
+
+    index = Index(records, os.path.dirname(csv_path), columns=header, classes=classes,
+                  source=csv_path, _lines=lines)
+    if check_files:
+        absent = index.missing()
+        if absent:
+            raise BadIndex(csv_path, f"{len(absent)} of {len(index)} image files missing, "
+                                     f"first: {absent[0]}")
+    return index
+
+
+def write_index(index, csv_path):
+    """Write ``index`` as CSV atomically; paths inside the CSV's folder are written relative to it
+    (so the folder can be moved), others absolute. Returns the absolute CSV path."""
+    csv_path = os.path.abspath(os.fspath(csv_path))
+    folder = os.path.dirname(csv_path)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(index.columns)
+    for rec in index.records():
+        path = rec["path"]
+        rec["path"] = _relative(path, folder) if _inside(path, folder) else path
+        writer.writerow([rec.get(c, "") for c in index.columns])
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(out.getvalue())
+    return csv_path

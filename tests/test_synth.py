@@ -1,0 +1,158 @@
+"""The synthetic radiograph generator: plausible, nodules where the index says, reproducible."""
+import hashlib
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from mxvision.data import synth
+from mxvision.data.index import read_index
+from mxvision.data.splits import check_no_patient_leak, split_counts
+
+
+def _digests(folder):
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _region(img, frac_x, frac_y, half=0.03):
+    s = img.shape[0]
+    x0, x1 = int((frac_x - half) * s), int((frac_x + half) * s)
+    y0, y1 = int((frac_y - half) * s), int((frac_y + half) * s)
+    return float(img[y0:y1, x0:x1].mean())
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return synth.make_synthetic_dataset(out, n_per_class=10, size=128, seed=0, images_per_patient=2)
+
+
+def test_radiograph_looks_like_a_chest_film():
+    for seed in range(5):
+        img = synth.make_radiograph(np.random.default_rng(seed), size=256)
+        assert img.shape == (256, 256) and img.dtype == np.uint8
+        corner = _region(img, 0.03, 0.97)  # air beside the body
+        lungs = [_region(img, 0.32, 0.45), _region(img, 0.68, 0.40)]
+        spine = _region(img, 0.50, 0.45, half=0.01)
+        tissue = _region(img, 0.50, 0.90)  # abdomen under the diaphragm
+        assert corner < min(lungs) - 15
+        assert max(lungs) < tissue - 40 and max(lungs) < spine - 60
+        assert img.std() > 20  # not a flat image
+
+
+def test_radiograph_is_deterministic_per_generator():
+    a = synth.make_radiograph(np.random.default_rng(3), size=128)
+    b = synth.make_radiograph(np.random.default_rng(3), size=128)
+    c = synth.make_radiograph(np.random.default_rng(4), size=128)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_nodule_is_a_projected_sphere():
+    img = np.full((128, 128), 50, np.uint8)
+    out = synth.insert_nodule(img, (60.0, 70.0), 20.0, 80.0, np.random.default_rng(0))
+    assert np.array_equal(img, np.full((128, 128), 50, np.uint8))  # input untouched
+    added = out.astype(float) - 50
+    assert added[70, 60] == pytest.approx(80, abs=3)
+    # brightness falls off as sqrt(1 - r^2/R^2); the outline is elliptical (+-15%), so check the
+    # mean over a ring at half the radius, and nothing beyond 1.4 R
+    yy, xx = np.mgrid[0:128, 0:128]
+    r = np.hypot(xx - 60, yy - 70)
+    assert added[(r > 9) & (r < 11)].mean() == pytest.approx(80 * np.sqrt(0.75), abs=6)
+    assert added[r > 28].max() == 0
+    bright = synth.insert_nodule(np.full((64, 64), 240, np.uint8), (32, 32), 10, 80,
+                                 np.random.default_rng(0))
+    assert bright.max() == 255  # clipped, not wrapped around
+
+
+def test_lung_positions_fall_inside_the_lungs():
+    rng = np.random.default_rng(0)
+    points = np.array([synth.random_lung_position(rng, 256) for _ in range(300)]) / 256
+    inside = np.zeros(len(points), bool)
+    for cx, cy, ax, ay in synth._LUNGS:
+        dist2 = ((points[:, 0] - cx) / ax) ** 2 + ((points[:, 1] - cy) / ay) ** 2
+        inside |= dist2 <= 0.6 ** 2 + 1e-9
+    assert inside.all()
+    assert (points[:, 0] < 0.5).sum() > 100 and (points[:, 0] > 0.5).sum() > 100  # both lungs
+    hx, hy, hr = synth.HEART
+    assert (np.hypot(points[:, 0] - hx, points[:, 1] - hy) > hr).all()
+
+
+def test_dataset_layout_and_index(small_set):
+    index = read_index(small_set, check_files=True)
+    assert os.path.basename(small_set) == "index.csv"
+    assert len(index) == 20 and index.classes == ["normal", "nodule"]
+    assert index.label_ids.tolist().count(1) == 10
+    assert all(i.startswith(f"images/{lab}/") and i.endswith(".png")
+               for i, lab in zip(index.ids, index.labels))
+    assert set(index.views) == {"PA"}
+    # two images per patient, grouped by the split
+    assert len(set(index.patient_ids)) == 10
+    check_no_patient_leak(index)
+    assert set(split_counts(index)) == {"train", "val", "test"}
+    for lab, x, r in zip(index.labels, index.column("nodule_x"), index.column("nodule_radius")):
+        assert (lab == "nodule") == (x != "") == (r != "")
+    img = cv2.imread(index.paths[0], cv2.IMREAD_UNCHANGED)
+    assert img.shape == (128, 128) and img.dtype == np.uint8
+
+
+def test_nodules_are_visible_where_the_index_says(small_set):
+    index = read_index(small_set)
+    yy, xx = np.mgrid[0:128, 0:128]
+    seen = 0
+    for path, lab, pid, x, y, radius in zip(
+            index.paths, index.labels, index.patient_ids, index.column("nodule_x"),
+            index.column("nodule_y"), index.column("nodule_radius")):
+        img = cv2.imread(path, cv2.IMREAD_GRAYSCALE).astype(float)
+        patient, shot = int(pid.rsplit("-", 1)[1]), int(path[-5])
+        again, nodule = synth.synthetic_image(0, lab, patient, shot, size=128)
+        assert np.array_equal(img, again)  # the file is exactly what the generator draws
+        if lab != "nodule":
+            assert nodule is None
+            continue
+        plain, _ = synth.synthetic_image(0, lab, patient, shot, size=128, with_nodule=False)
+        r = np.hypot(xx - float(x), yy - float(y)) / float(radius)
+        added = img - plain
+        assert added[r < 0.5].mean() > 0.8 * synth.NODULE_CONTRAST[0], path
+        assert added[r > 1.5].max() == 0, path
+        seen += 1
+    assert seen == 10
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    a = synth.make_synthetic_dataset(tmp_path / "a", n_per_class=4, size=96, seed=5)
+    b = synth.make_synthetic_dataset(tmp_path / "b", n_per_class=4, size=96, seed=5)
+    c = synth.make_synthetic_dataset(tmp_path / "c", n_per_class=4, size=96, seed=6)
+    da, db, dc = (_digests(os.path.dirname(p)) for p in (a, b, c))
+    assert len(da) == 9 and da == db
+    images = [k for k in da if k.endswith(".png")]
+    assert all(da[k] != dc[k] for k in images)
+
+
+def test_more_images_leave_existing_ones_unchanged(tmp_path):
+    few = synth.make_synthetic_dataset(tmp_path / "few", n_per_class=2, size=64, seed=1)
+    more = synth.make_synthetic_dataset(tmp_path / "more", n_per_class=3, size=64, seed=1)
+    d_few, d_more = _digests(os.path.dirname(few)), _digests(os.path.dirname(more))
+    assert all(d_more[k] == v for k, v in d_few.items() if k.endswith(".png"))
+
+
+def test_images_of_one_patient_share_anatomy_but_not_noise(tmp_path):
+    csv_path = synth.make_synthetic_dataset(tmp_path, n_per_class=2, size=128, seed=0,
+                                            images_per_patient=2)
+    index = read_index(csv_path)
+    first, second = (cv2.imread(p, cv2.IMREAD_GRAYSCALE).astype(float) for p in index.paths[2:4])
+    assert index.patient_ids[2] == index.patient_ids[3]
+    assert not np.array_equal(first, second)
+    other = cv2.imread(synth.make_synthetic_dataset(
+        tmp_path / "o", n_per_class=4, size=128, seed=0, images_per_patient=1).replace(
+        "index.csv", "images/nodule/syn-nodule-0003_0.png"), cv2.IMREAD_GRAYSCALE).astype(float)
+    same_patient = np.corrcoef(first.ravel(), second.ravel())[0, 1]
+    other_patient = np.corrcoef(first.ravel(), other.ravel())[0, 1]
+    assert same_patient > other_patient
