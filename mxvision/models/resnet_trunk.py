@@ -291,7 +291,10 @@ def get_backbone(name=DEFAULT_ARCH, cut=DEFAULT_CUT, weights_file=None, ctx=None
     else:
         trunk.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
                          ctx=ctx)
-        trunk(mx.nd.zeros((1, 3, 32, 32), ctx=ctx[0]))
+        # 64 px, not smaller: at 32 px stage 4 is 1x1, and MXNet 1.9.1's oneDNN BatchNorm then
+        # caches a (1, 512, 1, 1) primitive that a later 2-D BatchNorm on (1, 512) -- the Xvision
+        # head's -- reuses and segfaults on (reproduced here; 2x2 and larger are safe).
+        trunk(mx.nd.zeros((1, 3, 64, 64), ctx=ctx[0]))
     if hybridize:
         trunk.hybridize()
     return trunk

@@ -1,0 +1,177 @@
+"""The ``mxvision`` command line: a thin layer that parses arguments and calls the Python API.
+
+User mistakes (bad files, missing runs, unreachable weights) arrive as ``MxvisionError`` and are
+printed as one line with a non-zero exit code; a traceback means a bug in mxvision.
+"""
+import argparse
+import json
+import logging
+import sys
+
+from .errors import MxvisionError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_ctx(p):
+    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+
+
+def _cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, n_per_class=args.n_per_class, seed=args.seed, epochs=args.epochs,
+             weights=args.weights, ctx=args.ctx, progress=not args.quiet)
+
+
+def _cmd_extract(args):
+    from .features import extract_features
+    store = extract_features(args.index, args.out, backbone=args.backbone, cut=args.cut,
+                             weights=args.weights, ctx=args.ctx, batch_size=args.batch_size,
+                             shard_size=args.shard_size, allow_random=args.allow_random_weights,
+                             strict=args.strict, overwrite=args.overwrite, progress=not args.quiet)
+    m = store.manifest
+    print(f"{m['n_features']} feature maps {tuple(m['feature_shape'])} in {store.path} "
+          f"({m['n_skipped']} skipped); weights: {m['weights']['description']}")
+    if m["n_skipped"] and args.strict:
+        return 1
+
+
+def _cmd_train(args):
+    from .train import train_head
+    state = train_head(args.features, args.out, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, momentum=args.momentum, seed=args.seed,
+                       ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet)
+    best = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
+    print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.3f}, "
+          f"val AUC {best['val_auc']:.3f}; run in {args.out}")
+
+
+def _cmd_evaluate(args):
+    from .evaluate import evaluate_run
+    r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx)
+    print(f"{r['split']}: n={r['n']} accuracy {r['accuracy']:.4f} AUC {r['auc']:.4f} "
+          f"confusion matrix {r['confusion_matrix']} (rows: true {r['classes']})")
+    print(f"metrics: {args.out}/metrics.json  confusion matrix: {r['confusion_matrix_png']}")
+
+
+def _cmd_predict(args):
+    from .predict import predict
+    results = predict(args.run, args.images, ctx=args.ctx, strict=args.strict)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}\tERROR\t{r['error']}")
+            else:
+                probs = "  ".join(f"{c}={p:.4f}" for c, p in r["probabilities"].items())
+                print(f"{r['path']}\t{r['predicted']}\t{probs}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _cmd_export(args):
+    from .export import export_model
+    paths = export_model(args.run, args.out, ctx=args.ctx)
+    print(f"exported {paths['symbol']} and {paths['params']} (metadata: {paths['meta']})")
+
+
+def _cmd_models(args):
+    from .models import zoo
+    for name in zoo.list_models():
+        print(name)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mxvision", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="run the whole pipeline on generated radiographs (no downloads)")
+    p.add_argument("--out", default="mxvision-demo", help="output folder (default: mxvision-demo)")
+    p.add_argument("--n-per-class", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["imagenet", "none"], default=None,
+                   help="default: ImageNet if already cached, random otherwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("extract", help="extract backbone features for an index CSV or class folders")
+    p.add_argument("--index", required=True, help="index CSV (path,label[,patient_id,split,view]) or a folder per class")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.add_argument("--backbone", default="resnet50_v2")
+    p.add_argument("--cut", default="stage4_unit2_relu1", help="layer whose output is the feature")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none (random) | PATH to a .params file")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="continue with random weights when ImageNet weights cannot be had")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256, help="images per feature shard file")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="discard features of another configuration in --out")
+    p.add_argument("--quiet", action="store_true")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("train", help="train the Xvision head on a feature store")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (original: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
+    p.add_argument("--quiet", action="store_true")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, confusion matrix and ROC curve on a held-out split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", default=None, help="default: the feature store the run was trained on")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class probabilities for images or folders of images")
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export backbone + head as PREFIX-symbol.json / PREFIX-0000.params")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, metavar="PREFIX")
+    _add_ctx(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("models", help="list the registered networks")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="mxvision: %(message)s")
+    try:
+        return args.func(args) or 0
+    except MxvisionError as err:
+        print(f"mxvision: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("mxvision: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:  # disk full, permission denied on an output folder, ...
+        where = err.filename or "mxvision"
+        print(f"mxvision: error: {where}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

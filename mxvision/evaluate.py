@@ -1,0 +1,116 @@
+"""Evaluating a trained run on a held-out split: metrics.json, confusion matrix and ROC plots.
+
+Every figure is written with where it came from (feature store, backbone, weights, epoch, split),
+because an accuracy without its data and weights means little — and AUC is always reported next to
+the confusion matrix.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .context import parse_ctx
+from .errors import BadRun
+from .features import FeatureStore
+from .train import load_head, load_run, predict_probs
+from .utils import atomic_path, write_json
+
+# What must agree between the features a head was trained on and the ones it is evaluated on.
+_MUST_MATCH = ("backbone", "cut", "preprocessing", "feature_shape", "classes")
+
+
+def _check_compatible(run_config, store):
+    trained = run_config["features"]
+    for key in _MUST_MATCH:
+        if trained[key] != store.manifest[key]:
+            raise BadRun(store.path, f"{key} differs from the features the run was trained on "
+                                     f"({trained['features_dir']})")
+    if trained["weights"]["sha1"] != store.manifest["weights"]["sha1"]:
+        raise BadRun(store.path, "backbone weights differ from the ones the run was trained on")
+
+
+def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, epoch=None):
+    """Evaluate the run's best head on ``split`` of ``features``; write and return the metrics."""
+    run_dir = Path(run_dir)
+    config, state = load_run(run_dir)
+    store = FeatureStore(features or config["features"]["features_dir"])
+    _check_compatible(config, store)
+    out_dir = Path(out_dir or run_dir / f"eval-{split}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = parse_ctx(ctx)
+    head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
+    x, y, ids = store.load(split)
+    probs = predict_probs(head, x, ctx)
+    classes = store.classes
+    report = metrics.classification_report(y, probs, classes)
+    report.update({
+        "split": split,
+        "epoch": epoch or state["best_epoch"],
+        "run_dir": str(run_dir.resolve()),
+        "features_dir": str(store.path.resolve()),
+        "backbone": store.manifest["backbone"],
+        "cut": store.manifest["cut"],
+        "weights": store.manifest["weights"]["description"],
+        "n_patients": len({store.items[i]["patient_id"] for i in _rows(store, ids)}),
+        "confusion_matrix_png": str((out_dir / "confusion_matrix.png").resolve()),
+        "roc_curve_png": str((out_dir / "roc_curve.png").resolve()),
+    })
+    _write_predictions(out_dir / "predictions.csv", ids, y, probs, classes)
+    plot_confusion_matrix(report["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+                          title=f"{split}: accuracy {report['accuracy']:.3f}, AUC {report['auc']:.3f}")
+    if len(classes) == 2 and len(np.unique(y)) == 2:
+        plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
+    else:
+        report["roc_curve_png"] = None
+    write_json(out_dir / "metrics.json", report)
+    return report
+
+
+def _rows(store, ids):
+    position = {item["id"]: k for k, item in enumerate(store.items)}
+    return [position[i] for i in ids]
+
+
+def _write_predictions(path, ids, labels, probs, classes):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "label", "predicted"] + [f"p_{c}" for c in classes])
+            for i, label, p in zip(ids, labels, probs):
+                writer.writerow([i, classes[label], classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion_matrix(matrix, classes, path, title=""):
+    """The confusion matrix as counts in a labelled grid, like the original Xvision figure."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues",
+                                                                          colorbar=False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_roc_curve(labels, scores, path, positive="positive"):
+    from sklearn.metrics import RocCurveDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    RocCurveDisplay.from_predictions(labels, scores, name=positive, ax=ax)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,55 @@
+"""Exporting a trained run as one deployable symbol file pair (+ a small JSON of metadata).
+
+``PREFIX-symbol.json`` + ``PREFIX-0000.params`` hold backbone + head + softmax, hybridized; they load
+with ``gluon.SymbolBlock.imports(symbol, ["data"], params)`` or the Module API, without mxvision.
+``PREFIX-meta.json`` says which classes the outputs are and how to preprocess an image.
+"""
+import os
+from pathlib import Path
+
+import mxnet as mx
+from mxnet import gluon
+
+from . import transforms
+from .context import parse_ctx
+from .predict import load_classifier
+from .utils import write_json
+
+
+def export_model(run_dir, prefix, ctx=None):
+    """Write ``PREFIX-symbol.json``, ``PREFIX-0000.params`` and ``PREFIX-meta.json``; return their paths."""
+    ctx = parse_ctx(ctx)
+    net, config = load_classifier(run_dir, ctx=ctx)
+    features = config["features"]
+    preset = transforms.get_preset(features["preprocessing"]["name"])
+    net.hybridize()
+    input_shape = (1, preset.channels, preset.size, preset.size)
+    net(mx.nd.zeros(input_shape, ctx=ctx))
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # Export under a temporary prefix, then rename both files: never a half-written pair.
+    tmp_prefix = prefix.parent / f".{prefix.name}.tmp{os.getpid()}"
+    net.export(str(tmp_prefix), epoch=0)
+    paths = {"symbol": Path(f"{prefix}-symbol.json"), "params": Path(f"{prefix}-0000.params"),
+             "meta": Path(f"{prefix}-meta.json")}
+    os.replace(f"{tmp_prefix}-symbol.json", paths["symbol"])
+    os.replace(f"{tmp_prefix}-0000.params", paths["params"])
+    write_json(paths["meta"], {
+        "classes": features["classes"],
+        "input_name": "data",
+        "input_shape": list(input_shape),
+        "output": "class probabilities (softmax), in the order of classes",
+        "preprocessing": features["preprocessing"],
+        "backbone": features["backbone"],
+        "cut": features["cut"],
+        "backbone_weights": features["weights"]["description"],
+        "run_dir": str(Path(run_dir).resolve()),
+    })
+    return {k: str(v) for k, v in paths.items()}
+
+
+def load_exported(prefix, ctx=None):
+    """Load an exported pair as a SymbolBlock (what a deployment would do)."""
+    ctx = parse_ctx(ctx)
+    return gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params",
+                                     ctx=ctx)

@@ -1,0 +1,88 @@
+"""Class probabilities for new images from a trained run (backbone + head, same preprocessing)."""
+import logging
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+
+from . import transforms
+from .context import parse_ctx
+from .errors import BadImage, BadRun
+from .models import zoo
+from .models.classifier import XvisionClassifier
+from .train import load_head
+from .utils import file_digest
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
+
+
+def _backbone_file(features_info):
+    """The exact backbone weights the run's features came from, checked against their sha1."""
+    weights = features_info["weights"]
+    path = Path(weights["file"])
+    if not path.is_absolute():  # random weights are kept inside the feature store
+        path = Path(features_info["features_dir"]) / path
+    if not path.is_file():
+        raise BadRun(path, "backbone weights of this run are missing (needed to rebuild the model)")
+    if file_digest(path, "sha1") != weights["sha1"]:
+        raise BadRun(path, "backbone weights changed since the features were extracted")
+    return path
+
+
+def load_classifier(run_dir, ctx=None, softmax=True):
+    """Rebuild the full network of a run: the backbone its features came from + its best head."""
+    ctx = parse_ctx(ctx)
+    head, config = load_head(run_dir, ctx=ctx)
+    features_info = config["features"]
+    backbone = zoo.load_backbone_file(features_info["backbone"], features_info["cut"],
+                                      _backbone_file(features_info), ctx=ctx)
+    net = XvisionClassifier(backbone, head, softmax=softmax)
+    return net, config
+
+
+def expand_images(inputs):
+    """Image files from a mix of file and folder arguments (folders: their image files, sorted)."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(item)
+    return paths
+
+
+def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
+    """Probabilities per class for each image (files or folders).
+
+    Returns one dict per image: ``{"path", "probabilities": {class: p}, "predicted"}``, or
+    ``{"path", "error"}`` for an unreadable image (``strict=True`` raises instead).
+    """
+    ctx = parse_ctx(ctx)
+    net, config = load_classifier(run_dir, ctx=ctx)
+    classes = config["features"]["classes"]
+    preset = transforms.get_preset(config["features"]["preprocessing"]["name"])
+    net.hybridize()
+    results, batch = [], []
+
+    def flush():
+        if batch:
+            probs = net(mx.nd.array(np.stack([img for _, img in batch]), ctx=ctx)).asnumpy()
+            for (path, _), p in zip(batch, probs):
+                results.append({"path": str(path), "probabilities": dict(zip(classes, map(float, p))),
+                                "predicted": classes[int(p.argmax())]})
+            batch.clear()
+
+    for path in expand_images(images):
+        try:
+            batch.append((path, transforms.load_image(path, preset)))
+        except BadImage as err:
+            if strict:
+                raise
+            flush()
+            results.append({"path": str(path), "error": str(err)})
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return results

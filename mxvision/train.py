@@ -1,0 +1,218 @@
+"""Training the Xvision head on a feature store, with per-epoch checkpoints and resume.
+
+A run directory holds::
+
+    config.json            what was trained on what (feature store, backbone, weights, hyper-parameters)
+    checkpoints/epoch-NNNN.params / .states    head parameters and trainer (SGD) state of each epoch
+    state.json             the last finished epoch, the per-epoch log and the best epoch so far
+    log.csv                epoch, train/val loss, accuracy, val AUC, seconds
+    training_curve.png     loss and accuracy/AUC per epoch
+    best.params            the head of the best validation epoch (AUC, then loss)
+
+An epoch counts as finished only once its parameters, trainer state and ``state.json`` are all
+written (each atomically), so a run killed at any moment resumes from the last finished epoch and
+ends with the same weights as an uninterrupted run: the shuffling of epoch *k* depends only on the
+seed and *k*.
+"""
+import csv
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+from tqdm import tqdm
+
+from . import metrics
+from .context import parse_ctx
+from .errors import BadRun
+from .features import FeatureStore
+from .models.head import XvisionHead
+from .utils import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIG, STATE = "config.json", "state.json"
+DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 32, "momentum": 0.0, "wd": 0.0, "seed": 0,
+            "hidden": 512}
+# Settings that must not change when a run is resumed (epochs may grow).
+_FIXED = ("lr", "batch_size", "momentum", "wd", "seed", "hidden")
+
+
+def predict_probs(head, features, ctx, batch_size=64):
+    """Softmax probabilities of ``head`` for a float32 feature array, in inference mode."""
+    out = []
+    for start in range(0, len(features), batch_size):
+        x = mx.nd.array(features[start:start + batch_size], ctx=ctx)
+        out.append(mx.nd.softmax(head(x)).asnumpy())
+    return np.concatenate(out)
+
+
+def _features_provenance(store):
+    m = store.manifest
+    return {"features_dir": str(store.path.resolve()), "backbone": m["backbone"], "cut": m["cut"],
+            "weights": m["weights"], "preprocessing": m["preprocessing"],
+            "feature_shape": m["feature_shape"], "classes": m["classes"]}
+
+
+def _checkpoint(run_dir, epoch, ext):
+    return Path(run_dir) / "checkpoints" / f"epoch-{epoch:04d}.{ext}"
+
+
+def _save_epoch(run_dir, epoch, head, trainer):
+    for ext, save in (("params", head.save_parameters), ("states", trainer.save_states)):
+        with atomic_path(_checkpoint(run_dir, epoch, ext)) as tmp:
+            save(tmp)
+
+
+def _is_better(row, best):
+    if best is None:
+        return True
+    auc, best_auc = row["val_auc"], best["val_auc"]
+    if not (math.isnan(auc) or math.isnan(best_auc)) and auc != best_auc:
+        return auc > best_auc
+    return row["val_loss"] < best["val_loss"]
+
+
+def _batches(n, batch_size, seed, epoch):
+    """Shuffled batches of epoch ``epoch``; a trailing batch of one is dropped (BatchNorm needs 2)."""
+    order = np.random.RandomState(seed * 100003 + epoch).permutation(n)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) > 1]
+
+
+def _load_or_start(run_dir, config, resume):
+    state_file = run_dir / STATE
+    if not (resume and state_file.exists()):
+        return {"last_epoch": 0, "history": [], "best_epoch": None}
+    old = read_json(run_dir / CONFIG)
+    changed = [k for k in _FIXED if old["hyper"].get(k) != config["hyper"][k]]
+    if old["features"]["features_dir"] != config["features"]["features_dir"]:
+        changed.append("features")
+    if changed:
+        raise BadRun(run_dir, f"holds a run with other settings ({', '.join(changed)}); "
+                              "use a new --out or --no-resume")
+    return read_json(state_file)
+
+
+def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.0, wd=0.0,
+               seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val"):
+    """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch)."""
+    store = features if isinstance(features, FeatureStore) else FeatureStore(features)
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = parse_ctx(ctx)
+    hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,
+                 seed=seed)
+    config = {"features": _features_provenance(store), "hyper": hyper,
+              "splits": {"train": train_split, "val": val_split}}
+    state = _load_or_start(run_dir, config, resume)
+    write_json(run_dir / CONFIG, config)
+
+    x_train, y_train, _ = store.load(train_split)
+    x_val, y_val, _ = store.load(val_split)
+    mx.random.seed(seed)
+    head = XvisionHead(classes=len(store.classes), hidden=hyper["hidden"])
+    head.initialize(mx.init.Xavier(), ctx=ctx)
+    head.hybridize()
+    head(mx.nd.array(x_train[:2], ctx=ctx))  # materialise deferred shapes before loading/saving
+    trainer = gluon.Trainer(head.collect_params(), "sgd",
+                            {"learning_rate": lr, "momentum": momentum, "wd": wd})
+    start = state["last_epoch"]
+    if start:
+        head.load_parameters(str(_checkpoint(run_dir, start, "params")), ctx=ctx)
+        trainer.load_states(str(_checkpoint(run_dir, start, "states")))
+        log.info("resuming %s after epoch %d", run_dir, start)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    for epoch in tqdm(range(start + 1, epochs + 1), desc="train", unit="epoch",
+                      initial=start, total=epochs, disable=not progress):
+        tic = time.time()
+        for batch in _batches(len(x_train), batch_size, seed, epoch):
+            x = mx.nd.array(x_train[batch], ctx=ctx)
+            y = mx.nd.array(y_train[batch], ctx=ctx)
+            with autograd.record():
+                loss = loss_fn(head(x), y)
+            loss.backward()
+            trainer.step(len(batch))
+        train_probs = predict_probs(head, x_train, ctx)
+        val_probs = predict_probs(head, x_val, ctx)
+        row = {"epoch": epoch,
+               "train_loss": metrics.cross_entropy(y_train, train_probs),
+               "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),
+               "val_loss": metrics.cross_entropy(y_val, val_probs),
+               "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
+               "val_auc": metrics.auc_score(y_val, val_probs),
+               "seconds": round(time.time() - tic, 3)}
+        _save_epoch(run_dir, epoch, head, trainer)
+        best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
+        if _is_better(row, best):
+            state["best_epoch"] = epoch
+            with atomic_path(run_dir / "best.params") as tmp:
+                shutil.copyfile(_checkpoint(run_dir, epoch, "params"), tmp)
+        state["history"].append(row)
+        state["last_epoch"] = epoch
+        write_json(run_dir / STATE, state)  # the epoch is finished only from here on
+        _write_log(run_dir, state["history"])
+    plot_training_curve(state["history"], run_dir / "training_curve.png", state["best_epoch"])
+    return state
+
+
+def _write_log(run_dir, history):
+    with atomic_path(run_dir / "log.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    write_json(run_dir / "log.json", history)
+
+
+def plot_training_curve(history, path, best_epoch=None):
+    """Loss (left) and accuracy/AUC (right) per epoch, the best epoch marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train accuracy")
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation accuracy")
+    ax_acc.plot(epochs, [r["val_auc"] for r in history], label="validation AUC")
+    ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="Accuracy and AUC")
+    for ax in (ax_loss, ax_acc):
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def load_run(run_dir):
+    """The config and state of a finished (or partial) run, with a clear error if it is not one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file() or not (run_dir / "best.params").is_file():
+        raise BadRun(run_dir, "not a training run (no config.json/best.params); run `mxvision train` first")
+    return read_json(run_dir / CONFIG), read_json(run_dir / STATE)
+
+
+def load_head(run_dir, ctx=None, epoch=None):
+    """The trained head of a run (best epoch unless ``epoch`` is given), ready for inference."""
+    run_dir = Path(run_dir)
+    config, _ = load_run(run_dir)
+    ctx = parse_ctx(ctx)
+    head = XvisionHead(classes=len(config["features"]["classes"]), hidden=config["hyper"]["hidden"])
+    params = run_dir / "best.params" if epoch is None else _checkpoint(run_dir, epoch, "params")
+    if not params.is_file():
+        raise BadRun(params, "no such checkpoint")
+    head.load_parameters(str(params), ctx=ctx)
+    return head, config

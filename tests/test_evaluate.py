@@ -1,0 +1,40 @@
+import csv
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+
+from mxvision.errors import BadRun
+from mxvision.evaluate import evaluate_run
+from mxvision.features import extract_features
+from mxvision.utils import read_json
+
+
+def test_metrics_json_agrees_with_sklearn_on_the_predictions(small_run, small_store, tmp_path):
+    report = evaluate_run(small_run, small_store.path, tmp_path / "eval", ctx="cpu")
+    saved = read_json(tmp_path / "eval" / "metrics.json")
+    assert saved == report
+    for key in ("accuracy", "auc", "precision", "recall", "f1", "confusion_matrix", "classes", "n"):
+        assert key in saved
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    test_items = [it for it in small_store.items if it["split"] == "test"]
+    assert saved["n"] == len(rows) == len(test_items)
+    classes = saved["classes"]
+    y = [classes.index(r["label"]) for r in rows]
+    pred = [classes.index(r["predicted"]) for r in rows]
+    assert saved["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert saved["confusion_matrix"] == confusion_matrix(y, pred, labels=[0, 1]).tolist()
+    assert saved["auc"] == pytest.approx(roc_auc_score(y, [float(r["p_nodule"]) for r in rows]), abs=1e-5)
+    assert set(saved["precision"]) == set(classes) == {"normal", "nodule"}
+    assert "RANDOM" in saved["weights"] and saved["backbone"] == "resnet18_v2"
+    for png in ("confusion_matrix.png", "roc_curve.png"):
+        img = cv2.imread(str(tmp_path / "eval" / png))
+        assert img is not None and img.shape[0] > 200 and img.std() > 0
+
+
+def test_features_from_another_backbone_are_refused(small_run, synth_index, tmp_path):
+    other = extract_features(synth_index, tmp_path / "other", backbone="resnet18_v2",
+                             cut="stage4_unit1_relu1", weights="none", ctx="cpu", progress=False)
+    with pytest.raises(BadRun, match="differs"):
+        evaluate_run(small_run, other.path, tmp_path / "eval", ctx="cpu")
