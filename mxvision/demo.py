@@ -32,7 +32,8 @@ def run_demo(out_dir="mxvision-demo", n_per_class=40, size=256, seed=0, epochs=2
     store_ = extract_features(index_csv, out / "features", weights=weights, ctx=ctx,
                               progress=progress, allow_random=False)
     say(f"[3/5] training the Xvision head ({epochs} epochs, SGD lr 0.01, batch 32)")
-    state = train_head(store_, out / "run", epochs=epochs, ctx=ctx, progress=progress)
+    state = train_head(store_, out / "run", epochs=epochs, ctx=ctx, progress=progress,
+                       keep_checkpoints=1)  # the demo keeps its disk use small (~0.5 GB)
     say("[4/5] evaluating on the held-out test patients")
     report = evaluate_run(out / "run", out / "features", out / "eval", ctx=ctx)
     say("[5/5] exporting backbone + head as a symbol file pair")

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 CONFIG, STATE = "config.json", "state.json"
 DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 32, "momentum": 0.0, "wd": 0.0, "seed": 0,
             "hidden": 512}
+# A checkpoint of the 2048x7x7 head is ~200 MB; keeping every epoch of a 20-epoch run costs 4 GB.
+KEEP_CHECKPOINTS = 3
 # Settings that must not change when a run is resumed (epochs may grow).
 _FIXED = ("lr", "batch_size", "momentum", "wd", "seed", "hidden")
 
@@ -66,6 +68,15 @@ def _save_epoch(run_dir, epoch, head, trainer):
     for ext, save in (("params", head.save_parameters), ("states", trainer.save_states)):
         with atomic_path(_checkpoint(run_dir, epoch, ext)) as tmp:
             save(tmp)
+
+
+def _prune_checkpoints(run_dir, last_epoch, keep):
+    """Delete epoch checkpoints older than the newest ``keep`` (0 keeps all); best.params stays."""
+    if keep <= 0:
+        return
+    for epoch in range(1, last_epoch - keep + 1):
+        for ext in ("params", "states"):
+            _checkpoint(run_dir, epoch, ext).unlink(missing_ok=True)
 
 
 def _is_better(row, best):
@@ -99,8 +110,13 @@ def _load_or_start(run_dir, config, resume):
 
 
 def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.0, wd=0.0,
-               seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val"):
-    """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch)."""
+               seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val",
+               keep_checkpoints=KEEP_CHECKPOINTS):
+    """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch).
+
+    A checkpoint is written every epoch; only the newest ``keep_checkpoints`` are kept (0: all),
+    plus ``best.params``.
+    """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +172,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
         state["history"].append(row)
         state["last_epoch"] = epoch
         write_json(run_dir / STATE, state)  # the epoch is finished only from here on
+        _prune_checkpoints(run_dir, epoch, keep_checkpoints)
         _write_log(run_dir, state["history"])
     plot_training_curve(state["history"], run_dir / "training_curve.png", state["best_epoch"])
     return state

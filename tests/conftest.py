@@ -39,5 +39,5 @@ def small_run(small_store, tmp_path_factory):
     from mxvision.train import train_head
 
     out = tmp_path_factory.mktemp("run")
-    train_head(small_store, out, epochs=4, batch_size=8, ctx="cpu", progress=False)
+    train_head(small_store, out, epochs=4, batch_size=8, ctx="cpu", progress=False, keep_checkpoints=0)
     return out

@@ -49,6 +49,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(small_store, tmp_
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
+def test_only_the_newest_checkpoints_are_kept(small_store, tmp_path):
+    state = train_head(small_store, tmp_path / "run", epochs=4, batch_size=8, ctx="cpu",
+                       progress=False, keep_checkpoints=2)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["epoch-0003.params", "epoch-0003.states", "epoch-0004.params", "epoch-0004.states"]
+    assert (tmp_path / "run" / "best.params").is_file() and state["best_epoch"] in range(1, 5)
+
+
 def test_resume_with_other_settings_is_refused(small_store, tmp_path):
     train_head(small_store, tmp_path / "run", epochs=1, batch_size=8, ctx="cpu", progress=False)
     with pytest.raises(BadRun, match="lr"):

@@ -1,17 +1,5 @@
-"""The ``mxvision`` command line: a thin layer that parses arguments and calls the Python API.
-
-User mistakes (bad files, missing runs, unreachable weights) arrive as ``MxvisionError`` and are
-printed as one line with a non-zero exit code; a traceback means a bug in mxvision.
-"""
-import argparse
+"""CLI commands of the Xvision pipeline: each parses its arguments and calls the Python API."""
 import json
-import logging
-import sys
-
-from .errors import MxvisionError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 def _add_ctx(p):
@@ -19,13 +7,13 @@ def _add_ctx(p):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from ..demo import run_demo
     run_demo(args.out, n_per_class=args.n_per_class, seed=args.seed, epochs=args.epochs,
              weights=args.weights, ctx=args.ctx, progress=not args.quiet)
 
 
 def _cmd_extract(args):
-    from .features import extract_features
+    from ..features import extract_features
     store = extract_features(args.index, args.out, backbone=args.backbone, cut=args.cut,
                              weights=args.weights, ctx=args.ctx, batch_size=args.batch_size,
                              shard_size=args.shard_size, allow_random=args.allow_random_weights,
@@ -38,17 +26,18 @@ def _cmd_extract(args):
 
 
 def _cmd_train(args):
-    from .train import train_head
+    from ..train import train_head
     state = train_head(args.features, args.out, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, momentum=args.momentum, seed=args.seed,
-                       ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet)
+                       ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
+                       keep_checkpoints=args.keep_checkpoints)
     best = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
     print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.3f}, "
           f"val AUC {best['val_auc']:.3f}; run in {args.out}")
 
 
 def _cmd_evaluate(args):
-    from .evaluate import evaluate_run
+    from ..evaluate import evaluate_run
     r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx)
     print(f"{r['split']}: n={r['n']} accuracy {r['accuracy']:.4f} AUC {r['auc']:.4f} "
           f"confusion matrix {r['confusion_matrix']} (rows: true {r['classes']})")
@@ -56,7 +45,7 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
-    from .predict import predict
+    from ..predict import predict
     results = predict(args.run, args.images, ctx=args.ctx, strict=args.strict)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -71,23 +60,19 @@ def _cmd_predict(args):
 
 
 def _cmd_export(args):
-    from .export import export_model
+    from ..export import export_model
     paths = export_model(args.run, args.out, ctx=args.ctx)
     print(f"exported {paths['symbol']} and {paths['params']} (metadata: {paths['meta']})")
 
 
 def _cmd_models(args):
-    from .models import zoo
+    from ..models import zoo
     for name in zoo.list_models():
         print(name)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="mxvision", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def add_parsers(sub):
+    """The pipeline commands: demo, extract, train, evaluate, predict, export, models."""
     p = sub.add_parser("demo", help="run the whole pipeline on generated radiographs (no downloads)")
     p.add_argument("--out", default="mxvision-demo", help="output folder (default: mxvision-demo)")
     p.add_argument("--n-per-class", type=int, default=40)
@@ -124,6 +109,8 @@ def build_parser():
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (original: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="epoch checkpoints to keep (~200 MB each for the ResNet-50 head; 0 = all)")
     p.add_argument("--quiet", action="store_true")
     _add_ctx(p)
     p.set_defaults(func=_cmd_train)
@@ -152,26 +139,5 @@ def build_parser():
 
     p = sub.add_parser("models", help="list the registered networks")
     p.set_defaults(func=_cmd_models)
-    return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="mxvision: %(message)s")
-    try:
-        return args.func(args) or 0
-    except MxvisionError as err:
-        print(f"mxvision: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("mxvision: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as err:  # disk full, permission denied on an output folder, ...
-        where = err.filename or "mxvision"
-        print(f"mxvision: error: {where}: {err.strerror or err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
