@@ -4,6 +4,10 @@ MXNet ships as several distributions (``mxnet`` for CPU, ``mxnet-cu112`` etc. fo
 provide the ``mxnet`` module. If a CUDA build is already installed we must not pull the CPU wheel
 over it, so the MXNet requirement is chosen at install time.
 """
+import json
+import os
+import subprocess
+import sys
 from importlib import metadata
 
 from setuptools import find_packages, setup
@@ -11,10 +15,31 @@ from setuptools import find_packages, setup
 MXNET_VERSION = "1.9.1"
 
 
+def _installed_distributions():
+    """Names and versions of the distributions installed in the target environment.
+
+    pip builds in an isolated environment that hides the target's site-packages, so when the
+    in-process view shows no MXNet we ask the target interpreter itself, without pip's overlay.
+    """
+    found = {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}
+    if any(name.startswith("mxnet") for name in found):
+        return found
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = ("import importlib.metadata as m, json; "
+             "print(json.dumps({(d.metadata['Name'] or '').lower(): d.version for d in m.distributions()}))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=env, timeout=60, check=True).stdout
+        found.update(json.loads(out))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return found
+
+
 def _mxnet_requirement():
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("mxnet-cu") and dist.version == MXNET_VERSION:
+    """``mxnet==1.9.1``, unless a CUDA build of the same version is installed: then keep that one."""
+    for name, version in _installed_distributions().items():
+        if name.startswith("mxnet-cu") and version == MXNET_VERSION:
             return f"{name}=={MXNET_VERSION}"
     return f"mxnet=={MXNET_VERSION}"
 

@@ -107,3 +107,12 @@ def test_shard_files_are_plain_ndarray_files(small_store):
     shard = small_store.manifest["shards"][0]
     loaded = mx.nd.load(str(small_store.path / shard["file"]))
     assert list(loaded) == ["features"] and loaded["features"].shape[0] == len(shard["rows"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(__import__("mxvision.context", fromlist=["num_gpus"]).num_gpus() == 0,
+                    reason="no GPU visible to MXNet (the PyPI CPU wheel, or no CUDA 11.2 host)")
+def test_gpu_extraction_matches_cpu(synth_index, small_store, tmp_path):
+    store = _extract(synth_index, tmp_path / "gpu", ctx="gpu:0")
+    assert store.manifest["ctx"].startswith("gpu")
+    np.testing.assert_allclose(store.load()[0], small_store.load()[0], rtol=1e-3, atol=1e-3)
