@@ -35,13 +35,17 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
     run_dir = Path(run_dir)
     config, state = load_run(run_dir)
     store = FeatureStore(features or config["features"]["features_dir"])
-    _check_compatible(config, store)
     out_dir = Path(out_dir or run_dir / f"eval-{split}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     ctx = parse_ctx(ctx)
-    head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
-    x, y, ids = store.load(split)
-    probs = predict_probs(head, x, ctx)
+    if "finetune" in config:
+        # The backbone changed: stored features no longer apply, so run the images through it.
+        y, probs, ids = _finetuned_probs(run_dir, config, store, split, ctx)
+    else:
+        _check_compatible(config, store)
+        head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
+        x, y, ids = store.load(split)
+        probs = predict_probs(head, x, ctx)
+    out_dir.mkdir(parents=True, exist_ok=True)
     classes = store.classes
     report = metrics.classification_report(y, probs, classes)
     report.update({
@@ -65,6 +69,19 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
         report["roc_curve_png"] = None
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _finetuned_probs(run_dir, config, store, split, ctx):
+    from .finetune import image_probs
+    from .predict import load_classifier
+
+    items = [it for it in store.items if it["split"] == split]
+    if not items:
+        raise BadRun(store.path, f"no images in split {split!r}")
+    net, _ = load_classifier(run_dir, ctx=ctx)
+    preset = config["features"]["preprocessing"]["name"]
+    probs = image_probs(net, items, preset, ctx)
+    return np.array([it["label_id"] for it in items]), probs, [it["id"] for it in items]
 
 
 def _rows(store, ids):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["demo", "extract", "train", "evaluate", "predict", "export", "models"]
+SUBCOMMANDS = ["demo", "extract", "train", "finetune", "evaluate", "predict", "export", "models"]
 
 
 def run(*args, env=None, cwd=None):

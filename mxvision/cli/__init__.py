@@ -9,11 +9,11 @@ import logging
 import sys
 
 from ..errors import MxvisionError
-from . import pipeline
+from . import finetune, pipeline
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline]
+COMMAND_GROUPS = [pipeline, finetune]
 
 
 def build_parser():

@@ -211,6 +211,22 @@ class ResNetTrunk(HybridBlock):
                 return F.Activation(x, act_type="relu", name=self.cut)
             return F.identity(x, name=self.cut)
 
+    def split_stages(self, stages):
+        """Split for fine-tuning: ``(frozen_blocks, trainable_blocks, finish)``.
+
+        The trainable part is the last ``stages`` residual stages of the trunk (the partial stage
+        at the cut counts as one); ``finish(x)`` applies the trunk's final op (ReLU or identity).
+        Calling the blocks in order and then ``finish`` equals calling the trunk.
+        """
+        blocks = list(self.features._children.values())
+        stage_at = [i for i, b in enumerate(blocks) if isinstance(b, nn.HybridSequential)]
+        if not 1 <= stages <= len(stage_at):
+            raise MxvisionError(f"stages={stages}", f"{self.arch} cut at {self.cut} has "
+                                f"{len(stage_at)} stages to fine-tune")
+        k = stage_at[-stages]
+        finish = (lambda x: mx.nd.relu(x)) if self._final == "relu" else (lambda x: x)
+        return blocks[:k], blocks[k:], finish
+
     def param_keys(self):
         """Structural parameter keys (``features.8.1.bn1.gamma``) -> Parameter, as in a
         model-zoo ``save_parameters`` file of the full network."""
