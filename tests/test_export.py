@@ -48,3 +48,11 @@ def test_predict_reports_unreadable_images_without_stopping(small_run, small_sto
     results = predict(small_run, [str(bad)] + _images(small_store, 1), ctx="cpu")
     assert "notes.png" in results[0]["error"]
     assert "probabilities" in results[1]
+
+
+def test_predict_accepts_a_folder(small_run, synth_index):
+    import os
+    folder = os.path.join(os.path.dirname(synth_index), "images", "nodule")
+    results = predict(small_run, [folder], ctx="cpu")
+    assert sorted(r["path"] for r in results) == sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    assert all(set(r["probabilities"]) == {"normal", "nodule"} for r in results)

@@ -116,3 +116,13 @@ def test_gpu_extraction_matches_cpu(synth_index, small_store, tmp_path):
     store = _extract(synth_index, tmp_path / "gpu", ctx="gpu:0")
     assert store.manifest["ctx"].startswith("gpu")
     np.testing.assert_allclose(store.load()[0], small_store.load()[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_folder_per_class_is_an_index(synth_index, tmp_path):
+    images = os.path.join(os.path.dirname(synth_index), "images")
+    store = _extract(images, tmp_path / "f")
+    labels = {it["label"] for it in store.items}
+    assert labels == {"normal", "nodule"} and store.classes == ["normal", "nodule"]
+    n_files = sum(len(os.listdir(os.path.join(images, c))) for c in ("normal", "nodule"))
+    assert store.manifest["n_features"] == n_files
+    assert store.manifest["splits_assigned"]["grouped_by"] == "patient_id"
