@@ -9,11 +9,11 @@ import logging
 import sys
 
 from ..errors import MxvisionError
-from . import finetune, pipeline
+from . import data, finetune, pipeline
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline, finetune]
+COMMAND_GROUPS = [pipeline, finetune, data]
 
 
 def build_parser():

@@ -4,7 +4,8 @@ Everything downstream (feature extraction, training, prediction, RecordIO packin
 this single representation, so a PNG exported from a PACS, a JPEG from a public dataset and the
 original DICOM of the same radiograph all enter the network the same way.
 
-Supported inputs, recognised by their content (magic bytes), never by their extension:
+Supported inputs, recognised by their content (magic bytes), never by their extension (a PNG
+named ``.jpg`` is read as the PNG it is):
 
 * **PNG** -- 1/2/4/8/16-bit grayscale, palette, grey+alpha, RGB and RGBA, decoded by OpenCV.
   OpenCV expands palette images through their palette (checked: the JSRT originals, whose palette
@@ -18,8 +19,17 @@ Supported inputs, recognised by their content (magic bytes), never by their exte
   as 255 is for 8-bit.
 * **JPEG** -- baseline/progressive, grey or colour; the EXIF orientation is applied (photographs
   of films are often stored rotated), colour reduced to luminance as above.
+* **TIFF** -- classic (not Big-) TIFF, little or big endian, recognised by its byte-order mark;
+  decoded by OpenCV's libtiff. Unsigned 1/8/16-bit samples are divided by the full scale of
+  their bit depth, as for PNG (TIFF's MaxSampleValue tag is, by the specification, statistics
+  only). 32/64-bit **float** samples have no full scale at all (they may be attenuation values,
+  counts or already normalised intensities), so they are min-max scaled to [0, 1] like DICOM,
+  after refusing NaN/inf and blank images. WhiteIsZero is inverted so bone is bright. Multi-page
+  files: the **first page** (the full-resolution image; later pages are usually thumbnails).
+  Refused with a clear message: CMYK ("separated"), signed-integer samples, other bit depths.
 * **DICOM** -- recognised by the ``DICM`` magic at byte 128 (or, for files without the 128-byte
-  preamble, a ``.dcm`` suffix). Decoded by pydicom; compressed transfer syntaxes need its plugins
+  preamble, a ``.dcm``/``.dicom`` suffix *and* a DICOM data element at byte 0). Decoded by
+  pydicom; compressed transfer syntaxes need its plugins
   (the JPEG-baseline samples need Pillow or pylibjpeg). The stored values are mapped the way a
   viewer would show them: modality LUT / rescale, then the first VOI LUT or window, then
   MONOCHROME1 is inverted so bone is always bright, then min-max scaling to [0, 1] (stored
@@ -28,47 +38,51 @@ Supported inputs, recognised by their content (magic bytes), never by their exte
   extra frames are derived views (e.g. dual-energy bone/soft-tissue) of the first.
 
 Anything a user can get wrong raises :class:`~mxvision.errors.BadImage` naming the file: missing,
-unreadable, empty, not an image, truncated or corrupt, non-finite values, images smaller than
-``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds ``MAX_PIXELS``. The size is
-read from the PNG IHDR / JPEG SOF / DICOM Rows-Columns header **before** any pixel is decoded, so
-a tiny file declaring a 50000x50000 image (a decompression bomb) is refused without allocating it.
+unreadable (permissions, a directory, a FIFO or device, more than ``MAX_FILE_BYTES``), empty, not
+an image (the message says what it looks like: GIF, WebP, ZIP, HTML, NumPy, text, ...),
+truncated or corrupt, **animated** (APNG with more than one frame; GIF is refused as a format),
+CMYK/YCCK JPEG and TIFF (their ink-to-luminance conversion depends on an ICC profile mxvision
+does not apply, so any grey it produced could be silently wrong), non-finite values, images
+smaller than ``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds
+``MAX_PIXELS``. The size is read from the PNG IHDR / JPEG SOF / TIFF IFD / DICOM Rows-Columns
+header **before** any pixel is decoded, so a tiny file declaring a 50000x50000 image (a
+decompression bomb) is refused without allocating it. A file is opened once, checked to be a
+regular file with ``fstat`` (so a FIFO cannot block and ``/dev/zero`` cannot fill the memory) and
+read with a size cap.
+
+The decoders' own chatter is kept off stderr, because every problem already becomes one
+``BadImage`` line: OpenCV's log level is lowered to FATAL on import (unless the user set
+``OPENCV_LOG_LEVEL``) and pydicom's warnings are silenced while a file is parsed. Corrupt JPEG
+*scan data* is the one thing no reader can detect (the format carries no checksum): libjpeg
+decodes what it can and prints a warning.
+
+The header parsers (PNG, JPEG, TIFF) live in :mod:`mxvision.io.headers`; this module reads the
+file, sniffs the format, decodes and scales.
 """
 import io
+import logging
+import os
+import stat
 import struct
-from pathlib import Path
-from typing import NamedTuple
+import warnings
 
 import cv2
 import numpy as np
 
 from mxvision.errors import BadImage
+from mxvision.io.headers import (BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC,
+                                 TIFF_MAGIC, ImageInfo, check_size,
+                                 jpeg_header, looks_like, png_header, png_verify, tiff_header)
 
-#: Largest accepted image, in pixels (width x height). The biggest real chest radiographs are
-#: about 4300x4300 (43 cm detector at 0.1 mm), under 20 MP; 100 MP leaves a wide margin while
-#: capping the decode at a few hundred MB instead of what a hostile header could demand.
-MAX_PIXELS = 100_000_000
+#: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
+#: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.
+MAX_FILE_BYTES = 1 << 30
 
-#: Smallest accepted side, in pixels. Anything smaller cannot be a radiograph (the smallest real
-#: inputs here, the NIH thumbnails, are 64x64) and is usually an icon, a 1x1 tracking pixel or a
-#: placeholder saved by a failed export.
-MIN_SIDE = 32
+_DICOM_SUFFIXES = (".dcm", ".dicom")
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-# JPEG start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC).
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-# Markers without a length field.
-_JPEG_STANDALONE = {0x01} | set(range(0xD0, 0xD8))
-
-
-class ImageInfo(NamedTuple):
-    """What a file's header declares: format ('png'/'jpeg'/'dicom'), size, bits, frames."""
-
-    format: str
-    width: int
-    height: int
-    bit_depth: int
-    frames: int = 1
+# Every decode failure becomes one BadImage line, so the decoders' own log lines are noise.
+if "OPENCV_LOG_LEVEL" not in os.environ and hasattr(cv2, "setLogLevel"):
+    cv2.setLogLevel(1)  # LOG_LEVEL_FATAL
 
 
 def read_image(path) -> np.ndarray:
@@ -93,88 +107,133 @@ def read_image(path) -> np.ndarray:
 def image_info(path) -> ImageInfo:
     """Read only the header of ``path``: format, declared size, bit depth and frame count.
 
-    Applies the same checks as :func:`read_image` that need no decoding (size limits, format),
-    so it is a cheap way to validate a whole dataset before a long feature-extraction run.
+    Applies the same checks as :func:`read_image` that need no decoding (size limits, format,
+    animation, CMYK), so it is a cheap way to validate a whole dataset before a long
+    feature-extraction run.
     """
     return _sniff(path, _read_bytes(path))
 
 
+def dicom_tags(path) -> dict:
+    """The header facts a dataset needs from a DICOM file, without decoding pixels.
+
+    Returns ``view`` (``ViewPosition`` normalised to PA/AP/LATERAL, falling back to the code
+    meaning of ``ViewCodeSequence``; ``""`` when neither says), ``view_raw``, ``patient_id``,
+    ``study_uid``, ``photometric``, ``bits_stored``, ``transfer_syntax`` and ``modality``
+    (``""`` where absent). Raises :class:`BadImage` for a file that is not DICOM.
+    """
+    from mxvision.data.views import normalize_view
+
+    data = _read_bytes(path)
+    if not (data[128:132] == b"DICM" or str(path).lower().endswith(".dcm")):
+        raise BadImage(path, "not a DICOM file (no DICM marker and no .dcm suffix)")
+    ds = _parse_dicom(path, data, stop_before_pixels=True)
+    raw = str(ds.get("ViewPosition", "") or "").strip()
+    view = normalize_view(raw)
+    if not view:
+        for item in ds.get("ViewCodeSequence", None) or []:
+            meaning = str(item.get("CodeMeaning", "") or "").lower()
+            if "postero-anterior" in meaning or "posteroanterior" in meaning:
+                view = "PA"
+            elif "antero-posterior" in meaning or "anteroposterior" in meaning:
+                view = "AP"
+            elif "lateral" in meaning:
+                view = "LATERAL"
+            if view:
+                break
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return {"view": view, "view_raw": raw, "patient_id": str(ds.get("PatientID", "") or ""),
+            "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+            "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+            "bits_stored": int(ds.get("BitsStored") or 0), "transfer_syntax": syntax,
+            "modality": str(ds.get("Modality", "") or "")}
+
+
 # --------------------------------------------------------------------------- reading and sniffing
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) \
+    | getattr(os, "O_CLOEXEC", 0)
+
+
+def _file_kind(mode) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
 def _read_bytes(path) -> bytes:
-    """Read the whole file, turning every OS failure into a one-line BadImage."""
+    """Read the whole file, turning every OS failure into a one-line BadImage.
+
+    The file is opened non-blocking and checked with ``fstat`` on the open descriptor (no race
+    between the check and the read): a FIFO would block forever and ``/dev/zero`` never ends.
+    """
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
     except IsADirectoryError:
         raise BadImage(path, "is a directory, not an image file") from None
     except PermissionError:
         raise BadImage(path, "permission denied (cannot read the file)") from None
+    except ValueError:  # os.open refuses names with NUL bytes (e.g. from a damaged index CSV)
+        raise BadImage(path, "invalid file name (contains a NUL byte)") from None
     except OSError as exc:
         raise BadImage(path, f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise BadImage(path, "is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage(path, f"is {_file_kind(info.st_mode)}, not an image file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise BadImage(path, f"file is {info.st_size} bytes, over the limit of "
+                                 f"{MAX_FILE_BYTES} bytes for one image")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise BadImage(path, f"cannot read the file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:  # grew while being read
+        raise BadImage(path, f"file is over the limit of {MAX_FILE_BYTES} bytes for one image")
     if not data:
         raise BadImage(path, "file is empty (0 bytes)")
     return data
 
 
+def _bare_dicom(data: bytes) -> bool:
+    """A DICOM stream without preamble starts with a group 0x0000-0x0008 data element."""
+    if len(data) < 8:
+        return False
+    little, big = struct.unpack("<H", data[:2])[0], struct.unpack(">H", data[:2])[0]
+    return little in (0x0000, 0x0002, 0x0004, 0x0008) or big in (0x0002, 0x0004, 0x0008)
+
+
 def _sniff(path, data: bytes) -> ImageInfo:
     """Identify the format from the leading bytes and read the declared size from the header."""
-    if data.startswith(_PNG_MAGIC):
-        info = _png_header(path, data)
-    elif data.startswith(_JPEG_MAGIC):
-        info = _jpeg_header(path, data)
-    elif data[128:132] == b"DICM" or str(path).lower().endswith(".dcm"):
+    if data.startswith(PNG_MAGIC):
+        info = png_header(path, data)
+    elif data.startswith(JPEG_MAGIC):
+        info = jpeg_header(path, data)
+    elif data[:4] in TIFF_MAGIC:
+        info = tiff_header(path, data)
+    elif data[:4] in BIGTIFF_MAGIC:
+        raise BadImage(path, "BigTIFF is not supported; save the image as classic TIFF, PNG or DICOM")
+    elif data[128:132] == b"DICM" or (str(path).lower().endswith(_DICOM_SUFFIXES)
+                                      and _bare_dicom(data)):
         info = _dicom_header(path, data)
+    elif str(path).lower().endswith(_DICOM_SUFFIXES):
+        raise BadImage(path, f"not a DICOM file: no DICM marker and no data element at the "
+                             f"start (looks like {looks_like(data)})")
     else:
-        raise BadImage(path, "not a supported image (expected PNG, JPEG or DICOM content)")
-    _check_size(path, info)
+        raise BadImage(path, f"not a supported image: looks like {looks_like(data)} "
+                             f"(expected PNG, JPEG, TIFF or DICOM content)")
+    check_size(path, info)
     return info
-
-
-def _check_size(path, info: ImageInfo) -> None:
-    width, height = info.width, info.height
-    if width <= 0 or height <= 0:
-        raise BadImage(path, f"header declares an empty image ({width}x{height})")
-    if width * height > MAX_PIXELS:
-        raise BadImage(path, f"header declares {width}x{height} pixels, over the limit of "
-                             f"{MAX_PIXELS // 1_000_000} megapixels (refused before decoding)")
-    if min(width, height) < MIN_SIDE:
-        raise BadImage(path, f"image is only {width}x{height} pixels; "
-                             f"at least {MIN_SIDE} pixels a side are needed")
-
-
-def _png_header(path, data: bytes) -> ImageInfo:
-    """PNG: the IHDR chunk must come first (PNG spec 5.6); it holds width, height, bit depth."""
-    if len(data) < 33 or data[12:16] != b"IHDR":
-        raise BadImage(path, "truncated or corrupt PNG (no IHDR header)")
-    width, height, bit_depth = struct.unpack(">IIB", data[16:25])
-    return ImageInfo("png", width, height, bit_depth)
-
-
-def _jpeg_header(path, data: bytes) -> ImageInfo:
-    """JPEG: walk the marker segments up to the first start-of-frame (SOFn) segment."""
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            raise BadImage(path, "corrupt JPEG (bad marker before the frame header)")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            break
-        if marker in _JPEG_SOF:
-            if pos + 10 > end:
-                break
-            precision, height, width = struct.unpack(">BHH", data[pos + 4:pos + 9])
-            if height == 0:  # height deferred to a DNL marker, which libjpeg does not support
-                raise BadImage(path, "unsupported JPEG (height given by a DNL marker)")
-            return ImageInfo("jpeg", width, height, precision)
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    raise BadImage(path, "truncated or corrupt JPEG (no frame header)")
 
 
 def _dicom_header(path, data: bytes) -> ImageInfo:
@@ -184,66 +243,118 @@ def _dicom_header(path, data: bytes) -> ImageInfo:
         raise BadImage(path, "DICOM file has no image (no Rows/Columns; a report or DICOMDIR?)")
     bits = ds.get("BitsStored") or ds.get("BitsAllocated") or 0
     frames = int(ds.get("NumberOfFrames") or 1)
-    return ImageInfo("dicom", int(cols), int(rows), int(bits), frames)
+    return ImageInfo("dicom", int(cols), int(rows), int(bits), frames,
+                     str(ds.get("PhotometricInterpretation", "") or ""))
 
 
-# --------------------------------------------------------------------------- PNG / JPEG decoding
+# --------------------------------------------------------------------------- PNG / JPEG / TIFF
 def _decode_raster(path, data: bytes, info: ImageInfo) -> np.ndarray:
-    """Decode PNG/JPEG with OpenCV and reduce to luminance on the sample's full scale.
+    """Decode PNG/JPEG/TIFF with OpenCV and reduce to luminance on the sample's full scale.
 
-    ``IMREAD_ANYDEPTH | IMREAD_ANYCOLOR`` keeps 16-bit samples, expands palettes, drops alpha
-    and (unlike ``IMREAD_UNCHANGED``) applies the JPEG EXIF orientation.
+    ``IMREAD_ANYDEPTH | IMREAD_ANYCOLOR`` keeps 16-bit and float samples, expands palettes,
+    drops alpha and (unlike ``IMREAD_UNCHANGED``) applies the JPEG EXIF orientation.
     """
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if info.format == "png":
+        png_verify(path, data)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error:
+        img = None
     if img is None:
         raise BadImage(path, f"cannot decode the {info.format.upper()} data (truncated or corrupt)")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
     if img.ndim == 3:
         code = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}.get(img.shape[2])
         if code is None:
             raise BadImage(path, f"unsupported number of colour channels ({img.shape[2]})")
-        img = cv2.cvtColor(img, code)
+        img = cv2.cvtColor(img.astype(np.float32) if img.dtype == np.float64 else img, code)
+    if info.sample == "float":
+        return _scale_float(path, img, invert=info.colour == "miniswhite")
     if img.dtype == np.uint8:
-        full_scale = 255.0
-    elif img.dtype == np.uint16:
-        # 16-bit PNG: full scale 65535 (see module docstring). A 12-bit JPEG decoded to uint16
-        # holds values up to 2**12 - 1, its precision from the SOF header.
-        full_scale = 65535.0 if info.format == "png" else float(2 ** info.bit_depth - 1)
-    else:
+        # OpenCV decodes 8-bit WhiteIsZero TIFF through libtiff's RGBA path, already inverted.
+        return img.astype(np.float32) / np.float32(255.0)
+    if img.dtype != np.uint16:
         raise BadImage(path, f"unsupported sample type {img.dtype} after decoding")
-    return img.astype(np.float32) / np.float32(full_scale)
+    # 16-bit PNG/TIFF: full scale 65535 (see module docstring). A 12-bit JPEG decoded to uint16
+    # holds values up to 2**12 - 1, its precision from the SOF header.
+    full_scale = float(2 ** info.bit_depth - 1) if info.format == "jpeg" else 65535.0
+    out = img.astype(np.float32) / np.float32(full_scale)
+    return 1.0 - out if info.colour == "miniswhite" else out  # 16-bit comes out uninverted
+
+
+def _scale_float(path, img: np.ndarray, invert: bool) -> np.ndarray:
+    """Float samples: refuse NaN/inf and blank images, then min-max scale to [0, 1]."""
+    arr = img.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise BadImage(path, "contains NaN or infinite pixel values")
+    low, high = float(arr.min()), float(arr.max())
+    if not high > low or not np.isfinite(high - low):
+        raise BadImage(path, "float image is blank or has an unusable value range "
+                             f"({low:g} to {high:g})")
+    out = (arr - low) / (high - low)
+    return (1.0 - out if invert else out).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- DICOM decoding
+def _pydicom():
+    """pydicom, imported lazily (only DICOM inputs pay for it) and made quiet on first use.
+
+    pydicom logs each oddity of a damaged header as a warning, and each failed decoder plugin as
+    an error with its traceback; the file then either decodes (the oddity did not matter) or is
+    refused with one BadImage line that carries the plugin's message, so those records would
+    only break the one-line rule. Its logger is raised to CRITICAL unless the application changed
+    it from the WARNING pydicom sets on import.
+    """
+    import pydicom
+
+    if not getattr(_pydicom, "quiet", False):
+        logger = logging.getLogger("pydicom")
+        if logger.level == logging.WARNING:
+            logger.setLevel(logging.CRITICAL)
+        _pydicom.quiet = True
+    return pydicom
+
+
 def _parse_dicom(path, data: bytes, stop_before_pixels: bool = False):
-    import pydicom  # imported lazily: only DICOM inputs pay for it
+    pydicom = _pydicom()
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings():  # damaged headers warn, then fail or are refused below
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, ...)
         raise BadImage(path, f"unreadable DICOM ({_one_line(exc)})") from None
 
 
+def _dicom_values(ds, photometric: str, frames: int):
+    """Presentation values of the first frame: modality LUT and VOI (grey), or the palette."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    # pixel_array converts YBR colour to RGB; index=0 decodes only the first frame.
+    arr = pixel_array(ds, index=0 if frames > 1 else None)
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        arr = apply_modality_lut(arr, ds)
+        if ds.get("VOILUTSequence"):
+            # A VOI LUT is indexed by (integer) modality output values.
+            arr = np.rint(arr).astype(np.int64)
+        arr = apply_voi_lut(arr, ds, index=0).astype(np.float64)
+    elif photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    return arr
+
+
 def _decode_dicom(path, data: bytes) -> np.ndarray:
     """Stored values -> presentation values (modality LUT, VOI, MONOCHROME1) -> min-max [0, 1]."""
-    from pydicom.pixels import (apply_color_lut, apply_modality_lut, apply_voi_lut,
-                                pixel_array)
-
     ds = _parse_dicom(path, data)
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise BadImage(path, "DICOM file has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     frames = int(ds.get("NumberOfFrames") or 1)
     try:
-        # pixel_array converts YBR colour to RGB; index=0 decodes only the first frame.
-        arr = pixel_array(ds, index=0 if frames > 1 else None)
-        if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            arr = apply_modality_lut(arr, ds)
-            if ds.get("VOILUTSequence"):
-                # A VOI LUT is indexed by (integer) modality output values.
-                arr = np.rint(arr).astype(np.int64)
-            arr = apply_voi_lut(arr, ds, index=0).astype(np.float64)
-        elif photometric == "PALETTE COLOR":
-            arr = apply_color_lut(arr, ds)
+        with warnings.catch_warnings():  # oddities either do not matter or end in BadImage
+            warnings.simplefilter("ignore")
+            arr = _dicom_values(ds, photometric, frames)
     except Exception as exc:  # decoder plugins raise ValueError, RuntimeError, KeyError, ...
         raise BadImage(path, f"cannot decode the DICOM pixel data ({_one_line(exc)})") from None
 
@@ -268,4 +379,5 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["read_image", "image_info", "ImageInfo", "MAX_PIXELS", "MIN_SIDE"]
+__all__ = ["read_image", "image_info", "dicom_tags", "ImageInfo", "MAX_PIXELS", "MIN_SIDE",
+           "MAX_FILE_BYTES"]

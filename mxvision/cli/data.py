@@ -1,0 +1,366 @@
+"""``mxvision data ...``: get chest X-ray datasets onto disk and into index CSVs.
+
+    mxvision data download openi --out DIR [--what reports|images|all]
+    mxvision data download url URL --out FILE [--sha256 HEX]
+    mxvision data scrape openi --out DIR [--delay S] [--images]
+    mxvision data index openi --reports NLMCXR_reports.tgz [--images DIR] [--task ...] --out CSV
+    mxvision data index jsrt --root DIR --out CSV
+    mxvision data index nih --csv Data_Entry_2017_v2020.csv[.gz] --images DIR --out CSV
+    mxvision data index folder --root DIR --out CSV
+    mxvision data index merge A.csv B.csv ... --out CSV
+    mxvision data summary CSV
+    mxvision data pack CSV --out NAME.rec [--preset imagenet224]
+
+Every command shows progress bars (``--quiet`` hides them), can be rerun after an interruption
+to continue (downloads resume, scrapes continue after the last page, packs keep their records)
+and reports user mistakes as one line.
+"""
+import collections
+import os
+import urllib.parse
+
+from ..errors import BadIndex
+
+OPENI_BASE_URL = "https://openi.nlm.nih.gov/"
+OPENI_COLLECTIONS = "imgs/collections/"
+#: The OpenI archives; sha256 where known (the reports archive: checked against the copy the
+#: project keeps in shared/data/openi, identical to the one torchxrayvision ships).
+OPENI_FILES = {
+    "reports": ("NLMCXR_reports.tgz",
+                "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"),
+    "images": ("NLMCXR_png.tgz", None),
+}
+SKIP = ("skip", "none", "")
+EXTRACTED_MARK = ".mxvision-extracted"
+
+
+def _progress(args):
+    return not getattr(args, "quiet", False)
+
+
+def _add_split_args(p):
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+    p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+
+
+def _add_net_args(p):
+    p.add_argument("--retries", type=int, default=5, help="retries per request (default 5)")
+    p.add_argument("--timeout", type=float, default=30, help="seconds without progress (30)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="first wait between retries, doubled each time (default 1 s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------------- download
+def _extract_once(archive, dest, progress):
+    """Extract ``archive`` into ``dest`` unless the same archive (size, mtime) already was."""
+    from ..io.archive import safe_extract_tar
+
+    st = os.stat(archive)
+    stamp = f"{os.path.basename(archive)} {st.st_size} {int(st.st_mtime)}\n"
+    mark = os.path.join(dest, EXTRACTED_MARK)
+    if os.path.isfile(mark):
+        with open(mark, encoding="utf-8") as f:
+            if f.read() == stamp:
+                return None
+    if progress:
+        print(f"extracting {archive} into {dest} ...")
+    written = safe_extract_tar(archive, dest)
+    with open(mark, "w", encoding="utf-8") as f:
+        f.write(stamp)
+    return len(written)
+
+
+def _cmd_download_openi(args):
+    from ..io.download import download, hash_file
+
+    what = ["reports", "images"] if args.what == "all" else [args.what]
+    base = args.base_url if args.base_url.endswith("/") else args.base_url + "/"
+    os.makedirs(args.out, exist_ok=True)
+    for key in what:
+        name, known = OPENI_FILES[key]
+        sha256 = known if args.sha256 is None else (None if args.sha256.lower() in SKIP
+                                                    else args.sha256)
+        url = urllib.parse.urljoin(base, OPENI_COLLECTIONS + name)
+        dest = os.path.join(args.out, name)
+        download(url, dest, sha256=sha256, retries=args.retries, timeout=args.timeout,
+                 backoff=args.backoff, progress=_progress(args), resume=True)
+        digest = sha256 or hash_file(dest, "sha256")
+        print(f"{dest}: {os.path.getsize(dest)} bytes, sha256 {digest}"
+              f"{' (verified)' if sha256 else ' (no known checksum to verify)'}")
+        if not args.no_extract:
+            dest_dir = os.path.join(args.out, name[:-len(".tgz")])
+            n = _extract_once(dest, dest_dir, _progress(args))
+            print(f"  extracted {n} files into {dest_dir}" if n is not None
+                  else f"  already extracted in {dest_dir}")
+    reports = os.path.join(args.out, OPENI_FILES["reports"][0])
+    if "reports" in what:
+        images = os.path.join(args.out, "NLMCXR_png")
+        print(f"next: mxvision data index openi --reports {reports}"
+              + (f" --images {images}" if "images" in what else "")
+              + " --metadata nlmcxr_dicom_metadata.csv.gz --out openi.csv")
+
+
+def _cmd_download_url(args):
+    from ..io.download import download, hash_file
+
+    sha256 = None if args.sha256 is None or args.sha256.lower() in SKIP else args.sha256
+    download(args.url, args.out, sha1=args.sha1, sha256=sha256, retries=args.retries,
+             timeout=args.timeout, backoff=args.backoff, progress=_progress(args), resume=True)
+    print(f"{args.out}: {os.path.getsize(args.out)} bytes, sha256 {hash_file(args.out, 'sha256')}")
+    if args.extract:
+        n = _extract_once(args.out, args.extract, _progress(args))
+        print(f"  extracted {n} files into {args.extract}" if n is not None
+              else f"  already extracted in {args.extract}")
+
+
+# ----------------------------------------------------------------------------------- scrape
+def _cmd_scrape_openi(args):
+    from ..data.openi_scrape import scrape
+
+    result = scrape(args.out, base_url=args.base_url, query=args.query, coll=args.coll,
+                    page_size=args.page_size, delay=args.delay, max_records=args.max_records,
+                    images=args.images, retries=args.retries, timeout=args.timeout,
+                    backoff=args.backoff, user_agent=args.user_agent, restart=args.restart,
+                    progress=_progress(args))
+    state = "complete" if result["complete"] else "stopped early; rerun the same command to go on"
+    print(f"{result['records']} of {result['total']} records in {result['records_file']} "
+          f"({result['pages']} pages, {state})"
+          + (f"; {result['images_downloaded']} images downloaded" if args.images else ""))
+    print(f"next: mxvision data index openi --reports {result['records_file']} --out openi.csv")
+
+
+# ----------------------------------------------------------------------------------- index
+def _report(index, out, info=None, extra=""):
+    counts = collections.Counter(index.labels)
+    top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
+    more = f" (+{len(counts) - 6} more labels)" if len(counts) > 6 else ""
+    splits = collections.Counter(index.splits)
+    print(f"wrote {len(index)} images of {len(set(index.patient_ids))} patients to {out}: "
+          f"{top}{more}; splits train {splits.get('train', 0)} / val {splits.get('val', 0)} / "
+          f"test {splits.get('test', 0)}, grouped by patient")
+    if info:
+        print("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items()) + extra)
+    print(f"  counts per label and split: mxvision data summary {out}")
+
+
+def _cmd_index_openi(args):
+    from ..data.openi import openi_index
+
+    index, info = openi_index(args.reports, args.out, images=args.images,
+                              metadata=args.metadata, task=args.task, views=args.views,
+                              seed=args.seed, val=args.val, test=args.test,
+                              synonyms=args.synonyms, progress=_progress(args))
+    note = "" if args.images else "; images not checked (no --images)"
+    _report(index, args.out, info, note)
+
+
+def _cmd_index_jsrt(args):
+    from ..data.jsrt import jsrt_index
+
+    index = jsrt_index(args.root, args.out, seed=args.seed, val=args.val, test=args.test)
+    _report(index, args.out)
+
+
+def _cmd_index_nih(args):
+    from ..data.nih import nih_index
+
+    index, info = nih_index(args.csv, args.images, args.out, task=args.task, views=args.views,
+                            bbox_csv=args.bbox, seed=args.seed, val=args.val, test=args.test)
+    _report(index, args.out, info)
+
+
+def _cmd_index_folder(args):
+    from ..data.dataset import folder_dataset
+    from ..data.index import write_index
+
+    ds = folder_dataset(args.root)
+    index = ds.to_index(task="pathologies" if args.task == "pathologies" else "nodule",
+                        views=args.views, seed=args.seed, val=args.val, test=args.test,
+                        source=args.root) if args.task else _as_is(ds, args)
+    write_index(index, args.out)
+    _report(index, args.out)
+
+
+def _as_is(ds, args):
+    """A folder index with the folder names as labels (any classes), split by patient."""
+    from ..data.index import Index
+    from ..data.splits import assign_splits
+    from ..data.views import view_mask
+
+    keep = view_mask(ds.views, args.views)
+    records = [dict(r, patient_id=p) for r, p, k in zip(ds.table, ds.patient_ids, keep) if k]
+    if not records:
+        raise BadIndex(args.root, f"no image of view(s) {args.views}; try --views all")
+    index = Index(records, args.root, columns=["patient_id", "split", "view"], source=args.root)
+    return assign_splits(index, val=args.val, test=args.test, seed=args.seed)
+
+
+def _cmd_index_merge(args):
+    from ..data.dataset import XrayDataset, csv_dataset
+    from ..data.index import write_index
+
+    ds = XrayDataset.merge([csv_dataset(c) for c in args.csvs])
+    index = ds.to_index(task=args.task, views=args.views, seed=args.seed, val=args.val,
+                        test=args.test, root=os.path.dirname(os.path.abspath(args.out)),
+                        source=", ".join(args.csvs))
+    write_index(index, args.out)
+    _report(index, args.out)
+
+
+# ----------------------------------------------------------------------------------- summary
+def _cmd_summary(args):
+    from ..data.dataset import summary_table
+    from ..data.index import read_index
+    from ..data.splits import check_no_patient_leak
+
+    index = read_index(args.index)
+    print(f"{args.index}: {len(index)} images, {len(set(index.patient_ids))} patients")
+    print()
+    print(summary_table(index))
+    check_no_patient_leak(index)
+    print()
+    print("no patient is in two splits")
+
+
+# ----------------------------------------------------------------------------------- pack
+def _cmd_pack(args):
+    from ..io.recordio import pack_index, pack_paths
+
+    manifest = pack_index(args.index, args.out, preset=args.preset, encoding=args.encoding,
+                          workers=args.workers, strict=args.strict, progress=_progress(args),
+                          overwrite=args.overwrite)
+    rec, idx, meta, csv_path = pack_paths(args.out)
+    size = os.path.getsize(rec)
+    print(f"packed {manifest['count']} images ({manifest['config']['size']} px, "
+          f"{manifest['config']['encoding']}, {size / 1e6:.1f} MB) into {rec} + {idx}; "
+          f"{len(manifest['skipped'])} skipped")
+    print(f"  manifest {meta}; index of the records {csv_path}")
+
+
+def add_parsers(sub):
+    """Register ``data`` with its sub-commands download, scrape, index, summary, pack."""
+    from ..data.dataset import TASKS
+    from ..data.openi_scrape import DEFAULT_DELAY, USER_AGENT
+    from ..io.recordio import ENCODINGS
+    from ..transforms import PRESETS
+
+    data = sub.add_parser("data", help="download, scrape, index, summarise and pack datasets",
+                          description="Get chest X-ray datasets onto disk and into index CSVs.")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    views_help = ("views to keep: PA, AP, LATERAL, frontal (PA+AP), lateral, unknown, all; "
+                  "comma-separated (default PA)")
+
+    # download
+    p = dsub.add_parser("download", help="download (and safely extract) dataset archives")
+    psub = p.add_subparsers(dest="source", metavar="SOURCE")
+    psub.required = True
+    q = psub.add_parser("openi", help="the OpenI archives NLMCXR_reports.tgz / NLMCXR_png.tgz")
+    q.add_argument("--out", required=True, help="folder for the archives")
+    q.add_argument("--what", choices=["reports", "images", "all"], default="reports",
+                   help="reports (1 MB, default), images (1.3 GB) or all")
+    q.add_argument("--base-url", default=OPENI_BASE_URL, help=f"default {OPENI_BASE_URL}")
+    q.add_argument("--sha256", default=None,
+                   help="expected sha256 (default: the known one, if any; 'skip' to not check)")
+    q.add_argument("--no-extract", action="store_true", help="keep the archives packed")
+    _add_net_args(q)
+    q.set_defaults(func=_cmd_download_openi)
+    q = psub.add_parser("url", help="any file, resumable and verified")
+    q.add_argument("url")
+    q.add_argument("--out", required=True, help="destination file")
+    q.add_argument("--sha256", default=None)
+    q.add_argument("--sha1", default=None)
+    q.add_argument("--extract", default=None, metavar="DIR", help="safely extract a tar into DIR")
+    _add_net_args(q)
+    q.set_defaults(func=_cmd_download_url)
+
+    # scrape
+    p = dsub.add_parser("scrape", help="page through a search API politely (rate limit, resume)")
+    psub = p.add_subparsers(dest="source", metavar="SOURCE")
+    psub.required = True
+    q = psub.add_parser("openi", help="OpenI's /api/search, the original Xvision route")
+    q.add_argument("--out", required=True, help="folder for openi_records.jsonl and its state")
+    q.add_argument("--base-url", default=OPENI_BASE_URL)
+    q.add_argument("--query", default="", help="search words (default: all)")
+    q.add_argument("--coll", default="cxr", help="collection (default cxr: Indiana chest X-rays)")
+    q.add_argument("--page-size", type=int, default=100)
+    q.add_argument("--delay", type=float, default=DEFAULT_DELAY,
+                   help=f"seconds between requests (default {DEFAULT_DELAY})")
+    q.add_argument("--max-records", type=int, default=None, help="stop after about N records")
+    q.add_argument("--images", action="store_true", help="also download each 512 px PNG")
+    q.add_argument("--user-agent", default=USER_AGENT, help="how the scraper identifies itself")
+    q.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    _add_net_args(q)
+    q.set_defaults(func=_cmd_scrape_openi)
+
+    # index
+    p = dsub.add_parser("index", help="write the index CSV (path,label,patient_id,split,view)")
+    psub = p.add_subparsers(dest="source", metavar="SOURCE")
+    psub.required = True
+    q = psub.add_parser("openi", help="OpenI reports (archive, XML folder, xvision_datas.json, "
+                                      "scraped .jsonl)")
+    q.add_argument("--reports", required=True)
+    q.add_argument("--images", default=None, help="folder of the PNGs (rows without one dropped)")
+    q.add_argument("--metadata", default=None,
+                   help="nlmcxr_dicom_metadata.csv.gz for views (default: beside --reports)")
+    q.add_argument("--task", choices=TASKS, default="nodule",
+                   help="nodule (Normal vs Nodule), nodule-original (the original Xvision rule) "
+                        "or pathologies (18 torchxrayvision labels)")
+    q.add_argument("--views", default=None, help=views_help)
+    q.add_argument("--synonyms", default=None, help="JSON synonym table replacing the built-in")
+    q.add_argument("--out", required=True)
+    q.add_argument("--quiet", action="store_true")
+    _add_split_args(q)
+    q.set_defaults(func=_cmd_index_openi)
+    q = psub.add_parser("jsrt", help="JSRT (labels.csv + images/)")
+    q.add_argument("--root", required=True)
+    q.add_argument("--out", required=True)
+    _add_split_args(q)
+    q.set_defaults(func=_cmd_index_jsrt)
+    q = psub.add_parser("nih", help="NIH ChestX-ray14 (Data_Entry_2017_v2020.csv + images)")
+    q.add_argument("--csv", required=True, help="Data_Entry_2017_v2020.csv[.gz]")
+    q.add_argument("--images", required=True, help="image folder (searched recursively)")
+    q.add_argument("--bbox", default=None, help="BBox_List_2017.csv[.gz] (default: beside --csv)")
+    q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
+    q.add_argument("--views", default=None, help=views_help)
+    q.add_argument("--out", required=True)
+    _add_split_args(q)
+    q.set_defaults(func=_cmd_index_nih)
+    q = psub.add_parser("folder", help="class sub-folders (ROOT/<label>/*.png|jpg|dcm)")
+    q.add_argument("--root", required=True)
+    q.add_argument("--task", choices=("nodule", "pathologies"), default=None,
+                   help="default: the folder names as labels, as they are")
+    q.add_argument("--views", default="all", help=views_help.replace("PA)", "all)"))
+    q.add_argument("--out", required=True)
+    _add_split_args(q)
+    q.set_defaults(func=_cmd_index_folder)
+    q = psub.add_parser("merge", help="merge index CSVs of several sources into one")
+    q.add_argument("csvs", nargs="+", metavar="CSV")
+    q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
+    q.add_argument("--views", default="all", help=views_help.replace("PA)", "all)"))
+    q.add_argument("--out", required=True)
+    _add_split_args(q)
+    q.set_defaults(func=_cmd_index_merge)
+
+    # summary
+    p = dsub.add_parser("summary", help="images per label and split, patients, views")
+    p.add_argument("index", help="index CSV")
+    p.set_defaults(func=_cmd_summary)
+
+    # pack
+    p = dsub.add_parser("pack", help="pack preprocessed images into RecordIO (.rec + .idx)")
+    p.add_argument("index", help="index CSV")
+    p.add_argument("--out", required=True, help="NAME.rec (NAME.idx/.json/.csv beside it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet224")
+    p.add_argument("--encoding", choices=ENCODINGS, default="png",
+                   help="png (lossless, default), raw (fastest to read) or jpg")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.add_argument("--overwrite", action="store_true", help="replace another pack at --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pack)
+
+
+__all__ = ["add_parsers"]

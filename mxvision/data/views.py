@@ -1,0 +1,91 @@
+"""Radiograph views: one spelling per view, and the ``views=`` filter.
+
+Sources spell views differently (OpenI's DICOM headers: ``PA``, ``AP``, ``LL``, ``RL``,
+``LATERAL``, ``LARGE LATERAL``; NIH: ``PA``/``AP``; DICOM ``ViewPosition``). :func:`normalize_view`
+maps them to ``PA``, ``AP``, ``LATERAL`` or ``""`` (unknown); anything else is kept upper-cased.
+
+A ``views`` selection is a list (or comma-separated string) of tokens: a view (``PA``, ``AP``,
+``LATERAL``), a group (``frontal`` = PA + AP, ``lateral``), ``unknown`` (no view recorded) or
+``all``/``*`` (everything, unknown included). The default is :data:`DEFAULT_VIEWS` = PA only:
+frontal, and AP only when asked, since AP films are mostly bedside films of sicker patients.
+"""
+from ..errors import MxvisionError
+
+FRONTAL = ("PA", "AP")
+LATERAL = ("LATERAL",)
+DEFAULT_VIEWS = ("PA",)
+_GROUPS = {"frontal": FRONTAL, "lateral": LATERAL, "unknown": ("",)}
+_ALL = ("all", "*", "any")
+
+
+def normalize_view(value):
+    """``'pa'`` -> ``'PA'``, ``'LL'``/``'RL'``/``'LARGE LATERAL'``/``'LAT'`` -> ``'LATERAL'``,
+    ``'AP SUPINE'`` -> ``'AP'``; empty/None/NaN -> ``''``."""
+    text = " ".join(str(value if value is not None else "").split()).upper()
+    if text in ("", "NAN", "NONE", "UNKNOWN"):
+        return ""
+    if text in ("PA", "POSTERO-ANTERIOR", "POSTEROANTERIOR") or text.startswith("PA "):
+        return "PA"
+    if text in ("AP", "ANTERO-POSTERIOR", "ANTEROPOSTERIOR") or text.startswith("AP "):
+        return "AP"
+    if text in ("LL", "RL", "LAT", "LLAT", "RLAT") or "LATERAL" in text:
+        return "LATERAL"
+    return text
+
+
+def view_group(view):
+    """``'frontal'``, ``'lateral'`` or ``''`` (unknown/other) for a normalised view."""
+    view = normalize_view(view)
+    if view in FRONTAL:
+        return "frontal"
+    if view in LATERAL:
+        return "lateral"
+    return ""
+
+
+def parse_views(views):
+    """The set of normalised views a selection admits, or None for 'all'.
+
+    Accepts None (the default, PA), a comma-separated string or an iterable of tokens; raises
+    MxvisionError on an unknown token so a typo does not silently select nothing.
+    """
+    if views is None:
+        views = DEFAULT_VIEWS
+    if isinstance(views, str):
+        views = [v for v in views.split(",")]
+    allowed = set()
+    for token in views:
+        key = str(token).strip()
+        if key.lower() in _ALL:
+            return None
+        if key.lower() in _GROUPS:
+            allowed.update(_GROUPS[key.lower()])
+            continue
+        view = normalize_view(key)
+        if view not in FRONTAL + LATERAL:
+            raise MxvisionError(f"view {key!r}", "unknown; use PA, AP, LATERAL, frontal, lateral, "
+                                                 "unknown or all")
+        allowed.add(view)
+    if not allowed:
+        raise MxvisionError("views", "empty selection; use e.g. PA or frontal or all")
+    return allowed
+
+
+def view_mask(views_of_rows, views=None):
+    """Booleans: which rows (their view values) the selection ``views`` keeps."""
+    allowed = parse_views(views)
+    if allowed is None:
+        return [True] * len(views_of_rows)
+    return [normalize_view(v) in allowed for v in views_of_rows]
+
+
+def describe_views(views=None):
+    """A short human description of a selection, for messages: ``'PA'``, ``'AP, PA'``, ``'all'``."""
+    allowed = parse_views(views)
+    if allowed is None:
+        return "all"
+    return ", ".join(sorted(v or "unknown" for v in allowed))
+
+
+__all__ = ["FRONTAL", "LATERAL", "DEFAULT_VIEWS", "normalize_view", "view_group", "parse_views",
+           "view_mask", "describe_views"]
