@@ -68,6 +68,10 @@ setup(
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         "onnx": ["onnx<1.15", "onnxruntime"],
+        # The optional parity suite against torchxrayvision itself (tests/parity). torchvision and
+        # torchxrayvision must then be added with --no-deps (see README): as dependencies they
+        # would pull a CUDA torch of several GB. scikit-image 0.25 needs NumPy >= 1.24.
+        "parity": ["torch==2.13.0", "scikit-image<0.25", "imageio"],
     },
     entry_points={"console_scripts": ["mxvision=mxvision.cli:main"]},
     classifiers=[

@@ -104,3 +104,5 @@ def load_backbone_file(name, cut, weights_file, ctx=None):
     """Rebuild a backbone from an exact weights file (full model-zoo file or a saved trunk)."""
     check_backbone(name)
     return get_model(name, cut=cut, weights_file=weights_file, ctx=parse_ctx(ctx))
+
+from . import xrv_densenet, xrv_resnet  # noqa: E402,F401 (registers the torchxrayvision models)

@@ -1,0 +1,78 @@
+"""``mxvision classify``: torchxrayvision's 18 pathology scores for chest X-ray files.
+
+The MXNet counterpart of torchxrayvision's ``scripts/process_image.py``: one table (pathologies
+down, images across) or JSON. Outputs the chosen weights were not trained on, and -- with
+calibration -- trained outputs without an operating point (torchxrayvision returns a constant
+0.5 for both), are marked instead of printed as if they were scores.
+"""
+import json
+from pathlib import Path
+
+NAME_WIDTH = 28
+
+
+def _cmd_classify(args):
+    from ..xrv import DEFAULT_PATHOLOGIES, classify
+    results = classify(args.images, model=args.model, weights=args.weights,
+                       calibrated=not args.no_calibration, ctx=args.ctx, batch_size=args.batch_size,
+                       strict=args.strict, root=args.cache, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_table(results, DEFAULT_PATHOLOGIES)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _print_table(results, pathologies):
+    ok = [r for r in results if "error" not in r]
+    for r in results:
+        if "error" in r:
+            print(f"ERROR\t{r['error']}")
+    if not ok:
+        return
+    first = ok[0]
+    kind = "calibrated (op_threshs)" if first["calibrated"] else "uncalibrated (sigmoid)"
+    print(f"model {first['model']}, {kind}; weights: {first['weights']}")
+    width = max(12, *(len(Path(r["path"]).name) for r in ok))
+    names = [Path(r["path"]).name for r in ok]
+    print(" " * NAME_WIDTH + "  ".join(n.rjust(width) for n in names))
+    notes = {}
+    for name in pathologies:
+        cells = []
+        for r in ok:
+            value = r["scores"][name]
+            if value is None:
+                why = r["unavailable"][name]
+                mark = "untrained" if why == "untrained" else "no threshold"
+                notes[mark] = why
+                cells.append(f"({mark})".rjust(width))
+            else:
+                cells.append(f"{value:.4f}".rjust(width))
+        print(name.ljust(NAME_WIDTH) + "  ".join(cells))
+    if "untrained" in notes:
+        print("(untrained): these weights were not trained on this pathology; its output means nothing")
+    if "no threshold" in notes:
+        print("(no threshold): no operating point for this pathology (calibrated output would be the "
+              "constant 0.5); --no-calibration shows its probability")
+
+
+def add_parsers(sub):
+    """The torchxrayvision commands: classify."""
+    from ..models.xrv_common import list_weights
+    p = sub.add_parser("classify", help="18 pathology scores with a torchxrayvision model (like process_image.py)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/DICOM files or folders of them")
+    p.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
+                   help="torchxrayvision weights name (default: densenet121-res224-all)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="a local torchxrayvision .pt (or converted .params) for the chosen architecture "
+                        "instead of downloading the published weights")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip op_threshs: print sigmoid probabilities instead of calibrated scores")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
+    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+    p.set_defaults(func=_cmd_classify)
