@@ -5,16 +5,19 @@ because an accuracy without its data and weights means little — and AUC is alw
 the confusion matrix.
 """
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics
 from .context import parse_ctx
-from .errors import BadRun
+from .errors import BadRun, MxvisionError
 from .features import FeatureStore
 from .train import load_head, load_run, predict_probs
 from .utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
 
 # What must agree between the features a head was trained on and the ones it is evaluated on.
 _MUST_MATCH = ("backbone", "cut", "preprocessing", "feature_shape", "classes")
@@ -30,8 +33,13 @@ def _check_compatible(run_config, store):
         raise BadRun(store.path, "backbone weights differ from the ones the run was trained on")
 
 
-def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, epoch=None):
-    """Evaluate the run's best head on ``split`` of ``features``; write and return the metrics."""
+def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, epoch=None,
+                 audit=True):
+    """Evaluate the run's best head on ``split`` of ``features``; write and return the metrics.
+
+    With ``audit`` the report also carries trivial baselines (intensity histogram, 4x4 and 32x32
+    thumbnails) trained on the same split, and warns when the model does not clearly beat them.
+    """
     run_dir = Path(run_dir)
     config, state = load_run(run_dir)
     store = FeatureStore(features or config["features"]["features_dir"])
@@ -67,8 +75,20 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
         plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
     else:
         report["roc_curve_png"] = None
+    if audit:
+        report["shortcut_audit"] = _audit(store, report["auc"], split, config)
+        if report["shortcut_audit"].get("warn"):
+            log.warning("%s", report["shortcut_audit"]["message"])
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _audit(store, model_auc, split, config):
+    from .audit import shortcut_audit
+    try:
+        return shortcut_audit(store, model_auc, split=split, train_split=config["splits"]["train"])
+    except MxvisionError as err:  # e.g. the images moved since extraction: the metrics still stand
+        return {"error": str(err), "warn": None}
 
 
 def _finetuned_probs(run_dir, config, store, split, ctx):

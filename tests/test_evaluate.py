@@ -28,6 +28,10 @@ def test_metrics_json_agrees_with_sklearn_on_the_predictions(small_run, small_st
     assert saved["auc"] == pytest.approx(roc_auc_score(y, [float(r["p_nodule"]) for r in rows]), abs=1e-5)
     assert set(saved["precision"]) == set(classes) == {"normal", "nodule"}
     assert "RANDOM" in saved["weights"] and saved["backbone"] == "resnet18_v2"
+    audit = saved["shortcut_audit"]
+    assert audit["model_auc"] == saved["auc"] and audit["n_test"] == saved["n"]
+    assert {"histogram", "thumb4", "thumb32"} <= set(audit["baselines"]) or len(audit["baselines"]) >= 3
+    assert isinstance(audit["warn"], bool) and audit["message"]
     for png in ("confusion_matrix.png", "roc_curve.png"):
         img = cv2.imread(str(tmp_path / "eval" / png))
         assert img is not None and img.shape[0] > 200 and img.std() > 0

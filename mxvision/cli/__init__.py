@@ -9,11 +9,11 @@ import logging
 import sys
 
 from ..errors import MxvisionError
-from . import data, finetune, pipeline, xrv
+from . import data, explain, finetune, pipeline, xrv
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline, finetune, data, xrv]
+COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain]
 
 
 def build_parser():

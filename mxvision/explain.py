@@ -1,0 +1,331 @@
+"""Heatmaps of what a model's score depends on: Grad-CAM and input-gradient saliency.
+
+Both need the network split in two, ``features(x) -> A`` (a spatial map) and ``head(A) ->
+logits``, computed with MXNet's autograd in inference mode (BatchNorm uses its running statistics):
+
+* **Grad-CAM** (Selvaraju et al. 2017): ``relu(sum_k mean_ij(d y_c / d A_kij) * A_k)``, the
+  feature map weighted by how much each channel raises the target logit ``y_c``. For the Xvision
+  classifier ``A`` is the backbone output (``stage4_unit2_relu1``, 7x7 at 224), so the map is
+  coarse: one cell covers 73 px of a 512 px film.
+* **Input-gradient saliency**, as torchxrayvision's notebooks draw it: ``(d y_c / d x)^2`` summed
+  over channels and Gaussian-blurred (sigma 5 px at 224).
+
+Supported networks: :class:`~mxvision.models.classifier.XvisionClassifier` (backbone, head), the
+torchxrayvision ports (ResNet-50: ``layer4`` map, then pooling + ``fc``; DenseNet-121: the ReLU'd
+``features`` map, then pooling + ``classifier``), anything with a ``cam_split()`` method returning
+``(features_fn, head_fn)``, or such a pair given directly.
+
+Heatmaps are returned in the *original image's* pixel grid: every preset crops the largest centred
+square, so the map is resized to that square and placed back (zero outside it). That is what a
+pointing game against nodule coordinates in the file's own grid needs.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import cv2
+import mxnet as mx
+import numpy as np
+from mxnet import autograd
+
+from . import transforms
+from .context import parse_ctx
+from .errors import MxvisionError
+from .io.images import read_image
+from .models.classifier import XvisionClassifier
+from .utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gradcam", "saliency")
+# _BN_NOTE: MXNet's ``backward()`` defaults to train_mode=True, which differentiates BatchNorm as if
+# it had used batch statistics even when the forward pass ran in inference mode (apache/mxnet
+# #9580; measured here: d sum(BN(x)) / dx came out ~2800 instead of 1). Every backward below passes
+# train_mode=False.
+SALIENCY_SIGMA_224 = 5.0
+
+
+def _pool_then(dense):
+    def head(a):
+        return dense(mx.nd.flatten(mx.nd.Pooling(a, kernel=(1, 1), global_pool=True, pool_type="avg")))
+    return head
+
+
+def cam_split(net):
+    """``(features_fn, head_fn)`` of a supported network (see the module docstring)."""
+    if isinstance(net, (tuple, list)) and len(net) == 2:
+        return tuple(net)
+    if hasattr(net, "cam_split"):
+        return net.cam_split()
+    if isinstance(net, XvisionClassifier):
+        return net.backbone, net.head
+    from .models import xrv_densenet, xrv_resnet
+    if isinstance(net, xrv_resnet.XRVResNet) and net.fc is not None:
+        return (lambda x: net._trunk(mx.nd, x)), _pool_then(net.fc)
+    if isinstance(net, xrv_densenet.XRVDenseNet) and net.classifier is not None:
+        return (lambda x: mx.nd.relu(net.features(x))), _pool_then(net.classifier)
+    raise MxvisionError(type(net).__name__, "cannot split this network for Grad-CAM; give "
+                        "(features_fn, head_fn) or add a cam_split() method")
+
+
+def _targets(logits, target):
+    n = logits.shape[0]
+    if target is None:
+        return logits.argmax(axis=1).astype("int32")
+    return mx.nd.full((n,), int(target), ctx=logits.context, dtype="int32")
+
+
+def _unit(m):
+    """``m / max(m)`` as float32; all zero when the map has no positive or finite peak (a
+    gradient that overflowed, e.g. in an untrained deep net, gives nothing to point at)."""
+    m = np.asarray(m, np.float64)
+    if not np.isfinite(m).all():
+        log.warning("non-finite gradients; returning an empty heatmap")
+        return np.zeros(m.shape, np.float32)
+    peak = m.max() if m.size else 0.0
+    return (m / peak).astype(np.float32) if peak > 0 else np.zeros(m.shape, np.float32)
+
+
+def grad_cam(features, head, x, target=None):
+    """Grad-CAM maps ``(N, h, w)`` in [0, 1] at the feature map's resolution, the target logits
+    ``(N,)`` and target indices ``(N,)``. ``target`` is a class/output index (default: each
+    image's top class)."""
+    a = features(x).detach()  # outside autograd: the backbone runs as in inference
+    a.attach_grad()
+    with autograd.record(train_mode=False):
+        logits = head(a)
+        chosen = _targets(logits, target)
+        picked = mx.nd.pick(logits, chosen, axis=1)
+    picked.backward(mx.nd.ones_like(picked), train_mode=False)  # see _BN_NOTE
+    weights = a.grad.mean(axis=(2, 3), keepdims=True)
+    cam = mx.nd.relu((weights * a).sum(axis=1)).asnumpy()
+    return np.stack([_unit(c) for c in cam]), picked.asnumpy(), chosen.asnumpy().astype(int)
+
+
+def input_saliency(features, head, x, target=None, sigma=None):
+    """Squared input gradients of the target logit, summed over channels and blurred (sigma 5 px
+    at 224, scaled with the input size): ``(N, H, W)`` in [0, 1], the target logits and indices."""
+    x = x.copy()
+    x.attach_grad()
+    with autograd.record(train_mode=False):
+        logits = head(features(x))
+        chosen = _targets(logits, target)
+        picked = mx.nd.pick(logits, chosen, axis=1)
+    picked.backward(mx.nd.ones_like(picked), train_mode=False)  # see _BN_NOTE
+    sal = (x.grad.asnumpy().astype(np.float64) ** 2).sum(axis=1)  # float64: no overflow
+    sigma = SALIENCY_SIGMA_224 * x.shape[-1] / 224.0 if sigma is None else sigma
+    out = np.stack([cv2.GaussianBlur(_unit(s).astype(np.float32), (0, 0), sigma) for s in sal])
+    return np.stack([_unit(s) for s in out]), picked.asnumpy(), chosen.asnumpy().astype(int)
+
+
+def to_image_grid(heat, image_shape):
+    """Map a heatmap over the preprocessed square back to the original ``(H, W)``: resized to the
+    centred square every preset crops (bilinear) and zero outside it."""
+    h, w = image_shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    out = np.zeros((h, w), np.float32)
+    out[top:top + side, left:left + side] = cv2.resize(np.asarray(heat, np.float32), (side, side),
+                                                        interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def peak_of(heat):
+    """(x, y) pixel of the heatmap's maximum, or None for an all-zero map (nothing to point at)."""
+    if not np.any(heat > 0):
+        return None
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(x), int(y)
+
+
+def overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
+    """BGR uint8 picture: the grey image with the heatmap's colours blended in where it is hot."""
+    grey = np.clip(np.round(np.asarray(image, np.float32) * 255), 0, 255).astype(np.uint8)
+    colour = cv2.applyColorMap(np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8), colormap)
+    weight = (alpha * np.clip(heat, 0, 1))[..., None]
+    out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32) * (1 - weight) + colour * weight
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def write_overlay(path, image, heat, alpha=0.45, marks=()):
+    """Write :func:`overlay` as a PNG atomically; ``marks`` are ``(x, y, radius, (b, g, r))``
+    circles (e.g. the heatmap peak and a known nodule)."""
+    pic = overlay(image, heat, alpha)
+    for x, y, r, colour in marks:
+        cv2.circle(pic, (int(round(x)), int(round(y))), max(2, int(round(r))), colour, 2, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", pic)
+    if not ok:
+        raise MxvisionError(path, "OpenCV could not encode the overlay")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buf.tobytes())
+    return os.fspath(path)
+
+
+@dataclass
+class Explainer:
+    """A network ready to explain files: its split, how to prepare a file, and its output names."""
+
+    features: Callable
+    head: Callable
+    prepare: Callable  # 2-D [0, 1] image -> (C, S, S) float32 input
+    classes: Sequence[str]
+    ctx: mx.Context
+    default_target: Optional[int] = None
+    description: str = ""
+
+    def target_index(self, target=None):
+        if target is None:
+            return self.default_target
+        if isinstance(target, int) or str(target).isdigit():
+            k = int(target)
+            if 0 <= k < len(self.classes):
+                return k
+        elif target in self.classes:
+            return list(self.classes).index(target)
+        raise MxvisionError(f"--target {target}", f"not an output; choose one of {', '.join(self.classes)}")
+
+    def heatmaps(self, images, method="gradcam", target=None, batch_size=8):
+        """Heatmaps in each image's own grid for 2-D [0, 1] ``images``; returns ``(maps,
+        target indices, target logits)``."""
+        if method not in METHODS:
+            raise MxvisionError(f"--method {method}", f"unknown; choose {' or '.join(METHODS)}")
+        k = self.target_index(target)
+        fn = grad_cam if method == "gradcam" else input_saliency
+        maps, targets, scores = [], [], []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            x = mx.nd.array(np.stack([self.prepare(img) for img in chunk]), ctx=self.ctx)
+            heat, logit, chosen = fn(self.features, self.head, x, k)
+            maps.extend(to_image_grid(h, img.shape) for h, img in zip(heat, chunk))
+            targets.extend(int(c) for c in chosen)
+            scores.extend(float(s) for s in logit)
+        return maps, targets, scores
+
+
+def explainer_from_run(run_dir, ctx=None):
+    """An :class:`Explainer` for a trained (or fine-tuned) Xvision run; target default: the
+    positive class (``nodule``) of a two-class run, else each image's top class."""
+    from .predict import load_classifier
+
+    ctx = parse_ctx(ctx)
+    net, config = load_classifier(run_dir, ctx=ctx, softmax=False)
+    preset = transforms.get_preset(config["features"]["preprocessing"])
+    classes = list(config["features"]["classes"])
+    features, head = cam_split(net)
+    return Explainer(features, head, lambda img: transforms.preprocess(img, preset), classes, ctx,
+                     default_target=1 if len(classes) == 2 else None,
+                     description=f"{run_dir} ({config['features']['weights']['description']})")
+
+
+def explainer_from_xrv(name, weights=None, ctx=None):
+    """An :class:`Explainer` for a torchxrayvision model (18 outputs; target default ``Nodule``).
+    ``weights``: None (published, cached), ``"none"`` (random) or a local file."""
+    from .models.xrv_common import DEFAULT_PATHOLOGIES, get_weights_spec
+    from .xrv import get_xrv_model
+
+    ctx = parse_ctx(ctx)
+    spec = get_weights_spec(name)
+    net = get_xrv_model(name, weights=weights, ctx=ctx, progress=False)
+    features, head = cam_split(net)
+    preset = transforms.get_preset(spec.preset)
+    return Explainer(features, head, lambda img: transforms.preprocess(img, preset),
+                     list(DEFAULT_PATHOLOGIES), ctx,
+                     default_target=list(DEFAULT_PATHOLOGIES).index("Nodule"),
+                     description=net.weights_info["description"])
+
+
+def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alpha=0.45):
+    """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files; one dict per file with
+    ``path, overlay, target, logit, peak`` (peak = (x, y) of the map's maximum in the file's
+    grid, None if the map is all zero)."""
+    results = []
+    for path in paths:
+        img = read_image(path)
+        (heat,), (k,), (score,) = explainer.heatmaps([img], method, target)
+        peak = peak_of(heat)
+        marks = [(peak[0], peak[1], max(4, min(img.shape) / 64), (255, 255, 255))] if peak else []
+        stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        out = write_overlay(os.path.join(out_dir, f"{stem}_{method}.png"), img, heat, alpha, marks)
+        results.append({"path": os.fspath(path), "overlay": out, "method": method,
+                        "target": explainer.classes[k], "logit": score, "peak": peak})
+    return results
+
+
+def pointing_game(heatmaps, centres, radii, lung_masks=None, tolerance=0.0):
+    """Hit rate of heatmap maxima within ``radius + tolerance`` of known lesion centres.
+
+    ``chance`` is what a point drawn uniformly over the lung (``lung_masks``, each united with the
+    lesion's disc) would score: the disc's share of that area, averaged over images. Returns
+    ``{"hits", "n", "hit_rate", "chance_rate", "per_image": [...]}``.
+    """
+    per_image, chance = [], []
+    for k, (heat, (cx, cy), r) in enumerate(zip(heatmaps, centres, radii)):
+        reach = float(r) + tolerance
+        peak = peak_of(heat)
+        hit = peak is not None and np.hypot(peak[0] - cx, peak[1] - cy) <= reach
+        per_image.append({"peak": peak, "hit": bool(hit),
+                          "distance": None if peak is None else float(np.hypot(peak[0] - cx, peak[1] - cy))})
+        if lung_masks is not None:
+            yy, xx = np.ogrid[:heat.shape[0], :heat.shape[1]]
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= reach ** 2
+            chance.append(disc.sum() / max(1, (disc | lung_masks[k]).sum()))
+    hits = sum(p["hit"] for p in per_image)
+    n = len(per_image)
+    return {"hits": int(hits), "n": n, "hit_rate": hits / n if n else float("nan"),
+            "chance_rate": float(np.mean(chance)) if chance else None, "tolerance": tolerance,
+            "per_image": per_image}
+
+
+JSRT_MM_PER_PX_512 = 0.7  # JSRT films: 0.175 mm pixels at 2048, so 0.7 mm on the 512 grid
+
+
+def index_lesions(index, split=None):
+    """Rows of ``index`` with a known lesion, as ``(row, x, y, radius, grid)``: ``grid`` None for
+    coordinates in the file's pixels, 512 for coordinates on a 512 px grid of the whole film.
+
+    Understands the lesion-insertion set's ``nodule_x, nodule_y, nodule_radius`` (file pixels)
+    and JSRT's ``nodule_x_512, nodule_y_512, nodule_size_mm`` (512 grid, diameter in mm; scaled
+    to the file's size when it is not 512)."""
+    cols = set(index.columns)
+    out = []
+    for k, rec in enumerate(index.records()):
+        if split is not None and rec.get("split") != split:
+            continue
+        try:
+            if {"nodule_x", "nodule_y", "nodule_radius"} <= cols and rec["nodule_x"]:
+                out.append((k, float(rec["nodule_x"]), float(rec["nodule_y"]), float(rec["nodule_radius"]),
+                            None))
+            elif {"nodule_x_512", "nodule_y_512", "nodule_size_mm"} <= cols and rec["nodule_x_512"]:
+                out.append((k, float(rec["nodule_x_512"]), float(rec["nodule_y_512"]),
+                            float(rec["nodule_size_mm"]) / 2 / JSRT_MM_PER_PX_512, 512))
+        except ValueError:
+            raise MxvisionError(index.source, f"row {k + 1}: unreadable nodule position or size") from None
+    return out
+
+
+def pointing_game_on_index(explainer, index, split="test", method="gradcam", target=None,
+                           tolerance=0.0, batch_size=8):
+    """Run :func:`pointing_game` over the lesions of ``index`` (see :func:`index_lesions`) with
+    each film's :func:`~mxvision.lesion.lung_mask` (the nominal lungs where it finds none) for the
+    chance rate."""
+    from .lesion import lung_mask, nominal_lung_mask
+
+    lesions = index_lesions(index, split)
+    if not lesions:
+        raise MxvisionError(index.source, f"no rows with nodule coordinates in split {split!r}")
+    images = [read_image(index.paths[les[0]]) for les in lesions]
+    heat, _, _ = explainer.heatmaps(images, method, target, batch_size)
+    centres, radii = [], []
+    for les, img in zip(lesions, images):
+        scale = 1.0 if les[4] is None else min(img.shape) / les[4]
+        centres.append((les[1] * scale, les[2] * scale))
+        radii.append(les[3] * scale)
+    masks = [lung_mask(img) for img in images]
+    masks = [m if m.any() else nominal_lung_mask(m.shape) for m in masks]
+    result = pointing_game(heat, centres, radii, masks, tolerance)
+    for p, les in zip(result["per_image"], lesions):
+        p["id"] = index.ids[les[0]]
+    result.update(method=method, split=split)
+    return result
