@@ -24,6 +24,7 @@ from . import metrics, transforms, train
 from .context import parse_ctx
 from .errors import BadRun
 from .features import FeatureStore
+from .optim_state import load_trainer_states, save_trainer_states
 from .predict import load_classifier
 from .utils import atomic_path, file_digest, read_json, write_json
 
@@ -55,7 +56,7 @@ def image_probs(net, items, preset, ctx, batch_size=16, pool=None):
 
 def _save(out_dir, epoch, backbone, head, trainer):
     for ext, save in (("params", head.save_parameters), ("backbone", backbone.save_parameters),
-                      ("states", trainer.save_states)):
+                      ("states", lambda path: save_trainer_states(trainer, path))):
         with atomic_path(train._checkpoint(out_dir, epoch, ext)) as tmp:
             save(tmp)
 
@@ -96,7 +97,7 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
         k = state["last_epoch"]
         head.load_parameters(str(train._checkpoint(out_dir, k, "params")), ctx=ctx)
         backbone.load_parameters(str(train._checkpoint(out_dir, k, "backbone")), ctx=ctx)
-        trainer.load_states(str(train._checkpoint(out_dir, k, "states")))
+        load_trainer_states(trainer, train._checkpoint(out_dir, k, "states"))
 
     def run_frozen(x):
         for block in frozen:

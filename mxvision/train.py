@@ -9,6 +9,13 @@ A run directory holds::
     training_curve.png     loss and accuracy/AUC per epoch
     best.params            the head of the best validation epoch (AUC, then loss)
 
+Features larger than memory: when the train and validation rows of the store would take more than
+``max_memory`` bytes in float32 (default 1 GiB), the head is trained on shuffled batches streamed
+from the shards (:class:`mxvision.streaming.ShardStream`), so memory stays bounded whatever the
+store's size; smaller stores are loaded whole, exactly as before. When streaming, the epoch's
+training loss and accuracy are the running figures of its batches (train mode, before each
+update), not a second pass over the training set; validation is a full pass either way.
+
 An epoch counts as finished only once its parameters, trainer state and ``state.json`` are all
 written (each atomically), so a run killed at any moment resumes from the last finished epoch and
 ends with the same weights as an uninterrupted run: the shuffling of epoch *k* depends only on the
@@ -31,6 +38,8 @@ from .context import parse_ctx
 from .errors import BadRun
 from .features import FeatureStore
 from .models.head import XvisionHead
+from .optim_state import load_trainer_states, save_trainer_states
+from .streaming import DEFAULT_MAX_MEMORY, ShardStream
 from .utils import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,9 @@ def _features_provenance(store):
     m = store.manifest
     return {"features_dir": str(store.path.resolve()), "backbone": m["backbone"], "cut": m["cut"],
             "weights": m["weights"], "preprocessing": m["preprocessing"],
-            "feature_shape": m["feature_shape"], "classes": m["classes"]}
+            "feature_shape": m["feature_shape"], "classes": m["classes"],
+            "dtype": m.get("dtype", "float32"), "storage_dtype": m.get("storage_dtype", "float32"),
+            "pooled": bool(m.get("pooled", False)), "precision": m.get("precision")}
 
 
 def _checkpoint(run_dir, epoch, ext):
@@ -65,7 +76,8 @@ def _checkpoint(run_dir, epoch, ext):
 
 
 def _save_epoch(run_dir, epoch, head, trainer):
-    for ext, save in (("params", head.save_parameters), ("states", trainer.save_states)):
+    for ext, save in (("params", head.save_parameters),
+                      ("states", lambda path: save_trainer_states(trainer, path))):
         with atomic_path(_checkpoint(run_dir, epoch, ext)) as tmp:
             save(tmp)
 
@@ -109,13 +121,26 @@ def _load_or_start(run_dir, config, resume):
     return read_json(state_file)
 
 
+def _predict_stream(head, store, split, ctx, batch_size=64):
+    """Probabilities and labels of every row of ``split``, one shard in memory at a time."""
+    probs, labels = [], []
+    for x, y, _ in store.iter_shards(split, verify=False):
+        probs.append(predict_probs(head, x, ctx, batch_size))
+        labels.append(y)
+    if not probs:
+        raise BadRun(store.path, f"no features for split {split!r}")
+    return np.concatenate(probs), np.concatenate(labels)
+
+
 def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.0, wd=0.0,
                seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val",
-               keep_checkpoints=KEEP_CHECKPOINTS):
+               keep_checkpoints=KEEP_CHECKPOINTS, stream="auto", max_memory=DEFAULT_MAX_MEMORY,
+               window_shards=None):
     """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch).
 
     A checkpoint is written every epoch; only the newest ``keep_checkpoints`` are kept (0: all),
-    plus ``best.params``.
+    plus ``best.params``. ``stream``: ``"auto"`` streams shards when the train + val rows exceed
+    ``max_memory`` bytes (float32), ``True`` always, ``False`` never (loads everything).
     """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     run_dir = Path(out_dir)
@@ -123,42 +148,66 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     ctx = parse_ctx(ctx)
     hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,
                  seed=seed)
+    if stream not in ("auto", True, False):
+        raise BadRun(run_dir, f"stream must be 'auto', True or False, not {stream!r}")
+    if stream == "auto":
+        needed = (store.count(train_split) + store.count(val_split)) * store.row_bytes()
+        stream = needed > max_memory
     config = {"features": _features_provenance(store), "hyper": hyper,
               "splits": {"train": train_split, "val": val_split}}
     state = _load_or_start(run_dir, config, resume)
+    if stream:
+        train_stream = ShardStream(store, train_split, batch_size, seed=seed,
+                                   window_shards=window_shards, max_memory=max_memory)
+        config["streaming"] = {"window_shards": train_stream.window_shards, "max_memory": max_memory,
+                               "train_metrics": "running, in train mode, during the epoch"}
+        store.check_complete()
+        first = next(store.iter_shards(train_split), None)
+        if first is None:
+            raise BadRun(store.path, f"no features for split {train_split!r}")
+        sample = first[0][:2]
+        del first
+    else:
+        x_train, y_train, _ = store.load(train_split)
+        x_val, y_val, _ = store.load(val_split)
+        sample = x_train[:2]
     write_json(run_dir / CONFIG, config)
-
-    x_train, y_train, _ = store.load(train_split)
-    x_val, y_val, _ = store.load(val_split)
     mx.random.seed(seed)
     head = XvisionHead(classes=len(store.classes), hidden=hyper["hidden"])
     head.initialize(mx.init.Xavier(), ctx=ctx)
     head.hybridize()
-    head(mx.nd.array(x_train[:2], ctx=ctx))  # materialise deferred shapes before loading/saving
+    head(mx.nd.array(sample, ctx=ctx))  # materialise deferred shapes before loading/saving
     trainer = gluon.Trainer(head.collect_params(), "sgd",
                             {"learning_rate": lr, "momentum": momentum, "wd": wd})
     start = state["last_epoch"]
     if start:
         head.load_parameters(str(_checkpoint(run_dir, start, "params")), ctx=ctx)
-        trainer.load_states(str(_checkpoint(run_dir, start, "states")))
+        load_trainer_states(trainer, _checkpoint(run_dir, start, "states"))
         log.info("resuming %s after epoch %d", run_dir, start)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
 
     for epoch in tqdm(range(start + 1, epochs + 1), desc="train", unit="epoch",
                       initial=start, total=epochs, disable=not progress):
         tic = time.time()
-        for batch in _batches(len(x_train), batch_size, seed, epoch):
-            x = mx.nd.array(x_train[batch], ctx=ctx)
-            y = mx.nd.array(y_train[batch], ctx=ctx)
-            with autograd.record():
-                loss = loss_fn(head(x), y)
-            loss.backward()
-            trainer.step(len(batch))
-        train_probs = predict_probs(head, x_train, ctx)
-        val_probs = predict_probs(head, x_val, ctx)
+        if stream:
+            train_loss, train_accuracy, n_seen = _stream_epoch(head, trainer, loss_fn, train_stream,
+                                                                epoch, ctx)
+            val_probs, y_val = _predict_stream(head, store, val_split, ctx)
+        else:
+            for batch in _batches(len(x_train), batch_size, seed, epoch):
+                x = mx.nd.array(x_train[batch], ctx=ctx)
+                y = mx.nd.array(y_train[batch], ctx=ctx)
+                with autograd.record():
+                    loss = loss_fn(head(x), y)
+                loss.backward()
+                trainer.step(len(batch))
+            train_probs = predict_probs(head, x_train, ctx)
+            val_probs = predict_probs(head, x_val, ctx)
+            train_loss = metrics.cross_entropy(y_train, train_probs)
+            train_accuracy = float((train_probs.argmax(1) == y_train).mean())
         row = {"epoch": epoch,
-               "train_loss": metrics.cross_entropy(y_train, train_probs),
-               "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),
+               "train_loss": train_loss,
+               "train_accuracy": train_accuracy,
                "val_loss": metrics.cross_entropy(y_val, val_probs),
                "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
                "val_auc": metrics.auc_score(y_val, val_probs),
@@ -174,8 +223,28 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
         write_json(run_dir / STATE, state)  # the epoch is finished only from here on
         _prune_checkpoints(run_dir, epoch, keep_checkpoints)
         _write_log(run_dir, state["history"])
+    if state["history"]:  # also repairs a run killed between state.json and the log of its last epoch
+        _prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
+        _write_log(run_dir, state["history"])
     plot_training_curve(state["history"], run_dir / "training_curve.png", state["best_epoch"])
     return state
+
+
+def _stream_epoch(head, trainer, loss_fn, stream, epoch, ctx):
+    """One epoch over streamed batches; returns the running train loss, accuracy and row count."""
+    loss_sum, correct, seen = 0.0, 0, 0
+    for xb, yb in stream.epoch(epoch):
+        x = mx.nd.array(xb, ctx=ctx)
+        y = mx.nd.array(yb, ctx=ctx)
+        with autograd.record():
+            out = head(x)
+            loss = loss_fn(out, y)
+        loss.backward()
+        trainer.step(len(yb))
+        loss_sum += float(loss.sum().asscalar())
+        correct += int((out.argmax(axis=1).asnumpy().astype(np.int64) == yb).sum())
+        seen += len(yb)
+    return loss_sum / max(seen, 1), correct / max(seen, 1), seen
 
 
 def _write_log(run_dir, history):
