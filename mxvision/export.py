@@ -13,13 +13,23 @@ from mxnet import gluon
 from . import transforms
 from .context import parse_ctx
 from .predict import load_classifier
+from .train import load_run
 from .utils import write_json
 
 
-def export_model(run_dir, prefix, ctx=None):
-    """Write ``PREFIX-symbol.json``, ``PREFIX-0000.params`` and ``PREFIX-meta.json``; return their paths."""
+def export_model(run_dir, prefix, ctx=None, dtype=None):
+    """Write ``PREFIX-symbol.json``, ``PREFIX-0000.params`` and ``PREFIX-meta.json``; return their paths.
+
+    The backbone is exported in the precision its features were extracted with (an INT8 or
+    bfloat16 run exports the converted graph, which runs only on MXNet CPU builds with oneDNN,
+    such as the PyPI ``mxnet`` wheel); ``dtype="float32"`` exports the portable float32 graph
+    instead, whose features differ slightly from the ones the head was trained on. A bfloat16
+    run always exports float32 (MXNet cannot save its AMP graph); ``meta.json`` records both.
+    """
     ctx = parse_ctx(ctx)
-    net, config = load_classifier(run_dir, ctx=ctx)
+    if dtype is None and load_run(run_dir)[0]["features"].get("dtype") == "bfloat16":
+        dtype = "float32"  # an exported AMP-bfloat16 graph reloads as float32 (MXNet 1.9.1): say so
+    net, config = load_classifier(run_dir, ctx=ctx, dtype=dtype)
     features = config["features"]
     preset = transforms.get_preset(features["preprocessing"]["name"])
     net.hybridize()
@@ -43,6 +53,9 @@ def export_model(run_dir, prefix, ctx=None):
         "backbone": features["backbone"],
         "cut": features["cut"],
         "backbone_weights": features["weights"]["description"],
+        "precision": net.precision,
+        "features_precision": features.get("dtype", "float32"),
+        "pooled": bool(features.get("pooled", False)),
         "run_dir": str(Path(run_dir).resolve()),
     })
     return {k: str(v) for k, v in paths.items()}

@@ -2,40 +2,80 @@
 
 Layout of a feature store directory::
 
-    manifest.json          what the features are (backbone, weights, cut, preprocessing), the items
-                           (id, path, label, patient, split) and each finished shard with its rows,
-                           size and sha256
-    shard-00000.nd         mx.nd.save({"features": (rows, C, H, W) float32})
+    manifest.json          what the features are (backbone, weights, cut, preprocessing, compute
+                           precision, storage dtype, pooling, calibration), the items (id, path,
+                           label, patient, split) and each finished shard with its rows, size, sha256
+    shard-00000.nd         mx.nd.save({"features": (rows, C, H, W) or (rows, C), float32 or float16})
     backbone.params        only for random weights: the exact backbone, so predict/export reproduce it
+    backbone-int8-*        only for --dtype int8/bfloat16: the converted network (mxvision.quantize)
 
 A shard is listed in the manifest only after its file is completely written (temp file + rename),
 and it carries a checksum, so an interrupted run resumes by skipping the shards that are listed
 and intact.
+
+Speed on a CPU (measured in docs/BENCHMARKS.md): images are decoded, cropped and resized in worker
+*processes* (a 512 px PNG costs ~5 ms of CPU, the GIL would serialise it in threads) a few batches
+ahead of the network; every batch has the same shape (the last is padded) so the static graph is
+never rebuilt; shards are written and checksummed by a background thread.
+
+Format version 2 adds ``dtype`` (compute precision: float32, bfloat16, int8), ``storage_dtype``
+(float32 or float16), ``pooled`` and ``precision``; a version-1 store reads as float32/unpooled.
 """
 import datetime
+import hashlib
 import logging
 import os
+import sys
+import time
+
+
+def use_every_core():
+    """Let MXNet's OpenMP operators use every core this process may run on.
+
+    MXNet 1.9 halves the CPU count when OMP_NUM_THREADS is unset (it assumes hyper-threading),
+    so on a 2-core machine without SMT every oneDNN convolution ran on ONE core; measured here,
+    fp32 and INT8 extraction run ~1.6-2x faster with both. MXNet reads the variable once, when it
+    is first imported, so this runs before ``import mxnet`` below; a value the user set, or an
+    MXNet already imported, is left alone. (Best placed in ``mxvision/__init__.py``.)
+    """
+    if "OMP_NUM_THREADS" in os.environ or "mxnet" in sys.modules:
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores))
+
+
+use_every_core()
+
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mxnet as mx
-import numpy as np
+import mxnet as mx  # noqa: E402  (after use_every_core)
+import numpy as np  # noqa: E402
 from tqdm import tqdm
 
-from . import transforms
+from . import quantize, transforms
+from .quantize import Pooled, load_extractor  # noqa: F401  (load_extractor: public here too)
+from .streaming import ImageBatchLoader, choose_loader
 from .context import parse_ctx
 from .data.folder import index_from_folder
 from .data.index import read_index
 from .data.splits import assign_splits
-from .errors import BadImage, BadIndex, BadRun
+from .errors import BadIndex, BadRun, MxvisionError
 from .models import zoo
 from .utils import atomic_path, file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPLIT_SEED = 0
+STORAGE_DTYPES = ("float32", "float16")
+# Defaults of the keys format version 2 added, i.e. what a version-1 store is.
+_V1_DEFAULTS = {"dtype": "float32", "storage_dtype": "float32", "pooled": False, "precision": None}
 
 
 def load_index(source):
@@ -77,8 +117,13 @@ class FeatureStore:
             self.manifest = read_json(manifest_file)
         except ValueError as err:
             raise BadRun(manifest_file, f"unreadable manifest ({err})") from None
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise BadRun(manifest_file, f"unsupported format_version {self.manifest.get('format_version')}")
+        version = self.manifest.get("format_version")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise BadRun(manifest_file, f"unsupported format_version {version}" +
+                         ("; it was written by a newer mxvision, upgrade to read it" if newer else ""))
+        for key, default in _V1_DEFAULTS.items():
+            self.manifest.setdefault(key, default)
 
     @property
     def classes(self):
@@ -91,6 +136,19 @@ class FeatureStore:
     @property
     def feature_shape(self):
         return tuple(self.manifest["feature_shape"])
+
+    @property
+    def dtype(self):
+        """The precision the features were computed in: float32, bfloat16 or int8."""
+        return self.manifest["dtype"]
+
+    @property
+    def storage_dtype(self):
+        return self.manifest["storage_dtype"]
+
+    @property
+    def pooled(self):
+        return bool(self.manifest["pooled"])
 
     @property
     def complete(self):
@@ -106,29 +164,70 @@ class FeatureStore:
             return False
         return not verify or file_digest(path) == shard["sha256"]
 
-    def load(self, split=None, verify=True):
-        """Return ``(features, label_ids, ids)`` for the rows of ``split`` (all rows if None)."""
+    def check_complete(self):
         if not self.complete:
             raise BadRun(self.path, "feature extraction did not finish; rerun `mxvision extract` to resume")
-        wanted = [it["split"] == split or split is None for it in self.items]
-        chunks, rows = [], []
-        for shard in self.manifest["shards"]:
-            if not self.check_shard(shard, verify=verify):
-                raise BadRun(self.shard_path(shard), "missing, truncated or corrupt feature shard")
-            keep = [k for k, r in enumerate(shard["rows"]) if wanted[r]]
-            if not keep:
+
+    def split_rows(self, split=None):
+        """Per shard, the positions (within the shard) of the rows of ``split`` (all if None)."""
+        wanted = [split is None or it["split"] == split for it in self.items]
+        return [[k for k, r in enumerate(shard["rows"]) if wanted[r]] for shard in self.manifest["shards"]]
+
+    def count(self, split=None):
+        return sum(len(k) for k in self.split_rows(split))
+
+    def row_bytes(self):
+        """Bytes of one feature row once loaded (float32)."""
+        return 4 * int(np.prod(self.feature_shape))
+
+    def read_shard(self, shard, keep=None, verify=True):
+        """The float32 features of one shard (only positions ``keep`` if given).
+
+        The file is read once: its sha256 is checked on the bytes in memory, then they are parsed,
+        so verifying costs no second pass over the disk.
+        """
+        path = self.shard_path(shard)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        if len(data) != shard["bytes"] or (verify and hashlib.sha256(data).hexdigest() != shard["sha256"]):
+            raise BadRun(path, "missing, truncated or corrupt feature shard")
+        feats = mx.nd.load_frombuffer(data)["features"]
+        del data
+        if keep is not None and len(keep) < feats.shape[0]:
+            feats = feats.take(mx.nd.array(keep, dtype="int64"))
+        return feats.astype("float32", copy=False).asnumpy()
+
+    def iter_shards(self, split=None, verify=True, order=None):
+        """Yield ``(features, label_ids, row_numbers)`` per shard holding rows of ``split``,
+        in manifest order or in the shard order ``order``; one shard in memory at a time."""
+        self.check_complete()
+        shards = self.manifest["shards"]
+        keeps = self.split_rows(split)
+        for s in (range(len(shards)) if order is None else order):
+            if not keeps[s]:
                 continue
-            feats = mx.nd.load(str(self.shard_path(shard)))["features"].asnumpy()
-            chunks.append(feats[keep])
-            rows.extend(shard["rows"][k] for k in keep)
+            rows = [shards[s]["rows"][k] for k in keeps[s]]
+            feats = self.read_shard(shards[s], keeps[s], verify=verify)
+            yield feats, np.array([self.items[r]["label_id"] for r in rows], dtype=np.int64), rows
+
+    def load(self, split=None, verify=True):
+        """Return ``(features, label_ids, ids)`` for the rows of ``split`` (all rows if None)."""
+        self.check_complete()
+        chunks, labels, rows = [], [], []
+        for feats, y, r in self.iter_shards(split, verify=verify):
+            chunks.append(feats)
+            labels.append(y)
+            rows.extend(r)
         if not rows:
             raise BadRun(self.path, f"no features for split {split!r}")
-        labels = np.array([self.items[r]["label_id"] for r in rows], dtype=np.int64)
         ids = [self.items[r]["id"] for r in rows]
-        return np.concatenate(chunks), labels, ids
+        return np.concatenate(chunks), np.concatenate(labels), ids
 
 
-def _config(index_items, backbone, cut, weights_info, preset, shard_size, classes):
+def _config(index_items, backbone, cut, weights_info, preset, shard_size, classes, dtype="float32",
+            storage_dtype="float32", pooled=False):
     return {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
@@ -137,47 +236,59 @@ def _config(index_items, backbone, cut, weights_info, preset, shard_size, classe
         "preprocessing": preset.to_dict(),
         "shard_size": shard_size,
         "classes": classes,
+        "dtype": dtype,
+        "storage_dtype": storage_dtype,
+        "pooled": bool(pooled),
         "items": index_items,
     }
 
 
-_SAME_RUN_KEYS = ("format_version", "backbone", "cut", "preprocessing", "shard_size", "classes", "items")
+_SAME_RUN_KEYS = ("backbone", "cut", "preprocessing", "shard_size", "classes", "items", "dtype",
+                  "storage_dtype", "pooled")
 
 
 def _resume_state(out_dir, config, overwrite):
-    """Shards already finished by an earlier run with the same configuration."""
+    """Shards already finished by an earlier run with the same configuration, its skipped rows and
+    the key of its reduced-precision backbone (None for float32)."""
     manifest_file = out_dir / MANIFEST
     if overwrite or not manifest_file.exists():
-        return [], []
-    old = read_json(manifest_file)
+        return [], [], None
+    store = FeatureStore(out_dir)  # fills the defaults of a version-1 manifest
+    old = store.manifest
     same = all(old.get(k) == config[k] for k in _SAME_RUN_KEYS) and \
         old.get("weights", {}).get("sha1") == config["weights"]["sha1"]
     if not same:
         raise BadRun(out_dir, "holds features of another index or configuration; "
                               "choose a new --out or pass --overwrite")
-    store = FeatureStore(out_dir)
     done = [s for s in old.get("shards", []) if store.check_shard(s)]
-    return done, old.get("skipped", [])
-
-
-def _load_one(path, preset):
-    try:
-        return transforms.load_image(path, preset), None
-    except BadImage as err:
-        return None, err
+    return done, old.get("skipped", []), (old.get("precision") or {}).get("key")
 
 
 def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFAULT_CUT,
                      weights="imagenet", preset="imagenet224", ctx=None, batch_size=16,
                      shard_size=256, allow_random=False, strict=False, overwrite=False,
-                     progress=True, workers=2):
+                     progress=True, workers=2, dtype="float32", calibration=None,
+                     calibration_size=quantize.DEFAULT_CALIBRATION_SIZE, storage_dtype="float32",
+                     pooled=False, loader="auto"):
     """Extract backbone features for every image of ``index`` into ``out_dir``; return the store.
 
     Images that cannot be read are skipped, counted and listed in the manifest (``strict=True``
     raises instead). Rerunning with the same arguments resumes: finished, intact shards are kept.
+
+    ``dtype`` is the compute precision (``float32``; ``bfloat16`` or ``int8`` on a CPU with
+    oneDNN, see :mod:`mxvision.quantize`); INT8 is calibrated on ``calibration`` (None: a seeded
+    sample of ``calibration_size`` of these images; or an index CSV, a folder, or a list of
+    paths). ``storage_dtype="float16"`` halves the shards on disk; ``pooled=True`` stores the
+    global average of each map (C values instead of C x H x W). ``loader``: where images are
+    decoded (``process``, ``thread``, or ``auto``: processes for large runs), ``workers`` of them.
     """
+    started = time.time()
     out_dir = Path(out_dir)
     ctx = parse_ctx(ctx)  # cheap argument checks first, before any file is read
+    dtype = quantize.check_dtype(dtype)
+    quantize.check_cpu(dtype, ctx)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise MxvisionError(f"--storage-dtype {storage_dtype}", f"expected one of {', '.join(STORAGE_DTYPES)}")
     preset = transforms.get_preset(preset)
     zoo.check_backbone(backbone)
     index = load_index(index)
@@ -194,36 +305,97 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
             net.save_parameters(tmp)
         weights_info.update(file=params.name, sha1=file_digest(params, "sha1"))
     items = _items(index)
-    config = _config(items, backbone, cut, weights_info, preset, shard_size, list(index.classes))
-    shards, skipped = _resume_state(out_dir, config, overwrite)
+    config = _config(items, backbone, cut, weights_info, preset, shard_size, list(index.classes),
+                     dtype, storage_dtype, pooled)
+    shards, skipped, old_key = _resume_state(out_dir, config, overwrite)
+    precision = None
+    if dtype != "float32":
+        net, precision = quantize.prepare(net, dtype, ctx, preset, config, out_dir, calibration,
+                                          items, calibration_size)
+        if shards and old_key != precision["key"]:
+            raise BadRun(out_dir, f"holds features of another {dtype} conversion (calibration set); "
+                                  "choose a new --out or pass --overwrite")
+    elif shards and old_key is not None:
+        raise BadRun(out_dir, "holds features of another precision; choose a new --out or pass --overwrite")
+    if pooled:
+        net = Pooled(net)
     manifest = dict(config, splits_assigned=split_note, shards=shards, skipped=skipped,
-                    feature_shape=None, dtype="float32", complete=False, ctx=str(ctx),
+                    feature_shape=None, precision=precision, complete=False, ctx=str(ctx),
                     mxnet_version=mx.__version__)
     if shards:
         manifest["feature_shape"] = FeatureStore(out_dir).manifest.get("feature_shape")
     net.hybridize(static_alloc=True, static_shape=True)
 
     done = {s["start"] for s in shards}
+    todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
+            if start not in done]
     n_done = sum(s["stop"] - s["start"] for s in shards)
     bar = tqdm(total=len(items), initial=n_done, unit="img", desc="extract", disable=not progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(items), shard_size):
-            if start in done:
-                continue
-            stop = min(start + shard_size, len(items))
-            shard, new_skips = _extract_shard(net, items, start, stop, preset, ctx, batch_size,
-                                              strict, pool, out_dir, bar)
-            skipped = [s for s in skipped if not start <= s["row"] < stop] + new_skips
-            if shard is not None:
-                manifest["feature_shape"] = shard.pop("feature_shape")
-                shards.append(shard)
-            manifest.update(shards=sorted(shards, key=lambda s: s["start"]), skipped=skipped)
-            write_json(out_dir / MANIFEST, manifest)
-    bar.close()
+    kind = choose_loader(loader, len(items) - n_done, workers)
+    # Every batch has batch_size rows (the last of a shard is padded): one static graph.
+    jobs = [((start, stop, b), [items[r]["path"] for r in range(b, min(b + batch_size, stop))],
+             batch_size) for start, stop in todo for b in range(start, stop, batch_size)]
+    pool = ImageBatchLoader(preset, workers, kind)
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending = None  # the shard being written in the background
+
+    def finish(write):
+        nonlocal skipped
+        shard, new_skips, (start, stop) = write.result()
+        skipped = [s for s in skipped if not start <= s["row"] < stop] + new_skips
+        if shard is not None:
+            manifest["feature_shape"] = shard.pop("feature_shape")
+            shards.append(shard)
+        manifest.update(shards=sorted(shards, key=lambda s: s["start"]), skipped=skipped)
+        write_json(out_dir / MANIFEST, manifest)
+
+    if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
+        net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
+    loop_start = time.time()
+    try:
+        pool.feed(jobs)
+        current = None  # (start, stop, rows, outputs, skipped) of the shard being computed
+        for _ in range(len(jobs)):
+            ((start, stop, b), _, _), batch, errors = pool.next()
+            if current is None or current[0] != start:
+                current = (start, stop, [], [], [])
+            _, _, rows, outputs, new_skips = current
+            batch_rows = list(range(b, min(b + batch_size, stop)))
+            bad = set()
+            for k, err in errors:
+                if strict:
+                    raise err
+                bad.add(k)
+                new_skips.append({"row": batch_rows[k], "id": items[batch_rows[k]]["id"],
+                                  "problem": str(err)})
+            good = [k for k in range(len(batch_rows)) if k not in bad]
+            if good:
+                out = net(mx.nd.array(batch, ctx=ctx)).asnumpy()
+                outputs.append(out[good])
+                rows.extend(batch_rows[k] for k in good)
+            bar.update(len(batch_rows))
+            if batch_rows[-1] == stop - 1:  # shard complete: write it while the next is computed
+                if pending is not None:
+                    finish(pending)
+                pending = writer.submit(_write_shard, out_dir, start, stop, rows, outputs,
+                                        new_skips, storage_dtype)
+                current = None
+        if pending is not None:
+            finish(pending)
+    finally:
+        pool.close()
+        writer.shutdown(wait=True)
+        bar.close()
     if not shards:
         raise BadIndex(out_dir, f"none of the {len(items)} images could be read (see {MANIFEST})")
+    n_run = sum(len(j[1]) for j in jobs)
+    loop = time.time() - loop_start
     manifest.update(complete=True, finished=datetime.datetime.now().isoformat(timespec="seconds"),
-                    n_features=sum(len(s["rows"]) for s in shards), n_skipped=len(skipped))
+                    n_features=sum(len(s["rows"]) for s in shards), n_skipped=len(skipped),
+                    timing={"images": n_run, "loader": kind, "workers": workers,
+                            "batch_size": batch_size, "setup_seconds": round(loop_start - started, 3),
+                            "loop_seconds": round(loop, 3),
+                            "images_per_s": round(n_run / loop, 2) if n_run and loop > 0 else None})
     write_json(out_dir / MANIFEST, manifest)
     if skipped:
         log.warning("skipped %d unreadable image(s); they are listed in %s", len(skipped),
@@ -231,35 +403,14 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     return FeatureStore(out_dir)
 
 
-def _extract_shard(net, items, start, stop, preset, ctx, batch_size, strict, pool, out_dir, bar):
-    """Compute one shard; images are decoded in worker threads while the network runs."""
-    rows, outputs, skipped = [], [], []
-    batches = [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-    load = lambda rows_: pool.map(lambda r: _load_one(items[r]["path"], preset), rows_)  # noqa: E731
-    pending = load(batches[0])
-    for k, batch_rows in enumerate(batches):
-        loaded = list(pending)
-        if k + 1 < len(batches):
-            pending = load(batches[k + 1])  # decode the next batch while this one is computed
-        good = []
-        for r, (img, err) in zip(batch_rows, loaded):
-            if err is None:
-                good.append((r, img))
-            elif strict:
-                raise err
-            else:
-                skipped.append({"row": r, "id": items[r]["id"], "problem": str(err)})
-        if good:
-            x = mx.nd.array(np.stack([img for _, img in good]), ctx=ctx)
-            outputs.append(net(x).asnumpy())
-            rows.extend(r for r, _ in good)
-        bar.update(len(batch_rows))
+def _write_shard(out_dir, start, stop, rows, outputs, skipped, storage_dtype):
+    """Save one computed shard (temp file + rename) and describe it for the manifest."""
     if not rows:
-        return None, skipped
+        return None, skipped, (start, stop)
     feats = np.concatenate(outputs)
     name = f"shard-{start:07d}.nd"
     path = out_dir / name
     with atomic_path(path) as tmp:
-        mx.nd.save(tmp, {"features": mx.nd.array(feats)})
+        mx.nd.save(tmp, {"features": mx.nd.array(feats, dtype=storage_dtype)})
     return {"file": name, "start": start, "stop": stop, "rows": rows, "bytes": path.stat().st_size,
-            "sha256": file_digest(path), "feature_shape": list(feats.shape[1:])}, skipped
+            "sha256": file_digest(path), "feature_shape": list(feats.shape[1:])}, skipped, (start, stop)

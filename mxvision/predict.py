@@ -8,7 +8,7 @@ import numpy as np
 from . import transforms
 from .context import parse_ctx
 from .errors import BadImage, BadRun
-from .models import zoo
+from .quantize import load_extractor
 from .models.classifier import XvisionClassifier
 from .train import load_head
 from .utils import file_digest
@@ -31,14 +31,26 @@ def _backbone_file(features_info):
     return path
 
 
-def load_classifier(run_dir, ctx=None, softmax=True):
-    """Rebuild the full network of a run: the backbone its features came from + its best head."""
+def load_classifier(run_dir, ctx=None, softmax=True, dtype=None):
+    """Rebuild the full network of a run: the backbone its features came from + its best head.
+
+    The backbone runs in the precision the features were extracted with (bfloat16/INT8 features:
+    the converted network kept in the feature store; pooled features: plus the pooling), so
+    predictions match the features the head was trained on. ``dtype="float32"`` forces the
+    float32 backbone (portable, e.g. for a GPU or for export without oneDNN).
+    """
     ctx = parse_ctx(ctx)
     head, config = load_head(run_dir, ctx=ctx)
-    features_info = config["features"]
-    backbone = zoo.load_backbone_file(features_info["backbone"], features_info["cut"],
-                                      _backbone_file(features_info), ctx=ctx)
+    features_info = dict(config["features"])
+    if dtype == "float32":
+        features_info["dtype"] = "float32"
+    elif dtype not in (None, features_info.get("dtype", "float32")):
+        raise BadRun(run_dir, f"its features were extracted in {features_info.get('dtype', 'float32')}; "
+                              f"a {dtype} backbone would not match them (float32 is the only alternative)")
+    backbone, used = load_extractor(features_info, ctx=ctx,
+                                    fp32_weights_file=_backbone_file(features_info))
     net = XvisionClassifier(backbone, head, softmax=softmax)
+    net.precision = used  # the backbone precision actually used (export records it)
     return net, config
 
 
@@ -46,10 +58,13 @@ def expand_images(inputs):
     """Image files from a mix of file and folder arguments (folders: their image files, sorted)."""
     paths = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            paths.append(item)
+        try:
+            if item.is_dir():
+                paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+                continue
+        except OSError:  # e.g. a name too long to stat: reading it reports the error per file
+            pass
+        paths.append(item)
     return paths
 
 

@@ -17,10 +17,13 @@ def _cmd_extract(args):
     store = extract_features(args.index, args.out, backbone=args.backbone, cut=args.cut,
                              weights=args.weights, ctx=args.ctx, batch_size=args.batch_size,
                              shard_size=args.shard_size, allow_random=args.allow_random_weights,
-                             strict=args.strict, overwrite=args.overwrite, progress=not args.quiet)
+                             strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
+                             dtype=args.dtype, calibration=args.calibration,
+                             storage_dtype=args.storage_dtype, pooled=args.pooled)
     m = store.manifest
     print(f"{m['n_features']} feature maps {tuple(m['feature_shape'])} in {store.path} "
-          f"({m['n_skipped']} skipped); weights: {m['weights']['description']}")
+          f"({m['n_skipped']} skipped); weights: {m['weights']['description']}; computed in "
+          f"{m['dtype']}, stored as {m['storage_dtype']}{', pooled' if m['pooled'] else ''}")
     if m["n_skipped"] and args.strict:
         return 1
 
@@ -38,10 +41,14 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     from ..evaluate import evaluate_run
-    r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx)
+    r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx,
+                     audit=not args.no_audit)
     print(f"{r['split']}: n={r['n']} accuracy {r['accuracy']:.4f} AUC {r['auc']:.4f} "
           f"confusion matrix {r['confusion_matrix']} (rows: true {r['classes']})")
     print(f"metrics: {args.out}/metrics.json  confusion matrix: {r['confusion_matrix_png']}")
+    audit = r.get("shortcut_audit") or {}
+    if audit.get("message"):
+        print(f"shortcut audit: {audit['message']}")
 
 
 def _cmd_predict(args):
@@ -61,7 +68,7 @@ def _cmd_predict(args):
 
 def _cmd_export(args):
     from ..export import export_model
-    paths = export_model(args.run, args.out, ctx=args.ctx)
+    paths = export_model(args.run, args.out, ctx=args.ctx, dtype=args.dtype)
     print(f"exported {paths['symbol']} and {paths['params']} (metadata: {paths['meta']})")
 
 
@@ -96,6 +103,16 @@ def add_parsers(sub):
     p.add_argument("--shard-size", type=int, default=256, help="images per feature shard file")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="discard features of another configuration in --out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="compute precision; bfloat16 and int8 (calibrated, oneDNN/VNNI) run on the CPU "
+                        "only (default: float32)")
+    p.add_argument("--calibration", default=None, metavar="INDEX_OR_FOLDER",
+                   help="--dtype int8: images to calibrate on (index CSV or folder; default: a seeded "
+                        "sample of 64 of the images being extracted)")
+    p.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of the stored features; float16 halves the disk (default: float32)")
+    p.add_argument("--pooled", action="store_true",
+                   help="store the global average of each feature map (2048 values, not 2048x7x7)")
     p.add_argument("--quiet", action="store_true")
     _add_ctx(p)
     p.set_defaults(func=_cmd_extract)
@@ -120,6 +137,8 @@ def add_parsers(sub):
     p.add_argument("--features", default=None, help="default: the feature store the run was trained on")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the shortcut audit (trivial image baselines on the same split)")
     _add_ctx(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -134,6 +153,9 @@ def add_parsers(sub):
     p = sub.add_parser("export", help="export backbone + head as PREFIX-symbol.json / PREFIX-0000.params")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, metavar="PREFIX")
+    p.add_argument("--dtype", default=None, choices=["float32"],
+                   help="float32: export the portable float32 backbone even for a bfloat16/int8 run "
+                        "(default: the precision its features were extracted with)")
     _add_ctx(p)
     p.set_defaults(func=_cmd_export)
 

@@ -1,0 +1,323 @@
+"""Feature-extraction speed on a CPU, mxvision vs ONNX Runtime, in one process on the same inputs.
+
+    python bench/bench_extract.py                        # everything (~10 min on 2 cores)
+    python bench/bench_extract.py --skip-auc --skip-e2e  # model-only throughput only
+
+What it measures (the truncated ResNet-50 v2, cut at stage4_unit2_relu1, 224 px, RANDOM seeded
+weights -- no pretrained weights exist on this machine):
+
+1. **Model only**: images/s of mxvision's backbone in float32, bfloat16 (MXNet AMP) and INT8
+   (oneDNN, calibrated on 64 real JSRT radiographs), and of ONNX Runtime float32 on the same
+   network exported with ``mx.onnx`` -- both as exported, and with the weights made constants
+   (ORT's own ``remove_initializer_from_input`` fix, which lets ORT fold and fuse; its best fp32).
+   Engines run in interleaved rounds on the same batch, so load from other processes hits every
+   engine alike; the median round counts. Ratios are to ONNX Runtime's best fp32.
+2. **Feature agreement**: relative L1 error and cosine of bf16/INT8 features vs float32.
+3. **End to end**: files (512x512 PNGs: the JSRT images, copied to reach ``--e2e-images``) to
+   feature shards on disk with ``extract_features`` (decode in worker processes), each round
+   paired with a model-only pass over as many images right before it (same load conditions).
+4. **Downstream AUC** on the JSRT development set (all 154 images, 5-fold stratified
+   cross-validation, the Xvision head with train_head's defaults, out-of-fold AUC, mean over
+   ``--auc-seeds`` head seeds with its spread) for float32, bfloat16, INT8, float32 stored as
+   float16, and pooled float32 features.
+
+Prints a JSON summary (and writes it with ``--json``).
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mxvision.features import use_every_core  # noqa: E402
+
+use_every_core()  # before MXNet loads: MXNet alone would use half the cores
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxvision import quantize, transforms  # noqa: E402
+from mxvision._shared import shared_dir  # noqa: E402
+from mxvision.features import extract_features  # noqa: E402
+from mxvision.models import zoo  # noqa: E402
+
+warnings.simplefilter("ignore")
+PRESET = transforms.get_preset("imagenet224")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- engines
+def mxnet_engine(block, ctx):
+    block.hybridize(static_alloc=True, static_shape=True)
+    return lambda x: block(mx.nd.array(x, ctx=ctx)).asnumpy()
+
+
+def export_onnx(net, batch, folder):
+    from mxnet import onnx as mxonnx
+    import onnx
+    net.hybridize()
+    net(mx.nd.zeros((batch, 3, 224, 224))).wait_to_read()
+    net.export(str(folder / "fp32"), 0)
+    path = folder / "fp32.onnx"
+    mxonnx.export_model(str(folder / "fp32-symbol.json"), str(folder / "fp32-0000.params"),
+                        [(batch, 3, 224, 224)], [np.float32], str(path))
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    fixed = folder / "fp32-const.onnx"
+    onnx.save(model, str(fixed))
+    return path, fixed
+
+
+def ort_engine(path, threads):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def interleaved(engines, x, rounds, iters):
+    """Median images/s per engine over ``rounds`` interleaved rounds of ``iters`` batches."""
+    for f in engines.values():  # warm-up: graph building, oneDNN primitive caches
+        f(x)
+        f(x)
+    rates = {k: [] for k in engines}
+    for r in range(rounds):
+        for name, f in engines.items():
+            tic = time.perf_counter()
+            for _ in range(iters):
+                f(x)
+            rates[name].append(iters * len(x) / (time.perf_counter() - tic))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
+    return {k: {"median": round(statistics.median(v), 2), "best": round(max(v), 2),
+                "rounds": [round(a, 2) for a in v]} for k, v in rates.items()}
+
+
+def agreement(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return {"rel_l1": round(float(np.abs(a - b).sum() / np.abs(b).sum()), 5),
+            "cosine": round(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), 6)}
+
+
+# --------------------------------------------------------------------------- downstream AUC
+def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32):
+    """Out-of-fold AUC of the Xvision head trained as train_head does (same defaults, seeded).
+
+    The folds are fixed (seed 0); ``seed`` sets the head's initialisation and batch order, so
+    the spread over seeds shows how much of an AUC difference is training noise."""
+    from mxnet import autograd, gluon
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from mxvision.models.head import XvisionHead
+    from mxvision.train import _batches, predict_probs
+
+    ctx = mx.cpu()
+    oof = np.zeros(len(y))
+    for k, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y)):
+        mx.random.seed(seed)
+        head = XvisionHead(classes=2, hidden=512)
+        head.initialize(mx.init.Xavier(), ctx=ctx)
+        head.hybridize()
+        head(mx.nd.array(x[tr[:2]]))
+        trainer = gluon.Trainer(head.collect_params(), "sgd", {"learning_rate": lr})
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        for epoch in range(1, epochs + 1):
+            for b in _batches(len(tr), batch_size, seed, epoch):
+                with autograd.record():
+                    loss = loss_fn(head(mx.nd.array(x[tr[b]])), mx.nd.array(y[tr[b]]))
+                loss.backward()
+                trainer.step(len(b))
+        oof[te] = predict_probs(head, x[te], ctx)[:, 1]
+    return round(float(roc_auc_score(y, oof)), 4)
+
+
+def jsrt_auc(shared, work, calib_paths, batch, only=None, seeds=(0,)):
+    from mxvision.data.jsrt import jsrt_index
+    index = jsrt_index(shared / "data" / "jsrt", work / "jsrt.csv")
+    variants = {"float32": {}, "bfloat16": {"dtype": "bfloat16"},
+                "int8": {"dtype": "int8", "calibration": calib_paths},
+                "float32, stored float16": {"storage_dtype": "float16"},
+                "float32, pooled": {"pooled": True}}
+    if only:
+        variants = {k: v for k, v in variants.items() if k in set(only) | {"float32"}}
+    feats, out = {}, {}
+    for name, kw in variants.items():
+        log(f"JSRT features: {name}")
+        store = extract_features(index, work / f"jsrt-{name.replace(', ', '-').replace(' ', '')}",
+                                 weights="none", ctx="cpu", batch_size=batch, progress=False, **kw)
+        x, y, ids = store.load()
+        order = np.argsort(ids)
+        feats[name] = (x[order], y[order])
+    y = feats["float32"][1]
+    for name, (x, _) in feats.items():
+        log(f"JSRT 5-fold head training: {name}, seeds {list(seeds)}")
+        aucs = [cv_auc(x, y, seed=s) for s in seeds]
+        row = {"cv_auc": round(float(np.mean(aucs)), 4), "cv_auc_per_seed": aucs,
+               "cv_auc_seed_std": round(float(np.std(aucs)), 4), "n": int(len(y))}
+        if name != "float32" and "pooled" not in name:
+            row.update(agreement(x, feats["float32"][0]))
+        out[name] = row
+    base = out["float32"]["cv_auc"]
+    for row in out.values():
+        row["auc_change"] = round(row["cv_auc"] - base, 4)
+    return out
+
+
+# --------------------------------------------------------------------------- end to end
+def make_png_folder(jsrt_images, n, folder):
+    """``n`` 512x512 PNGs (the JSRT images, copied cyclically) in a folder per class."""
+    sources = sorted(jsrt_images.glob("*.png"))
+    for k in range(n):
+        src = sources[k % len(sources)]
+        label = "nodule" if src.name.startswith("JPCLN") else "normal"
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, folder / label / f"{k:05d}-{src.name}")
+    return folder
+
+
+def end_to_end(folder, work, dtype, calib_paths, batch, workers):
+    kw = {"dtype": dtype, "calibration": calib_paths} if dtype != "float32" else {}
+    out = work / f"e2e-{dtype}"
+    tic = time.perf_counter()
+    store = extract_features(folder, out, weights="none", ctx="cpu", batch_size=batch,
+                             progress=False, loader="process", workers=workers, overwrite=True, **kw)
+    total = time.perf_counter() - tic
+    t = store.manifest["timing"]
+    size = sum(s["bytes"] for s in store.manifest["shards"])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"images": t["images"], "images_per_s": t["images_per_s"], "loop_seconds": t["loop_seconds"],
+            "setup_seconds": t["setup_seconds"], "total_seconds": round(total, 2),
+            "images_per_s_including_setup": round(t["images"] / total, 2),
+            "shards_gb": round(size / 1e9, 2), "workers": workers, "loader": t["loader"]}
+
+
+# --------------------------------------------------------------------------- main
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=4, help="batches per engine per round")
+    p.add_argument("--e2e-images", type=int, default=384)
+    p.add_argument("--workers", type=int, default=2, help="decode worker processes (end to end)")
+    p.add_argument("--e2e-rounds", type=int, default=2, help="paired model-only / end-to-end rounds")
+    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--skip-auc", action="store_true")
+    p.add_argument("--auc-seeds", type=int, default=3, help="head seeds per variant (mean and spread)")
+    p.add_argument("--auc-variants", nargs="+", default=None,
+                   help="only these JSRT variants (float32 is always included), e.g. bfloat16 int8")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    shared = shared_dir()
+    if shared is None or not (shared / "data" / "jsrt" / "images").is_dir():
+        sys.exit("needs the JSRT images in ../shared/data/jsrt (set MXVISION_SHARED)")
+    jsrt_images = shared / "data" / "jsrt" / "images"
+    work = Path(tempfile.mkdtemp(prefix="mxvision-bench-"))
+    os.environ["MXVISION_CACHE"] = str(work / "cache")  # calibrate once, reuse in every run below
+    ctx = mx.cpu()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "batch": args.batch,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "weights": "RANDOM (seed 0): no pretrained weights on this machine",
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        paths = sorted(str(q) for q in jsrt_images.glob("*.png"))
+        calib = [paths[k] for k in sorted(np.random.RandomState(0).permutation(len(paths))[:args.calibration_images])]
+        x = np.stack([transforms.load_image(q, PRESET) for q in paths[:args.batch]])
+
+        log("building the engines")
+        net, info = zoo.build_backbone(weights="none", ctx=ctx)
+        features_info = {"backbone": zoo.DEFAULT_BACKBONE, "cut": zoo.DEFAULT_CUT, "weights": info,
+                         "preprocessing": PRESET.to_dict()}
+        onnx_path, onnx_const = export_onnx(net, args.batch, work)
+        tic = time.perf_counter()
+        int8, int8_info = quantize.prepare(net, "int8", ctx, PRESET, features_info, work / "int8",
+                                           calibration=calib)
+        result["int8_calibration_seconds"] = round(time.perf_counter() - tic, 1)
+        bf16, _ = quantize.prepare(net, "bfloat16", ctx, PRESET, features_info, work / "bf16")
+        net32, _ = zoo.build_backbone(weights="none", ctx=ctx)  # a fresh float32 block
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
+        engines = {"mxvision fp32": mxnet_engine(net32, ctx), "mxvision bf16": mxnet_engine(bf16, ctx),
+                   "mxvision int8": mxnet_engine(int8, ctx),
+                   "onnxruntime fp32": ort_engine(onnx_const, threads),
+                   "onnxruntime fp32 (as exported)": ort_engine(onnx_path, threads)}
+        ref = engines["mxvision fp32"](x)
+        result["feature_agreement_vs_fp32"] = {
+            k: agreement(engines[k](x), ref) for k in ("mxvision bf16", "mxvision int8", "onnxruntime fp32")}
+        log("model-only throughput, interleaved rounds")
+        speed = interleaved(engines, x, args.rounds, args.iters)
+        peer = speed["onnxruntime fp32"]["median"]
+        for row in speed.values():
+            row["ratio_to_onnxruntime_fp32"] = round(row["median"] / peer, 2)
+        result["model_only"] = speed
+
+        if not args.skip_e2e:
+            folder = make_png_folder(jsrt_images, args.e2e_images, work / "pngs")
+            warm = make_png_folder(jsrt_images, args.batch, work / "warm")
+            log("end to end: warm-up (caches the calibrated INT8 backbone)")
+            end_to_end(warm, work, "int8", calib, args.batch, args.workers)
+            result["end_to_end"] = {}
+            for dtype, key in (("int8", "mxvision int8"), ("float32", "mxvision fp32")):
+                rows = []
+                for r in range(args.e2e_rounds):
+                    # model only on as many images, right before: the same load conditions
+                    n_batches = max(1, args.e2e_images // args.batch)
+                    tic = time.perf_counter()
+                    for _ in range(n_batches):
+                        engines[key](x)
+                    model_rate = n_batches * args.batch / (time.perf_counter() - tic)
+                    log(f"end to end round {r + 1}: {args.e2e_images} PNGs -> shards, {dtype}")
+                    row = end_to_end(folder, work, dtype, calib, args.batch, args.workers)
+                    row["model_only_images_per_s"] = round(model_rate, 2)
+                    row["fraction_of_model_only"] = round(row["images_per_s"] / model_rate, 3)
+                    rows.append(row)
+                    log(f"  {row}")
+                result["end_to_end"][dtype] = {
+                    "median_fraction_of_model_only": statistics.median(r["fraction_of_model_only"] for r in rows),
+                    "rounds": rows}
+        del engines
+        if not args.skip_auc:
+            result["jsrt"] = jsrt_auc(shared, work, calib, args.batch, args.auc_variants,
+                                      range(args.auc_seeds))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["load_average_at_end"] = os.getloadavg()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+def _machine():
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        flags = open("/proc/cpuinfo").read()
+        isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version(),
+            "mxnet": mx.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+
+
+if __name__ == "__main__":
+    main()
