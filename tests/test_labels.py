@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from mxvision.errors import BadIndex
+
 from mxvision.data import labels as L
 
 # torchxrayvision's default_pathologies, copied from its README, in its order
@@ -94,7 +96,7 @@ def test_synonym_table_can_be_replaced(tmp_path):
     assert v["Nodule"] == 1 and v["Mass"] == 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"Nodule": ["granuloma"]}))
-    with pytest.raises(ValueError, match="Nodule"):
+    with pytest.raises(BadIndex, match="Nodule"):
         L.load_synonyms(bad)
 
 

@@ -10,7 +10,13 @@ whole) or absolute. In memory every path is absolute; the stable image id is the
 the index's folder, which does not change when the folder moves.
 
 Problems a user can fix raise :class:`~mxvision.errors.BadIndex` with a one-line message that
-names the CSV and the line.
+names the CSV and the line. Index files come from spreadsheets, scripts and other people, so the
+reader also refuses what would only fail (or mislead) later: NUL bytes in any field (no file
+name can hold one), paths longer than ``MAX_PATH_CHARS``, fields beyond the ``csv`` module's
+131,072-character limit, files over ``MAX_INDEX_BYTES``, text that is not UTF-8 (a UTF-8 BOM is
+fine), and two rows naming the same image (also when spelled differently, ``a/../b.png`` and
+``b.png``). Values quoted in messages are shortened, so a hostile field cannot turn an error
+into megabytes of output.
 """
 import csv
 import io
@@ -27,6 +33,16 @@ KNOWN_COLUMNS = ("patient_id", "split", "view")
 SPLITS = ("train", "val", "test")
 #: Xvision's class order: label id 0 is normal, 1 is nodule (so "positive" means nodule).
 XVISION_CLASSES = ("normal", "nodule")
+#: Longest accepted image path (Linux PATH_MAX); longer ones cannot be opened anyway.
+MAX_PATH_CHARS = 4096
+#: Largest index CSV read (NIH ChestX-ray14's 112,120 rows take 8 MB; 1 GiB is 100x CheXpert).
+MAX_INDEX_BYTES = 1 << 30
+
+
+def _short(value, limit=60):
+    """``repr`` of a value cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
 
 
 def default_classes(labels):
@@ -69,11 +85,16 @@ class Index:
                     rec[c] = rec[c].strip()
             if not rec["path"]:
                 raise BadIndex(self._source, f"{where(i)}: empty path")
+            if "\x00" in rec["path"]:
+                raise BadIndex(self._source, f"{where(i)}: NUL byte in path {_short(rec['path'])}")
+            if len(rec["path"]) > MAX_PATH_CHARS:
+                raise BadIndex(self._source, f"{where(i)}: path is {len(rec['path'])} characters "
+                                             f"long (limit {MAX_PATH_CHARS}): {_short(rec['path'])}")
             if not rec["label"]:
                 raise BadIndex(self._source, f"{where(i)}: empty label for {rec['path']}")
             if rec.get("split", "") not in SPLITS + ("",):
-                raise BadIndex(self._source, f"{where(i)}: split {rec['split']!r} is not one of "
-                                             f"train, val, test or empty")
+                raise BadIndex(self._source, f"{where(i)}: split {_short(rec['split'])} is not one "
+                                             f"of train, val, test or empty")
             path = os.path.expanduser(rec["path"])
             rec["path"] = os.path.normpath(os.path.join(self._root, path))
             if rec["path"] in seen:
@@ -84,7 +105,9 @@ class Index:
         self._classes = list(classes) if classes is not None else default_classes(self.labels)
         unknown = sorted(set(self.labels) - set(self._classes))
         if unknown:
-            raise BadIndex(self._source, f"label(s) {', '.join(unknown)} not among the classes "
+            shown = ", ".join(_short(u, 40)[1:-1] for u in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise BadIndex(self._source, f"label(s) {shown}{more} not among the classes "
                                          f"{', '.join(self._classes)}")
 
     @staticmethod
@@ -223,9 +246,14 @@ def read_index(csv_path, check_files=False, classes=None):
     csv_path = os.path.abspath(os.fspath(csv_path))
     if os.path.isdir(csv_path):
         raise BadIndex(csv_path, "is a folder, expected an index CSV file")
+    too_big = BadIndex(csv_path, f"larger than {MAX_INDEX_BYTES} bytes; not an index CSV?")
     try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        if os.path.isfile(csv_path) and os.path.getsize(csv_path) > MAX_INDEX_BYTES:
+            raise too_big
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # may be a pipe: cap the read
+            text = f.read(MAX_INDEX_BYTES + 1)
+        if len(text) > MAX_INDEX_BYTES:
+            raise too_big
     except FileNotFoundError:
         raise BadIndex(csv_path, "no such index CSV") from None
     except UnicodeDecodeError:
@@ -254,6 +282,10 @@ def read_index(csv_path, check_files=False, classes=None):
             if len(row) != len(header):
                 raise BadIndex(csv_path, f"line {reader.line_num}: {len(row)} fields, "
                                          f"the header has {len(header)}")
+            for column, cell in zip(header, row):
+                if "\x00" in cell:
+                    raise BadIndex(csv_path, f"line {reader.line_num}: NUL byte in column "
+                                             f"{column} ({_short(cell)})")
             records.append(dict(zip(header, row)))
             lines.append(reader.line_num)
     except csv.Error as err:

@@ -44,6 +44,8 @@ import re
 
 import numpy as np
 
+from ..errors import BadIndex
+
 #: torchxrayvision's ``default_pathologies``, in its order.
 PATHOLOGIES = (
     "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
@@ -185,16 +187,19 @@ def load_synonyms(path):
     """Read a synonym table from JSON: ``{pathology: {"major": [...], "automatic": [...]}}``.
 
     Pathologies not in the file keep no synonyms (they come out negative or unknown), so a file
-    can restrict the mapping as well as extend it. Raises ValueError on a malformed table.
+    can restrict the mapping as well as extend it. Raises BadIndex on a malformed table.
     """
-    with open(path, encoding="utf-8") as f:
-        table = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError, RecursionError) as err:
+        raise BadIndex(path, f"unreadable synonym table ({type(err).__name__})") from None
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected a JSON object of pathology -> synonyms")
+        raise BadIndex(path, "expected a JSON object of pathology -> synonyms")
     for name, entry in table.items():
         if not isinstance(entry, dict) or not all(
                 isinstance(entry.get(k, []), list) for k in ("major", "automatic")):
-            raise ValueError(f"{path}: {name!r} needs lists under 'major' and/or 'automatic'")
+            raise BadIndex(path, f"{str(name)[:60]!r} needs lists under 'major' and/or 'automatic'")
     return table
 
 

@@ -202,7 +202,7 @@ def read_scraped(path):
                     continue
                 rec = json.loads(line)
                 entries.append((rec["image_id"], rec.get("major", []), rec.get("minor", [])))
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise BadIndex(path, f"line {n}: not a scraped OpenI record ({err})") from None
     except OSError as err:
         raise BadIndex(path, f"cannot read ({err.strerror or err})") from None
@@ -217,8 +217,8 @@ def _load_json(path):
             data = json.load(f)
     except FileNotFoundError:
         raise BadIndex(path, "no such file") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadIndex(path, f"not valid JSON ({err})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise BadIndex(path, f"not valid JSON ({str(err)[:80]})") from None
     if not isinstance(data, dict):
         raise BadIndex(path, "expected a JSON object")
     return data

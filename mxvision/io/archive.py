@@ -9,6 +9,13 @@ earlier in the same archive, cannot redirect a write outside it), count the real
 bytes against the limits, and write each file through a temp file + ``os.replace`` so a failure
 never leaves a half-written member under its final name. Refusals raise
 :class:`~mxvision.errors.DownloadError` naming the archive and the member.
+
+Extraction is all or nothing for what it adds: when a member is refused or cannot be written
+half way through (a corrupt member, a name clash such as a file ``a`` and a member ``a/b``, a
+full disk), the files, links and folders this call created are removed again, so a partly
+extracted archive is never mistaken for a complete one (files that existed before and were
+replaced by a complete member stay replaced). The member count is limited too (``max_members``),
+so an archive of a million empty files cannot exhaust the inodes.
 """
 import os
 import re
@@ -20,10 +27,12 @@ import zlib
 
 from ..errors import DownloadError
 
-__all__ = ["safe_extract_zip", "safe_extract_tar", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE"]
+__all__ = ["safe_extract_zip", "safe_extract_tar", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE",
+           "MAX_MEMBERS"]
 
 MAX_MEMBER_SIZE = 4 << 30  # default per-member limit (largest Gluon model-zoo file is ~550 MB)
 MAX_TOTAL_SIZE = 8 << 30
+MAX_MEMBERS = 1_000_000  # CheXpert, the largest common chest X-ray zip, has ~224,000 files
 _CHUNK = 1 << 16
 
 
@@ -61,50 +70,114 @@ def _target(archive, name, dest_real, parts):
     return target
 
 
-def _write_stream(archive, name, src, target, limit):
-    """Copy ``src`` to ``target`` through a temp file, enforcing ``limit`` on the real bytes."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".extract-")
-    written = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for block in iter(lambda: src.read(_CHUNK), b""):
-                written += len(block)
-                if written > limit:
-                    raise _refuse(archive, name, "more than %d bytes" % limit)
-                out.write(block)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return written
+class _Output:
+    """The writes of one extraction: each new file, link and folder is remembered so that a
+    failure can take them all back (:meth:`rollback`); OS errors become DownloadErrors."""
+
+    def __init__(self, archive, dest_real):
+        self.archive, self.dest_real = archive, dest_real
+        self.files, self.folders, self.written_bytes = [], [], 0
+
+    def _new(self, target):
+        if not os.path.lexists(target):
+            self.files.append(target)
+
+    def folder(self, name, path):
+        missing = []
+        head = path
+        while not os.path.isdir(head) and head != self.dest_real:
+            missing.append(head)
+            head = os.path.dirname(head)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise self.error(name, err) from None
+        self.folders.extend(reversed(missing))
+
+    def stream(self, name, src, target, limit):
+        """Copy ``src`` to ``target`` through a temp file, enforcing ``limit`` on the real bytes."""
+        self.folder(name, os.path.dirname(target))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".extract-")
+        except OSError as err:
+            raise self.error(name, err) from None
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in iter(lambda: src.read(_CHUNK), b""):
+                    written += len(block)
+                    if written > limit:
+                        raise _refuse(self.archive, name, "more than %d bytes" % limit)
+                    out.write(block)
+            self._new(target)
+            os.replace(tmp, target)
+        except OSError as err:
+            raise self.error(name, err) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.written_bytes += written
+        return target
+
+    def symlink(self, name, linkname, target):
+        self.folder(name, os.path.dirname(target))
+        tmp = os.path.join(os.path.dirname(target), ".extract-link-%d" % os.getpid())
+        try:
+            os.symlink(linkname, tmp)
+            self._new(target)
+            os.replace(tmp, target)
+        except OSError as err:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise self.error(name, err) from None
+        return target
+
+    def error(self, name, err):
+        reason = _one_line(err.strerror or err) if isinstance(err, OSError) else _one_line(err)
+        return DownloadError(self.archive, "cannot write member %r (%s)" % (name, reason))
+
+    def rollback(self):
+        """Remove what this extraction created: files and links, then its (now empty) folders."""
+        for path in reversed(self.files):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for path in reversed(self.folders):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
-def _check_sizes(archive, name, size, total, max_size, max_total):
+def _check_sizes(archive, name, size, total, max_size, max_total, count=0, max_members=MAX_MEMBERS):
+    if count > max_members:
+        raise _refuse(archive, name, "the archive has more than %d members" % max_members)
     if size > max_size:
         raise _refuse(archive, name, "%d bytes exceeds the %d-byte member limit" % (size, max_size))
     if total > max_total:
         raise _refuse(archive, name, "archive expands beyond the %d-byte limit" % max_total)
 
 
-def safe_extract_zip(zip_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOTAL_SIZE):
+def safe_extract_zip(zip_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOTAL_SIZE,
+                     max_members=MAX_MEMBERS):
     """Extract a zip into ``dest`` and return the written file paths.
 
     Every member is checked before anything is written. Zip symlinks, device entries and
     encrypted members are refused (``zipfile`` cannot create links safely anyway); sizes are
-    enforced on the decompressed bytes, not just the (forgeable) header.
+    enforced on the decompressed bytes, not just the (forgeable) header. On any failure what
+    this call created is removed again.
     """
     zip_path = os.fspath(zip_path)
     os.makedirs(dest, exist_ok=True)
     dest_real = os.path.realpath(dest)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise DownloadError(zip_path, "not a readable zip archive (%s)" % _one_line(err)) from None
     with zf:
         plan, total = [], 0
-        for info in zf.infolist():
+        for count, info in enumerate(zf.infolist(), start=1):
             parts = _member_parts(zip_path, info.filename)
             kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
             if kind == stat.S_IFLNK:
@@ -115,24 +188,32 @@ def safe_extract_zip(zip_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
                 raise _refuse(zip_path, info.filename, "encrypted")
             if not info.is_dir():
                 total += info.file_size
-                _check_sizes(zip_path, info.filename, info.file_size, total, max_size, max_total)
+            _check_sizes(zip_path, info.filename, 0 if info.is_dir() else info.file_size, total,
+                         max_size, max_total, count, max_members)
             if parts:
                 plan.append((info, parts))
-        written, total = [], 0
-        for info, parts in plan:
-            target = _target(zip_path, info.filename, dest_real, parts)
-            if info.is_dir():
-                os.makedirs(target, exist_ok=True)
-                continue
-            try:
-                with zf.open(info) as src:
-                    total += _write_stream(zip_path, info.filename, src, target,
-                                           min(max_size, max_total - total))
-            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                problem = "corrupt member %r (%s)" % (info.filename, _one_line(err))
-                raise DownloadError(zip_path, problem) from None
-            written.append(target)
-    return written
+        out = _Output(zip_path, dest_real)
+        try:
+            written = [_extract_zip_member(zf, info, parts, out, max_size, max_total)
+                       for info, parts in plan]
+        except BaseException:
+            out.rollback()
+            raise
+    return [path for path in written if path is not None]
+
+
+def _extract_zip_member(zf, info, parts, out, max_size, max_total):
+    target = _target(out.archive, info.filename, out.dest_real, parts)
+    if info.is_dir():
+        out.folder(info.filename, target)
+        return None
+    try:
+        with zf.open(info) as src:
+            return out.stream(info.filename, src, target,
+                              min(max_size, max_total - out.written_bytes))
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        problem = "corrupt member %r (%s)" % (info.filename, _one_line(err))
+        raise DownloadError(out.archive, problem) from None
 
 
 def _link_parts(archive, member, parts):
@@ -152,12 +233,14 @@ def _link_parts(archive, member, parts):
     return stack
 
 
-def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOTAL_SIZE):
+def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOTAL_SIZE,
+                     max_members=MAX_MEMBERS):
     """Extract a (possibly compressed) tar into ``dest``; return the written file paths.
 
-    Members are validated up front (names, link targets, types, sizes); while extracting,
-    each target and link is re-checked with ``realpath`` so chains of links cannot escape.
-    Hard links are materialised as copies of an already extracted file inside ``dest``.
+    Members are validated up front (names, link targets, types, sizes, count); while
+    extracting, each target and link is re-checked with ``realpath`` so chains of links cannot
+    escape. Hard links are materialised as copies of an already extracted file inside ``dest``.
+    On any failure what this call created is removed again.
     """
     tar_path = os.fspath(tar_path)
     os.makedirs(dest, exist_ok=True)
@@ -165,11 +248,11 @@ def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
     try:
         tf = tarfile.open(tar_path, "r:*")
         members = tf.getmembers()
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DownloadError(tar_path, "not a readable tar archive (%s)" % _one_line(err)) from None
     with tf:
         plan, total = [], 0
-        for m in members:
+        for count, m in enumerate(members, start=1):
             parts = _member_parts(tar_path, m.name)
             if m.issym() or m.islnk():
                 link = _link_parts(tar_path, m, parts)
@@ -177,35 +260,44 @@ def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
                     raise _refuse(tar_path, m.name, "hard link to the archive root")
             elif m.isreg():
                 total += m.size
-                _check_sizes(tar_path, m.name, m.size, total, max_size, max_total)
             elif not m.isdir():
                 raise _refuse(tar_path, m.name, "device, fifo or special file")
+            _check_sizes(tar_path, m.name, m.size if m.isreg() else 0, total, max_size, max_total,
+                         count, max_members)
             if parts:
                 plan.append((m, parts))
-        written, total = [], 0
-        for m, parts in plan:
-            target = _target(tar_path, m.name, dest_real, parts)
-            if m.isdir():
-                if not _inside(dest_real, target):
-                    raise _refuse(tar_path, m.name, "resolves outside the destination")
-                os.makedirs(target, exist_ok=True)
-            elif m.isreg():
-                with tf.extractfile(m) as src:
-                    total += _write_stream(tar_path, m.name, src, target, min(max_size, max_total - total))
-                written.append(target)
-            elif m.issym():
-                if not _inside(dest_real, os.path.join(os.path.dirname(target), m.linkname)):
-                    raise _refuse(tar_path, m.name, "link %r resolves outside the destination" % m.linkname)
-                tmp = os.path.join(os.path.dirname(target), ".extract-link-%d" % os.getpid())
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.symlink(m.linkname, tmp)
-                os.replace(tmp, target)
-                written.append(target)
-            else:  # hard link: copy the (already extracted, inside) file it names
-                source = os.path.join(dest_real, *_link_parts(tar_path, m, parts))
-                if not _inside(dest_real, source) or not os.path.isfile(source):
-                    raise _refuse(tar_path, m.name, "hard link to %r, not an extracted file" % m.linkname)
-                with open(os.path.realpath(source), "rb") as src:
-                    total += _write_stream(tar_path, m.name, src, target, min(max_size, max_total - total))
-                written.append(target)
-    return written
+        out = _Output(tar_path, dest_real)
+        try:
+            written = [_extract_tar_member(tf, m, parts, out, max_size, max_total)
+                       for m, parts in plan]
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            out.rollback()
+            raise DownloadError(tar_path, "truncated or corrupt archive (%s)" % _one_line(err)) from None
+        except BaseException:
+            out.rollback()
+            raise
+    return [path for path in written if path is not None]
+
+
+def _extract_tar_member(tf, m, parts, out, max_size, max_total):
+    archive, dest_real = out.archive, out.dest_real
+    target = _target(archive, m.name, dest_real, parts)
+    limit = min(max_size, max_total - out.written_bytes)
+    if m.isdir():
+        if not _inside(dest_real, target):
+            raise _refuse(archive, m.name, "resolves outside the destination")
+        out.folder(m.name, target)
+        return None
+    if m.isreg():
+        with tf.extractfile(m) as src:
+            return out.stream(m.name, src, target, limit)
+    if m.issym():
+        if not _inside(dest_real, os.path.join(os.path.dirname(target), m.linkname)):
+            raise _refuse(archive, m.name, "link %r resolves outside the destination" % m.linkname)
+        return out.symlink(m.name, m.linkname, target)
+    # hard link: copy the (already extracted, inside) file it names
+    source = os.path.join(dest_real, *_link_parts(archive, m, parts))
+    if not _inside(dest_real, source) or not os.path.isfile(source):
+        raise _refuse(archive, m.name, "hard link to %r, not an extracted file" % m.linkname)
+    with open(os.path.realpath(source), "rb") as src:
+        return out.stream(m.name, src, target, limit)

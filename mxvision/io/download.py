@@ -9,7 +9,9 @@ login page from a file, so this module:
   if the server answers 200 instead of 206), so a dropped connection costs only what was lost;
 * retries transient failures (connection errors, timeouts, 5xx, 408/429) with exponential
   backoff, honouring a bounded Retry-After, and gives up at once on permanent ones (404, 403,
-  an HTML page where a file was expected);
+  an HTML page where a file was expected -- announced as ``text/html``, or, for a URL naming a
+  binary file such as ``.tgz`` or ``.params``, a body that starts like an HTML page whatever
+  its Content-Type: mirrors store error pages under the file's name);
 * checks the size against Content-Length and the optional sha1/sha256, and only then moves the
   file into place with ``os.replace``: ``path`` either holds a complete, verified file or nothing;
 * serialises concurrent downloads of the same path with an advisory lock on the ``.part`` file.
@@ -141,6 +143,18 @@ def _describe(exc):
     return "%s: %s" % (name, text) if text else name
 
 
+# Files that are never HTML: a body starting like a web page is an error page stored in their place.
+_BINARY_SUFFIXES = (".zip", ".tgz", ".tar", ".gz", ".bz2", ".xz", ".params", ".pt", ".pth", ".bin",
+                    ".npz", ".nd", ".rec", ".idx", ".onnx", ".png", ".jpg", ".jpeg", ".dcm", ".tif",
+                    ".tiff")
+
+
+def _html_body_for_binary(url, block):
+    if not urllib.parse.urlsplit(url).path.lower().endswith(_BINARY_SUFFIXES):
+        return False
+    return block[:512].lstrip().lower().startswith((b"<!doctype html", b"<html"))
+
+
 def _looks_like_html_page(url, content_type):
     """A text/html answer for a URL that does not name an HTML file is a portal or error page."""
     if not (content_type or "").lower().startswith(("text/html", "application/xhtml")):
@@ -210,6 +224,9 @@ def _attempt(url, f, state, timeout, user_agent, bar):
                 raise _Retry("connection lost after %d bytes (%s)" % (f.tell(), _describe(err)))
             if not block:
                 break
+            if f.tell() == 0 and _html_body_for_binary(url, block):
+                raise _Fatal("server sent an HTML page instead of the file (Content-Type %s); "
+                             "check the URL or mirror" % response.headers.get("Content-Type"))
             try:
                 f.write(block)
             except OSError as err:  # disk full, quota: retrying cannot help

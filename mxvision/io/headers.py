@@ -35,6 +35,7 @@ BIGTIFF_MAGIC = (b"II+\x00", b"MM\x00+")
 _TIFF_COLOUR = {0: "miniswhite", 1: "grey", 2: "rgb", 3: "palette", 6: "ycbcr"}
 _TIFF_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}  # BYTE SHORT LONG SBYTE SSHORT SLONG
 _MAX_TIFF_PAGES = 10_000
+_MAX_PNG_CHUNKS = 10_000  # ancillary chunks before IDAT; real files have a few dozen at most
 # What other content looks like, for the "not a supported image" message (leading bytes).
 _LOOKS_LIKE = ((b"GIF87a", "a GIF image"), (b"GIF89a", "a GIF image"), (b"BM", "a BMP image"),
                (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"), (b"\xffO\xffQ", "a JPEG 2000 image"),
@@ -77,6 +78,7 @@ def looks_like(data: bytes) -> str:
 
 
 def check_size(path, info: ImageInfo) -> None:
+    """Refuse empty, bomb-sized (over ``MAX_PIXELS``) and icon-sized (under ``MIN_SIDE``) images."""
     width, height = info.width, info.height
     if width <= 0 or height <= 0:
         raise BadImage(path, f"header declares an empty image ({width}x{height})")
@@ -97,11 +99,14 @@ def png_header(path, data: bytes) -> ImageInfo:
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise BadImage(path, "truncated or corrupt PNG (no IHDR header)")
     width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
-    pos = 8
+    pos, chunks = 8, 0
     while pos + 16 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         if kind == b"IDAT":
             break
+        chunks += 1
+        if chunks > _MAX_PNG_CHUNKS:
+            raise BadImage(path, f"corrupt PNG (over {_MAX_PNG_CHUNKS} chunks before the image data)")
         if kind == b"acTL":
             frames = struct.unpack(">I", data[pos + 8:pos + 12])[0]
             if frames > 1:
@@ -121,10 +126,13 @@ def png_verify(path, data: bytes) -> None:
     image data as well would catch the rest but doubles the decode time, so a crafted file with
     valid CRCs and broken deflate data still gets libpng's line in addition to the BadImage.
     """
-    view, pos = memoryview(data), 8
+    view, pos, chunks = memoryview(data), 8, 0
     while pos + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         end = pos + 12 + length
+        chunks += 1
+        if chunks > 100 * _MAX_PNG_CHUNKS:  # real files: < 100 + one IDAT per 8-64 KB
+            raise BadImage(path, f"corrupt PNG (over {100 * _MAX_PNG_CHUNKS} chunks)")
         if end > len(data):
             break  # truncated: OpenCV refuses it quietly
         if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", data[end - 4:end])[0]:
@@ -192,9 +200,10 @@ def tiff_header(path, data: bytes) -> ImageInfo:
         tags, following = _tiff_tags(data, endian, ifd)
         pages, seen = 1, {ifd}
         while following and following not in seen and pages < _MAX_TIFF_PAGES:
-            seen.add(following)
+            seen.add(following)  # a cycle of directories ends the count
             pages += 1
-            following = _tiff_tags(data, endian, following)[1]
+            count = struct.unpack_from(endian + "H", data, following)[0]
+            following = struct.unpack_from(endian + "I", data, following + 2 + 12 * count)[0]
     except struct.error:
         raise BadImage(path, "truncated or corrupt TIFF (image directory outside the file)") from None
     if 256 not in tags or 257 not in tags:

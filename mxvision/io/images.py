@@ -71,8 +71,8 @@ import numpy as np
 
 from mxvision.errors import BadImage
 from mxvision.io.headers import (BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC,
-                                 TIFF_MAGIC, ImageInfo, check_size,
-                                 jpeg_header, looks_like, png_header, png_verify, tiff_header)
+                                 TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like,
+                                 png_header, png_verify, tiff_header)
 
 #: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
 #: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.
@@ -125,7 +125,7 @@ def dicom_tags(path) -> dict:
     from mxvision.data.views import normalize_view
 
     data = _read_bytes(path)
-    if not (data[128:132] == b"DICM" or str(path).lower().endswith(".dcm")):
+    if not (data[128:132] == b"DICM" or str(path).lower().endswith(_DICOM_SUFFIXES)):
         raise BadImage(path, "not a DICOM file (no DICM marker and no .dcm suffix)")
     ds = _parse_dicom(path, data, stop_before_pixels=True)
     raw = str(ds.get("ViewPosition", "") or "").strip()
