@@ -264,8 +264,14 @@ def _resume_state(out_dir, config, overwrite):
     return done, old.get("skipped", []), (old.get("precision") or {}).get("key")
 
 
+def default_preset(backbone):
+    """The preprocessing a backbone was trained with: torchxrayvision's for its models, else ImageNet's."""
+    from .models.xrv_common import WEIGHTS
+    return WEIGHTS[backbone].preset if backbone in WEIGHTS else "imagenet224"
+
+
 def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFAULT_CUT,
-                     weights="imagenet", preset="imagenet224", ctx=None, batch_size=16,
+                     weights="imagenet", preset=None, ctx=None, batch_size=16,
                      shard_size=256, allow_random=False, strict=False, overwrite=False,
                      progress=True, workers=2, dtype="float32", calibration=None,
                      calibration_size=quantize.DEFAULT_CALIBRATION_SIZE, storage_dtype="float32",
@@ -289,7 +295,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     quantize.check_cpu(dtype, ctx)
     if storage_dtype not in STORAGE_DTYPES:
         raise MxvisionError(f"--storage-dtype {storage_dtype}", f"expected one of {', '.join(STORAGE_DTYPES)}")
-    preset = transforms.get_preset(preset)
+    preset = transforms.get_preset(preset or default_preset(backbone))
     zoo.check_backbone(backbone)
     index = load_index(index)
     if len(index) == 0:

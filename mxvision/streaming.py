@@ -40,6 +40,9 @@ PROCESS_LOADER_MIN_IMAGES = 256
 
 def _load_one(path, preset):
     try:
+        if ".rec#" in str(path):  # a packed record; imported lazily, it brings MXNet into the worker
+            from .io import recordio
+            return recordio.load_image(path, preset), None
         return transforms.load_image(path, preset), None
     except BadImage as err:
         return None, err

@@ -15,7 +15,8 @@ def _cmd_demo(args):
 def _cmd_extract(args):
     from ..features import extract_features
     store = extract_features(args.index, args.out, backbone=args.backbone, cut=args.cut,
-                             weights=args.weights, ctx=args.ctx, batch_size=args.batch_size,
+                             weights=args.weights, preset=args.preset, ctx=args.ctx,
+                             batch_size=args.batch_size,
                              shard_size=args.shard_size, allow_random=args.allow_random_weights,
                              strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
                              dtype=args.dtype, calibration=args.calibration,
@@ -99,6 +100,8 @@ def add_parsers(sub):
     p.add_argument("--weights", default="imagenet", help="imagenet | none (random) | PATH to a .params file")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="continue with random weights when ImageNet weights cannot be had")
+    p.add_argument("--preset", default=None, help="preprocessing preset (imagenet224, xrv224, xrv512; "
+                   "default: the backbone's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=256, help="images per feature shard file")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
