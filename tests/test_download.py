@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from archive_builders import make_tar as _tar
 from httpserver import Fault, closed_port_url, http_server, serve, wait_until  # noqa: F401 (fixture)
 from mxvision.errors import DownloadError
 from mxvision.io.download import check_hash, download, hash_file
@@ -279,21 +280,6 @@ def _zip(path, members):
                 info.create_system = 3
                 info.external_attr = mode << 16
             zf.writestr(info, data)
-    return path
-
-
-def _tar(path, members):
-    """members: (name, type, data_or_linkname)."""
-    with tarfile.open(path, "w:gz") as tf:
-        for name, kind, arg in members:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            if kind == tarfile.REGTYPE:
-                info.size = len(arg)
-                tf.addfile(info, io.BytesIO(arg))
-            else:
-                info.linkname = arg or ""
-                tf.addfile(info)
     return path
 
 

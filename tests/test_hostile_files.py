@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from archive_builders import make_tar as _tar
 from httpserver import Fault, serve
 from mxvision.data import nih, openi
 from mxvision.data.index import MAX_PATH_CHARS, read_index
@@ -59,22 +60,6 @@ def _zip(path, members, compression=zipfile.ZIP_DEFLATED):
     with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in members:
             zf.writestr(name, data)
-    return path
-
-
-def _tar(path, members, mode="w:gz"):
-    """members: (name, tarfile type, bytes for files / link target for links, declared size)."""
-    with tarfile.open(path, mode) as tf:
-        for member in members:
-            name, kind, arg = member[:3]
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            if kind == tarfile.REGTYPE:
-                info.size = len(arg)
-                tf.addfile(info, io.BytesIO(arg))
-            else:
-                info.linkname = arg or ""
-                tf.addfile(info)
     return path
 
 
