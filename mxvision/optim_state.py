@@ -78,4 +78,9 @@ def load_trainer_states(trainer, path):
         updater.states = {int(i): _decode(node, arrays, ctx) for i, node in meta["states"].items()}
         updater.states_synced = dict.fromkeys(updater.states, False)
     optimizer.num_update = meta["num_update"]
-    optimizer._index_update_count = {int(k): v for k, v in meta["index_update_count"].items()}
+    # The optimizer keeps one count dict per device and switches between them on every update,
+    # so the restored counts go into those dicts, not into a new one that would be dropped.
+    counts = {int(k): v for k, v in meta["index_update_count"].items()}
+    for per_device in optimizer._all_index_update_counts.values():
+        per_device.clear()
+        per_device.update(counts)

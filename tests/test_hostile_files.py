@@ -302,11 +302,6 @@ def test_json_labels_that_are_not_records_give_clear_errors(tmp_path):
 JSON_BUGS = "bug in mxvision/data/openi.py: "
 
 
-@pytest.mark.xfail(strict=True, reason=JSON_BUGS + "read_xvision_json/read_scraped do not check "
-                   "types: 'img': 5 raises AttributeError, 'items': 5 TypeError, and a string "
-                   "'items': 'nodule' silently becomes the terms n,o,d,u,l,e; fix: require img/"
-                   "image_id to be str and items/major/minor to be lists of str, else BadIndex "
-                   "naming the entry (or line)")
 @pytest.mark.parametrize("name, text", [
     ("img_int.json", json.dumps({"1": {"items": ["nodule"], "img": 5}})),
     ("items_int.json", json.dumps({"1": {"items": 5, "img": IMG}})),
@@ -326,9 +321,6 @@ def test_deeply_nested_json_gives_a_clear_error(tmp_path, name):
     _clear_error(path, call)
 
 
-@pytest.mark.xfail(strict=True, reason=JSON_BUGS + "error messages quote whole values (f'{image_id!r}'"
-                   "), so a 5 MB field makes a 5 MB error line; fix: shorten quoted values (e.g. "
-                   "repr(v)[:60]) in BadIndex messages")
 def test_a_huge_field_does_not_make_a_huge_error(tmp_path):
     path, call = _load(tmp_path, "huge.json", json.dumps({"1": {"items": [], "img": "A" * 5_000_000}}))
     _clear_error(path, call)

@@ -165,13 +165,23 @@ def _group_images(entries, source):
     for image_id, major, minor in entries:
         uid = uid_of_image(image_id)
         if not uid:
-            raise BadIndex(source, f"image id {image_id!r} is not an OpenI id (CXR<n>_...)")
+            raise BadIndex(source, f"image id {_short(image_id)} is not an OpenI id (CXR<n>_...)")
         rep = by_uid.setdefault(uid, {"major": _clean(major), "minor": _clean(minor),
                                       "images": []})
         if image_id not in rep["images"]:
             rep["images"].append(image_id)
     return sorted((Report(uid, r["major"], (), tuple(r["images"]), minor=r["minor"])
                    for uid, r in by_uid.items()), key=_sort_key)
+
+
+def _str_list(value):
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _short(value, limit=60):
+    """A value quoted for an error message, cut so a hostile 5 MB field gives a short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def read_xvision_json(path):
@@ -182,10 +192,12 @@ def read_xvision_json(path):
     """
     entries = []
     for key, value in _load_json(path).items():
-        if not isinstance(value, dict) or "img" not in value or "items" not in value:
-            raise BadIndex(path, f"entry {key!r} is not an Xvision record ({{items, type, img}})")
+        if not isinstance(value, dict) or not isinstance(value.get("img"), str) \
+                or not _str_list(value.get("items")):
+            raise BadIndex(path, f"entry {_short(key)} is not an Xvision record "
+                                 "({items: [str], type, img: str})")
         image_id = os.path.splitext(value["img"].rstrip("/").rsplit("/", 1)[-1])[0]
-        entries.append((image_id, [str(x) for x in value["items"]], []))
+        entries.append((image_id, list(value["items"]), []))
     if not entries:
         raise BadIndex(path, "no records")
     return _group_images(entries, path)
@@ -201,7 +213,13 @@ def read_scraped(path):
                 if not line.strip():
                     continue
                 rec = json.loads(line)
-                entries.append((rec["image_id"], rec.get("major", []), rec.get("minor", [])))
+                if not isinstance(rec, dict):
+                    raise TypeError("not a JSON object")
+                major, minor = rec.get("major", []), rec.get("minor", [])
+                if not isinstance(rec.get("image_id"), str) or not _str_list(major) \
+                        or not _str_list(minor):
+                    raise TypeError("image_id must be a string, major/minor lists of strings")
+                entries.append((rec["image_id"], major, minor))
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise BadIndex(path, f"line {n}: not a scraped OpenI record ({err})") from None
     except OSError as err:
