@@ -87,11 +87,11 @@ class ImageBatchLoader:
         self.preset = preset.to_dict()
         self.kind = kind
         if kind == "process":
-            # fork, as Gluon's own DataLoader workers do (MXNet's fork handlers stop and restart
-            # its engine): workers start at once and, unlike spawn, need no `if __name__ ==
-            # "__main__"` guard in the user's script. They only run OpenCV and NumPy.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            ctx = multiprocessing.get_context(method)
+            # spawn, not fork: a worker forked from a process whose MXNet/OpenMP threads are
+            # running can deadlock (seen here: a full test run hung in two forked workers at 0%
+            # CPU). Spawned workers import only OpenCV and NumPy (no MXNet), so they start fast;
+            # scripts need the usual `if __name__ == "__main__":` guard.
+            ctx = multiprocessing.get_context("spawn")
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                             initializer=_worker_init)
         else:
