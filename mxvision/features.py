@@ -65,7 +65,7 @@ from .data.index import read_index
 from .data.splits import assign_splits
 from .errors import BadIndex, BadRun, MxvisionError
 from .models import zoo
-from .utils import atomic_path, file_digest, read_json, write_json
+from .utils import atomic_path, clean_stale_temps, file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     net, weights_info = zoo.build_backbone(backbone, cut=cut, weights=weights, ctx=ctx,
                                            allow_random=allow_random)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)  # left by a killed run; resuming never needs them
     if weights_info["file"] is None:
         # Random weights exist only in this process: keep them so predict/export reproduce them.
         params = out_dir / "backbone.params"

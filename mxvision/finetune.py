@@ -26,7 +26,7 @@ from .errors import BadRun
 from .features import FeatureStore
 from .optim_state import load_trainer_states, save_trainer_states
 from .predict import load_classifier
-from .utils import atomic_path, file_digest, read_json, write_json
+from .utils import atomic_path, clean_stale_temps, file_digest, read_json, write_json
 
 
 def _split_items(config, split):
@@ -77,6 +77,8 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     config = copy.deepcopy(base_config)
     config["finetune"] = dict(hyper, from_run=str(Path(run_dir).resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "checkpoints"):
+        clean_stale_temps(folder)  # left by a killed run; resuming never needs them
     state = {"last_epoch": 0, "history": [], "best_epoch": None}
     if resume and (out_dir / train.STATE).exists():
         old = read_json(out_dir / train.CONFIG)

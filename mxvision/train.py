@@ -40,7 +40,7 @@ from .features import FeatureStore
 from .models.head import XvisionHead
 from .optim_state import load_trainer_states, save_trainer_states
 from .streaming import DEFAULT_MAX_MEMORY, ShardStream
-from .utils import atomic_path, read_json, write_json
+from .utils import atomic_path, clean_stale_temps, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        clean_stale_temps(folder)  # left by a killed run; resuming never needs them
     ctx = parse_ctx(ctx)
     hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,
                  seed=seed)

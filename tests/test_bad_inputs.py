@@ -537,7 +537,7 @@ def test_extract_strict_fails_with_one_line_and_no_finished_outputs(batch_index,
 
 def test_predict_lists_every_bad_file_on_its_own_line(small_run, corpus, batch_index):
     _, paths = corpus
-    # A folder argument means "its images"; the over-long name: see the xfail test below.
+    # A folder argument means "its images"; the over-long name: see the next test.
     bad = [c for c in _cli_cases() if c[0] not in ("folder.png", LONG_NAME)]
     good = corpus[0] / "good_0.png"
     args = [paths[n] for n, _ in bad] + [good]

@@ -299,18 +299,27 @@ def test_a_kill_between_state_and_log_of_the_last_epoch_is_repaired(reference, t
     assert kept == ["epoch-0002.params", "epoch-0002.states"]
 
 
-@pytest.mark.xfail(strict=True, reason="stale temp files of killed atomic writes are never removed "
-                   "(a 25 MB backbone.params or 50 MB checkpoint per kill); fix: at the start of "
-                   "extract_features/train_head delete '.<name>.*.tmp' files in the output folder "
-                   "(a utils.clean_stale_temps(folder) next to atomic_path)")
 def test_temp_files_of_killed_writes_are_cleaned_on_resume(dataset, reference, tmp_path):
+    """``kill -9`` inside ``atomic_path`` leaves ``.<name>.<random>.tmp``; a rerun removes them."""
     from mxvision.features import extract_features
+    from mxvision.train import train_head
 
     out = tmp_path / "features"
     shutil.copytree(reference["features"], out)  # a finished store: the rerun only checks it
     stale = out / ".shard-0000000.nd.k1ll3d.tmp"  # what atomic_path leaves when killed mid-write
     stale.write_bytes(b"half a shard")
+    (out / ".backbone.params.x7.tmp").write_bytes(b"half a backbone")
+    keep = out / "notes.tmp"  # not an atomic_path temp name: a user's file stays
+    keep.write_bytes(b"mine")
     extract_features(dataset, out, backbone="resnet18_v2", weights="none", shard_size=4,
                      batch_size=2, ctx="cpu", progress=False)
     assert FeatureStore(out).complete
-    assert _temp_files(out) == []
+    assert _temp_files(out) == ["notes.tmp"]
+
+    run = tmp_path / "run"
+    train_head(out, run, epochs=1, batch_size=4, ctx="cpu", progress=False)
+    (run / ".state.json.k1.tmp").write_bytes(b"{")
+    (run / "checkpoints" / ".epoch-0002.params.k2.tmp").write_bytes(b"half")
+    train_head(out, run, epochs=2, batch_size=4, ctx="cpu", progress=False)
+    assert _temp_files(run) == []
+    assert [r["epoch"] for r in read_json(run / "log.json")] == [1, 2]
