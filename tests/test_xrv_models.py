@@ -357,3 +357,12 @@ def test_xrv_backbone_runs_the_xvision_pipeline(synth_index, tmp_path):
     assert [r["path"] for r in results] == images and all("probabilities" in r for r in results)
     paths = export_model(tmp_path / "run", tmp_path / "exported", ctx="cpu")
     assert os.path.isfile(paths["symbol"])
+
+
+def test_a_constant_warm_up_batch_does_not_spend_the_range_check(dense_pt):
+    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", xrv.XRVInputWarning)
+        net(mx.nd.zeros((1, 1, 224, 224)))  # what extraction runs to build the graph
+    with pytest.warns(xrv.XRVInputWarning, match=r"\[0, 1\]"):
+        net(mx.nd.array(np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(1, 1, 224, 224)))

@@ -300,7 +300,10 @@ class XRVModel(HybridBlock):
                             % (x.shape[2], x.shape[3], self.resolution, self.resolution, self.weights))
             x = mx.nd.array(resize_batch(x.asnumpy(), self.resolution), ctx=x.context)
         if "range" not in self._warned:
-            problem = normalization_problem(float(x.min().asscalar()), float(x.max().asscalar()))
+            lo, hi = float(x.min().asscalar()), float(x.max().asscalar())
+            # A constant input (a warm-up batch of zeros, a blank film) says nothing about the
+            # convention; judging it would spend the one warning and hide a real mistake later.
+            problem = normalization_problem(lo, hi) if hi > lo else None
             if problem:
                 self._warn_once("range", problem)
         return x
