@@ -358,15 +358,34 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
 
     if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
         net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
+    def settle(done_batch):
+        """Fetch a computed batch into its shard; hand a complete shard to the writer."""
+        nonlocal pending
+        (start, stop, rows, outputs, new_skips), good, batch_rows, result = done_batch
+        if result is not None:
+            outputs.append(result.asnumpy()[good])
+            rows.extend(batch_rows[k] for k in good)
+        bar.update(len(batch_rows))
+        if batch_rows[-1] == stop - 1:  # shard complete: write it while the next is computed
+            if pending is not None:
+                finish(pending)
+            pending = writer.submit(_write_shard, out_dir, start, stop, rows, outputs,
+                                    new_skips, storage_dtype)
+
     loop_start = time.time()
     try:
         pool.feed(jobs)
         current = None  # (start, stop, rows, outputs, skipped) of the shard being computed
+        # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
+        # decoders and copied in while batch k computes, and k is read back only afterwards, so
+        # the cores never wait on this loop. The copy out is itself an engine operation, ordered
+        # before the next forward can reuse the static graph's output memory.
+        computing = None
         for _ in range(len(jobs)):
             ((start, stop, b), _, _), batch, errors = pool.next()
             if current is None or current[0] != start:
                 current = (start, stop, [], [], [])
-            _, _, rows, outputs, new_skips = current
+            new_skips = current[4]
             batch_rows = list(range(b, min(b + batch_size, stop)))
             bad = set()
             for k, err in errors:
@@ -376,17 +395,14 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                 new_skips.append({"row": batch_rows[k], "id": items[batch_rows[k]]["id"],
                                   "problem": str(err)})
             good = [k for k in range(len(batch_rows)) if k not in bad]
-            if good:
-                out = net(mx.nd.array(batch, ctx=ctx)).asnumpy()
-                outputs.append(out[good])
-                rows.extend(batch_rows[k] for k in good)
-            bar.update(len(batch_rows))
-            if batch_rows[-1] == stop - 1:  # shard complete: write it while the next is computed
-                if pending is not None:
-                    finish(pending)
-                pending = writer.submit(_write_shard, out_dir, start, stop, rows, outputs,
-                                        new_skips, storage_dtype)
+            result = net(mx.nd.array(batch, ctx=ctx)).copyto(mx.cpu()) if good else None
+            if computing is not None:
+                settle(computing)
+            computing = (current, good, batch_rows, result)
+            if batch_rows[-1] == stop - 1:
                 current = None
+        if computing is not None:
+            settle(computing)
         if pending is not None:
             finish(pending)
     finally:

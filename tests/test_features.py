@@ -126,3 +126,21 @@ def test_a_folder_per_class_is_an_index(synth_index, tmp_path):
     n_files = sum(len(os.listdir(os.path.join(images, c))) for c in ("normal", "nodule"))
     assert store.manifest["n_features"] == n_files
     assert store.manifest["splits_assigned"]["grouped_by"] == "patient_id"
+
+
+@pytest.mark.parametrize("loader", ["thread", "process"])
+def test_every_stored_row_is_the_backbone_applied_to_its_own_image(synth_index, loader, tmp_path):
+    """Batches are computed asynchronously and read back one step later (several per shard, a
+    padded last batch): each row must still be the features of its own image, in index order."""
+    from mxvision import transforms
+    from mxvision.features import load_extractor
+
+    store = _extract(synth_index, tmp_path / "f", batch_size=3, shard_size=7, loader=loader, workers=2)
+    x, _, ids = store.load()
+    info = dict(store.manifest, features_dir=str(store.path))
+    net, _ = load_extractor(info, ctx="cpu", fp32_weights_file=store.path / "backbone.params")
+    preset = transforms.get_preset(store.manifest["preprocessing"])
+    paths = {item["id"]: item["path"] for item in store.items}
+    for row, image_id in enumerate(ids):
+        one = net(mx.nd.array(transforms.load_image(paths[image_id], preset)[None])).asnumpy()[0]
+        np.testing.assert_allclose(x[row], one, rtol=1e-4, atol=1e-5, err_msg=image_id)
