@@ -137,3 +137,11 @@ def test_counts_on_the_real_archive_against_the_original(shared):
         i for i, v in ours.items() if v == "nodule"}
     assert [i for i, v in original.items() if v == "normal" and ours[i] != "normal"] == [
         "CXR2522_IM-1040-1001"]
+
+
+def test_the_shipped_synonym_table_is_the_installed_package_data():
+    from importlib.resources import files
+    shipped = json.loads((files("mxvision.tables") / "openi_synonyms.json").read_text(encoding="utf-8"))
+    assert {k for k in shipped if not k.startswith("_")} == set(L.PATHOLOGIES)
+    assert L.OPENI_SYNONYMS["Nodule"]["major"] == list(L.NODULE_TERMS)
+    assert L.OPENI_SYNONYMS["Emphysema"] == {k: shipped["Emphysema"][k] for k in ("major", "automatic", "why")}

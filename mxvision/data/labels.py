@@ -41,6 +41,7 @@ import fnmatch
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -69,49 +70,6 @@ NORMAL_TERM = "normal"
 UNINFORMATIVE_TERMS = ("no indexing", "technical quality of image unsatisfactory")
 #: Qualifiers that make a major term uncertain (the pathology becomes NaN, not positive).
 UNCERTAIN_QUALIFIERS = ("borderline",)
-
-#: OpenI synonyms: pathology -> {"major": globs on descriptor[/qualifier], "automatic": globs}.
-OPENI_SYNONYMS = {
-    "Atelectasis": {"major": ["pulmonary atelectasis"],
-                    "automatic": ["*atelectasis", "atelectases"]},
-    "Consolidation": {"major": ["consolidation"], "automatic": ["*consolidation"]},
-    "Infiltration": {"major": ["infiltrate"], "automatic": ["infiltrate", "infiltrates"]},
-    "Pneumothorax": {"major": ["pneumothorax", "hydropneumothorax", "hemopneumothorax"],
-                     "automatic": ["pneumothorax", "pneumothoraces", "hydropneumothorax",
-                                   "hemopneumothorax"]},
-    "Edema": {"major": ["pulmonary edema"],
-              "automatic": ["edema", "edemas", "*pulmonary edema", "alveolar edema"]},
-    # not subcutaneous or mediastinal emphysema: those are air in soft tissue, not lung
-    "Emphysema": {"major": ["emphysema", "pulmonary emphysema", "bullous emphysema"],
-                  "automatic": ["emphysema", "emphysemas", "pulmonary emphysema",
-                                "centrilobular emphysema", "bullous emphysema"]},
-    # not cystic fibrosis (a disease, not the radiographic finding)
-    "Fibrosis": {"major": ["pulmonary fibrosis", "fibrosis"],
-                 "automatic": ["fibrosis", "fibroses", "pulmonary fibrosis", "pulmonary fibroses",
-                               "interstitial fibrosis", "diffuse fibrosis", "chronic fibrosis"]},
-    # pleural only (NIH's meaning); a blunted costophrenic angle is read as a small effusion
-    "Effusion": {"major": ["pleural effusion", "costophrenic angle/blunted", "pleura/blunted"],
-                 "automatic": ["*pleural effusion", "pleural effusions", "effusion",
-                               "pleural fluid", "loculated effusion"]},
-    "Pneumonia": {"major": ["pneumonia"], "automatic": ["*pneumonia*"]},
-    "Pleural_Thickening": {"major": ["thickening/pleura"], "automatic": ["pleural thickening"]},
-    "Cardiomegaly": {"major": ["cardiomegaly", "cardiac shadow/enlarged", "heart/enlarged"],
-                     "automatic": ["cardiomegaly", "enlarged heart"]},
-    "Nodule": {"major": list(NODULE_TERMS),
-               "automatic": ["nodule", "nodules", "*pulmonary nodule*"]},
-    "Mass": {"major": ["mass"], "automatic": ["mass", "*masses", "*mass", "mass lesion"]},
-    "Hernia": {"major": ["hernia, *"], "automatic": ["*hernia*"]},
-    "Lung Lesion": {"major": list(NODULE_TERMS) + ["mass/lung", "cavitation"],
-                    "automatic": ["nodule", "nodules", "*pulmonary nodule*", "mass lesion",
-                                  "lung neoplasms", "lung cancer", "lung carcinoma",
-                                  "pulmonary metastasis"]},
-    "Fracture": {"major": ["fractures, bone"], "automatic": ["*fracture*"]},
-    "Lung Opacity": {"major": ["opacity", "airspace disease", "density/lung", "infiltrate"],
-                     "automatic": ["opacity", "opacities", "infiltrate", "infiltrates",
-                                   "airspace disease"]},
-    "Enlarged Cardiomediastinum": {"major": ["mediastinum/enlarged", "mediastinum/prominent"],
-                                   "automatic": ["widened mediastinum", "mediastinal widening"]},
-}
 
 _BLANKS = re.compile(r"\s+")
 
@@ -187,7 +145,8 @@ def load_synonyms(path):
     """Read a synonym table from JSON: ``{pathology: {"major": [...], "automatic": [...]}}``.
 
     Pathologies not in the file keep no synonyms (they come out negative or unknown), so a file
-    can restrict the mapping as well as extend it. Raises BadIndex on a malformed table.
+    can restrict the mapping as well as extend it. Keys starting with ``_`` are comments. Raises
+    BadIndex on a malformed table.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -196,11 +155,30 @@ def load_synonyms(path):
         raise BadIndex(path, f"unreadable synonym table ({type(err).__name__})") from None
     if not isinstance(table, dict):
         raise BadIndex(path, "expected a JSON object of pathology -> synonyms")
+    table = {k: v for k, v in table.items() if not str(k).startswith("_")}
     for name, entry in table.items():
         if not isinstance(entry, dict) or not all(
                 isinstance(entry.get(k, []), list) for k in ("major", "automatic")):
             raise BadIndex(path, f"{str(name)[:60]!r} needs lists under 'major' and/or 'automatic'")
     return table
+
+
+def _shipped_table(name):
+    """A table of the top-level ``data/`` folder: installed as ``mxvision.tables``, or read from
+    the source checkout when mxvision runs without being installed."""
+    try:
+        from importlib.resources import files
+        ref = files("mxvision.tables") / name
+        if ref.is_file():
+            return ref
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "data" / name
+
+
+#: OpenI synonyms: pathology -> {"major": globs on descriptor[/qualifier], "automatic": globs};
+#: the table, with why some terms are left out, is ``data/openi_synonyms.json``.
+OPENI_SYNONYMS = load_synonyms(_shipped_table("openi_synonyms.json"))
 
 
 def _major_keys(term):
