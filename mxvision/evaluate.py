@@ -118,36 +118,44 @@ def _write_predictions(path, ids, labels, probs, classes):
                 writer.writerow([i, classes[label], classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(figsize):
+    """A figure of its own (Agg canvas), not pyplot's: library code must not touch pyplot or
+    ``matplotlib.use()``, which would switch a running Jupyter kernel's backend and make the
+    notebook's own plots vanish."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path):
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return fig
 
 
 def plot_confusion_matrix(matrix, classes, path, title=""):
-    """The confusion matrix as counts in a labelled grid, like the original Xvision figure."""
+    """The confusion matrix as counts in a labelled grid, like the original Xvision figure.
+    Writes the PNG and returns the matplotlib Figure (a notebook displays it as it is)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = _figure((4.5, 4))
+    ax = fig.add_subplot()
     ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues",
                                                                           colorbar=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return _save_png(fig, path)
 
 
 def plot_roc_curve(labels, scores, path, positive="positive"):
+    """The ROC curve with the chance diagonal; writes the PNG and returns the Figure."""
     from sklearn.metrics import RocCurveDisplay
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = _figure((4.5, 4))
+    ax = fig.add_subplot()
     RocCurveDisplay.from_predictions(labels, scores, name=positive, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return _save_png(fig, path)

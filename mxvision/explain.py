@@ -1,7 +1,8 @@
 """Heatmaps of what a model's score depends on: Grad-CAM and input-gradient saliency.
 
 Both need the network split in two, ``features(x) -> A`` (a spatial map) and ``head(A) ->
-logits``, computed with MXNet's autograd in inference mode (BatchNorm uses its running statistics):
+logits``, differentiated as the network computes in inference (BatchNorm with its running
+statistics, no Dropout; see :func:`frozen_train_mode` for how, on oneDNN, that is done):
 
 * **Grad-CAM** (Selvaraju et al. 2017): ``relu(sum_k mean_ij(d y_c / d A_kij) * A_k)``, the
   feature map weighted by how much each channel raises the target logit ``y_c``. For the Xvision
@@ -19,6 +20,8 @@ Heatmaps are returned in the *original image's* pixel grid: every preset crops t
 square, so the map is resized to that square and placed back (zero outside it). That is what a
 pointing game against nodule coordinates in the file's own grid needs.
 """
+import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import cv2
 import mxnet as mx
 import numpy as np
 from mxnet import autograd
+from mxnet.gluon import Block, nn
 
 from . import transforms
 from .context import parse_ctx
@@ -39,10 +43,14 @@ from .utils import atomic_path
 log = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "saliency")
-# _BN_NOTE: MXNet's ``backward()`` defaults to train_mode=True, which differentiates BatchNorm as if
-# it had used batch statistics even when the forward pass ran in inference mode (apache/mxnet
-# #9580; measured here: d sum(BN(x)) / dx came out ~2800 instead of 1). Every backward below passes
-# train_mode=False.
+# Gradients run in *training* mode with BatchNorm frozen (frozen_train_mode), because (MXNet 1.9.1):
+# * backward() after an inference-mode forward differentiates BatchNorm as if it had used batch
+#   statistics (apache/mxnet#9580; d sum(BN(x)) / dx came out ~2800 instead of 1);
+# * on oneDNN (the PyPI CPU wheel) an inference-mode max-pooling forward keeps no arg-max
+#   workspace and its backward reads stale memory (cf. apache/mxnet#10994): a random ResNet-18's
+#   input gradient of -0.256 (finite differences) came out 0.009, varying between runs.
+TRAIN_INFERENCE_RTOL = 1e-3  # train-mode vs inference logits (oneDNN may pick other kernels)
+
 SALIENCY_SIGMA_224 = 5.0
 
 
@@ -87,36 +95,138 @@ def _unit(m):
     return (m / peak).astype(np.float32) if peak > 0 else np.zeros(m.shape, np.float32)
 
 
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # empty: a variable not assigned yet
+        return None
+
+
+def _blocks_in(fns, _seen=None):
+    """The Gluon blocks behind callables: blocks themselves, bound methods' owners, and what
+    functions (lambdas, ``functools.partial``) hold in their closures, searched recursively."""
+    seen = set() if _seen is None else _seen
+    found = []
+    for fn in fns:
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if isinstance(fn, Block):
+            found.append(fn)
+        elif isinstance(fn, (tuple, list)):
+            found += _blocks_in(fn, seen)
+        elif isinstance(fn, functools.partial):
+            found += _blocks_in([fn.func, *fn.args, *fn.keywords.values()], seen)
+        elif isinstance(getattr(fn, "__self__", None), Block):
+            found.append(fn.__self__)
+        elif getattr(fn, "__closure__", None):
+            found += _blocks_in([_cell(c) for c in fn.__closure__], seen)
+    return found
+
+
+@contextlib.contextmanager
+def frozen_train_mode(*fns):
+    """Make training mode compute what inference computes, for the blocks behind ``fns``.
+
+    Inside, every BatchNorm of those blocks runs with ``use_global_stats=True`` (its running
+    statistics, which then are neither used from the batch nor updated) and every Dropout is
+    off, so ``autograd.record(train_mode=True)`` gives inference outputs while oneDNN keeps the
+    max-pooling workspace its backward needs (see the note above). Hybridized graphs are rebuilt
+    on entry and exit. The blocks are changed in place meanwhile: do not run them from another
+    thread. Nesting is cheap (nothing left to change, nothing rebuilt)."""
+    blocks = _blocks_in(fns)
+    norms, drops = [], []
+
+    def collect(block):
+        kwargs = getattr(block, "_kwargs", None)
+        if isinstance(kwargs, dict) and kwargs.get("use_global_stats") is False:
+            norms.append(block)
+        if isinstance(block, nn.Dropout) and block._rate > 0:
+            drops.append((block, block._rate))
+
+    for block in blocks:
+        block.apply(collect)
+
+    def rebuild():
+        for block in blocks:
+            block.apply(lambda b: b._clear_cached_op() if isinstance(b, nn.HybridBlock) else None)
+
+    for block in norms:
+        block._kwargs["use_global_stats"] = True
+    for block, _ in drops:
+        block._rate = 0.0
+    if norms or drops:
+        rebuild()
+    try:
+        yield
+    finally:
+        for block in norms:
+            block._kwargs["use_global_stats"] = False
+        for block, rate in drops:
+            block._rate = rate
+        if norms or drops:
+            rebuild()
+
+
+def _check_as_inference(recorded, reference, fns):
+    """Refuse a gradient whose forward did not compute the inference logits: a BatchNorm or
+    Dropout :func:`frozen_train_mode` could not reach (e.g. hidden in a SymbolBlock's graph)."""
+    got, want = recorded.asnumpy(), reference.asnumpy()
+    finite = np.isfinite(want)  # an overflowing (untrained) net: same non-finite logits both ways
+    diff = float(np.abs(got - want)[finite].max(initial=0.0))
+    scale = max(1.0, float(np.abs(want[finite]).max(initial=0.0)))
+    if (np.isfinite(got) != finite).any() or diff > TRAIN_INFERENCE_RTOL * scale:
+        raise MxvisionError(", ".join(type(fn).__name__ for fn in fns),
+                            f"computes other logits in training mode than in inference (max "
+                            f"difference {diff:.3g}): a BatchNorm or Dropout that mxvision.explain "
+                            "cannot reach; give Gluon blocks (or functions closing over them) as "
+                            "(features, head)")
+
+
 def grad_cam(features, head, x, target=None):
     """Grad-CAM maps ``(N, h, w)`` in [0, 1] at the feature map's resolution, the target logits
     ``(N,)`` and target indices ``(N,)``. ``target`` is a class/output index (default: each
     image's top class)."""
     a = features(x).detach()  # outside autograd: the backbone runs as in inference
+    reference = head(a)
     a.attach_grad()
-    with autograd.record(train_mode=False):
-        logits = head(a)
-        chosen = _targets(logits, target)
-        picked = mx.nd.pick(logits, chosen, axis=1)
-    picked.backward(mx.nd.ones_like(picked), train_mode=False)  # see _BN_NOTE
+    with frozen_train_mode(head):
+        with autograd.record(train_mode=True):  # see the note above METHODS
+            logits = head(a)
+            chosen = _targets(logits, target)
+            picked = mx.nd.pick(logits, chosen, axis=1)
+        picked.backward(mx.nd.ones_like(picked), train_mode=True)
+    _check_as_inference(logits, reference, (head,))
     weights = a.grad.mean(axis=(2, 3), keepdims=True)
     cam = mx.nd.relu((weights * a).sum(axis=1)).asnumpy()
     return np.stack([_unit(c) for c in cam]), picked.asnumpy(), chosen.asnumpy().astype(int)
 
 
+def input_gradient(features, head, x, target=None):
+    """``d y_c / d x`` of the target logit (``(N, C, H, W)`` NDArray), the target logits ``(N,)``
+    and target indices ``(N,)``, as the network computes in inference (see the note above
+    METHODS; checked against an inference forward)."""
+    reference = head(features(x))
+    x = x.copy()
+    x.attach_grad()
+    with frozen_train_mode(features, head):
+        with autograd.record(train_mode=True):
+            logits = head(features(x))
+            chosen = _targets(logits, target)
+            picked = mx.nd.pick(logits, chosen, axis=1)
+        picked.backward(mx.nd.ones_like(picked), train_mode=True)
+    _check_as_inference(logits, reference, (features, head))
+    return x.grad, picked.asnumpy(), chosen.asnumpy().astype(int)
+
+
 def input_saliency(features, head, x, target=None, sigma=None):
     """Squared input gradients of the target logit, summed over channels and blurred (sigma 5 px
     at 224, scaled with the input size): ``(N, H, W)`` in [0, 1], the target logits and indices."""
-    x = x.copy()
-    x.attach_grad()
-    with autograd.record(train_mode=False):
-        logits = head(features(x))
-        chosen = _targets(logits, target)
-        picked = mx.nd.pick(logits, chosen, axis=1)
-    picked.backward(mx.nd.ones_like(picked), train_mode=False)  # see _BN_NOTE
-    sal = (x.grad.asnumpy().astype(np.float64) ** 2).sum(axis=1)  # float64: no overflow
+    grad, picked, chosen = input_gradient(features, head, x, target)
+    sal = (grad.asnumpy().astype(np.float64) ** 2).sum(axis=1)  # float64: no overflow
     sigma = SALIENCY_SIGMA_224 * x.shape[-1] / 224.0 if sigma is None else sigma
     out = np.stack([cv2.GaussianBlur(_unit(s).astype(np.float32), (0, 0), sigma) for s in sal])
-    return np.stack([_unit(s) for s in out]), picked.asnumpy(), chosen.asnumpy().astype(int)
+    return np.stack([_unit(s) for s in out]), picked, chosen
 
 
 def to_image_grid(heat, image_shape):
@@ -194,13 +304,14 @@ class Explainer:
         k = self.target_index(target)
         fn = grad_cam if method == "gradcam" else input_saliency
         maps, targets, scores = [], [], []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            x = mx.nd.array(np.stack([self.prepare(img) for img in chunk]), ctx=self.ctx)
-            heat, logit, chosen = fn(self.features, self.head, x, k)
-            maps.extend(to_image_grid(h, img.shape) for h, img in zip(heat, chunk))
-            targets.extend(int(c) for c in chosen)
-            scores.extend(float(s) for s in logit)
+        with frozen_train_mode(self.features, self.head):  # once, not per batch
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                x = mx.nd.array(np.stack([self.prepare(img) for img in chunk]), ctx=self.ctx)
+                heat, logit, chosen = fn(self.features, self.head, x, k)
+                maps.extend(to_image_grid(h, img.shape) for h, img in zip(heat, chunk))
+                targets.extend(int(c) for c in chosen)
+                scores.extend(float(s) for s in logit)
         return maps, targets, scores
 
 

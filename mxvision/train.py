@@ -259,15 +259,18 @@ def _write_log(run_dir, history):
 
 
 def plot_training_curve(history, path, best_epoch=None):
-    """Loss (left) and accuracy/AUC (right) per epoch, the best epoch marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss (left) and accuracy/AUC (right) per epoch, the best epoch marked. Writes the PNG and
+    returns the matplotlib Figure (None for an empty history). A Figure of its own, never pyplot
+    or ``matplotlib.use()``: those would switch a running Jupyter kernel's backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if not history:
-        return
+        return None
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
@@ -282,7 +285,7 @@ def plot_training_curve(history, path, best_epoch=None):
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def load_run(run_dir):

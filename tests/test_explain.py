@@ -81,6 +81,41 @@ def test_grad_cam_equals_finite_difference_reference(hybridize):
     np.testing.assert_allclose(cam[0], ref / ref.max(), atol=2e-3)
 
 
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_grad_cam_through_a_max_pooling_head_equals_finite_differences(hybridize):
+    # a head may hold a max pool (a cut before the last stage); on oneDNN its gradient after an
+    # inference-mode forward read stale memory
+    channels, side = 16, 16
+    mx.random.seed(0)
+    head = nn.HybridSequential()
+    head.add(nn.MaxPool2D(2), nn.BatchNorm(in_channels=channels),
+             nn.Dense(2, in_units=channels * (side // 2) ** 2))
+    head.initialize(mx.init.Xavier())
+    _random_running_stats([head], seed=5)
+    if hybridize:
+        head.hybridize()
+    feats = nn.HybridLambda(lambda F, x: x)
+    x = mx.nd.array(np.random.RandomState(4).uniform(0.1, 1, (1, channels, side, side)))
+    cams = [explain.grad_cam(feats, head, x, target=1)[0] for _ in range(2)]
+    np.testing.assert_array_equal(cams[0], cams[1])
+    # Grad-CAM's channel weight is the mean gradient over the channel, i.e. the derivative along
+    # the channel's all-ones direction / (h * w); moving a whole channel keeps every pooling
+    # window's arg-max, so a central difference (float64) is exact
+    head.cast("float64")
+    a = x.asnumpy().astype(np.float64)
+    alpha, eps = np.zeros(channels), 1e-3
+    for k in range(channels):
+        plus, minus = a.copy(), a.copy()
+        plus[0, k] += eps
+        minus[0, k] -= eps
+        diff = (head(mx.nd.array(plus, dtype="float64")).asnumpy()[0, 1]
+                - head(mx.nd.array(minus, dtype="float64")).asnumpy()[0, 1])
+        alpha[k] = diff / (2 * eps) / side ** 2
+    ref = np.maximum((alpha[:, None, None] * a[0]).sum(0), 0)
+    assert ref.max() > 0
+    np.testing.assert_allclose(cams[0][0], ref / ref.max(), atol=1e-3)
+
+
 def test_grad_cam_points_at_the_evidence_and_is_empty_against_it():
     feats = nn.HybridLambda(lambda F, x: F.relu(F.concat(x, -x, dim=1)))
     head = nn.HybridLambda(lambda F, a: F.concat(-a.sum(axis=(1, 2, 3)).reshape((-1, 1)),
@@ -194,3 +229,131 @@ def test_cli_explain_lists_bad_files_and_strict_fails(small_run, synth_index, tm
     assert code == 2 and err.count("\n") == 1 and "broken.png" in err
     assert run_cli(monkeypatch, "explain", good, "--out", out) == 2
     assert "exactly one of --run" in capsys.readouterr().err
+
+
+# --- input gradients against finite differences (max pooling + BatchNorm, oneDNN) -------------
+# MXNet 1.9.1's oneDNN max-pooling backward after an inference-mode forward reads stale memory,
+# so the old inference-mode saliency gave gradients unrelated to the true ones (relative error
+# ~1 here, and changing between runs). The reference is a central finite difference of the same
+# network cast to float64 (which runs MXNet's native kernels): exact up to ~1e-9.
+
+def _random_running_stats(blocks, seed):
+    rs = np.random.RandomState(seed)
+    for block in blocks:
+        def visit(b):
+            if isinstance(b, nn.BatchNorm):
+                c = b.running_mean.shape[0]
+                b.running_mean.set_data(mx.nd.array(rs.uniform(-0.3, 0.3, c)))
+                b.running_var.set_data(mx.nd.array(rs.uniform(0.5, 2.0, c)))
+        block.apply(visit)
+
+
+def _aux_state(blocks):
+    state = {}
+    for block in blocks:
+        for name, p in block.collect_params().items():
+            if p.grad_req == "null":
+                state[name] = p.data().asnumpy().copy()
+    return state
+
+
+def _flags(blocks):
+    flags = []
+    for block in blocks:
+        block.apply(lambda b: flags.append(b._kwargs["use_global_stats"]) if isinstance(b, nn.BatchNorm) else None)
+    return flags
+
+
+def _check_against_finite_differences(features, head, blocks, x, target, h, n_top=4, n_random=4):
+    stats, flags = _aux_state(blocks), _flags(blocks)
+    grad, logits, _ = explain.input_gradient(features, head, x, target)
+    again, _, _ = explain.input_gradient(features, head, x, target)
+    grad, again = grad.asnumpy(), again.asnumpy()
+    np.testing.assert_array_equal(grad, again)  # deterministic
+    after = _aux_state(blocks)
+    assert all(np.array_equal(stats[k], after[k]) for k in stats)  # running statistics untouched
+    assert _flags(blocks) == flags and not any(flags)  # BatchNorms back to batch statistics
+    assert np.isclose(logits[0], head(features(x)).asnumpy()[0, target], rtol=1e-4, atol=1e-4)
+
+    rs = np.random.RandomState(0)
+    order = np.argsort(-np.abs(grad[0]).ravel())
+    picks = list(order[:n_top]) + list(rs.choice(order[n_top:], n_random, replace=False))
+    pixels = [np.unravel_index(int(i), grad.shape[1:]) for i in picks]
+    for block in blocks:
+        block.cast("float64")
+    x64 = x.astype("float64").asnumpy()
+    fd = []
+    for c, i, j in pixels:
+        plus, minus = x64.copy(), x64.copy()
+        plus[0, c, i, j] += h
+        minus[0, c, i, j] -= h
+        up = head(features(mx.nd.array(plus, dtype="float64"))).asnumpy()[0, target]
+        down = head(features(mx.nd.array(minus, dtype="float64"))).asnumpy()[0, target]
+        fd.append((up - down) / (2 * h))
+    fd = np.array(fd)
+    auto = np.array([grad[(0,) + p] for p in pixels])
+    scale = np.abs(fd).max()
+    assert scale > 0
+    np.testing.assert_allclose(auto, fd, atol=1e-3 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_input_gradient_equals_finite_differences_through_max_pool_and_batchnorm(hybridize):
+    from mxvision.models.head import XvisionHead
+    from mxvision.models.resnet_trunk import get_backbone
+
+    mx.random.seed(3)
+    trunk = get_backbone("resnet18_v2", hybridize=False)  # max pool in the stem, BN everywhere
+    head = XvisionHead(classes=2, hidden=16)
+    head.initialize(mx.init.Xavier())
+    head(mx.nd.zeros((2, 512, 2, 2)))
+    _random_running_stats([trunk, head], seed=0)
+    if hybridize:
+        trunk.hybridize()
+        head.hybridize()
+    x = mx.nd.array(np.random.RandomState(1).uniform(-1, 1, (1, 3, 64, 64)))
+    _check_against_finite_differences(trunk, head, [trunk, head], x, target=1, h=1e-4)
+
+
+def test_xrv_densenet_input_gradient_equals_finite_differences():
+    from mxvision.models.xrv_densenet import XRVDenseNet
+
+    net = XRVDenseNet(block_config=(1, 1, 1, 1))
+    net.init_random(seed=0)
+    net(mx.nd.zeros((1, 1, 64, 64)))
+    _random_running_stats([net], seed=2)
+    net.hybridize()
+    features, head = explain.cam_split(net)  # lambdas over net: frozen_train_mode must find it
+    x = mx.nd.array(np.random.RandomState(3).uniform(-1024, 1024, (1, 1, 64, 64)))
+    _check_against_finite_differences(features, head, [net], x, target=11, h=1e-2)
+
+
+def test_dropout_is_off_while_differentiating_and_restored():
+    feats = nn.HybridSequential()
+    feats.add(nn.Conv2D(4, 3, padding=1, in_channels=1), nn.MaxPool2D(2), nn.Dropout(0.5))
+    feats.initialize(mx.init.Xavier())
+    head = nn.Dense(2, in_units=4 * 8 * 8)
+    head.initialize(mx.init.Xavier())
+    x = mx.nd.array(np.random.RandomState(0).uniform(0, 1, (1, 1, 16, 16)))
+    grads = [explain.input_gradient(feats, head, x, 1)[0].asnumpy() for _ in range(3)]
+    assert np.abs(grads[0]).max() > 0
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g, grads[0])  # no random mask
+    assert feats[2]._rate == 0.5
+
+
+def test_a_batchnorm_it_cannot_reach_is_refused_not_silently_wrong():
+    class Hidden:  # not a Block, not a closure: frozen_train_mode cannot see its BatchNorm
+        def __init__(self):
+            self.bn = nn.BatchNorm(in_channels=1)
+            self.bn.initialize()
+            self.bn.running_mean.set_data(mx.nd.array([0.5]))
+
+        def __call__(self, x):
+            return self.bn(x)
+
+    head = nn.Dense(2, in_units=64)
+    head.initialize()
+    x = mx.nd.array(np.random.RandomState(0).uniform(0, 1, (2, 1, 8, 8)))
+    with pytest.raises(explain.MxvisionError, match="training mode"):
+        explain.input_saliency(Hidden(), head, x, target=0)
