@@ -5,6 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+MIN_IMAGES = {"01_quickstart.ipynb": 2, "03_heatmaps.ipynb": 1, "04_classify_xrv.ipynb": 1}
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
@@ -21,3 +22,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    # The plots must reach the notebook: library code that switched matplotlib's backend once
+    # made the training curve and confusion matrix of the quickstart vanish.
+    assert len(images) >= MIN_IMAGES.get(path.name, 0), path.name
