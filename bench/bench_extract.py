@@ -116,11 +116,14 @@ def agreement(a, b):
 
 
 # --------------------------------------------------------------------------- downstream AUC
-def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32):
+def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32, also=None):
     """Out-of-fold AUC of the Xvision head trained as train_head does (same defaults, seeded).
 
     The folds are fixed (seed 0); ``seed`` sets the head's initialisation and batch order, so
-    the spread over seeds shows how much of an AUC difference is training noise."""
+    the spread over seeds shows how much of an AUC difference is training noise. ``also``:
+    ``{name: features}`` of the same images in another precision, scored by the *same* heads
+    (trained on ``x``): the AUC change the precision causes with the training noise held fixed.
+    Returns the AUC, or ``(auc, {name: auc})`` with ``also``."""
     from mxnet import autograd, gluon
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
@@ -128,7 +131,7 @@ def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32):
     from mxvision.train import _batches, predict_probs
 
     ctx = mx.cpu()
-    oof = np.zeros(len(y))
+    oof, oof_also = np.zeros(len(y)), {}
     for k, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y)):
         mx.random.seed(seed)
         head = XvisionHead(classes=2, hidden=512)
@@ -144,10 +147,15 @@ def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32):
                 loss.backward()
                 trainer.step(len(b))
         oof[te] = predict_probs(head, x[te], ctx)[:, 1]
-    return round(float(roc_auc_score(y, oof)), 4)
+        for name, xa in (also or {}).items():
+            oof_also.setdefault(name, np.zeros(len(y)))[te] = predict_probs(head, xa[te], ctx)[:, 1]
+    auc = round(float(roc_auc_score(y, oof)), 4)
+    if also is None:
+        return auc
+    return auc, {k: round(float(roc_auc_score(y, v)), 4) for k, v in oof_also.items()}
 
 
-def jsrt_auc(shared, work, calib_paths, batch, only=None, seeds=(0,)):
+def jsrt_auc(shared, work, calib_paths, batch, only=None, seeds=(0,), fixed_only=False):
     from mxvision.data.jsrt import jsrt_index
     index = jsrt_index(shared / "data" / "jsrt", work / "jsrt.csv")
     variants = {"float32": {}, "bfloat16": {"dtype": "bfloat16"},
@@ -165,17 +173,34 @@ def jsrt_auc(shared, work, calib_paths, batch, only=None, seeds=(0,)):
         order = np.argsort(ids)
         feats[name] = (x[order], y[order])
     y = feats["float32"][1]
+    same_images = {k: x for k, (x, _) in feats.items() if k != "float32" and "pooled" not in k}
+    log(f"JSRT 5-fold, heads trained on float32 scoring {list(same_images)} too, seeds {list(seeds)}")
+    fixed = [cv_auc(feats["float32"][0], y, seed=s, also=same_images) for s in seeds]
+    out["heads trained on float32"] = {
+        "seeds": list(seeds), "float32": [a for a, _ in fixed],
+        **{k: [b[k] for _, b in fixed] for k in same_images},
+        "auc_change": {k: [round(b[k] - a, 4) for a, b in fixed] for k in same_images}}
+    log(f"  {out['heads trained on float32']}")
     for name, (x, _) in feats.items():
-        log(f"JSRT 5-fold head training: {name}, seeds {list(seeds)}")
-        aucs = [cv_auc(x, y, seed=s) for s in seeds]
-        row = {"cv_auc": round(float(np.mean(aucs)), 4), "cv_auc_per_seed": aucs,
-               "cv_auc_seed_std": round(float(np.std(aucs)), 4), "n": int(len(y))}
-        if name != "float32" and "pooled" not in name:
+        row = {"n": int(len(y))}
+        if name in same_images:
             row.update(agreement(x, feats["float32"][0]))
+        if name == "float32":
+            aucs = out["heads trained on float32"]["float32"]
+        elif fixed_only and name in same_images:
+            out[name] = row
+            continue
+        else:
+            log(f"JSRT 5-fold head training: {name}, seeds {list(seeds)}")
+            aucs = [cv_auc(x, y, seed=s) for s in seeds]
+        log(f"  {name}: cv AUC per seed {aucs}")
+        row.update({"cv_auc": round(float(np.mean(aucs)), 4), "cv_auc_per_seed": aucs,
+                    "cv_auc_seed_std": round(float(np.std(aucs)), 4)})
         out[name] = row
     base = out["float32"]["cv_auc"]
-    for row in out.values():
-        row["auc_change"] = round(row["cv_auc"] - base, 4)
+    for name, row in out.items():
+        if "cv_auc" in row:
+            row["auc_change"] = round(row["cv_auc"] - base, 4)
     return out
 
 
@@ -218,9 +243,13 @@ def main():
     p.add_argument("--e2e-rounds", type=int, default=2, help="paired model-only / end-to-end rounds")
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--skip-auc", action="store_true")
-    p.add_argument("--auc-seeds", type=int, default=3, help="head seeds per variant (mean and spread)")
+    p.add_argument("--auc-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="head seeds per variant (mean and spread)")
     p.add_argument("--auc-variants", nargs="+", default=None,
                    help="only these JSRT variants (float32 is always included), e.g. bfloat16 int8")
+    p.add_argument("--fixed-head-only", action="store_true",
+                   help="score the other precisions only with the heads trained on float32 (no "
+                        "training per precision: the AUC change with training noise held fixed)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -294,7 +323,7 @@ def main():
         del engines
         if not args.skip_auc:
             result["jsrt"] = jsrt_auc(shared, work, calib, args.batch, args.auc_variants,
-                                      range(args.auc_seeds))
+                                      args.auc_seeds, args.fixed_head_only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_average_at_end"] = os.getloadavg()
