@@ -33,7 +33,7 @@ def _decode(node, arrays, ctx):
     if node is None:
         return None
     if "nd" in node:
-        return arrays[node["nd"]].as_in_context(ctx)
+        return arrays[node["nd"]].copyto(ctx)  # a copy per device: shared arrays would be updated twice
     items = [_decode(n, arrays, ctx) for n in node["seq"]]
     return tuple(items) if node["tuple"] else items
 
@@ -73,8 +73,7 @@ def load_trainer_states(trainer, path):
     if meta.get("format") != FORMAT or meta.get("optimizer") != type(optimizer).__name__:
         raise BadRun(path, f"optimizer state of {meta.get('optimizer')!r}, "
                            f"expected {type(optimizer).__name__!r}")
-    for updater in _local_updaters(trainer):
-        ctx = trainer._contexts[0]
+    for updater, ctx in zip(_local_updaters(trainer), trainer._contexts):  # one updater per device
         updater.states = {int(i): _decode(node, arrays, ctx) for i, node in meta["states"].items()}
         updater.states_synced = dict.fromkeys(updater.states, False)
     optimizer.num_update = meta["num_update"]
