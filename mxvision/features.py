@@ -275,7 +275,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                      shard_size=256, allow_random=False, strict=False, overwrite=False,
                      progress=True, workers=2, dtype="float32", calibration=None,
                      calibration_size=quantize.DEFAULT_CALIBRATION_SIZE, storage_dtype="float32",
-                     pooled=False, loader="auto"):
+                     pooled=False, loader="auto", share=None):
     """Extract backbone features for every image of ``index`` into ``out_dir``; return the store.
 
     Images that cannot be read are skipped, counted and listed in the manifest (``strict=True``
@@ -287,6 +287,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     paths). ``storage_dtype="float16"`` halves the shards on disk; ``pooled=True`` stores the
     global average of each map (C values instead of C x H x W). ``loader``: where images are
     decoded (``process``, ``thread``, or ``auto``: processes for large runs), ``workers`` of them.
+    ``share=(rank, n)``: only shards k with k % n == rank, in a folder of its own (mxvision.distributed).
     """
     started = time.time()
     out_dir = Path(out_dir)
@@ -335,7 +336,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
 
     done = {s["start"] for s in shards}
     todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
-            if start not in done]
+            if start not in done and (not share or start // shard_size % share[1] == share[0])]
     n_done = sum(s["stop"] - s["start"] for s in shards)
     bar = tqdm(total=len(items), initial=n_done, unit="img", desc="extract", disable=not progress)
     kind = choose_loader(loader, len(items) - n_done, workers)
@@ -409,7 +410,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         pool.close()
         writer.shutdown(wait=True)
         bar.close()
-    if not shards:
+    if not shards and not share:
         raise BadIndex(out_dir, f"none of the {len(items)} images could be read (see {MANIFEST})")
     n_run = sum(len(j[1]) for j in jobs)
     loop = time.time() - loop_start

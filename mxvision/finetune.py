@@ -62,9 +62,14 @@ def _save(out_dir, epoch, backbone, head, trainer):
 
 
 def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, momentum=0.9,
-                 seed=0, ctx=None, resume=True, progress=True, keep_checkpoints=2):
-    """Fine-tune the last ``stages`` backbone stages + head of ``run_dir`` into ``out_dir``."""
+                 seed=0, ctx=None, resume=True, progress=True, keep_checkpoints=2, kvstore=None):
+    """Fine-tune the last ``stages`` backbone stages + head of ``run_dir`` into ``out_dir``.
+
+    ``kvstore``: a dist_sync kvstore; each worker then trains on its slice of every global batch
+    (gradients summed on the servers) and rank 0 evaluates and writes the run (mxvision.distributed).
+    """
     ctx = parse_ctx(ctx)
+    rank, n = (kvstore.rank, kvstore.num_workers) if kvstore else (0, 1)
     out_dir = Path(out_dir)
     if Path(run_dir).resolve() == out_dir.resolve():
         raise BadRun(out_dir, "fine-tuning writes a new run; choose an --out other than --run")
@@ -77,7 +82,7 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     config = copy.deepcopy(base_config)
     config["finetune"] = dict(hyper, from_run=str(Path(run_dir).resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (out_dir, out_dir / "checkpoints"):
+    for folder in (out_dir, out_dir / "checkpoints") if rank == 0 else ():
         clean_stale_temps(folder)  # left by a killed run; resuming never needs them
     state = {"last_epoch": 0, "history": [], "best_epoch": None}
     if resume and (out_dir / train.STATE).exists():
@@ -94,7 +99,8 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     for block in trainable:
         params.update(block.collect_params())
     params.update(head.collect_params())
-    trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum})
+    trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum},
+                            **({"kvstore": kvstore, "update_on_kvstore": False} if kvstore else {}))
     if state["last_epoch"]:
         k = state["last_epoch"]
         head.load_parameters(str(train._checkpoint(out_dir, k, "params")), ctx=ctx)
@@ -119,13 +125,20 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
                           initial=state["last_epoch"], total=epochs, disable=not progress):
             tic = time.time()
             for batch in train._batches(len(train_items), batch_size, seed, epoch):
-                x = mx.nd.array(_load_images(pool, [train_items[i] for i in batch], preset), ctx=ctx)
-                y = mx.nd.array(y_train[batch], ctx=ctx)
+                if len(batch) < 2 * n:  # each worker needs 2 rows (BatchNorm); all skip alike
+                    continue
+                mine = batch[rank::n]  # this worker's slice of the global batch
+                x = mx.nd.array(_load_images(pool, [train_items[i] for i in mine], preset), ctx=ctx)
+                y = mx.nd.array(y_train[mine], ctx=ctx)
                 z = run_frozen(x)  # outside autograd: frozen stages stay in inference mode
                 with autograd.record():
                     loss = loss_fn(run_trainable(z), y)
                 loss.backward()
-                trainer.step(len(batch))
+                trainer.step(len(batch))  # summed over the workers' slices, / global batch
+            if rank:  # rank 0 evaluates and writes the epoch; the others wait for it (below)
+                mx.nd.waitall()
+                kvstore._barrier()
+                continue
             train_probs = image_probs(softmax_net, train_items, preset, ctx, pool=pool)
             val_probs = image_probs(softmax_net, val_items, preset, ctx, pool=pool)
             row = {"epoch": epoch,
@@ -155,6 +168,8 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
                 for ext in ("params", "backbone", "states"):
                     train._checkpoint(out_dir, old, ext).unlink(missing_ok=True)
             train._write_log(out_dir, state["history"])
+            if kvstore:  # a worker leaving while rank 0's last pull is in flight hangs rank 0
+                kvstore._barrier()
     finally:
         pool.shutdown()
     train.plot_training_curve(state["history"], out_dir / "training_curve.png", state["best_epoch"])

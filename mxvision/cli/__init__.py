@@ -9,11 +9,11 @@ import logging
 import sys
 
 from ..errors import MxvisionError
-from . import data, explain, finetune, pipeline, xrv
+from . import cluster, data, explain, finetune, pipeline, xrv
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain]
+COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain, cluster]
 
 
 def build_parser():
