@@ -21,6 +21,7 @@ never rebuilt; shards are written and checksummed by a background thread.
 Format version 2 adds ``dtype`` (compute precision: float32, bfloat16, int8), ``storage_dtype``
 (float32 or float16), ``pooled`` and ``precision``; a version-1 store reads as float32/unpooled.
 """
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -397,15 +398,26 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                                   "problem": str(err)})
             good = [k for k in range(len(batch_rows)) if k not in bad]
             result = net(mx.nd.array(batch, ctx=ctx)).copyto(mx.cpu()) if good else None
-            if computing is not None:
-                settle(computing)
-            computing = (current, good, batch_rows, result)
+            computed, computing = computing, (current, good, batch_rows, result)
+            if computed is not None:
+                settle(computed)
             if batch_rows[-1] == stop - 1:
                 current = None
-        if computing is not None:
-            settle(computing)
+        computed, computing = computing, None
+        if computed is not None:
+            settle(computed)
         if pending is not None:
             finish(pending)
+            pending = None
+    except BaseException:
+        # A --strict failure or Ctrl-C: keep what is computed. The batch in flight may complete a
+        # shard; written and listed (in a manifest still marked unfinished), a rerun keeps it.
+        with contextlib.suppress(Exception):
+            if computing is not None:
+                settle(computing)
+            if pending is not None:
+                finish(pending)
+        raise
     finally:
         pool.close()
         writer.shutdown(wait=True)

@@ -520,14 +520,13 @@ def test_extract_strict_fails_with_one_line_and_no_finished_outputs(batch_index,
     first_bad = _cli_cases()[0][0]
     assert len(lines) == 1 and lines[0].startswith("mxvision: error: ") and first_bad in lines[0], lines
     assert "Traceback" not in proc.stderr
-    # Whatever was written is either listed whole in an unfinished manifest or not listed at all
-    # (a shard file finished after the last manifest update is recomputed on resume).
-    manifest_file = out / "manifest.json"
-    if manifest_file.exists():
-        manifest = json.loads(manifest_file.read_text())
-        assert manifest["complete"] is False  # never mistaken for a finished store
-        for shard in manifest["shards"]:
-            assert (out / shard["file"]).stat().st_size == shard["bytes"]
+    # The shard of good images finished before the failure is kept, listed whole in an unfinished
+    # manifest, so a rerun does not compute it again.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False  # never mistaken for a finished store
+    assert [s["rows"] for s in manifest["shards"]] == [[0, 1]]
+    for shard in manifest["shards"]:
+        assert (out / shard["file"]).stat().st_size == shard["bytes"]
     assert not list(out.glob(".*tmp"))
     from mxvision.errors import BadRun
     from mxvision.features import FeatureStore
