@@ -9,11 +9,11 @@ import logging
 import sys
 
 from ..errors import MxvisionError
-from . import cluster, data, explain, finetune, pipeline, xrv
+from . import cluster, data, explain, finetune, lesion, pipeline, xrv
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain, cluster]
+COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain, lesion, cluster]
 
 
 def build_parser():

@@ -105,4 +105,4 @@ def load_backbone_file(name, cut, weights_file, ctx=None):
     check_backbone(name)
     return get_model(name, cut=cut, weights_file=weights_file, ctx=parse_ctx(ctx))
 
-from . import xrv_densenet, xrv_resnet  # noqa: E402,F401 (registers the torchxrayvision models)
+from . import nodule_net, xrv_densenet, xrv_resnet  # noqa: E402,F401 (registers them)
