@@ -38,9 +38,8 @@ from mxvision.io.images import MAX_FILE_BYTES, image_info, read_image
 
 pydicom = pytest.importorskip("pydicom")
 from PIL import Image  # noqa: E402  (Pillow is a dependency: pydicom's JPEG plugin)
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit,  # noqa: E402
-                         SecondaryCaptureImageStorage, generate_uid)
+from dicom_builders import dicom_bytes, dicom_float  # noqa: E402
+from pydicom.uid import JPEGBaseline8Bit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -131,35 +130,6 @@ def tiff_bytes(arr, photometric=None, sample_format=None, endian="<", pages=1, d
         n = struct.unpack_from(endian + "H", out, this)[0]
         struct.pack_into(endian + "I", out, this + 2 + 12 * n, following)
     return bytes(out)
-
-
-def dicom_bytes(pixels=None, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian, **attrs):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if pixels is not None:
-        ds.set_pixel_data(pixels, photometric, pixels.dtype.itemsize * 8)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def dicom_float(values):
-    """A float-pixel DICOM (FloatPixelData), the one way DICOM stores NaN/inf."""
-    ds = pydicom.dcmread(io.BytesIO(dicom_bytes()), force=True)
-    ds.Rows, ds.Columns = values.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.PhotometricInterpretation = 1, 32, "MONOCHROME2"
-    ds.FloatPixelData = values.astype(np.float32).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def dicom_patched(**attrs):

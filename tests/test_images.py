@@ -5,6 +5,7 @@ expected values are known exactly; real files from ../shared check the formats s
 """
 import os
 import struct
+from pathlib import Path
 import zlib
 
 import cv2
@@ -15,9 +16,7 @@ from mxvision.errors import BadImage
 from mxvision.io.images import MAX_PIXELS, MIN_SIDE, image_info, read_image
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (ExplicitVRLittleEndian, SecondaryCaptureImageStorage,  # noqa: E402
-                         generate_uid)
+from dicom_builders import dicom_bytes, dicom_float  # noqa: E402
 
 
 # --------------------------------------------------------------------------- writers
@@ -40,18 +39,7 @@ def write_palette_png(path, indices: np.ndarray, palette_rgb: np.ndarray):
 
 
 def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=None, **attrs):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
+    Path(path).write_bytes(dicom_bytes(pixels, photometric, bits_stored=bits_stored, **attrs))
     return path
 
 
@@ -220,16 +208,8 @@ def test_dicom_rgb_becomes_luminance(tmp_path):
 def test_dicom_float_nan_refused(tmp_path):
     values = np.random.RandomState(1).rand(40, 40).astype(np.float32)
     values[5, 5] = np.nan
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 40, 40, 1, 32
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.FloatPixelData = values.tobytes()
     path = tmp_path / "nan.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_float(values))
     assert_bad(path, "NaN")
 
 

@@ -239,6 +239,8 @@ def test_torch_reads_the_files_mxvision_writes(tmp_path, fmt):
     state = {k: v.numpy() for k, v in torch.nn.BatchNorm2d(3).state_dict().items()}
     state["conv"] = np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype(np.float32)
     path = save_torch_file(state, tmp_path / ("w_%s.pt" % fmt), fmt=fmt)
+    # PyTorch itself is the reader under test here, in its restricted (weights-only) unpickler,
+    # on a file this test just wrote; mxvision never calls it.
     loaded = torch.load(path, weights_only=True)
     assert list(loaded) == list(state)
     assert all(np.array_equal(loaded[k].numpy(), v) for k, v in state.items())
