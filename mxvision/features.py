@@ -14,9 +14,10 @@ and it carries a checksum, so an interrupted run resumes by skipping the shards 
 and intact.
 
 Speed on a CPU (measured in docs/BENCHMARKS.md): images are decoded, cropped and resized in worker
-*processes* (a 512 px PNG costs ~5 ms of CPU, the GIL would serialise it in threads) a few batches
-ahead of the network; every batch has the same shape (the last is padded) so the static graph is
-never rebuilt; shards are written and checksummed by a background thread.
+threads (a 512 px PNG costs ~4 ms of CPU; OpenCV releases the GIL; processes on request, see
+:mod:`mxvision.streaming`) a few batches ahead of the network; every batch has the
+same shape (the last is padded) so the static graph is never rebuilt; shards are written and
+checksummed by a background thread.
 
 Format version 2 adds ``dtype`` (compute precision: float32, bfloat16, int8), ``storage_dtype``
 (float32 or float16), ``pooled`` and ``precision``; a version-1 store reads as float32/unpooled.
@@ -287,7 +288,8 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     sample of ``calibration_size`` of these images; or an index CSV, a folder, or a list of
     paths). ``storage_dtype="float16"`` halves the shards on disk; ``pooled=True`` stores the
     global average of each map (C values instead of C x H x W). ``loader``: where images are
-    decoded (``process``, ``thread``, or ``auto``: processes for large runs), ``workers`` of them.
+    decoded (``auto`` = ``thread``, or ``process`` for decoders that hold the GIL),
+    ``workers`` of them.
     ``share=(rank, n)``: only shards k with k % n == rank, in a folder of its own (mxvision.distributed).
     """
     started = time.time()
@@ -340,11 +342,10 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
             if start not in done and (not share or start // shard_size % share[1] == share[0])]
     n_done = sum(s["stop"] - s["start"] for s in shards)
     bar = tqdm(total=len(items), initial=n_done, unit="img", desc="extract", disable=not progress)
-    kind = choose_loader(loader, len(items) - n_done, workers)
     # Every batch has batch_size rows (the last of a shard is padded): one static graph.
     jobs = [((start, stop, b), [items[r]["path"] for r in range(b, min(b + batch_size, stop))],
              batch_size) for start, stop in todo for b in range(start, stop, batch_size)]
-    pool = ImageBatchLoader(preset, workers, kind)
+    kind = choose_loader(loader, workers)
     writer = ThreadPoolExecutor(max_workers=1)
     pending = None  # the shard being written in the background
 
@@ -358,8 +359,6 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         manifest.update(shards=sorted(shards, key=lambda s: s["start"]), skipped=skipped)
         write_json(out_dir / MANIFEST, manifest)
 
-    if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
-        net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
     def settle(done_batch):
         """Fetch a computed batch into its shard; hand a complete shard to the writer."""
         nonlocal pending
@@ -374,15 +373,18 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
             pending = writer.submit(_write_shard, out_dir, start, stop, rows, outputs,
                                     new_skips, storage_dtype)
 
-    loop_start = time.time()
+    pool = ImageBatchLoader(preset, workers, kind)  # process workers start up meanwhile
+    computing = None  # (shard, good rows, rows, features) of the batch in the network
     try:
+        if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
+            net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
+        loop_start = time.time()
         pool.feed(jobs)
         current = None  # (start, stop, rows, outputs, skipped) of the shard being computed
         # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
         # decoders and copied in while batch k computes, and k is read back only afterwards, so
         # the cores never wait on this loop. The copy out is itself an engine operation, ordered
         # before the next forward can reuse the static graph's output memory.
-        computing = None
         for _ in range(len(jobs)):
             ((start, stop, b), _, _), batch, errors = pool.next()
             if current is None or current[0] != start:
