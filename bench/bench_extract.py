@@ -14,9 +14,11 @@ weights -- no pretrained weights exist on this machine):
    engine alike; the median round counts. Ratios are to ONNX Runtime's best fp32.
 2. **Feature agreement**: relative L1 error and cosine of bf16/INT8 features vs float32.
 3. **End to end**: files (512x512 PNGs: the JSRT images, copied to reach ``--e2e-images``) to
-   feature shards on disk with ``extract_features`` (decode in worker processes), each round
-   paired with a model-only pass over as many images right before it (same load conditions);
-   with ``--e2e-pack`` also from a RecordIO pack of the same images (``mxvision data pack``).
+   feature shards on disk with ``extract_features`` (decode in worker threads and in worker
+   processes, ``--loaders``), each round paired with a model-only pass over as many images right
+   before it (same load conditions), with the CPU time per image of both: their ratio is the
+   highest fraction the cores allow; with ``--e2e-pack`` also from a RecordIO pack of the same
+   images (``mxvision data pack``).
 4. **Downstream AUC** on the JSRT development set (all 154 images, 5-fold stratified
    cross-validation, the Xvision head with train_head's defaults, out-of-fold AUC, mean over
    ``--auc-seeds`` head seeds with its spread) for float32, bfloat16, INT8, float32 stored as
@@ -237,20 +239,28 @@ def pack_folder(folder, work, workers, result):
     return csv
 
 
-def end_to_end(folder, work, dtype, calib_paths, batch, workers):
+def cpu_seconds():
+    """CPU time of this process (every thread) and of its finished child processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def end_to_end(folder, work, dtype, calib_paths, batch, workers, loader="auto"):
     kw = {"dtype": dtype, "calibration": calib_paths} if dtype != "float32" else {}
     out = work / f"e2e-{dtype}"
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), cpu_seconds()
     store = extract_features(folder, out, weights="none", ctx="cpu", batch_size=batch,
-                             progress=False, loader="process", workers=workers, overwrite=True, **kw)
-    total = time.perf_counter() - tic
+                             progress=False, loader=loader, workers=workers, overwrite=True, **kw)
+    total, cpu = time.perf_counter() - tic, cpu_seconds() - cpu
     t = store.manifest["timing"]
     size = sum(s["bytes"] for s in store.manifest["shards"])
     shutil.rmtree(out, ignore_errors=True)
     return {"images": t["images"], "images_per_s": t["images_per_s"], "loop_seconds": t["loop_seconds"],
             "setup_seconds": t["setup_seconds"], "total_seconds": round(total, 2),
             "images_per_s_including_setup": round(t["images"] / total, 2),
-            "shards_gb": round(size / 1e9, 2), "workers": workers, "loader": t["loader"]}
+            "shards_gb": round(size / 1e9, 2), "workers": workers, "loader": t["loader"],
+            "cpu_ms_per_image": t["cpu_ms_per_image"],
+            "cpu_ms_per_image_including_setup": round(1000 * cpu / t["images"], 2)}
 
 
 # --------------------------------------------------------------------------- main
@@ -260,7 +270,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=4, help="batches per engine per round")
     p.add_argument("--e2e-images", type=int, default=384)
-    p.add_argument("--workers", type=int, default=2, help="decode worker processes (end to end)")
+    p.add_argument("--workers", type=int, default=2, help="decode workers (end to end)")
+    p.add_argument("--loaders", nargs="+", default=["thread", "process"], choices=["thread", "process"],
+                   help="decode in worker threads and/or processes (end to end; auto = thread)")
     p.add_argument("--e2e-rounds", type=int, default=2, help="paired model-only / end-to-end rounds")
     p.add_argument("--e2e-pack", action="store_true",
                    help="also extract from a RecordIO pack of the same images (packed once, timed)")
@@ -328,20 +340,27 @@ def main():
             sources = [("", folder)]
             if args.e2e_pack:
                 sources.append((" from a RecordIO pack", pack_folder(folder, work, args.workers, result)))
-            runs = [(dtype + label, dtype, key, source) for label, source in sources
-                    for dtype, key in (("int8", "mxvision int8"), ("float32", "mxvision fp32"))]
-            for name, dtype, key, source in runs:
+            runs = [(f"{dtype}{label}, {loader} loader", dtype, key, source, loader)
+                    for label, source in sources
+                    for dtype, key in (("int8", "mxvision int8"), ("float32", "mxvision fp32"))
+                    for loader in args.loaders]
+            for name, dtype, key, source, loader in runs:
                 rows = []
                 for r in range(args.e2e_rounds):
                     # model only on as many images, right before: the same load conditions
                     n_batches = max(1, args.e2e_images // args.batch)
-                    tic = time.perf_counter()
+                    tic, cpu = time.perf_counter(), cpu_seconds()
                     for _ in range(n_batches):
                         engines[key](x)
                     model_rate = n_batches * args.batch / (time.perf_counter() - tic)
+                    model_cpu = 1000 * (cpu_seconds() - cpu) / (n_batches * args.batch)
                     log(f"end to end round {r + 1}: {args.e2e_images} images -> shards, {name}")
-                    row = end_to_end(source, work, dtype, calib, args.batch, args.workers)
+                    row = end_to_end(source, work, dtype, calib, args.batch, args.workers, loader)
                     row["model_only_images_per_s"] = round(model_rate, 2)
+                    row["model_only_cpu_ms_per_image"] = round(model_cpu, 2)
+                    # With every core busy, files -> shards cannot beat model-only by more than
+                    # the share of its CPU that is the network's: the arithmetic ceiling.
+                    row["cpu_ceiling_fraction"] = round(model_cpu / row["cpu_ms_per_image"], 3)
                     row["fraction_of_model_only"] = round(row["images_per_s"] / model_rate, 3)
                     rows.append(row)
                     log(f"  {row}")

@@ -378,7 +378,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     try:
         if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
             net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
-        loop_start = time.time()
+        loop_start, loop_cpu = time.time(), _cpu_seconds()
         pool.feed(jobs)
         current = None  # (start, stop, rows, outputs, skipped) of the shard being computed
         # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
@@ -427,18 +427,25 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     if not shards and not share:
         raise BadIndex(out_dir, f"none of the {len(items)} images could be read (see {MANIFEST})")
     n_run = sum(len(j[1]) for j in jobs)
-    loop = time.time() - loop_start
+    loop, loop_cpu = time.time() - loop_start, _cpu_seconds() - loop_cpu  # workers reaped by now
     manifest.update(complete=True, finished=datetime.datetime.now().isoformat(timespec="seconds"),
                     n_features=sum(len(s["rows"]) for s in shards), n_skipped=len(skipped),
                     timing={"images": n_run, "loader": kind, "workers": workers,
                             "batch_size": batch_size, "setup_seconds": round(loop_start - started, 3),
                             "loop_seconds": round(loop, 3),
-                            "images_per_s": round(n_run / loop, 2) if n_run and loop > 0 else None})
+                            "images_per_s": round(n_run / loop, 2) if n_run and loop > 0 else None,
+                            "cpu_ms_per_image": round(1000 * loop_cpu / n_run, 2) if n_run else None})
     write_json(out_dir / MANIFEST, manifest)
     if skipped:
         log.warning("skipped %d unreadable image(s); they are listed in %s", len(skipped),
                     out_dir / MANIFEST)
     return FeatureStore(out_dir)
+
+
+def _cpu_seconds():
+    """CPU time of this process's threads and of its finished worker processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _write_shard(out_dir, start, stop, rows, outputs, skipped, storage_dtype):
