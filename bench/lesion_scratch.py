@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 
-from mxvision import explain, lesion
+from mxvision import lesion, localization
 from mxvision.context import parse_ctx
 from mxvision.data.index import read_index
 from mxvision.io.images import read_image
-from mxvision.nodule_detector import DEFAULTS, evaluate_detector, load_detector, score_images, train_detector
+from mxvision.nodule_detector import DEFAULTS, load_detector, score_images, train_detector
+from mxvision.nodule_evaluation import evaluate_detector
 
 
 def _settings(extra):
@@ -64,7 +65,7 @@ def real_nodules(run, real_csv):
     test = np.array([real.splits[k] == "test" for k in rows])
     out = {"auc_all_nodules_vs_val_test_normals": lesion.auc_or_nan(labels, scores),
            "auc_test_split": lesion.auc_or_nan(labels[test], scores[test])}
-    where = {les[0]: les for les in explain.index_lesions(real)}
+    where = {les[0]: les for les in localization.index_lesions(real)}
     hits = [np.hypot(p[0] - where[k][1] * min(img.shape) / where[k][4], p[1] - where[k][2] * min(img.shape) /
                      where[k][4]) <= where[k][3] * min(img.shape) / where[k][4]
             for k, p, img in zip(rows, peaks, images) if k in where]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-from mxvision import explain
+from mxvision import explain, localization
 from mxvision.cli import explain as cli_explain
 
 
@@ -160,13 +160,13 @@ def test_pointing_game_hits_misses_and_chance():
     maps[1][80, 80] = 1  # miss
     mask = np.zeros((100, 100), bool)
     mask[:, :50] = True  # lung: half the image
-    r = explain.pointing_game(maps, [(40, 35), (20, 20), (10, 10)], [6, 6, 6], [mask] * 3)
+    r = localization.pointing_game(maps, [(40, 35), (20, 20), (10, 10)], [6, 6, 6], [mask] * 3)
     assert (r["hits"], r["n"]) == (1, 3)
     assert [p["hit"] for p in r["per_image"]] == [True, False, False]
     assert r["per_image"][2]["peak"] is None  # all-zero map points nowhere
     disc = np.pi * 36
     assert r["chance_rate"] == pytest.approx(disc / 5000, rel=0.1)
-    assert explain.pointing_game(maps, [(20, 20)] * 3, [6] * 3, tolerance=100)["hits"] == 2
+    assert localization.pointing_game(maps, [(20, 20)] * 3, [6] * 3, tolerance=100)["hits"] == 2
 
 
 @pytest.mark.parametrize("arch", ["resnet", "densenet"])

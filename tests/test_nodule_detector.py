@@ -17,7 +17,8 @@ from mxvision.data.index import read_index
 from mxvision.errors import BadIndex, BadRun
 from mxvision.io.images import read_image
 from mxvision.models import zoo
-from mxvision.nodule_detector import (evaluate_detector, load_detector, make_batch, train_detector)
+from mxvision.nodule_detector import load_detector, make_batch, train_detector
+from mxvision.nodule_evaluation import evaluate_detector
 
 EASY = {"radius": [24, 32], "contrast": [70, 100]}  # big, bright nodules: learnable in seconds
 SMALL = {"size": 64, "batch_pairs": 2, "val_variants": 2}

@@ -41,7 +41,7 @@ def _cmd_explain(args):
 
 
 def _pointing_game(explainer, args):
-    from ..explain import pointing_game_on_index
+    from ..localization import pointing_game_on_index
     from ..features import load_index
     from ..utils import write_json
 

@@ -28,7 +28,7 @@ def _cmd_train(args):
 
 
 def _cmd_evaluate(args):
-    from ..nodule_detector import evaluate_detector
+    from ..nodule_evaluation import evaluate_detector
 
     out = args.out or str(Path(args.run) / f"eval-{args.split}")
     m = evaluate_detector(args.run, args.pairs, split=None if args.split == "all" else args.split,
@@ -58,7 +58,8 @@ def _cmd_evaluate(args):
 def _cmd_score(args):
     from ..errors import BadImage, MxvisionError
     from ..io.images import read_image
-    from ..nodule_detector import load_detector, score_images, write_scores
+    from ..nodule_detector import load_detector, score_images
+    from ..nodule_evaluation import write_scores
     from ..predict import expand_images
 
     from ..context import parse_ctx
