@@ -211,7 +211,7 @@ def _cmd_index_merge(args):
 
 # ----------------------------------------------------------------------------------- summary
 def _cmd_summary(args):
-    from ..data.dataset import summary_table
+    from ..data.summary import summary_table
     from ..data.index import read_index
     from ..data.splits import check_no_patient_leak
 
