@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import metrics, train
 from .context import parse_ctx
 from .errors import BadRun, MxvisionError
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .models.head import XvisionHead
 from .optim_state import load_trainer_states
 from .streaming import DEFAULT_MAX_MEMORY, ShardStream

@@ -13,7 +13,7 @@ import numpy as np
 from . import metrics
 from .context import parse_ctx
 from .errors import BadRun, MxvisionError
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .train import load_head, load_run, predict_probs
 from .utils import atomic_path, write_json
 

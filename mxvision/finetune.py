@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import metrics, transforms, train
 from .context import parse_ctx
 from .errors import BadRun
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .optim_state import load_trainer_states, save_trainer_states
 from .predict import load_classifier
 from .utils import atomic_path, clean_stale_temps, file_digest, read_json, write_json

@@ -147,7 +147,7 @@ def window_size(store, split, max_memory=DEFAULT_MAX_MEMORY):
 
 
 class ShardStream:
-    """Batches ``(x float32, y int64)`` of one split of a :class:`~mxvision.features.FeatureStore`.
+    """Batches ``(x float32, y int64)`` of one split of a :class:`~mxvision.feature_store.FeatureStore`.
 
     ``window_shards`` (default: from ``max_memory``) bounds the shards held; ``verify`` checks
     every shard's sha256 as it is read (on the bytes already in memory, so it costs no extra I/O).

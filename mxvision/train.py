@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import metrics
 from .context import parse_ctx
 from .errors import BadRun
-from .features import FeatureStore
+from .feature_store import FeatureStore
 from .models.head import XvisionHead
 from .optim_state import load_trainer_states, save_trainer_states
 from .streaming import DEFAULT_MAX_MEMORY, ShardStream
