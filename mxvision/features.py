@@ -202,47 +202,53 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         write_json(out_dir / MANIFEST, manifest)
 
     def settle(done_batch):
-        """Fetch a computed batch into its shard; hand a complete shard to the writer."""
+        """Wait for a queued batch's features; hand a complete shard to the writer."""
         nonlocal pending
-        (start, stop, rows, outputs, new_skips), good, batch_rows, result = done_batch
-        if result is not None:
-            outputs.append(result.asnumpy()[good])
-            rows.extend(batch_rows[k] for k in good)
+        shard, batch_rows, feats = done_batch
+        if feats is not None:
+            feats.wait_to_read()  # back-pressure: one batch queued behind the one computing
         bar.update(len(batch_rows))
-        if batch_rows[-1] == stop - 1:  # shard complete: write it while the next is computed
+        if batch_rows[-1] == shard["stop"] - 1:  # shard complete: write it while the next is computed
             if pending is not None:
                 finish(pending)
-            pending = writer.submit(_write_shard, out_dir, start, stop, rows, outputs,
-                                    new_skips, storage_dtype)
+            parts = shard["parts"]
+            feats = (mx.nd.concat(*parts, dim=0) if len(parts) > 1 else parts[0]) if parts else None
+            pending = writer.submit(_write_shard, out_dir, shard["start"], shard["stop"],
+                                    shard["rows"], feats, shard["skips"])
 
     pool = ImageBatchLoader(preset, workers, kind)  # process workers start up meanwhile
-    computing = None  # (shard, good rows, rows, features) of the batch in the network
+    computing = None  # (shard, rows, features) of the batch queued last
     try:
         if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
             net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
         loop_start, loop_cpu = time.time(), _cpu_seconds()
         pool.feed(jobs)
-        current = None  # (start, stop, rows, outputs, skipped) of the shard being computed
+        current = None  # the shard being computed: start, stop, rows, parts (features), skips
         # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
-        # decoders and copied in while batch k computes, and k is read back only afterwards, so
-        # the cores never wait on this loop. The copy out is itself an engine operation, ordered
-        # before the next forward can reuse the static graph's output memory.
+        # decoders and queued while batch k computes, and only then is k waited for, so the cores
+        # never wait on this loop. Each batch's features are copied out of the static graph's
+        # output by an engine operation (ordered before the next forward reuses that memory),
+        # straight into the storage dtype, and a shard is their concatenation: no read-back into
+        # NumPy, no second copy.
         for _ in range(len(jobs)):
             ((start, stop, b), _, _), batch, errors = pool.next()
-            if current is None or current[0] != start:
-                current = (start, stop, [], [], [])
-            new_skips = current[4]
+            if current is None or current["start"] != start:
+                current = {"start": start, "stop": stop, "rows": [], "parts": [], "skips": []}
             batch_rows = list(range(b, min(b + batch_size, stop)))
             bad = set()
             for k, err in errors:
                 if strict:
                     raise err
                 bad.add(k)
-                new_skips.append({"row": batch_rows[k], "id": items[batch_rows[k]]["id"],
-                                  "problem": str(err)})
+                current["skips"].append({"row": batch_rows[k], "id": items[batch_rows[k]]["id"],
+                                         "problem": str(err)})
             good = [k for k in range(len(batch_rows)) if k not in bad]
-            result = net(mx.nd.array(batch, ctx=ctx)).copyto(mx.cpu()) if good else None
-            computed, computing = computing, (current, good, batch_rows, result)
+            feats = None
+            if good:
+                feats = _batch_features(net(mx.nd.array(batch, ctx=ctx)), good, storage_dtype)
+                current["parts"].append(feats)
+                current["rows"].extend(batch_rows[k] for k in good)
+            computed, computing = computing, (current, batch_rows, feats)
             if computed is not None:
                 settle(computed)
             if batch_rows[-1] == stop - 1:
@@ -290,14 +296,23 @@ def _cpu_seconds():
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _write_shard(out_dir, start, stop, rows, outputs, skipped, storage_dtype):
+def _batch_features(out, good, storage_dtype):
+    """Rows ``good`` of a batch's network output as a new CPU array in ``storage_dtype``."""
+    fresh = False
+    if len(good) < out.shape[0]:  # the padded last batch of a shard, or unreadable images
+        out, fresh = out.take(mx.nd.array(good, ctx=out.context, dtype="int64")), True
+    if out.dtype != np.dtype(storage_dtype):
+        out, fresh = out.astype(storage_dtype), True
+    return out.as_in_context(mx.cpu()) if fresh else out.copyto(mx.cpu())
+
+
+def _write_shard(out_dir, start, stop, rows, feats, skipped):
     """Save one computed shard (temp file + rename) and describe it for the manifest."""
     if not rows:
         return None, skipped, (start, stop)
-    feats = np.concatenate(outputs)
     name = f"shard-{start:07d}.nd"
     path = out_dir / name
     with atomic_path(path) as tmp:
-        mx.nd.save(tmp, {"features": mx.nd.array(feats, dtype=storage_dtype)})
+        mx.nd.save(tmp, {"features": feats})
     return {"file": name, "start": start, "stop": stop, "rows": rows, "bytes": path.stat().st_size,
             "sha256": file_digest(path), "feature_shape": list(feats.shape[1:])}, skipped, (start, stop)
