@@ -111,16 +111,35 @@ def calibration_hash(paths, preset):
     """sha1 over the preprocessing and the *content* of every calibration image, in order."""
     digest = hashlib.sha1(json.dumps(transforms.get_preset(preset).to_dict(), sort_keys=True).encode())
     for p in paths:
-        digest.update(file_digest(p, "sha1").encode())
+        digest.update((_content_sha1(p) or "unreadable").encode())
     return digest.hexdigest()
 
 
+def _content_sha1(path):
+    """sha1 of an image file's bytes or of a packed record's pixels (``FILE.rec#KEY``); None when
+    it cannot be read (:func:`load_calibration` then skips it, with a warning)."""
+    from .io import recordio
+
+    try:
+        parts = recordio.split_record_path(path)
+        if parts is None:
+            return file_digest(path, "sha1")
+        pixels = recordio.open_source(parts[0]).read(parts[1])[1]
+        return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    except (OSError, MxvisionError):
+        return None
+
+
 def load_calibration(paths, preset):
-    """The preprocessed calibration images as one (N, C, S, S) float32 array (unreadable: skipped)."""
+    """The preprocessed calibration images as one (N, C, S, S) float32 array (unreadable: skipped).
+
+    Files or records of a RecordIO pack (``FILE.rec#KEY``, what a pack's index lists)."""
+    from .io import recordio
+
     images = []
     for p in paths:
         try:
-            images.append(transforms.load_image(p, preset))
+            images.append(recordio.load_image(p, preset))
         except MxvisionError as err:
             log.warning("calibration image skipped: %s", err)
     if not images:

@@ -68,6 +68,26 @@ def test_int8_model_is_cached_by_key_and_reused(int8_store, synth_index, tmp_pat
     assert other.manifest["precision"]["calibration"]["n_images"] == 5
 
 
+def test_int8_from_a_recordio_pack_calibrates_on_its_records(synth_index, small_store, tmp_path,
+                                                            monkeypatch):
+    """A pack's index lists ``FILE.rec#KEY`` paths: calibration reads and hashes the records."""
+    from mxvision.io import recordio
+
+    monkeypatch.setenv("MXVISION_CACHE", str(tmp_path / "cache"))
+    rec = tmp_path / "synth.rec"
+    recordio.pack_index(synth_index, rec, encoding="raw", progress=False)
+    store = _extract(str(rec)[:-4] + ".csv", tmp_path / "int8", dtype="int8", calibration_size=8)
+    calib = store.manifest["precision"]["calibration"]
+    assert calib["n_images"] == 8 and all(".rec#" in p for p in calib["paths"])
+    x8, _, _ = store.load()
+    x32, _, _ = small_store.load()
+    assert x8.shape == x32.shape and np.corrcoef(x8.ravel(), x32.ravel())[0, 1] > 0.95
+    # the cache key follows the records' pixels; a record that is not there is unreadable
+    first = calib["paths"][0]
+    assert quantize._content_sha1(first) is not None
+    assert quantize._content_sha1(f"{rec}#9999") is None
+
+
 def test_predict_and_export_use_the_int8_backbone(int8_store, tmp_path):
     run = tmp_path / "run"
     train_head(int8_store, run, epochs=2, batch_size=8, ctx="cpu", progress=False)
