@@ -82,6 +82,13 @@ def test_mistakes(packed, synth_index, tmp_path, monkeypatch):
         recordio.pack_index(synth_index, tmp_path / "x.bin", progress=False)
     with pytest.raises(BadRun, match="another pack"):
         recordio.pack_index(synth_index, out, preset="xrv512", progress=False)
+    # the pack's own index (NAME.csv) must never replace the index being packed
+    own = tmp_path / "mine.csv"
+    own.write_bytes(open(synth_index, "rb").read())
+    with pytest.raises(BadRun, match="is the index being packed"):
+        recordio.pack_index(own, tmp_path / "mine.rec", progress=False)
+    assert own.read_bytes() == open(synth_index, "rb").read()
+    assert not (tmp_path / "mine.rec").exists()
     # a finished pack of the same index is not redone
     monkeypatch.setattr(recordio, "_prepare", lambda *a: pytest.fail("recomputed"))
     assert recordio.pack_index(synth_index, out, progress=False)["count"] == 24

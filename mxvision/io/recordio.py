@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import transforms
 from ..errors import BadImage, BadIndex, BadRun
-from ..utils import atomic_path, write_json
+from ..utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,13 @@ def _copy_resumable(part_rec, part_idx, state_path, config, writer, size, encodi
     return done
 
 
+def _same_file(a, b):
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except (OSError, TypeError):  # either missing, or not a path
+        return False
+
+
 def pack_index(index, out_rec, preset="imagenet224", encoding="png", workers=2, strict=False,
                progress=True, overwrite=False):
     """Pack every image of ``index`` (an :class:`~mxvision.data.index.Index` or CSV path) into
@@ -180,6 +187,10 @@ def pack_index(index, out_rec, preset="imagenet224", encoding="png", workers=2, 
         raise BadIndex(index.source, "no images to pack")
     preset = transforms.get_preset(preset)
     rec, idx, manifest_path, csv_path = pack_paths(out_rec)
+    source = getattr(index, "source", None)
+    if _same_file(source, csv_path):  # the pack writes its index of records as NAME.csv
+        raise BadRun(csv_path, "is the index being packed, and the pack would overwrite it with its "
+                               f"index of records; choose another --out (e.g. {rec[:-4]}-pack.rec)")
     size = preset.size
     config = _config(index, size, encoding, preset)
     if not overwrite and os.path.isfile(manifest_path) and os.path.isfile(rec):
