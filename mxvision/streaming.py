@@ -5,9 +5,9 @@ costs ~4 ms of CPU, a fifth of the INT8 network's time per image, so it runs a f
 the network in worker threads or processes. Threads are the default: OpenCV releases the GIL while
 it decodes and resizes, a batch needs no pickling through a pipe, and no worker has to start
 (a spawned process re-imports the main module, often MXNet: ~2 s of CPU each). Measured with INT8
-(docs/BENCHMARKS.md): 1,536 PNGs, threads 70 vs processes 63.5 images/s; 384 uncompressed 12-bit
-DICOMs, 73.7 vs 48.1. Processes remain an option for decoders that hold the GIL. This module
-imports no MXNet, so spawned workers start as fast as the main module allows.
+(docs/BENCHMARKS.md): 1,536 PNGs, threads 57.2 and 51.6 vs processes 46.9 and 48.8 images/s; 384
+uncompressed 12-bit DICOMs, 73.7 vs 48.1. Processes remain an option for decoders that hold the
+GIL. This module imports no MXNet, so spawned workers start as fast as the main module allows.
 
 **Features to batches** (:class:`ShardStream`): training on a feature store larger than memory.
 
