@@ -15,9 +15,7 @@ What is timed, on the same images and with the same 2 decoding threads feature e
 Each route is run ``--repeats`` times and the fastest run is reported (the page cache is warm after
 the first, as it is for a "second run"). ``--extract`` also times two whole feature extractions
 (ResNet-50 v2 trunk, random weights: the compute is the same as with ImageNet weights) -- one on
-the files, one on the pack -- with feature extraction's image loader pointed at
-``recordio.load_image`` for the second, i.e. the hook features.py is to get; it is patched here
-only for the measurement.
+the files, one on the pack (extraction reads a pack's ``NAME.rec#KEY`` paths itself).
 """
 import argparse
 import os
@@ -46,29 +44,17 @@ def _time_loading(paths, load, preset, workers, repeats):
     return best
 
 
-def _time_extract(index, out, preset, loader, repeats):
-    from mxvision import features
+def _time_extract(index, out, preset, repeats):
+    """Fastest whole extraction of ``index`` (files, or a pack's index of ``NAME.rec#KEY``)."""
+    from mxvision.features import extract_features
 
-    original = features._load_one
-
-    def load_one(path, preset_):
-        try:
-            return loader(path, preset_), None
-        except features.BadImage as err:
-            return None, err
-
-    features._load_one = load_one
-    try:
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            features.extract_features(index, out, backbone="resnet50_v2", weights="none",
-                                      preset=preset, ctx="cpu", batch_size=16, progress=False,
-                                      overwrite=True)
-            best = min(best, time.perf_counter() - start)
-        return best
-    finally:
-        features._load_one = original
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        extract_features(index, out, backbone="resnet50_v2", weights="none", preset=preset,
+                         ctx="cpu", batch_size=16, progress=False, overwrite=True)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main(argv=None):
@@ -112,10 +98,8 @@ def main(argv=None):
               f"(saves {files_s - rec_s:.2f} s per run; the pack pays for itself after "
               f"{pack_s / max(files_s - rec_s, 1e-9):.1f} runs)")
         if args.extract:
-            e_files = _time_extract(index, os.path.join(tmp, "f_files"), preset,
-                                    transforms.load_image, args.repeats)
-            e_rec = _time_extract(packed, os.path.join(tmp, "f_rec"), preset,
-                                  recordio.load_image, args.repeats)
+            e_files = _time_extract(index, os.path.join(tmp, "f_files"), preset, args.repeats)
+            e_rec = _time_extract(packed, os.path.join(tmp, "f_rec"), preset, args.repeats)
             print(f"  whole extraction (resnet50_v2, CPU): files {e_files:.2f} s, "
                   f"recordio {e_rec:.2f} s -> {e_files / e_rec:.2f}x")
 
