@@ -127,7 +127,7 @@ class ImageBatchLoader:
 
 
 def choose_loader(loader, workers):
-    """``thread`` or ``process`` (``auto`` is threads: measured faster for PNG, JPEG and DICOM)."""
+    """``thread`` or ``process`` (``auto`` is threads: measured faster for PNG and DICOM files)."""
     if loader not in ("auto", "process", "thread"):
         raise MxvisionError(f"loader {loader!r}", "expected auto, process or thread")
     if workers < 1:
