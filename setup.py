@@ -51,10 +51,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.8,<3.12",
-    # The top-level data/ folder (label tables) is installed as the package mxvision.tables.
-    packages=find_packages(include=["mxvision", "mxvision.*"]) + ["mxvision.tables"],
-    package_dir={"mxvision.tables": "data"},
-    package_data={"mxvision": ["py.typed"], "mxvision.tables": ["*.json"]},
+    packages=find_packages(include=["mxvision", "mxvision.*"]),
+    package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"]},
     install_requires=[
         _mxnet_requirement(),
         "numpy<1.24",  # MXNet 1.9.1 reads np.bool, removed in NumPy 1.24

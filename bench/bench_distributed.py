@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_distributed.py --json /tmp/dist-bench/bench.json
 
 Three parts, each a real local cluster (scheduler + 1 server + 2 workers, separate processes on
-127.0.0.1, :func:`mxvision.cluster.run_local`) against the single process:
+127.0.0.1, :func:`mxvision.distributed.cluster.run_local`) against the single process:
 
 1. **extraction**: a synthetic radiograph index (``--images``) through the ResNet-50 v2 trunk
    (random seeded weights, 2048x7x7 fp32), one process vs 2 workers; wall time, per-share
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxvision.cluster import run_local  # noqa: E402
+from mxvision.distributed.cluster import run_local  # noqa: E402
 from mxvision.data.synth import make_synthetic_dataset  # noqa: E402
-from mxvision.distributed_train import train_distributed  # noqa: E402
-from mxvision.features import FeatureStore, extract_features  # noqa: E402
-from mxvision.train import train_head  # noqa: E402
+from mxvision.distributed.train import train_distributed  # noqa: E402
+from mxvision.features.extract import FeatureStore, extract_features  # noqa: E402
+from mxvision.train.loop import train_head  # noqa: E402
 
-CLI = [sys.executable, "-m", "mxvision.cli.cluster"]
+CLI = [sys.executable, "-m", "mxvision.cli.distributed"]
 FC1_WEIGHTS = 100352 * 512
 KV_SCRIPT = """
 import json, sys, time

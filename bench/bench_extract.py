@@ -41,15 +41,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mxvision.features import use_every_core  # noqa: E402
+from mxvision.features.extract import use_every_core  # noqa: E402
 
 use_every_core()  # before MXNet loads: MXNet alone would use half the cores
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxvision import quantize, transforms  # noqa: E402
-from mxvision._shared import shared_dir  # noqa: E402
-from mxvision.features import extract_features  # noqa: E402
+from mxvision.features import quantize
+from mxvision.data import transforms  # noqa: E402
+from mxvision.runtime import shared_dir  # noqa: E402
+from mxvision.features.extract import extract_features  # noqa: E402
 from mxvision.models import zoo  # noqa: E402
 
 warnings.simplefilter("ignore")
@@ -131,7 +132,7 @@ def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32, also=None):
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
     from mxvision.models.head import XvisionHead
-    from mxvision.train import _batches, predict_probs
+    from mxvision.train.loop import _batches, predict_probs
 
     ctx = mx.cpu()
     oof, oof_also = np.zeros(len(y)), {}
@@ -223,7 +224,7 @@ def pack_folder(folder, work, workers, result):
     """Pack the PNG folder once (``mxvision data pack``, raw 224 px uint8 records) and return the
     pack's index CSV: decoding and resizing are then paid once, not on every extraction."""
     from mxvision.data.folder import index_from_folder
-    from mxvision.io import recordio
+    from mxvision.data import recordio
     rec = work / "pack" / "pngs.rec"
     rec.parent.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mxvision import transforms  # noqa: E402
-from mxvision._shared import shared_dir  # noqa: E402
+from mxvision.data import transforms  # noqa: E402
+from mxvision.runtime import shared_dir  # noqa: E402
 from mxvision.data.index import read_index  # noqa: E402
 from mxvision.data.jsrt import read_jsrt  # noqa: E402
-from mxvision.io import recordio  # noqa: E402
+from mxvision.data import recordio  # noqa: E402
 
 
 def _time_loading(paths, load, preset, workers, repeats):
@@ -46,7 +46,7 @@ def _time_loading(paths, load, preset, workers, repeats):
 
 def _time_extract(index, out, preset, repeats):
     """Fastest whole extraction of ``index`` (files, or a pack's index of ``NAME.rec#KEY``)."""
-    from mxvision.features import extract_features
+    from mxvision.features.extract import extract_features
 
     best = float("inf")
     for _ in range(repeats):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mxvision.features import FeatureStore  # noqa: E402
-from mxvision.streaming import DEFAULT_MAX_MEMORY  # noqa: E402
-from mxvision.train import train_head  # noqa: E402
+from mxvision.features.extract import FeatureStore  # noqa: E402
+from mxvision.features.stream import DEFAULT_MAX_MEMORY  # noqa: E402
+from mxvision.train.loop import train_head  # noqa: E402
 
 
 def main():

@@ -68,7 +68,7 @@ def main(argv=None):
     import mxnet as mx
     torch, xrv_torch = _import_torch_stack()
     torch.set_num_threads(args.threads)
-    from mxvision import xrv
+    from mxvision import classify as xrv
 
     load = " / ".join("%.1f" % v for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     tmp = tempfile.mkdtemp(prefix="bench_xrv_")

@@ -1,4 +1,4 @@
-"""Lesion-insertion check, from-scratch mode: a thin script over :mod:`mxvision.nodule_detector`.
+"""Lesion-insertion check, from-scratch mode: a thin script over :mod:`mxvision.audit.detector`.
 
 Trains (or resumes) a detector on the train-split normal films of ``--index``, evaluates it on the
 val and test splits of a lesion-insertion set (``mxvision synth``), and with ``--real`` scores the
@@ -19,12 +19,13 @@ import time
 
 import numpy as np
 
-from mxvision import lesion, localization
-from mxvision.context import parse_ctx
+from mxvision.audit import lesion
+from mxvision.audit import localization
+from mxvision.runtime import parse_ctx
 from mxvision.data.index import read_index
 from mxvision.io.images import read_image
-from mxvision.nodule_detector import DEFAULTS, load_detector, score_images, train_detector
-from mxvision.nodule_evaluation import evaluate_detector
+from mxvision.audit.detector import DEFAULTS, load_detector, score_images, train_detector
+from mxvision.audit.detector_evaluation import evaluate_detector
 
 
 def _settings(extra):

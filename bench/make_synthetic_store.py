@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mxnet as mx  # noqa: E402
 
-from mxvision.features import FORMAT_VERSION, MANIFEST  # noqa: E402
+from mxvision.features.extract import FORMAT_VERSION, MANIFEST  # noqa: E402
 from mxvision.utils import atomic_path, write_json  # noqa: E402
 
 

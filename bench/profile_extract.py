@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mxvision.features import extract_features, use_every_core  # noqa: E402
+from mxvision.features.extract import extract_features, use_every_core  # noqa: E402
 
 use_every_core()
 
@@ -44,7 +44,7 @@ def thread_cpu():
 
 
 def make_inputs(n, folder, dicom):
-    from mxvision._shared import shared_dir
+    from mxvision.runtime import shared_dir
 
     shared = shared_dir()
     if shared is None:

@@ -7,12 +7,13 @@ result on random features shows that the pipeline works, not that it finds nodul
 import time
 from pathlib import Path
 
-from .data.synth import make_synthetic_dataset
-from .evaluate import evaluate_run
-from .export import export_model
-from .features import extract_features
-from .models import store, zoo
-from .train import train_head
+from mxvision.data.synth import make_synthetic_dataset
+from mxvision.evaluate import evaluate_run
+from mxvision.export import export_model
+from mxvision.features.extract import extract_features
+from mxvision.models import store
+from mxvision.models import zoo
+from mxvision.train.loop import train_head
 
 
 def demo_weights():

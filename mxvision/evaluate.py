@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .context import parse_ctx
-from .errors import BadRun, MxvisionError
-from .feature_store import FeatureStore
-from .train import load_head, load_run, predict_probs
-from .utils import atomic_path, write_json
+from mxvision.train import metrics
+from mxvision.runtime import parse_ctx
+from mxvision.errors import BadRun, MxvisionError
+from mxvision.features.store import FeatureStore
+from mxvision.train.loop import load_head, load_run, predict_probs
+from mxvision.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
 
 
 def _audit(store, model_auc, split, config):
-    from .audit import shortcut_audit
+    from mxvision.audit.shortcuts import shortcut_audit
     try:
         return shortcut_audit(store, model_auc, split=split, train_split=config["splits"]["train"])
     except MxvisionError as err:  # e.g. the images moved since extraction: the metrics still stand
@@ -92,8 +92,8 @@ def _audit(store, model_auc, split, config):
 
 
 def _finetuned_probs(run_dir, config, store, split, ctx):
-    from .finetune import image_probs
-    from .predict import load_classifier
+    from mxvision.train.finetune import image_probs
+    from mxvision.predict import load_classifier
 
     items = [it for it in store.items if it["split"] == split]
     if not items:

@@ -10,11 +10,11 @@ from pathlib import Path
 import mxnet as mx
 from mxnet import gluon
 
-from . import transforms
-from .context import parse_ctx
-from .predict import load_classifier
-from .train import load_run
-from .utils import write_json
+from mxvision.data import transforms
+from mxvision.runtime import parse_ctx
+from mxvision.predict import load_classifier
+from mxvision.train.loop import load_run
+from mxvision.utils import write_json
 
 
 def export_model(run_dir, prefix, ctx=None, dtype=None):

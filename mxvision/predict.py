@@ -5,13 +5,13 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from . import transforms
-from .context import parse_ctx
-from .errors import BadImage, BadRun
-from .quantize import load_extractor
-from .models.classifier import XvisionClassifier
-from .train import load_head
-from .utils import file_digest
+from mxvision.data import transforms
+from mxvision.runtime import parse_ctx
+from mxvision.errors import BadImage, BadRun
+from mxvision.features.quantize import load_extractor
+from mxvision.models.classifier import XvisionClassifier
+from mxvision.train.loop import load_head
+from mxvision.utils import file_digest
 
 log = logging.getLogger(__name__)
 

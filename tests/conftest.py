@@ -1,8 +1,8 @@
 import pytest
 
-from httpserver import http_server  # noqa: F401  (real HTTP server on 127.0.0.1)
+from support.httpserver import http_server  # noqa: F401  (real HTTP server on 127.0.0.1)
 
-from mxvision._shared import shared_dir
+from mxvision.runtime import shared_dir
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def synth_index(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_store(synth_index, tmp_path_factory):
     """Features of the synthetic set from a random-weight ResNet-18 v2 trunk (fast on a CPU)."""
-    from mxvision.features import extract_features
+    from mxvision.features.extract import extract_features
 
     out = tmp_path_factory.mktemp("features")
     return extract_features(synth_index, out, backbone="resnet18_v2", weights="none",
@@ -36,7 +36,7 @@ def small_store(synth_index, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_run(small_store, tmp_path_factory):
     """A trained head (a few epochs) on the small feature store."""
-    from mxvision.train import train_head
+    from mxvision.train.loop import train_head
 
     out = tmp_path_factory.mktemp("run")
     train_head(small_store, out, epochs=4, batch_size=8, ctx="cpu", progress=False, keep_checkpoints=0)

@@ -38,7 +38,7 @@ from mxvision.io.images import MAX_FILE_BYTES, image_info, read_image
 
 pydicom = pytest.importorskip("pydicom")
 from PIL import Image  # noqa: E402  (Pillow is a dependency: pydicom's JPEG plugin)
-from dicom_builders import dicom_bytes, dicom_float  # noqa: E402
+from support.dicom_builders import dicom_bytes, dicom_float  # noqa: E402
 from pydicom.uid import JPEGBaseline8Bit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,7 +499,7 @@ def test_extract_strict_fails_with_one_line_and_no_finished_outputs(batch_index,
         assert (out / shard["file"]).stat().st_size == shard["bytes"]
     assert not list(out.glob(".*tmp"))
     from mxvision.errors import BadRun
-    from mxvision.features import FeatureStore
+    from mxvision.features.extract import FeatureStore
     with pytest.raises(BadRun, match="did not finish|not a feature store"):
         FeatureStore(out).load()
 

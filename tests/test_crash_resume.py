@@ -30,7 +30,7 @@ import pytest
 
 from mxvision.data.index import Index, read_index, write_index
 from mxvision.data.synth import make_synthetic_dataset
-from mxvision.features import FeatureStore
+from mxvision.features.extract import FeatureStore
 from mxvision.utils import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ def dataset(tmp_path_factory):
 def reference(dataset, tmp_path_factory):
     """Uninterrupted extraction and training through the Python API (so the CLI runs below are
     also checked against the API), and how long each one took."""
-    from mxvision.features import extract_features
-    from mxvision.train import train_head
+    from mxvision.features.extract import extract_features
+    from mxvision.train.loop import train_head
 
     base = tmp_path_factory.mktemp("reference")
     features, run = base / "features", base / "run"
@@ -286,7 +286,7 @@ def test_training_killed_at_random_moments_ends_equal_to_an_uninterrupted_run(re
 def test_a_kill_between_state_and_log_of_the_last_epoch_is_repaired(reference, tmp_path):
     """The file-system state of a kill right after ``state.json`` of the last epoch, made exactly:
     the log still lacks that epoch and the oldest checkpoint has not been pruned yet."""
-    from mxvision.train import train_head
+    from mxvision.train.loop import train_head
 
     run = tmp_path / "run"
     train_head(reference["features"], run, epochs=2, batch_size=4, ctx="cpu", progress=False,
@@ -303,8 +303,8 @@ def test_a_kill_between_state_and_log_of_the_last_epoch_is_repaired(reference, t
 
 def test_temp_files_of_killed_writes_are_cleaned_on_resume(dataset, reference, tmp_path):
     """``kill -9`` inside ``atomic_path`` leaves ``.<name>.<random>.tmp``; a rerun removes them."""
-    from mxvision.features import extract_features
-    from mxvision.train import train_head
+    from mxvision.features.extract import extract_features
+    from mxvision.train.loop import train_head
 
     out = tmp_path / "features"
     shutil.copytree(reference["features"], out)  # a finished store: the rerun only checks it

@@ -7,7 +7,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from mxvision.errors import BadRun
 from mxvision.evaluate import evaluate_run
-from mxvision.features import extract_features
+from mxvision.features.extract import extract_features
 from mxvision.utils import read_json
 
 

@@ -3,7 +3,7 @@ import json
 import mxnet as mx
 import numpy as np
 
-from mxvision import transforms
+from mxvision.data import transforms
 from mxvision.export import export_model, load_exported
 from mxvision.predict import load_classifier, predict
 
@@ -32,7 +32,7 @@ def test_exported_symbol_gives_the_same_probabilities(small_run, small_store, tm
 
 def test_predict_matches_the_evaluated_head(small_run, small_store):
     """Predicting from image files reproduces the probabilities computed from stored features."""
-    from mxvision.train import load_head, predict_probs
+    from mxvision.train.loop import load_head, predict_probs
     results = predict(small_run, _images(small_store), ctx="cpu")
     head, _ = load_head(small_run, ctx="cpu")
     x, _, ids = small_store.load()

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from archive_builders import make_tar as _tar
-from httpserver import Fault, serve
-from mxvision.data import nih, openi
+from support.archive_builders import make_tar as _tar
+from support.httpserver import Fault, serve
+from mxvision.data import nih
+from mxvision.data import openi
 from mxvision.data.index import MAX_PATH_CHARS, read_index
 from mxvision.errors import BadIndex, DownloadError, MxvisionError
 from mxvision.io.archive import safe_extract_tar, safe_extract_zip

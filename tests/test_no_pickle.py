@@ -193,7 +193,7 @@ def _payloads(marker):
 
 def test_torch_reader_find_class_is_a_whitelist_that_refuses_code(tmp_path):
     from mxvision.errors import WeightsError
-    from mxvision.models.torch_reader import RestrictedUnpickler, read_torch_pickle
+    from mxvision.io.torchfile.reader import RestrictedUnpickler, read_torch_pickle
 
     assert "find_class" in RestrictedUnpickler.__dict__
     marker = tmp_path / "pwned"
@@ -230,7 +230,7 @@ def test_no_optimizer_state_is_unpickled():
 
 
 def test_resuming_a_run_with_a_hostile_states_file_runs_no_code(small_store, tmp_path):
-    from mxvision.train import train_head
+    from mxvision.train.loop import train_head
 
     run, marker = tmp_path / "run", tmp_path / "pwned"
     train_head(small_store, run, epochs=1, batch_size=8, ctx="cpu", progress=False)

@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from mxvision.evaluate import plot_confusion_matrix, plot_roc_curve
-from mxvision.train import plot_training_curve
+from mxvision.train.loop import plot_training_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

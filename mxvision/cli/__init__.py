@@ -8,8 +8,14 @@ import argparse
 import logging
 import sys
 
-from ..errors import MxvisionError
-from . import cluster, data, explain, finetune, lesion, pipeline, xrv
+from mxvision.errors import MxvisionError
+from mxvision.cli import distributed as cluster
+from mxvision.cli import data
+from mxvision.cli import audit as explain
+from mxvision.cli import finetune
+from mxvision.cli import detector as lesion
+from mxvision.cli import pipeline
+from mxvision.cli import xrv
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

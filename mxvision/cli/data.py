@@ -19,7 +19,7 @@ import collections
 import os
 import urllib.parse
 
-from ..errors import BadIndex
+from mxvision.errors import BadIndex
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/"
 OPENI_COLLECTIONS = "imgs/collections/"
@@ -55,7 +55,7 @@ def _add_net_args(p):
 # ----------------------------------------------------------------------------------- download
 def _extract_once(archive, dest, progress):
     """Extract ``archive`` into ``dest`` unless the same archive (size, mtime) already was."""
-    from ..io.archive import safe_extract_tar
+    from mxvision.io.archive import safe_extract_tar
 
     st = os.stat(archive)
     stamp = f"{os.path.basename(archive)} {st.st_size} {int(st.st_mtime)}\n"
@@ -73,7 +73,7 @@ def _extract_once(archive, dest, progress):
 
 
 def _cmd_download_openi(args):
-    from ..io.download import download, hash_file
+    from mxvision.io.download import download, hash_file
 
     what = ["reports", "images"] if args.what == "all" else [args.what]
     base = args.base_url if args.base_url.endswith("/") else args.base_url + "/"
@@ -103,7 +103,7 @@ def _cmd_download_openi(args):
 
 
 def _cmd_download_url(args):
-    from ..io.download import download, hash_file
+    from mxvision.io.download import download, hash_file
 
     sha256 = None if args.sha256 is None or args.sha256.lower() in SKIP else args.sha256
     download(args.url, args.out, sha1=args.sha1, sha256=sha256, retries=args.retries,
@@ -117,7 +117,7 @@ def _cmd_download_url(args):
 
 # ----------------------------------------------------------------------------------- scrape
 def _cmd_scrape_openi(args):
-    from ..data.openi_scrape import scrape
+    from mxvision.data.openi_scrape import scrape
 
     result = scrape(args.out, base_url=args.base_url, query=args.query, coll=args.coll,
                     page_size=args.page_size, delay=args.delay, max_records=args.max_records,
@@ -146,7 +146,7 @@ def _report(index, out, info=None, extra=""):
 
 
 def _cmd_index_openi(args):
-    from ..data.openi import openi_index
+    from mxvision.data.openi import openi_index
 
     index, info = openi_index(args.reports, args.out, images=args.images,
                               metadata=args.metadata, task=args.task, views=args.views,
@@ -157,14 +157,14 @@ def _cmd_index_openi(args):
 
 
 def _cmd_index_jsrt(args):
-    from ..data.jsrt import jsrt_index
+    from mxvision.data.jsrt import jsrt_index
 
     index = jsrt_index(args.root, args.out, seed=args.seed, val=args.val, test=args.test)
     _report(index, args.out)
 
 
 def _cmd_index_nih(args):
-    from ..data.nih import nih_index
+    from mxvision.data.nih import nih_index
 
     index, info = nih_index(args.csv, args.images, args.out, task=args.task, views=args.views,
                             bbox_csv=args.bbox, seed=args.seed, val=args.val, test=args.test)
@@ -172,8 +172,8 @@ def _cmd_index_nih(args):
 
 
 def _cmd_index_folder(args):
-    from ..data.dataset import folder_dataset
-    from ..data.index import write_index
+    from mxvision.data.dataset import folder_dataset
+    from mxvision.data.index import write_index
 
     ds = folder_dataset(args.root)
     index = ds.to_index(task="pathologies" if args.task == "pathologies" else "nodule",
@@ -185,9 +185,9 @@ def _cmd_index_folder(args):
 
 def _as_is(ds, args):
     """A folder index with the folder names as labels (any classes), split by patient."""
-    from ..data.index import Index
-    from ..data.splits import assign_splits
-    from ..data.views import view_mask
+    from mxvision.data.index import Index
+    from mxvision.data.splits import assign_splits
+    from mxvision.data.views import view_mask
 
     keep = view_mask(ds.views, args.views)
     records = [dict(r, patient_id=p) for r, p, k in zip(ds.table, ds.patient_ids, keep) if k]
@@ -198,8 +198,8 @@ def _as_is(ds, args):
 
 
 def _cmd_index_merge(args):
-    from ..data.dataset import XrayDataset, csv_dataset
-    from ..data.index import write_index
+    from mxvision.data.dataset import XrayDataset, csv_dataset
+    from mxvision.data.index import write_index
 
     ds = XrayDataset.merge([csv_dataset(c) for c in args.csvs])
     index = ds.to_index(task=args.task, views=args.views, seed=args.seed, val=args.val,
@@ -211,9 +211,9 @@ def _cmd_index_merge(args):
 
 # ----------------------------------------------------------------------------------- summary
 def _cmd_summary(args):
-    from ..data.summary import summary_table
-    from ..data.index import read_index
-    from ..data.splits import check_no_patient_leak
+    from mxvision.data.summary import summary_table
+    from mxvision.data.index import read_index
+    from mxvision.data.splits import check_no_patient_leak
 
     index = read_index(args.index)
     print(f"{args.index}: {len(index)} images, {len(set(index.patient_ids))} patients")
@@ -226,7 +226,7 @@ def _cmd_summary(args):
 
 # ----------------------------------------------------------------------------------- pack
 def _cmd_pack(args):
-    from ..io.recordio import pack_index, pack_paths
+    from mxvision.data.recordio import pack_index, pack_paths
 
     manifest = pack_index(args.index, args.out, preset=args.preset, encoding=args.encoding,
                           workers=args.workers, strict=args.strict, progress=_progress(args),
@@ -241,10 +241,10 @@ def _cmd_pack(args):
 
 def add_parsers(sub):
     """Register ``data`` with its sub-commands download, scrape, index, summary, pack."""
-    from ..data.dataset import TASKS
-    from ..data.openi_scrape import DEFAULT_DELAY, USER_AGENT
-    from ..io.recordio import ENCODINGS
-    from ..transforms import PRESETS
+    from mxvision.data.dataset import TASKS
+    from mxvision.data.openi_scrape import DEFAULT_DELAY, USER_AGENT
+    from mxvision.data.recordio import ENCODINGS
+    from mxvision.data.transforms import PRESETS
 
     data = sub.add_parser("data", help="download, scrape, index, summarise and pack datasets",
                           description="Get chest X-ray datasets onto disk and into index CSVs.")

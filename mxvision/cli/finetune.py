@@ -2,7 +2,7 @@
 
 
 def _cmd_finetune(args):
-    from ..finetune import finetune_run
+    from mxvision.train.finetune import finetune_run
     state = finetune_run(args.run, args.out, stages=args.stages, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, momentum=args.momentum, seed=args.seed,
                          ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet)

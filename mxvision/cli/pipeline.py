@@ -7,13 +7,13 @@ def _add_ctx(p):
 
 
 def _cmd_demo(args):
-    from ..demo import run_demo
+    from mxvision.demo import run_demo
     run_demo(args.out, n_per_class=args.n_per_class, seed=args.seed, epochs=args.epochs,
              weights=args.weights, ctx=args.ctx, progress=not args.quiet)
 
 
 def _cmd_extract(args):
-    from ..features import extract_features
+    from mxvision.features.extract import extract_features
     store = extract_features(args.index, args.out, backbone=args.backbone, cut=args.cut,
                              weights=args.weights, preset=args.preset, ctx=args.ctx,
                              batch_size=args.batch_size,
@@ -30,7 +30,7 @@ def _cmd_extract(args):
 
 
 def _cmd_train(args):
-    from ..train import train_head
+    from mxvision.train.loop import train_head
     state = train_head(args.features, args.out, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, momentum=args.momentum, seed=args.seed,
                        ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
@@ -41,7 +41,7 @@ def _cmd_train(args):
 
 
 def _cmd_evaluate(args):
-    from ..evaluate import evaluate_run
+    from mxvision.evaluate import evaluate_run
     r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx,
                      audit=not args.no_audit)
     print(f"{r['split']}: n={r['n']} accuracy {r['accuracy']:.4f} AUC {r['auc']:.4f} "
@@ -53,7 +53,7 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
-    from ..predict import predict
+    from mxvision.predict import predict
     results = predict(args.run, args.images, ctx=args.ctx, strict=args.strict)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -68,13 +68,13 @@ def _cmd_predict(args):
 
 
 def _cmd_export(args):
-    from ..export import export_model
+    from mxvision.export import export_model
     paths = export_model(args.run, args.out, ctx=args.ctx, dtype=args.dtype)
     print(f"exported {paths['symbol']} and {paths['params']} (metadata: {paths['meta']})")
 
 
 def _cmd_models(args):
-    from ..models import zoo
+    from mxvision.models import zoo
     for name in zoo.list_models():
         print(name)
 

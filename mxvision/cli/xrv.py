@@ -12,7 +12,7 @@ NAME_WIDTH = 28
 
 
 def _cmd_classify(args):
-    from ..xrv import DEFAULT_PATHOLOGIES, classify
+    from mxvision.classify import DEFAULT_PATHOLOGIES, classify
     results = classify(args.images, model=args.model, weights=args.weights,
                        calibrated=not args.no_calibration, ctx=args.ctx, batch_size=args.batch_size,
                        strict=args.strict, root=args.cache, progress=not args.quiet)
@@ -58,7 +58,7 @@ def _print_table(results, pathologies):
 
 def add_parsers(sub):
     """The torchxrayvision commands: classify."""
-    from ..models.xrv_common import list_weights
+    from mxvision.models.xrv.common import list_weights
     p = sub.add_parser("classify", help="18 pathology scores with a torchxrayvision model (like process_image.py)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG/DICOM files or folders of them")
     p.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),

@@ -21,11 +21,11 @@ import os
 
 import numpy as np
 
-from ..errors import BadIndex
-from . import labels as L
-from .index import Index
-from .splits import assign_splits, check_no_patient_leak
-from .views import normalize_view, view_mask
+from mxvision.errors import BadIndex
+from mxvision.data import labels as L
+from mxvision.data.index import Index
+from mxvision.data.splits import assign_splits, check_no_patient_leak
+from mxvision.data.views import normalize_view, view_mask
 
 #: ``nodule``: Xvision's Normal vs Nodule; ``nodule-original``: the same with the original
 #: notebook's rule (OpenI only, for comparison); ``pathologies``: the multi-label task.
@@ -316,7 +316,7 @@ def find_images(folder, names):
 def jsrt_dataset(root):
     """JSRT (``root/labels.csv`` + ``root/images/``): pathology ``Nodule``, non-nodule films
     normal, every labels.csv column kept (subtlety, size, coordinates, diagnosis, ...)."""
-    from .jsrt import read_jsrt
+    from mxvision.data.jsrt import read_jsrt
 
     return XrayDataset.from_index(read_jsrt(root), name="jsrt")
 
@@ -325,9 +325,9 @@ def folder_dataset(root, dicom_tags=True):
     """A class-per-folder tree (``root/<label>/*``). For DICOM files the view and patient id are
     read from the header (``ViewPosition``, ``PatientID``) when ``dicom_tags``, so their splits
     are grouped by patient."""
-    from ..errors import BadImage
-    from ..io.images import dicom_tags as read_tags
-    from .folder import index_from_folder
+    from mxvision.errors import BadImage
+    from mxvision.io.images import dicom_tags as read_tags
+    from mxvision.data.folder import index_from_folder
 
     ds = XrayDataset.from_index(index_from_folder(root), name=os.path.basename(
         os.path.abspath(root)) or "folder")
@@ -346,7 +346,7 @@ def folder_dataset(root, dicom_tags=True):
 
 def csv_dataset(csv_path):
     """Any index CSV (``path,label[,patient_id,split,view,...]``; pathology columns if any)."""
-    from .index import read_index
+    from mxvision.data.index import read_index
 
     index = read_index(csv_path)
     return XrayDataset.from_index(index, name=os.path.splitext(os.path.basename(csv_path))[0])

@@ -6,8 +6,8 @@ by hand; the CLI can turn it into an index CSV so splits get recorded and reprod
 """
 import os
 
-from ..errors import BadIndex
-from .index import Index
+from mxvision.errors import BadIndex
+from mxvision.data.index import Index
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 

@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from ..errors import BadIndex
-from ..utils import atomic_path
+from mxvision.errors import BadIndex
+from mxvision.utils import atomic_path
 
 REQUIRED_COLUMNS = ("path", "label")
 #: The optional columns the pipeline understands, written right after the required ones.

@@ -11,9 +11,9 @@ AUC on JSRT alone does not show that a model sees nodules.
 import csv
 import os
 
-from ..errors import BadIndex
-from .index import Index, write_index
-from .splits import assign_splits
+from mxvision.errors import BadIndex
+from mxvision.data.index import Index, write_index
+from mxvision.data.splits import assign_splits
 
 LABELS_FILE = "labels.csv"
 IMAGES_DIR = "images"

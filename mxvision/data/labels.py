@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadIndex
+from mxvision.errors import BadIndex
 
 #: torchxrayvision's ``default_pathologies``, in its order.
 PATHOLOGIES = (
@@ -164,20 +164,12 @@ def load_synonyms(path):
 
 
 def _shipped_table(name):
-    """A table of the top-level ``data/`` folder: installed as ``mxvision.tables``, or read from
-    the source checkout when mxvision runs without being installed."""
-    try:
-        from importlib.resources import files
-        ref = files("mxvision.tables") / name
-        if ref.is_file():
-            return ref
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "data" / name
+    """A table shipped beside this module in ``tables/`` (package data of ``mxvision.data.tables``)."""
+    return Path(__file__).resolve().parent / "tables" / name
 
 
 #: OpenI synonyms: pathology -> {"major": globs on descriptor[/qualifier], "automatic": globs};
-#: the table, with why some terms are left out, is ``data/openi_synonyms.json``.
+#: the table, with why some terms are left out, is ``mxvision/data/tables/openi_synonyms.json``.
 OPENI_SYNONYMS = load_synonyms(_shipped_table("openi_synonyms.json"))
 
 

@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from ..errors import BadIndex
-from . import labels as L
-from .dataset import XrayDataset, find_images
-from .index import write_index
+from mxvision.errors import BadIndex
+from mxvision.data import labels as L
+from mxvision.data.dataset import XrayDataset, find_images
+from mxvision.data.index import write_index
 
 DATA_ENTRY = "Data_Entry_2017_v2020.csv"
 BBOX_LIST = "BBox_List_2017.csv"

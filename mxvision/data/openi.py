@@ -41,11 +41,11 @@ from typing import Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import BadIndex
-from . import labels as L
-from .dataset import XrayDataset, find_images
-from .index import write_index
-from .views import normalize_view, parse_views
+from mxvision.errors import BadIndex
+from mxvision.data import labels as L
+from mxvision.data.dataset import XrayDataset, find_images
+from mxvision.data.index import write_index
+from mxvision.data.views import normalize_view, parse_views
 
 log = logging.getLogger(__name__)
 

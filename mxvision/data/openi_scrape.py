@@ -35,10 +35,10 @@ import urllib.parse
 
 from tqdm import tqdm
 
-from .. import __version__
-from ..errors import DownloadError
-from ..io.download import download
-from ..utils import write_json
+from mxvision import __version__
+from mxvision.errors import DownloadError
+from mxvision.io.download import download
+from mxvision.utils import write_json
 
 log = logging.getLogger(__name__)
 

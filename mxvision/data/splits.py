@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import BadIndex
+from mxvision.errors import BadIndex
 
 MAX_FOLDS = 20
 MAX_COMBINATIONS = 2000  # fold subsets scored per carve; keeps a split well under a second

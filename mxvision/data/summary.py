@@ -1,8 +1,8 @@
 """A plain-text summary of an index: images per label and split, patients, views, pathologies."""
 import collections
 
-from . import labels as L
-from .dataset import NORMAL, OTHER
+from mxvision.data import labels as L
+from mxvision.data.dataset import NORMAL, OTHER
 
 MAX_LABEL_ROWS = 15  # more label combinations than this are grouped into one row
 

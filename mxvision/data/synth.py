@@ -18,9 +18,9 @@ import os
 import cv2
 import numpy as np
 
-from .index import Index, write_index
-from .splits import assign_splits
-from ..utils import atomic_path
+from mxvision.data.index import Index, write_index
+from mxvision.data.splits import assign_splits
+from mxvision.utils import atomic_path
 
 CLASSES = ("normal", "nodule")
 # Nominal lung fields as (centre x, centre y, half-width, half-height), fractions of the size.

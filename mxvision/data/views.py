@@ -9,7 +9,7 @@ A ``views`` selection is a list (or comma-separated string) of tokens: a view (`
 ``all``/``*`` (everything, unknown included). The default is :data:`DEFAULT_VIEWS` = PA only:
 frontal, and AP only when asked, since AP films are mostly bedside films of sicker patients.
 """
-from ..errors import MxvisionError
+from mxvision.errors import MxvisionError
 
 FRONTAL = ("PA", "AP")
 LATERAL = ("LATERAL",)

@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 import zlib
 
-from ..errors import DownloadError
+from mxvision.errors import DownloadError
 
 __all__ = ["safe_extract_zip", "safe_extract_tar", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE",
            "MAX_MEMBERS"]

@@ -34,9 +34,9 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-from .. import __version__
-from ..errors import DownloadError
-from .archive import MAX_MEMBER_SIZE, MAX_TOTAL_SIZE, safe_extract_tar, safe_extract_zip
+from mxvision import __version__
+from mxvision.errors import DownloadError
+from mxvision.io.archive import MAX_MEMBER_SIZE, MAX_TOTAL_SIZE, safe_extract_tar, safe_extract_zip
 
 try:  # POSIX advisory locks; on other platforms concurrent downloads are simply not serialised
     import fcntl

@@ -70,9 +70,8 @@ import cv2
 import numpy as np
 
 from mxvision.errors import BadImage
-from mxvision.io.headers import (BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC,
-                                 TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like,
-                                 png_header, png_verify, tiff_header)
+from mxvision.io.headers import (
+    BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like, png_header, png_verify, tiff_header)
 
 #: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
 #: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.

@@ -20,8 +20,8 @@ import mxnet as mx
 from mxnet import gluon
 
 from mxvision.errors import MxvisionError, WeightsError
-from mxvision.models.resnet_trunk import (DEFAULT_ARCH, DEFAULT_CUT, ResNetTrunk, _ctx_list,
-                                          _load_nd_dict, mxnet_reason, shape_fits)
+from mxvision.models.resnet_trunk import (
+    DEFAULT_ARCH, DEFAULT_CUT, ResNetTrunk, _ctx_list, _load_nd_dict, mxnet_reason, shape_fits)
 
 CLASSIC_BN_EPS = 2e-5
 _MXNET_DEFAULT_BN_EPS = 1e-3  # BatchNorm's eps when a symbol omits the attribute

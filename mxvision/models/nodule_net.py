@@ -1,6 +1,6 @@
 """NoduleNet: a small fully convolutional nodule detector trained from scratch.
 
-Why a separate, small network: the lesion-insertion check (:mod:`mxvision.lesion`) showed that
+Why a separate, small network: the lesion-insertion check (:mod:`mxvision.audit.lesion`) showed that
 frozen random ResNet-50 features, with or without fine-tuning one stage on 160 images, do not see
 nodules (AUC about 0.5), and no pretrained weights can be had here. A few 3x3 conv layers trained
 on nodules inserted on the fly into real normal films, with the evidence map supervised by the
@@ -64,7 +64,7 @@ def nodule_net(width=16, extra=2, dilation=2, weights_file=None, ctx=None, seed=
 
 
 def _register():
-    from . import zoo
+    from mxvision.models import zoo
     zoo.register_model("nodule_net", nodule_net)
 
 

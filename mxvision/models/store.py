@@ -21,8 +21,8 @@ import tempfile
 
 from mxnet.gluon.model_zoo import model_store as _gluon_store
 
-from ..errors import DownloadError, WeightsError
-from ..io.download import download, hash_file, locked_file, safe_extract_zip
+from mxvision.errors import DownloadError, WeightsError
+from mxvision.io.download import download, hash_file, locked_file, safe_extract_zip
 
 __all__ = ["register_weights", "known_weights", "short_hash", "weights_file_name", "weights_url",
            "cache_dir", "cached_weights_file", "get_weights_file", "resolve_weights", "file_sha1",

@@ -9,10 +9,11 @@ import logging
 
 import mxnet as mx
 
-from ..context import parse_ctx
-from ..errors import WeightsError
-from . import resnet_trunk, store
-from .head import XvisionHead
+from mxvision.runtime import parse_ctx
+from mxvision.errors import WeightsError
+from mxvision.models import resnet_trunk
+from mxvision.models import store
+from mxvision.models.head import XvisionHead
 
 log = logging.getLogger(__name__)
 
@@ -105,4 +106,6 @@ def load_backbone_file(name, cut, weights_file, ctx=None):
     check_backbone(name)
     return get_model(name, cut=cut, weights_file=weights_file, ctx=parse_ctx(ctx))
 
-from . import nodule_net, xrv_densenet, xrv_resnet  # noqa: E402,F401 (registers them)
+from mxvision.models import nodule_net
+from mxvision.models.xrv import densenet as xrv_densenet
+from mxvision.models.xrv import resnet as xrv_resnet  # noqa: E402,F401 (registers them)

@@ -56,10 +56,10 @@ xrv_torch = pytest.importorskip("torchxrayvision", reason="parity suite: torchxr
 
 import mxnet as mx  # noqa: E402
 
-from mxvision import xrv  # noqa: E402
-from mxvision.models.torch_reader import load_torch_file  # noqa: E402
-from mxvision.models.torch_writer import save_torch_file  # noqa: E402
-from mxvision.models.xrv_common import WEIGHTS  # noqa: E402
+from mxvision import classify as xrv  # noqa: E402
+from mxvision.io.torchfile.reader import load_torch_file  # noqa: E402
+from mxvision.io.torchfile.writer import save_torch_file  # noqa: E402
+from mxvision.models.xrv.common import WEIGHTS  # noqa: E402
 
 ATOL = 1e-4
 DENSENETS = [n for n, s in WEIGHTS.items() if s.arch == "densenet121"]

@@ -1,1 +1,0 @@
-"""Small tables mxvision ships (this folder is installed as ``mxvision.tables``; see README.md)."""

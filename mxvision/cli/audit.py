@@ -1,0 +1,170 @@
+"""CLI commands that check what a model looks at: ``explain``, ``audit``, ``synth``."""
+import json
+from pathlib import Path
+
+
+def _cmd_explain(args):
+    from mxvision.errors import BadImage, MxvisionError
+    from mxvision.audit.explain import explain_files, explainer_from_run, explainer_from_xrv
+    from mxvision.predict import expand_images
+
+    if bool(args.run) == bool(args.model):
+        raise MxvisionError("explain", "give exactly one of --run RUN or --model NAME")
+    if bool(args.images) == bool(args.index):
+        raise MxvisionError("explain", "give IMAGE files or --index CSV (pointing game), not both")
+    explainer = (explainer_from_run(args.run, ctx=args.ctx) if args.run else
+                 explainer_from_xrv(args.model, weights=args.weights, ctx=args.ctx))
+    if args.index:
+        return _pointing_game(explainer, args)
+    results, failed = [], 0
+    for path in expand_images(args.images):
+        try:
+            results.extend(explain_files(explainer, [path], args.out, method=args.method,
+                                         target=args.target, alpha=args.alpha))
+        except BadImage as err:
+            if args.strict:
+                raise
+            failed += 1
+            results.append({"path": str(path), "error": str(err)})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"model: {explainer.description}")
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}\tERROR\t{r['error']}")
+            else:
+                peak = "none (empty map)" if r["peak"] is None else f"({r['peak'][0]}, {r['peak'][1]})"
+                print(f"{r['path']}\t{r['method']} for {r['target']} (logit {r['logit']:.3f}), "
+                      f"peak at {peak}\t-> {r['overlay']}")
+    return 1 if failed else 0
+
+
+def _pointing_game(explainer, args):
+    from mxvision.audit.localization import pointing_game_on_index
+    from mxvision.features.extract import load_index
+    from mxvision.utils import write_json
+
+    split = None if args.split == "all" else args.split
+    r = pointing_game_on_index(explainer, load_index(args.index), split=split, method=args.method,
+                               target=args.target, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"model: {explainer.description}")
+        print(f"pointing game ({r['method']}, split {args.split}): {r['hits']}/{r['n']} maxima within "
+              f"the nodule radius + {r['tolerance']:g} px = hit rate {r['hit_rate']:.3f}; chance "
+              f"(uniform point in the estimated lung) {r['chance_rate']:.3f}")
+    if args.out_json:
+        write_json(args.out_json, r)
+    return 0
+
+
+def _cmd_audit(args):
+    from mxvision.audit.shortcuts import cross_validated_baselines, format_audit, shortcut_audit
+    from mxvision.errors import BadRun
+    from mxvision.utils import read_json
+
+    model_auc, source = args.model_auc, args.index or args.features
+    if args.metrics:
+        try:
+            metrics = read_json(args.metrics)
+        except (OSError, ValueError) as err:
+            raise BadRun(args.metrics, f"not a readable metrics.json ({err})") from None
+        model_auc = metrics.get("auc") if model_auc is None else model_auc
+        source = source or metrics.get("features_dir")
+    if not source:
+        raise BadRun("audit", "give --index CSV, --features DIR or --metrics metrics.json")
+    report = shortcut_audit(source, model_auc, split=args.split, train_split=args.train_split,
+                            margin=args.margin, out=args.out)
+    if args.cv:
+        report["cross_validated"] = cross_validated_baselines(source, folds=args.cv)
+        if args.out:
+            from mxvision.utils import write_json
+            write_json(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for line in format_audit(report):
+        print(line)
+    for name, r in report.get("cross_validated", {}).items():
+        print(f"  {name:<10} {args.cv}-fold CV over all {r['n']} images: AUC {r['auc_mean']:.3f} "
+              f"+- {r['auc_sd']:.3f}")
+    if args.out:
+        print(f"written: {args.out}")
+    return 0
+
+
+def _cmd_synth(args):
+    from mxvision.audit.lesion import make_lesion_pairs
+
+    index = make_lesion_pairs(args.index, args.out, variants=args.variants, radius=tuple(args.radius),
+                              contrast=tuple(args.contrast), seed=args.seed, label=args.label,
+                              splits=args.splits, progress=not args.quiet)
+    counts = {}
+    for split, label in zip(index.splits, index.labels):
+        counts[(split, label)] = counts.get((split, label), 0) + 1
+    summary = ", ".join(f"{s}: {counts.get((s, 'normal'), 0)} without / {counts.get((s, 'nodule'), 0)} with"
+                        for s in ("train", "val", "test") if (s, "normal") in counts)
+    nominal = sum(v == "nominal" for v in index.column("lung_mask"))
+    print(f"{len(index)} images in {Path(args.out) / 'index.csv'} ({summary})")
+    if nominal:
+        print(f"note: no lung found in {nominal} film(s); their nodules use the nominal lung geometry")
+
+
+def add_parsers(sub):
+    """The model-checking commands: explain, audit, synth."""
+    p = sub.add_parser("explain", help="Grad-CAM / saliency overlay PNGs for images, or a "
+                                       "pointing game against known nodule positions")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of them")
+    p.add_argument("--run", help="a trained (or fine-tuned) Xvision run folder")
+    p.add_argument("--model", help="a torchxrayvision model name (18 outputs), e.g. densenet121-res224-all")
+    p.add_argument("--weights", default=None,
+                   help="with --model: none (random) or a local .pt/.params (default: published weights)")
+    p.add_argument("--method", choices=["gradcam", "saliency"], default="gradcam")
+    p.add_argument("--target", default=None,
+                   help="class or pathology to explain (default: nodule / Nodule, else the top class)")
+    p.add_argument("--out", default="explain", help="folder for <stem>_<method>.png (default: explain)")
+    p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity at its maximum")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--index", help="instead of IMAGEs: an index CSV with nodule coordinates "
+                                   "(JSRT's or synth's) for a pointing game")
+    p.add_argument("--split", default="test", help="with --index: split to use, or 'all' (default test)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --index: pixels added to the nodule radius for a hit")
+    p.add_argument("--out-json", help="with --index: write the per-image results here")
+    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("audit", help="trivial shortcut baselines (histogram, thumbnails, metadata) "
+                                     "on a run's split, next to the model's AUC")
+    p.add_argument("--index", help="index CSV (keeps metadata columns)")
+    p.add_argument("--features", help="feature store folder (its items and splits)")
+    p.add_argument("--metrics", help="an evaluate metrics.json: gives the model AUC (and features)")
+    p.add_argument("--model-auc", type=float, default=None)
+    p.add_argument("--split", default="test", help="split the baselines are scored on")
+    p.add_argument("--train-split", default="train", help="split the baselines are trained on")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="warn when the model does not beat the best baseline by this AUC")
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="also K-fold patient-grouped CV over all images (steadier on small splits)")
+    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("synth", help="insert simulated nodules into real normal films: paired "
+                                     "with/without-nodule set + index CSV")
+    p.add_argument("--index", required=True, help="index CSV (or class folders) with normal films")
+    p.add_argument("--out", required=True, help="output folder (images/ and index.csv)")
+    p.add_argument("--variants", type=int, default=1, help="nodule versions per film (default 1)")
+    p.add_argument("--radius", type=float, nargs=2, default=[7.0, 20.0], metavar=("MIN", "MAX"),
+                   help="nodule radius in pixels of a 512 px film (scaled to each image)")
+    p.add_argument("--contrast", type=float, nargs=2, default=[15.0, 40.0], metavar=("MIN", "MAX"),
+                   help="grey levels (of 255) added at the nodule centre")
+    p.add_argument("--label", default="normal", help="label of the source films (default normal)")
+    p.add_argument("--splits", nargs="+", choices=["train", "val", "test"], default=None,
+                   help="only films of these splits (default: all; their split is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_synth)

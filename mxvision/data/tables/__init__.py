@@ -1,0 +1,1 @@
+"""Small tables mxvision ships as package data (see README.md in this folder)."""

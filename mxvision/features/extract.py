@@ -1,0 +1,319 @@
+"""Feature extraction: a backbone's features of every image of an index, into a feature store.
+
+The store's layout and reader are in :mod:`mxvision.features.store`. Rerunning with the same
+arguments resumes: shards already listed in the manifest and intact are kept.
+
+Speed on a CPU (measured in docs/BENCHMARKS.md): images are decoded, cropped and resized in worker
+threads (a 512 px PNG costs ~4 ms of CPU; OpenCV releases the GIL; processes on request, see
+:mod:`mxvision.features.stream`) a few batches ahead of the network; every batch has the
+same shape (the last is padded) so the static graph is never rebuilt; shards are written and
+checksummed by a background thread.
+"""
+import contextlib
+import datetime
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mxvision.runtime import use_every_core
+
+use_every_core()  # before MXNet loads: MXNet 1.9 alone would use half the cores
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mxvision.features import quantize
+from mxvision.data import transforms  # noqa: E402
+from mxvision.features.store import FORMAT_VERSION, MANIFEST, FeatureStore  # noqa: E402
+from mxvision.features.quantize import Pooled, load_extractor  # noqa: F401  (load_extractor: public here too)
+from mxvision.features.stream import ImageBatchLoader, choose_loader
+from mxvision.runtime import parse_ctx
+from mxvision.data.folder import index_from_folder
+from mxvision.data.index import read_index
+from mxvision.data.splits import assign_splits
+from mxvision.errors import BadIndex, BadRun, MxvisionError
+from mxvision.models import zoo
+from mxvision.utils import atomic_path, clean_stale_temps, file_digest, write_json
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED = 0
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def load_index(source):
+    """An Index from an index CSV or a folder with one sub-folder per class."""
+    if hasattr(source, "paths"):
+        return source
+    source = Path(source)
+    if source.is_dir():
+        return index_from_folder(source)
+    if not source.exists():
+        raise BadIndex(source, "no such index CSV or folder")
+    return read_index(source)
+
+
+def _ensure_splits(index):
+    """Give every row a patient-grouped split when the index does not say one."""
+    if all(index.splits):
+        return index, None
+    return assign_splits(index, seed=SPLIT_SEED), {"seed": SPLIT_SEED, "grouped_by": "patient_id"}
+
+
+def _items(index):
+    return [
+        {"id": i, "path": str(p), "label": lab, "label_id": int(lid), "patient_id": pid, "split": s}
+        for i, p, lab, lid, pid, s in zip(index.ids, index.paths, index.labels, index.label_ids,
+                                          index.patient_ids, index.splits)
+    ]
+
+
+def _config(index_items, backbone, cut, weights_info, preset, shard_size, classes, dtype="float32",
+            storage_dtype="float32", pooled=False):
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "cut": cut,
+        "weights": weights_info,
+        "preprocessing": preset.to_dict(),
+        "shard_size": shard_size,
+        "classes": classes,
+        "dtype": dtype,
+        "storage_dtype": storage_dtype,
+        "pooled": bool(pooled),
+        "items": index_items,
+    }
+
+
+_SAME_RUN_KEYS = ("backbone", "cut", "preprocessing", "shard_size", "classes", "items", "dtype",
+                  "storage_dtype", "pooled")
+
+
+def _resume_state(out_dir, config, overwrite):
+    """Shards already finished by an earlier run with the same configuration, its skipped rows and
+    the key of its reduced-precision backbone (None for float32)."""
+    manifest_file = out_dir / MANIFEST
+    if overwrite or not manifest_file.exists():
+        return [], [], None
+    store = FeatureStore(out_dir)  # fills the defaults of a version-1 manifest
+    old = store.manifest
+    same = all(old.get(k) == config[k] for k in _SAME_RUN_KEYS) and \
+        old.get("weights", {}).get("sha1") == config["weights"]["sha1"]
+    if not same:
+        raise BadRun(out_dir, "holds features of another index or configuration; "
+                              "choose a new --out or pass --overwrite")
+    done = [s for s in old.get("shards", []) if store.check_shard(s)]
+    return done, old.get("skipped", []), (old.get("precision") or {}).get("key")
+
+
+def default_preset(backbone):
+    """The preprocessing a backbone was trained with: torchxrayvision's for its models, else ImageNet's."""
+    from mxvision.models.xrv.common import WEIGHTS
+    return WEIGHTS[backbone].preset if backbone in WEIGHTS else "imagenet224"
+
+
+def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFAULT_CUT,
+                     weights="imagenet", preset=None, ctx=None, batch_size=16,
+                     shard_size=256, allow_random=False, strict=False, overwrite=False,
+                     progress=True, workers=2, dtype="float32", calibration=None,
+                     calibration_size=quantize.DEFAULT_CALIBRATION_SIZE, storage_dtype="float32",
+                     pooled=False, loader="auto", share=None):
+    """Extract backbone features for every image of ``index`` into ``out_dir``; return the store.
+
+    Images that cannot be read are skipped, counted and listed in the manifest (``strict=True``
+    raises instead). Rerunning with the same arguments resumes: finished, intact shards are kept.
+
+    ``dtype`` is the compute precision (``float32``; ``bfloat16`` or ``int8`` on a CPU with
+    oneDNN, see :mod:`mxvision.features.quantize`); INT8 is calibrated on ``calibration`` (None: a seeded
+    sample of ``calibration_size`` of these images; or an index CSV, a folder, or a list of
+    paths). ``storage_dtype="float16"`` halves the shards on disk; ``pooled=True`` stores the
+    global average of each map (C values instead of C x H x W). ``loader``: where images are
+    decoded (``auto`` = ``thread``, or ``process`` for decoders that hold the GIL),
+    ``workers`` of them.
+    ``share=(rank, n)``: only shards k with k % n == rank, in a folder of its own (mxvision.distributed.kvstore).
+    """
+    started = time.time()
+    out_dir = Path(out_dir)
+    ctx = parse_ctx(ctx)  # cheap argument checks first, before any file is read
+    dtype = quantize.check_dtype(dtype)
+    quantize.check_cpu(dtype, ctx)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise MxvisionError(f"--storage-dtype {storage_dtype}", f"expected one of {', '.join(STORAGE_DTYPES)}")
+    preset = transforms.get_preset(preset or default_preset(backbone))
+    zoo.check_backbone(backbone)
+    index = load_index(index)
+    if len(index) == 0:
+        raise BadIndex(getattr(index, "source", out_dir), "the index has no images")
+    index, split_note = _ensure_splits(index)
+    net, weights_info = zoo.build_backbone(backbone, cut=cut, weights=weights, ctx=ctx,
+                                           allow_random=allow_random)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)  # left by a killed run; resuming never needs them
+    if weights_info["file"] is None:
+        # Random weights exist only in this process: keep them so predict/export reproduce them.
+        params = out_dir / "backbone.params"
+        with atomic_path(params) as tmp:
+            net.save_parameters(tmp)
+        weights_info.update(file=params.name, sha1=file_digest(params, "sha1"))
+    items = _items(index)
+    config = _config(items, backbone, cut, weights_info, preset, shard_size, list(index.classes),
+                     dtype, storage_dtype, pooled)
+    shards, skipped, old_key = _resume_state(out_dir, config, overwrite)
+    precision = None
+    if dtype != "float32":
+        net, precision = quantize.prepare(net, dtype, ctx, preset, config, out_dir, calibration,
+                                          items, calibration_size)
+        if shards and old_key != precision["key"]:
+            raise BadRun(out_dir, f"holds features of another {dtype} conversion (calibration set); "
+                                  "choose a new --out or pass --overwrite")
+    elif shards and old_key is not None:
+        raise BadRun(out_dir, "holds features of another precision; choose a new --out or pass --overwrite")
+    if pooled:
+        net = Pooled(net)
+    manifest = dict(config, splits_assigned=split_note, shards=shards, skipped=skipped,
+                    feature_shape=None, precision=precision, complete=False, ctx=str(ctx),
+                    mxnet_version=mx.__version__)
+    if shards:
+        manifest["feature_shape"] = FeatureStore(out_dir).manifest.get("feature_shape")
+    net.hybridize(static_alloc=True, static_shape=True)
+
+    done = {s["start"] for s in shards}
+    todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
+            if start not in done and (not share or start // shard_size % share[1] == share[0])]
+    n_done = sum(s["stop"] - s["start"] for s in shards)
+    bar = tqdm(total=len(items), initial=n_done, unit="img", desc="extract", disable=not progress)
+    # Every batch has batch_size rows (the last of a shard is padded): one static graph.
+    jobs = [((start, stop, b), [items[r]["path"] for r in range(b, min(b + batch_size, stop))],
+             batch_size) for start, stop in todo for b in range(start, stop, batch_size)]
+    kind = choose_loader(loader, workers)
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending = None  # the shard being written in the background
+
+    def finish(write):
+        nonlocal skipped
+        shard, new_skips, (start, stop) = write.result()
+        skipped = [s for s in skipped if not start <= s["row"] < stop] + new_skips
+        if shard is not None:
+            manifest["feature_shape"] = shard.pop("feature_shape")
+            shards.append(shard)
+        manifest.update(shards=sorted(shards, key=lambda s: s["start"]), skipped=skipped)
+        write_json(out_dir / MANIFEST, manifest)
+
+    def settle(done_batch):
+        """Wait for a queued batch's features; hand a complete shard to the writer."""
+        nonlocal pending
+        shard, batch_rows, feats = done_batch
+        if feats is not None:
+            feats.wait_to_read()  # back-pressure: one batch queued behind the one computing
+        bar.update(len(batch_rows))
+        if batch_rows[-1] == shard["stop"] - 1:  # shard complete: write it while the next is computed
+            if pending is not None:
+                finish(pending)
+            parts = shard["parts"]
+            feats = (mx.nd.concat(*parts, dim=0) if len(parts) > 1 else parts[0]) if parts else None
+            pending = writer.submit(_write_shard, out_dir, shard["start"], shard["stop"],
+                                    shard["rows"], feats, shard["skips"])
+
+    pool = ImageBatchLoader(preset, workers, kind)  # process workers start up meanwhile
+    computing = None  # (shard, rows, features) of the batch queued last
+    try:
+        if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
+            net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
+        loop_start, loop_cpu = time.time(), _cpu_seconds()
+        pool.feed(jobs)
+        current = None  # the shard being computed: start, stop, rows, parts (features), skips
+        # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
+        # decoders and queued while batch k computes, and only then is k waited for, so the cores
+        # never wait on this loop. Each batch's features are copied out of the static graph's
+        # output by an engine operation (ordered before the next forward reuses that memory),
+        # straight into the storage dtype, and a shard is their concatenation: no read-back into
+        # NumPy, no second copy.
+        for _ in range(len(jobs)):
+            ((start, stop, b), _, _), batch, errors = pool.next()
+            if current is None or current["start"] != start:
+                current = {"start": start, "stop": stop, "rows": [], "parts": [], "skips": []}
+            batch_rows = list(range(b, min(b + batch_size, stop)))
+            bad = set()
+            for k, err in errors:
+                if strict:
+                    raise err
+                bad.add(k)
+                current["skips"].append({"row": batch_rows[k], "id": items[batch_rows[k]]["id"],
+                                         "problem": str(err)})
+            good = [k for k in range(len(batch_rows)) if k not in bad]
+            feats = None
+            if good:
+                feats = _batch_features(net(mx.nd.array(batch, ctx=ctx)), good, storage_dtype)
+                current["parts"].append(feats)
+                current["rows"].extend(batch_rows[k] for k in good)
+            computed, computing = computing, (current, batch_rows, feats)
+            if computed is not None:
+                settle(computed)
+            if batch_rows[-1] == stop - 1:
+                current = None
+        computed, computing = computing, None
+        if computed is not None:
+            settle(computed)
+        if pending is not None:
+            finish(pending)
+            pending = None
+    except BaseException:
+        # A --strict failure or Ctrl-C: keep what is computed. The batch in flight may complete a
+        # shard; written and listed (in a manifest still marked unfinished), a rerun keeps it.
+        with contextlib.suppress(Exception):
+            if computing is not None:
+                settle(computing)
+            if pending is not None:
+                finish(pending)
+        raise
+    finally:
+        pool.close()
+        writer.shutdown(wait=True)
+        bar.close()
+    if not shards and not share:
+        raise BadIndex(out_dir, f"none of the {len(items)} images could be read (see {MANIFEST})")
+    n_run = sum(len(j[1]) for j in jobs)
+    loop, loop_cpu = time.time() - loop_start, _cpu_seconds() - loop_cpu  # workers reaped by now
+    manifest.update(complete=True, finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                    n_features=sum(len(s["rows"]) for s in shards), n_skipped=len(skipped),
+                    timing={"images": n_run, "loader": kind, "workers": workers,
+                            "batch_size": batch_size, "setup_seconds": round(loop_start - started, 3),
+                            "loop_seconds": round(loop, 3),
+                            "images_per_s": round(n_run / loop, 2) if n_run and loop > 0 else None,
+                            "cpu_ms_per_image": round(1000 * loop_cpu / n_run, 2) if n_run else None})
+    write_json(out_dir / MANIFEST, manifest)
+    if skipped:
+        log.warning("skipped %d unreadable image(s); they are listed in %s", len(skipped),
+                    out_dir / MANIFEST)
+    return FeatureStore(out_dir)
+
+
+def _cpu_seconds():
+    """CPU time of this process's threads and of its finished worker processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _batch_features(out, good, storage_dtype):
+    """Rows ``good`` of a batch's network output as a new CPU array in ``storage_dtype``."""
+    fresh = False
+    if len(good) < out.shape[0]:  # the padded last batch of a shard, or unreadable images
+        out, fresh = out.take(mx.nd.array(good, ctx=out.context, dtype="int64")), True
+    if out.dtype != np.dtype(storage_dtype):
+        out, fresh = out.astype(storage_dtype), True
+    return out.as_in_context(mx.cpu()) if fresh else out.copyto(mx.cpu())
+
+
+def _write_shard(out_dir, start, stop, rows, feats, skipped):
+    """Save one computed shard (temp file + rename) and describe it for the manifest."""
+    if not rows:
+        return None, skipped, (start, stop)
+    name = f"shard-{start:07d}.nd"
+    path = out_dir / name
+    with atomic_path(path) as tmp:
+        mx.nd.save(tmp, {"features": feats})
+    return {"file": name, "start": start, "stop": stop, "rows": rows, "bytes": path.stat().st_size,
+            "sha256": file_digest(path), "feature_shape": list(feats.shape[1:])}, skipped, (start, stop)

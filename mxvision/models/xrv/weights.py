@@ -1,0 +1,248 @@
+"""Download, convert, cache and verify torchxrayvision's published weights; build ready models.
+
+Weights: torchxrayvision's own release files (``.pt``) are downloaded from their original
+addresses (``RELEASE_URL``; override with ``$MXVISION_XRV_BASE_URL`` for a mirror), read with the
+restricted reader of :mod:`~mxvision.io.torchfile.reader` (no PyTorch, no code execution), checked
+tensor by tensor against the network, and saved as Gluon ``.params`` in the weights cache
+(:func:`mxvision.models.store.cache_dir`) as ``{name}-{sha1[:8]}.params`` with a sidecar
+``{name}.xrv.json``. What is verified, and what cannot be:
+
+* torchxrayvision publishes **no checksums**, so the downloaded ``.pt`` cannot be checked against
+  a known hash. Its sha256 as downloaded is recorded in the sidecar (trust on first use), and its
+  *content* must match the architecture exactly: every expected tensor present with the right
+  shape, nothing unexpected, all values finite.
+* the converted ``.params`` is verified against the sha256 recorded in its sidecar every time it
+  is loaded; a mismatch (corruption, a changed file) means it is converted again from a fresh
+  download. Its sha1 is also registered with the weights store, so the pipeline's ``--weights
+  imagenet`` finds the cached, verified file for an xrv backbone.
+"""
+import datetime
+import glob
+import logging
+import os
+import tempfile
+
+import mxnet as mx
+
+from mxvision import __version__
+from mxvision.errors import DownloadError, WeightsError
+from mxvision.io.download import download, hash_file, locked_file
+from mxvision.utils import read_json, write_json
+from mxvision.models import store
+from mxvision.io.torchfile.reader import load_torch_file
+from mxvision.models.xrv.common import ARCHS, BASE_URL_ENV, WEIGHTS, XRVWeights, get_weights_spec
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".xrv.json"
+SIDECAR_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- building
+def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=False):
+    """An uninitialised network for a weights name (architecture, targets, op_threshs from the table)."""
+    spec = name_or_spec if isinstance(name_or_spec, XRVWeights) else get_weights_spec(name_or_spec)
+    if spec.arch not in ARCHS:  # the architecture modules register themselves on import
+        from mxvision.models.xrv import densenet as xrv_densenet
+        from mxvision.models.xrv import resnet as xrv_resnet  # noqa: F401
+    return ARCHS[spec.arch](spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
+
+
+def load_model(name, weights="pretrained", output="scores", calibrated=True, apply_sigmoid=False,
+               ctx=None, root=None, progress=True):
+    """A ready network: ``weights`` is ``"pretrained"`` (download + convert + cache
+    torchxrayvision's release file), ``"none"`` (random, seeded), or a path (``.pt`` or ``.params``)."""
+    ctx = ctx or mx.cpu()
+    net = build_model(name, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
+    spec_text = "pretrained" if weights is None else str(weights)
+    if spec_text.lower() in ("pretrained", "default", "xrv"):
+        path, info = fetch_weights(name, root=root, progress=progress)
+        net.load_parameters(path, ctx=ctx, ignore_extra=output != "scores")
+        net.weights_info = info
+    elif spec_text.lower() in ("none", "random"):
+        net.init_random(ctx=ctx)
+    else:
+        net.load_weights_file(spec_text, ctx=ctx)
+    return net
+
+
+def make_factory(name, cuts):
+    """The model-zoo factory for one weights name (``cuts``: backbone cut name -> model output).
+
+    * classifier: ``get_model(name)`` downloads/converts/caches the release weights (like
+      torchxrayvision's ``get_model``); ``pretrained=False`` gives random weights; ``weights=PATH``
+      or ``weights_file=PATH`` a local ``.pt``/``.params``; ``calibrated``, ``apply_sigmoid``.
+    * backbone (``cut`` given, as :func:`~mxvision.models.zoo.build_backbone` does): weights only
+      from ``weights_file`` (else random, seeded by the caller), hybridized, on ``ctx``.
+    """
+    def factory(cut=None, weights_file=None, ctx=None, pretrained=True, weights=None, calibrated=True,
+                apply_sigmoid=False, root=None, progress=True):
+        ctx = mx.cpu() if ctx is None else ctx
+        if cut is not None:
+            if cut not in cuts:
+                raise WeightsError(name, "unknown cut %r for a torchxrayvision backbone; use one of %s"
+                                   % (cut, ", ".join(sorted(k for k in cuts if not k.startswith("stage")))))
+            net = build_model(name, output=cuts[cut])
+            if weights_file is not None:
+                net.load_weights_file(weights_file, ctx=ctx)
+            else:
+                net.init_random(ctx=ctx, seed=None)
+            net.hybridize()
+            return net
+        if weights is None:
+            weights = weights_file if weights_file is not None else ("pretrained" if pretrained else "none")
+        return load_model(name, weights=weights, calibrated=calibrated, apply_sigmoid=apply_sigmoid,
+                          ctx=ctx, root=root, progress=progress)
+    factory.__name__ = "xrv_" + name.replace("-", "_")
+    return factory
+
+
+# --------------------------------------------------------------------------- download, convert, cache
+def sidecar_path(name, root=None):
+    return os.path.join(store.cache_dir(root), name + SIDECAR_SUFFIX)
+
+
+def _verified_cached(name, root=None):
+    """(params path, sidecar dict) when a converted file is cached and matches its sidecar, else None."""
+    side = sidecar_path(name, root)
+    if not os.path.isfile(side):
+        return None
+    try:
+        meta = read_json(side)
+        path = os.path.join(os.path.dirname(side), meta["params"]["file"])
+        expected = meta["params"]["sha256"]
+    except (ValueError, KeyError, TypeError, OSError):
+        log.warning("%s: unreadable sidecar %s; converting the weights again", name, side)
+        return None
+    if not os.path.isfile(path):
+        return None
+    if hash_file(path, "sha256") != expected:
+        log.warning("%s: cached weights %s do not match the sha256 in %s (corrupt or changed); "
+                    "downloading and converting them again", name, path, side)
+        return None
+    return path, meta
+
+
+def _info(meta, path):
+    src = meta.get("source", {})
+    return {"spec": "pretrained", "file": path, "sha1": meta["params"]["sha1"],
+            "sha256": meta["params"]["sha256"], "source_url": src.get("url"),
+            "source_sha256": src.get("sha256"),
+            "description": "torchxrayvision %s weights (from %s, converted by mxvision; sha256 %s)"
+                           % (meta["name"], src.get("file"), meta["params"]["sha256"][:12])}
+
+
+def register_cached(root=None):
+    """Register every verified converted file in the cache with the weights store (cheap: stats
+    the sidecars; hashes only files that exist). Returns the names registered."""
+    done = []
+    folder = store.cache_dir(root)
+    for side in glob.glob(os.path.join(folder, "*" + SIDECAR_SUFFIX)):
+        name = os.path.basename(side)[:-len(SIDECAR_SUFFIX)]
+        if name not in WEIGHTS:
+            continue
+        try:
+            meta = read_json(side)
+            sha1 = meta["params"]["sha1"]
+            if os.path.isfile(os.path.join(folder, meta["params"]["file"])):
+                store.register_weights(name, sha1)
+                done.append(name)
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return done
+
+
+def fetch_weights(name, root=None, progress=True, retries=5, timeout=30, backoff=0.5):
+    """``(path, info)`` of the verified Gluon ``.params`` for torchxrayvision weights ``name``.
+
+    Downloads the release ``.pt`` (resuming, retrying) only when no verified conversion is cached,
+    converts it with the restricted reader, and installs ``{name}-{sha1[:8]}.params`` plus its
+    sidecar atomically. Concurrent first uses download once. Raises WeightsError naming the URL.
+    """
+    spec = get_weights_spec(name)
+    cached = _verified_cached(name, root)
+    if cached is not None:
+        store.register_weights(name, cached[1]["params"]["sha1"])
+        return cached[0], _info(cached[1], cached[0])
+    folder = store.cache_dir(root)
+    try:
+        os.makedirs(os.path.join(folder, "xrv-src"), exist_ok=True)
+    except OSError as err:
+        raise WeightsError(name, "cannot create the cache folder %s (%s); set MXVISION_CACHE"
+                           % (folder, err.strerror or err)) from None
+    lock = os.path.join(folder, "." + name + ".xrv.lock")
+    try:
+        with locked_file(lock):
+            try:
+                cached = _verified_cached(name, root)  # converted by another process meanwhile?
+                if cached is None:
+                    cached = _download_and_convert(spec, folder, progress, retries, timeout, backoff)
+            finally:
+                os.unlink(lock)
+    except DownloadError as err:  # the lock file could not be created
+        raise WeightsError(name, "%s; set MXVISION_CACHE to a writable folder" % err) from None
+    path, meta = cached
+    store.register_weights(name, meta["params"]["sha1"])
+    return path, _info(meta, path)
+
+
+def _download_and_convert(spec, folder, progress, retries, timeout, backoff):
+    url = spec.url
+    src = os.path.join(folder, "xrv-src", spec.file)
+    try:
+        download(url, src, retries=retries, timeout=timeout, backoff=backoff, progress=progress, resume=False)
+    except DownloadError as err:
+        raise WeightsError(spec.name, "could not download %s (%s); set %s to a mirror of torchxrayvision's "
+                           "release files, or pass a local .pt file (weights=PATH, --weights PATH)"
+                           % (url, err.problem, BASE_URL_ENV)) from None
+    try:
+        src_sha256 = hash_file(src, "sha256")
+        src_bytes = os.path.getsize(src)
+        net = build_model(spec)
+        try:
+            net.load_torch_state_dict(load_torch_file(src), source=url)
+        except WeightsError as err:
+            raise WeightsError(spec.name, "the file from %s is not usable: %s" % (url, err.problem)) from None
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % spec.name, suffix=".params.tmp", dir=folder)
+        os.close(fd)
+        try:
+            net.save_parameters(tmp)
+            sha1, sha256 = hash_file(tmp, "sha1"), hash_file(tmp, "sha256")
+            final = os.path.join(folder, "%s-%s.params" % (spec.name, sha1[:8]))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        meta = {
+            "format": SIDECAR_FORMAT, "name": spec.name, "arch": spec.arch, "resolution": spec.resolution,
+            "source": {"url": url, "file": spec.file, "bytes": src_bytes, "sha256": src_sha256,
+                       "verified": False,
+                       "note": "torchxrayvision publishes no checksums: this is the sha256 of the file as "
+                               "downloaded (trust on first use); its tensors were checked against the "
+                               "architecture one by one"},
+            "params": {"file": os.path.basename(final), "sha1": sha1, "sha256": sha256},
+            "tensors": len(net.expected_torch_keys()),
+            "converted_by": "mxvision %s" % __version__,
+            "converted_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        old = _old_params(spec.name, folder, keep=os.path.basename(final))
+        write_json(os.path.join(folder, spec.name + SIDECAR_SUFFIX), meta)
+        for stale in old:
+            os.unlink(stale)
+        log.info("%s: converted %s into %s", spec.name, url, final)
+        return final, meta
+    finally:
+        if os.path.exists(src):
+            os.unlink(src)  # the .params is what is kept; the .pt is fetched again if ever needed
+
+
+def _old_params(name, folder, keep):
+    return [p for p in glob.glob(os.path.join(folder, glob.escape(name) + "-????????.params"))
+            if os.path.basename(p) != keep]
+
+
+try:  # make cached conversions known to the store (for the pipeline's `--weights imagenet`)
+    register_cached()
+except Exception:  # pragma: no cover - a broken cache must never break importing mxvision
+    log.debug("could not scan the weights cache for torchxrayvision conversions", exc_info=True)

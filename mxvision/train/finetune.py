@@ -1,0 +1,178 @@
+"""Fine-tuning the last backbone stages and the head end to end, from images.
+
+Starts from a trained run (head trained on frozen features, the usual first step) and trains the
+last ``stages`` residual stages of the backbone together with the head. The frozen part runs in
+inference mode (its BatchNorm statistics stay as they are); only the trainable part and the head
+are recorded for autograd. The result is a new run directory that ``predict``, ``export`` and
+``evaluate`` use like any other: its config points at its own ``backbone.params``.
+
+Per epoch it checkpoints the head, the backbone and the trainer state, and resumes from the last
+finished epoch with the same result, as ``train_head`` does.
+"""
+import copy
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+from tqdm import tqdm
+
+from mxvision.train import metrics
+from mxvision.data import transforms
+from mxvision.train import loop as train
+from mxvision.runtime import parse_ctx
+from mxvision.errors import BadRun
+from mxvision.features.store import FeatureStore
+from mxvision.train.optim_state import load_trainer_states, save_trainer_states
+from mxvision.predict import load_classifier
+from mxvision.utils import atomic_path, clean_stale_temps, file_digest, read_json, write_json
+
+
+def _split_items(config, split):
+    store = FeatureStore(config["features"]["features_dir"])
+    items = [it for it in store.items if it["split"] == split]
+    if not items:
+        raise BadRun(store.path, f"no images in split {split!r} to fine-tune on")
+    return items
+
+
+def _load_images(pool, items, preset):
+    return np.stack(list(pool.map(lambda it: transforms.load_image(it["path"], preset), items)))
+
+
+def image_probs(net, items, preset, ctx, batch_size=16, pool=None):
+    """Class probabilities of a full classifier (backbone + head + softmax) for index items."""
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(max_workers=2)
+    try:
+        out = [net(mx.nd.array(_load_images(pool, items[i:i + batch_size], preset), ctx=ctx)).asnumpy()
+               for i in range(0, len(items), batch_size)]
+    finally:
+        if own:
+            pool.shutdown()
+    return np.concatenate(out)
+
+
+def _save(out_dir, epoch, backbone, head, trainer):
+    for ext, save in (("params", head.save_parameters), ("backbone", backbone.save_parameters),
+                      ("states", lambda path: save_trainer_states(trainer, path))):
+        with atomic_path(train._checkpoint(out_dir, epoch, ext)) as tmp:
+            save(tmp)
+
+
+def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, momentum=0.9,
+                 seed=0, ctx=None, resume=True, progress=True, keep_checkpoints=2, kvstore=None):
+    """Fine-tune the last ``stages`` backbone stages + head of ``run_dir`` into ``out_dir``.
+
+    ``kvstore``: a dist_sync kvstore; each worker then trains on its slice of every global batch
+    (gradients summed on the servers) and rank 0 evaluates and writes the run (mxvision.distributed.kvstore).
+    """
+    ctx = parse_ctx(ctx)
+    rank, n = (kvstore.rank, kvstore.num_workers) if kvstore else (0, 1)
+    out_dir = Path(out_dir)
+    if Path(run_dir).resolve() == out_dir.resolve():
+        raise BadRun(out_dir, "fine-tuning writes a new run; choose an --out other than --run")
+    net, base_config = load_classifier(run_dir, ctx=ctx, softmax=False)
+    backbone, head = net.backbone, net.head
+    preset = transforms.get_preset(base_config["features"]["preprocessing"]["name"])
+    frozen, trainable, finish = backbone.split_stages(stages)
+    hyper = {"stages": stages, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+             "momentum": momentum, "seed": seed}
+    config = copy.deepcopy(base_config)
+    config["finetune"] = dict(hyper, from_run=str(Path(run_dir).resolve()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "checkpoints") if rank == 0 else ():
+        clean_stale_temps(folder)  # left by a killed run; resuming never needs them
+    state = {"last_epoch": 0, "history": [], "best_epoch": None}
+    if resume and (out_dir / train.STATE).exists():
+        old = read_json(out_dir / train.CONFIG)
+        if {k: v for k, v in old.get("finetune", {}).items() if k != "epochs"} != \
+                {k: v for k, v in config["finetune"].items() if k != "epochs"}:
+            raise BadRun(out_dir, "holds a fine-tuning run with other settings; use a new --out")
+        state = read_json(out_dir / train.STATE)
+    train_items, val_items = _split_items(config, "train"), _split_items(config, "val")
+    y_train = np.array([it["label_id"] for it in train_items])
+    y_val = np.array([it["label_id"] for it in val_items])
+
+    params = gluon.ParameterDict()
+    for block in trainable:
+        params.update(block.collect_params())
+    params.update(head.collect_params())
+    trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum},
+                            **({"kvstore": kvstore, "update_on_kvstore": False} if kvstore else {}))
+    if state["last_epoch"]:
+        k = state["last_epoch"]
+        head.load_parameters(str(train._checkpoint(out_dir, k, "params")), ctx=ctx)
+        backbone.load_parameters(str(train._checkpoint(out_dir, k, "backbone")), ctx=ctx)
+        load_trainer_states(trainer, train._checkpoint(out_dir, k, "states"))
+
+    def run_frozen(x):
+        for block in frozen:
+            x = block(x)
+        return x
+
+    def run_trainable(x):
+        for block in trainable:
+            x = block(x)
+        return head(finish(x))
+
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    softmax_net = lambda x: mx.nd.softmax(run_trainable(run_frozen(x)))  # noqa: E731
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        for epoch in tqdm(range(state["last_epoch"] + 1, epochs + 1), desc="finetune", unit="epoch",
+                          initial=state["last_epoch"], total=epochs, disable=not progress):
+            tic = time.time()
+            for batch in train._batches(len(train_items), batch_size, seed, epoch):
+                if len(batch) < 2 * n:  # each worker needs 2 rows (BatchNorm); all skip alike
+                    continue
+                mine = batch[rank::n]  # this worker's slice of the global batch
+                x = mx.nd.array(_load_images(pool, [train_items[i] for i in mine], preset), ctx=ctx)
+                y = mx.nd.array(y_train[mine], ctx=ctx)
+                z = run_frozen(x)  # outside autograd: frozen stages stay in inference mode
+                with autograd.record():
+                    loss = loss_fn(run_trainable(z), y)
+                loss.backward()
+                trainer.step(len(batch))  # summed over the workers' slices, / global batch
+            if rank:  # rank 0 evaluates and writes the epoch; the others wait for it (below)
+                mx.nd.waitall()
+                kvstore._barrier()
+                continue
+            train_probs = image_probs(softmax_net, train_items, preset, ctx, pool=pool)
+            val_probs = image_probs(softmax_net, val_items, preset, ctx, pool=pool)
+            row = {"epoch": epoch,
+                   "train_loss": metrics.cross_entropy(y_train, train_probs),
+                   "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),
+                   "val_loss": metrics.cross_entropy(y_val, val_probs),
+                   "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
+                   "val_auc": metrics.auc_score(y_val, val_probs),
+                   "seconds": round(time.time() - tic, 3)}
+            _save(out_dir, epoch, backbone, head, trainer)
+            best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
+            if train._is_better(row, best):
+                state["best_epoch"] = epoch
+                for ext, name in (("params", "best.params"), ("backbone", "backbone.params")):
+                    with atomic_path(out_dir / name) as tmp:
+                        shutil.copyfile(train._checkpoint(out_dir, epoch, ext), tmp)
+            state["history"].append(row)
+            state["last_epoch"] = epoch
+            config["features"]["weights"] = dict(
+                base_config["features"]["weights"], file=str((out_dir / "backbone.params").resolve()),
+                sha1=file_digest(out_dir / "backbone.params", "sha1"),
+                description=f"{base_config['features']['backbone']} fine-tuned ({stages} stage(s)) "
+                            f"from {base_config['features']['weights']['description']}")
+            write_json(out_dir / train.CONFIG, config)
+            write_json(out_dir / train.STATE, state)  # the epoch is finished only from here on
+            for old in range(1, epoch - keep_checkpoints + 1) if keep_checkpoints > 0 else ():
+                for ext in ("params", "backbone", "states"):
+                    train._checkpoint(out_dir, old, ext).unlink(missing_ok=True)
+            train._write_log(out_dir, state["history"])
+            if kvstore:  # a worker leaving while rank 0's last pull is in flight hangs rank 0
+                kvstore._barrier()
+    finally:
+        pool.shutdown()
+    train.plot_training_curve(state["history"], out_dir / "training_curve.png", state["best_epoch"])
+    return state

@@ -1,0 +1,146 @@
+import csv
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from mxvision.errors import BadImage, BadIndex, BadRun
+from mxvision.features.extract import FeatureStore, extract_features
+from mxvision.utils import read_json
+
+
+def _extract(index, out, **kw):
+    args = dict(backbone="resnet18_v2", weights="none", ctx="cpu", batch_size=8, shard_size=8,
+                progress=False)
+    args.update(kw)
+    return extract_features(index, out, **args)
+
+
+def test_manifest_describes_the_features(small_store, synth_index):
+    m = small_store.manifest
+    assert m["complete"] and m["backbone"] == "resnet18_v2" and m["cut"] == "stage4_unit2_relu1"
+    assert m["feature_shape"] == [512, 7, 7] and m["dtype"] == "float32"
+    assert m["preprocessing"]["name"] == "imagenet224"
+    assert m["weights"]["spec"] == "none" and "RANDOM" in m["weights"]["description"]
+    assert m["classes"] == ["normal", "nodule"]
+    with open(synth_index) as f:
+        n_rows = sum(1 for _ in csv.DictReader(f))
+    assert len(m["items"]) == n_rows == m["n_features"]
+    assert sorted(r for s in m["shards"] for r in s["rows"]) == list(range(n_rows))
+    assert {it["split"] for it in m["items"]} == {"train", "val", "test"}
+    x, y, ids = small_store.load()
+    assert x.shape == (n_rows, 512, 7, 7) and len(ids) == n_rows and set(y) == {0, 1}
+    assert np.isfinite(x).all() and x.std() > 0
+
+
+def test_default_backbone_gives_2048x7x7(synth_index, tmp_path):
+    from mxvision.data.index import read_index
+    index = read_index(synth_index)
+    store = extract_features(index.subset("test"), tmp_path / "f", weights="none", ctx="cpu",
+                             progress=False)
+    assert store.manifest["feature_shape"] == [2048, 7, 7]
+    assert store.manifest["backbone"] == "resnet50_v2"
+
+
+def test_resume_recomputes_only_damaged_shards(small_store, synth_index, tmp_path):
+    out = tmp_path / "f"
+    first = _extract(synth_index, out)
+    shards = first.manifest["shards"]
+    assert len(shards) >= 3
+    before = {s["file"]: os.stat(out / s["file"]).st_mtime_ns for s in shards}
+    x_before, _, _ = first.load()
+    victim = shards[1]["file"]
+    with open(out / victim, "r+b") as f:  # a damaged shard (truncated) must be redone
+        f.truncate(100)
+    again = _extract(synth_index, out)
+    after = {s["file"]: os.stat(out / s["file"]).st_mtime_ns for s in again.manifest["shards"]}
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {victim}
+    np.testing.assert_array_equal(again.load()[0], x_before)
+    # the same random backbone as the shared fixture: identical features
+    np.testing.assert_allclose(x_before, small_store.load()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_other_configuration_in_out_dir_is_refused(synth_index, tmp_path):
+    _extract(synth_index, tmp_path / "f")
+    with pytest.raises(BadRun, match="another index or configuration"):
+        _extract(synth_index, tmp_path / "f", cut="stage4_unit1_relu1")
+
+
+def _index_with_bad_image(synth_index, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    rows = list(csv.DictReader(open(synth_index)))[:6]
+    base = os.path.dirname(synth_index)
+    for r in rows:
+        r["path"] = os.path.join(base, r["path"])
+    rows.append(dict(rows[0], path=str(bad), patient_id="broken"))
+    index = tmp_path / "index.csv"
+    with open(index, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return index
+
+
+def test_unreadable_images_are_skipped_and_listed(synth_index, tmp_path):
+    index = _index_with_bad_image(synth_index, tmp_path)
+    store = _extract(index, tmp_path / "f")
+    m = store.manifest
+    assert m["n_skipped"] == 1 and m["n_features"] == 6
+    assert "broken.png" in m["skipped"][0]["problem"]
+    with pytest.raises(BadImage, match="broken.png"):
+        _extract(index, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict" / "manifest.json").exists() or \
+        not read_json(tmp_path / "strict" / "manifest.json")["complete"]
+
+
+def test_missing_index_and_incomplete_store_fail_clearly(tmp_path):
+    with pytest.raises(BadIndex, match="nope.csv"):
+        _extract(tmp_path / "nope.csv", tmp_path / "f")
+    with pytest.raises(BadRun, match="not a feature store"):
+        FeatureStore(tmp_path)
+
+
+def test_shard_files_are_plain_ndarray_files(small_store):
+    shard = small_store.manifest["shards"][0]
+    loaded = mx.nd.load(str(small_store.path / shard["file"]))
+    assert list(loaded) == ["features"] and loaded["features"].shape[0] == len(shard["rows"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(__import__("mxvision.runtime", fromlist=["num_gpus"]).num_gpus() == 0,
+                    reason="no GPU visible to MXNet (the PyPI CPU wheel, or no CUDA 11.2 host)")
+def test_gpu_extraction_matches_cpu(synth_index, small_store, tmp_path):
+    store = _extract(synth_index, tmp_path / "gpu", ctx="gpu:0")
+    assert store.manifest["ctx"].startswith("gpu")
+    np.testing.assert_allclose(store.load()[0], small_store.load()[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_folder_per_class_is_an_index(synth_index, tmp_path):
+    images = os.path.join(os.path.dirname(synth_index), "images")
+    store = _extract(images, tmp_path / "f")
+    labels = {it["label"] for it in store.items}
+    assert labels == {"normal", "nodule"} and store.classes == ["normal", "nodule"]
+    n_files = sum(len(os.listdir(os.path.join(images, c))) for c in ("normal", "nodule"))
+    assert store.manifest["n_features"] == n_files
+    assert store.manifest["splits_assigned"]["grouped_by"] == "patient_id"
+
+
+@pytest.mark.parametrize("loader", ["thread", "process"])
+def test_every_stored_row_is_the_backbone_applied_to_its_own_image(synth_index, loader, tmp_path):
+    """Batches are computed asynchronously and read back one step later (several per shard, a
+    padded last batch): each row must still be the features of its own image, in index order."""
+    from mxvision.data import transforms
+    from mxvision.features.extract import load_extractor
+
+    store = _extract(synth_index, tmp_path / "f", batch_size=3, shard_size=7, loader=loader, workers=2)
+    x, _, ids = store.load()
+    info = dict(store.manifest, features_dir=str(store.path))
+    net, _ = load_extractor(info, ctx="cpu", fp32_weights_file=store.path / "backbone.params")
+    preset = transforms.get_preset(store.manifest["preprocessing"])
+    paths = {item["id"]: item["path"] for item in store.items}
+    for row, image_id in enumerate(ids):
+        one = net(mx.nd.array(transforms.load_image(paths[image_id], preset)[None])).asnumpy()[0]
+        np.testing.assert_allclose(x[row], one, rtol=1e-4, atol=1e-5, err_msg=image_id)

@@ -1,0 +1,351 @@
+"""read_image / image_info: every input kind decodes to the right luminance, every bad file is refused.
+
+Synthetic files are written with OpenCV, pydicom, or by hand (palette PNG, forged headers) so the
+expected values are known exactly; real files from ../shared check the formats seen in practice.
+"""
+import os
+import struct
+from pathlib import Path
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from mxvision.errors import BadImage
+from mxvision.io.images import MAX_PIXELS, MIN_SIDE, image_info, read_image
+
+pydicom = pytest.importorskip("pydicom")
+from support.dicom_builders import dicom_bytes, dicom_float  # noqa: E402
+
+
+# --------------------------------------------------------------------------- writers
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
+        ">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def write_palette_png(path, indices: np.ndarray, palette_rgb: np.ndarray):
+    """An 8-bit colour-type-3 PNG written by hand (no Pillow): IHDR, PLTE, IDAT, IEND."""
+    height, width = indices.shape
+    raw = b"".join(b"\x00" + row.astype(np.uint8).tobytes() for row in indices)
+    data = (b"\x89PNG\r\n\x1a\n"
+            + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+            + _chunk(b"PLTE", palette_rgb.astype(np.uint8).tobytes())
+            + _chunk(b"IDAT", zlib.compress(raw))
+            + _chunk(b"IEND", b""))
+    path.write_bytes(data)
+    return path
+
+
+def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=None, **attrs):
+    Path(path).write_bytes(dicom_bytes(pixels, photometric, bits_stored=bits_stored, **attrs))
+    return path
+
+
+def gradient(height=64, width=80):
+    """A horizontal ramp 0..255 (uint8), distinct in every column."""
+    return np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))
+
+
+def assert_bad(path, fragment):
+    """read_image(path) raises BadImage whose one-line message names the file and the problem."""
+    with pytest.raises(BadImage) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert "\n" not in message
+    assert fragment in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- PNG and JPEG values
+def test_gray8_png_is_scaled_by_255(tmp_path):
+    img = gradient()
+    path = tmp_path / "g8.png"
+    cv2.imwrite(str(path), img)
+    out = read_image(path)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    np.testing.assert_allclose(out, img / 255.0, atol=1e-6)
+
+
+def test_gray16_png_is_scaled_by_65535(tmp_path):
+    img = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16 + 7).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    cv2.imwrite(str(path), img)
+    out = read_image(path)
+    np.testing.assert_allclose(out, img / 65535.0, atol=1e-6)
+    assert image_info(path).bit_depth == 16
+
+
+def test_palette_png_decodes_to_palette_grey_not_index(tmp_path):
+    indices = np.tile(np.arange(256, dtype=np.uint8), (40, 1))
+    palette = np.repeat((255 - np.arange(256))[:, None], 3, axis=1)  # index i -> grey 255 - i
+    out = read_image(write_palette_png(tmp_path / "pal.png", indices, palette))
+    np.testing.assert_allclose(out, (255 - indices) / 255.0, atol=1e-6)
+
+
+def test_coloured_palette_png_becomes_luminance(tmp_path):
+    indices = np.zeros((40, 40), np.uint8)
+    indices[:, 20:] = 1
+    palette = np.zeros((256, 3), np.uint8)
+    palette[0] = (255, 0, 0)  # pure red
+    palette[1] = (0, 0, 255)  # pure blue
+    out = read_image(write_palette_png(tmp_path / "palc.png", indices, palette))
+    assert out[0, 0] == pytest.approx(0.299, abs=2 / 255)
+    assert out[0, 39] == pytest.approx(0.114, abs=2 / 255)
+
+
+def test_rgb_png_is_bt601_luminance(tmp_path):
+    bgr = np.zeros((40, 60, 3), np.uint8)
+    bgr[:, :20] = (0, 0, 255)   # red
+    bgr[:, 20:40] = (0, 255, 0)  # green
+    bgr[:, 40:] = (200, 200, 200)  # grey stays grey
+    path = tmp_path / "rgb.png"
+    cv2.imwrite(str(path), bgr)
+    out = read_image(path)
+    assert out.shape == (40, 60)
+    np.testing.assert_allclose(out[0, [0, 20, 40]], [0.299, 0.587, 200 / 255], atol=2 / 255)
+
+
+def test_rgba_png_drops_alpha(tmp_path):
+    grey = gradient(48, 48)
+    for alpha in (0, 255):
+        bgra = np.dstack([grey, grey, grey, np.full_like(grey, alpha)])
+        path = tmp_path / f"rgba{alpha}.png"
+        cv2.imwrite(str(path), bgra)
+        np.testing.assert_allclose(read_image(path), grey / 255.0, atol=1e-6)
+
+
+def test_jpeg_and_exif_orientation(tmp_path):
+    img = gradient(60, 100)
+    ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(enc.tobytes())
+    out = read_image(plain)
+    assert out.shape == (60, 100)
+    assert np.abs(out - img / 255.0).mean() < 2 / 255
+    # Same JPEG with an EXIF APP1 segment saying "rotate 90 degrees clockwise" (orientation 6).
+    tiff = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, 6)
+            + struct.pack("<I", 0))
+    app1 = b"Exif\x00\x00" + tiff
+    rotated = tmp_path / "rotated.jpg"
+    rotated.write_bytes(enc.tobytes()[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2)
+                        + app1 + enc.tobytes()[2:])
+    turned = read_image(rotated)
+    assert turned.shape == (100, 60)
+    np.testing.assert_allclose(turned, np.rot90(out, k=-1), atol=1e-6)
+
+
+def test_type_is_decided_by_content_not_extension(tmp_path):
+    img = gradient()
+    path = tmp_path / "really_a_png.jpg"
+    cv2.imwrite(str(tmp_path / "x.png"), img)
+    os.replace(tmp_path / "x.png", path)
+    np.testing.assert_allclose(read_image(path), img / 255.0, atol=1e-6)
+    assert image_info(path).format == "png"
+
+
+def test_large_image_decodes(tmp_path):
+    img = np.random.RandomState(0).randint(0, 256, (2048, 2048), dtype=np.uint8)
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    out = read_image(path)
+    assert out.shape == (2048, 2048)
+    assert np.array_equal(np.rint(out * 255).astype(np.uint8), img)
+
+
+# --------------------------------------------------------------------------- DICOM
+def test_dicom_monochrome1_modality_and_window(tmp_path):
+    stored = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (40, 1))  # 64 columns, 0..4032
+    path = write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", bits_stored=12,
+                       RescaleSlope=2, RescaleIntercept=-1000, RescaleType="US",
+                       WindowCenter=3000, WindowWidth=2000)
+    out = read_image(path)
+    modality = stored.astype(float) * 2 - 1000  # window 2000..4000 = stored 1500..2500
+    windowed = np.clip((modality - 2000) / 2000, 0, 1)
+    expected = 1 - windowed  # MONOCHROME1: high values are dark
+    assert out.shape == (40, 64) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=0.01)
+    assert out[0, 0] == 1.0 and out[0, -1] == 0.0
+    info = image_info(path)
+    assert (info.format, info.width, info.height, info.bit_depth) == ("dicom", 64, 40, 12)
+
+
+def test_dicom_monochrome2_without_window_is_min_max(tmp_path):
+    stored = np.tile(np.arange(100, 1124, 16, dtype=np.uint16), (40, 1))
+    out = read_image(write_dicom(tmp_path / "m2.dcm", stored, bits_stored=12))
+    np.testing.assert_allclose(out, (stored - 100.0) / (stored.max() - 100.0), atol=1e-6)
+
+
+def test_dicom_multiframe_uses_first_frame(tmp_path):
+    first = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    frames = np.stack([first, first[:, ::-1], np.zeros_like(first)])
+    path = write_dicom(tmp_path / "mf.dcm", frames)
+    assert image_info(path).frames == 3
+    np.testing.assert_allclose(read_image(path), first / first.max(), atol=1e-6)
+
+
+def test_dicom_without_preamble_is_read_by_suffix(tmp_path):
+    stored = gradient()
+    ds_path = write_dicom(tmp_path / "with.dcm", stored)
+    ds = pydicom.dcmread(ds_path)
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, enforce_file_format=False)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_allclose(read_image(bare), read_image(ds_path))
+
+
+def test_dicom_rgb_becomes_luminance(tmp_path):
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[:, :20, 1] = 255  # green left half, black right half
+    out = read_image(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB"))
+    assert out[0, 0] == pytest.approx(1.0) and out[0, 39] == pytest.approx(0.0)
+
+
+def test_dicom_float_nan_refused(tmp_path):
+    values = np.random.RandomState(1).rand(40, 40).astype(np.float32)
+    values[5, 5] = np.nan
+    path = tmp_path / "nan.dcm"
+    path.write_bytes(dicom_float(values))
+    assert_bad(path, "NaN")
+
+
+def test_dicom_problems_refused(tmp_path):
+    good = write_dicom(tmp_path / "good.dcm", gradient())
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) - 1000])
+    assert_bad(truncated, "DICOM")
+    blank = write_dicom(tmp_path / "blank.dcm", np.full((40, 40), 7, np.uint8))
+    assert_bad(blank, "blank")
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    nopix = tmp_path / "nopix.dcm"
+    ds.save_as(nopix, enforce_file_format=True)
+    assert_bad(nopix, "no pixel data")
+    ds = pydicom.dcmread(good)
+    ds.Rows, ds.Columns = 30000, 30000  # declared 900 MP, pixel data far too short
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    assert_bad(bomb, "megapixels")
+
+
+# --------------------------------------------------------------------------- refused files
+def test_missing_empty_directory_and_not_an_image(tmp_path):
+    assert_bad(tmp_path / "nope.png", "not found")
+    assert_bad(tmp_path, "directory")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert_bad(empty, "empty")
+    text = tmp_path / "notes.png"
+    text.write_text("patient id,label\n1,nodule\n" * 20)
+    assert_bad(text, "not a supported image")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads files regardless of their permission bits")
+def test_unreadable_permission(tmp_path):
+    path = tmp_path / "locked.png"
+    cv2.imwrite(str(path), gradient())
+    path.chmod(0)
+    try:
+        assert_bad(path, "permission denied")
+    finally:
+        path.chmod(0o644)
+
+
+def test_truncated_and_corrupt_png_and_jpeg(tmp_path):
+    img = np.random.RandomState(2).randint(0, 256, (128, 128), dtype=np.uint8)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    cases = {"half.png": png[: len(png) // 2], "header_only.png": png[:20],
+             "half.jpg": jpg[: len(jpg) // 2], "header_only.jpg": jpg[:40]}
+    crc = bytearray(png)
+    crc[60] ^= 0xFF  # inside IDAT: the chunk CRC no longer matches
+    cases["crc.png"] = bytes(crc)
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(BadImage) as info:
+            read_image(path)
+        assert str(info.value).startswith(f"{path}: ")
+        assert any(word in str(info.value) for word in ("truncated", "corrupt")), str(info.value)
+
+
+def test_decompression_bombs_refused_before_decoding(tmp_path):
+    side = int(MAX_PIXELS ** 0.5) + 100
+    # A PNG whose IHDR declares side x side grey pixels, with a tiny (invalid) IDAT.
+    bomb_png = tmp_path / "bomb.png"
+    bomb_png.write_bytes(b"\x89PNG\r\n\x1a\n"
+                         + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                         + _chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + _chunk(b"IEND", b""))
+    assert_bad(bomb_png, "megapixels")
+    # A real JPEG whose SOF0 frame header is patched to declare side x side.
+    jpg = bytearray(cv2.imencode(".jpg", gradient())[1].tobytes())
+    sof = jpg.find(b"\xff\xc0")
+    jpg[sof + 5:sof + 9] = struct.pack(">HH", side, side)
+    bomb_jpg = tmp_path / "bomb.jpg"
+    bomb_jpg.write_bytes(bytes(jpg))
+    assert_bad(bomb_jpg, "megapixels")
+    with pytest.raises(BadImage, match="megapixels"):
+        image_info(bomb_jpg)
+
+
+def test_tiny_images_refused(tmp_path):
+    for shape in [(1, 1), (MIN_SIDE - 1, 200), (200, 8)]:
+        path = tmp_path / f"tiny_{shape[0]}x{shape[1]}.png"
+        cv2.imwrite(str(path), np.zeros(shape, np.uint8))
+        assert_bad(path, "pixels")
+    ok = tmp_path / "ok.png"
+    cv2.imwrite(str(ok), np.zeros((MIN_SIDE, MIN_SIDE), np.uint8))
+    assert read_image(ok).shape == (MIN_SIDE, MIN_SIDE)
+
+
+# --------------------------------------------------------------------------- real files (../shared)
+def test_jsrt_fullres_palette_matches_512_downsample(shared):
+    for name in ("JPCLN003.png", "JPCNN001.png"):
+        full = read_image(shared / "data/jsrt/fullres" / name)
+        assert full.shape == (2048, 2048)
+        small = read_image(shared / "data/jsrt/images" / name)
+        resized = cv2.resize(full, (512, 512), interpolation=cv2.INTER_AREA)
+        # Decoding palette indices instead of greys would give a correlation near -1.
+        assert np.corrcoef(resized.ravel(), small.ravel())[0, 1] > 0.95
+
+
+def test_nih_rgb_and_rgba_pngs(shared):
+    files = sorted((shared / "data/nih/images").glob("*.png"))
+    # PNG colour type (byte 25 of the file): 2 = RGB, 6 = RGBA.
+    by_type = {}
+    for path in files:
+        by_type.setdefault(path.read_bytes()[25], path)
+        if 2 in by_type and 6 in by_type:
+            break
+    assert 2 in by_type and 6 in by_type, "expected RGB and RGBA files among the NIH images"
+    for path in (by_type[2], by_type[6]):
+        out = read_image(path)
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        assert out.shape == (64, 64) and 0 <= out.min() < out.max() <= 1
+        np.testing.assert_allclose(out, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) / 255.0,
+                                   atol=1 / 255 + 1e-6)
+
+
+def test_sample_jpeg_and_pngs(shared):
+    jpg = read_image(shared / "data/samples/16747_3_1.jpg")
+    assert jpg.shape == (885, 1036) and jpg.dtype == np.float32
+    assert 0 <= jpg.min() and jpg.max() <= 1 and jpg.std() > 0.05
+    for name in ("00000001_000.png", "00027426_000.png"):
+        png = read_image(shared / "data/samples" / name)
+        assert png.shape == (512, 512) and png.std() > 0.05
+
+
+def test_sample_dicoms_and_monochrome1_inversion(shared):
+    samples = shared / "data/samples"
+    real = read_image(samples / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+    fake = read_image(samples / "Fake_MONOHR1.dcm")  # same pixels, labelled MONOCHROME1
+    for img in (real, fake):
+        assert img.shape == (1024, 1024) and img.dtype == np.float32
+        assert img.min() == 0.0 and img.max() == 1.0 and img.std() > 0.05
+    np.testing.assert_allclose(fake, 1.0 - real, atol=1e-6)
