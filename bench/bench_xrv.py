@@ -68,7 +68,8 @@ def main(argv=None):
     import mxnet as mx
     torch, xrv_torch = _import_torch_stack()
     torch.set_num_threads(args.threads)
-    from mxvision import classify as xrv
+    from mxvision.models import zoo
+    from mxvision.models.xrv.common import WEIGHTS
 
     load = " / ".join("%.1f" % v for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     tmp = tempfile.mkdtemp(prefix="bench_xrv_")
@@ -76,17 +77,17 @@ def main(argv=None):
     import torchvision
     nets = {}
     dense = xrv_torch.models.DenseNet()
-    torch.save(dense, os.path.join(tmp, xrv.WEIGHTS["densenet121-res224-all"].file))
+    torch.save(dense, os.path.join(tmp, WEIGHTS["densenet121-res224-all"].file))
     resnet = torchvision.models.resnet50(num_classes=18, weights=None)
     resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    torch.save(resnet.state_dict(), os.path.join(tmp, xrv.WEIGHTS["resnet50-res512-all"].file))
+    torch.save(resnet.state_dict(), os.path.join(tmp, WEIGHTS["resnet50-res512-all"].file))
     for name in ("densenet121-res224-all", "resnet50-res512-all"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tm = xrv_torch.models.get_model(name, cache_dir=tmp).eval()
-        nm = xrv.get_xrv_model(name, weights=os.path.join(tmp, xrv.WEIGHTS[name].file))
+        nm = zoo.get_model(name, weights=os.path.join(tmp, WEIGHTS[name].file))
         nm.hybridize(static_alloc=True, static_shape=True)
-        nets[name] = (tm, nm, xrv.WEIGHTS[name].resolution)
+        nets[name] = (tm, nm, WEIGHTS[name].resolution)
 
     rows = []
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ from mxnet import gluon
 
 from mxvision.errors import MxvisionError, WeightsError
 from mxvision.models.resnet_trunk import (
-    DEFAULT_ARCH, DEFAULT_CUT, ResNetTrunk, _ctx_list, _load_nd_dict, mxnet_reason, shape_fits)
+    DEFAULT_ARCH, DEFAULT_CUT, ResNetTrunk, assign_checked, ctx_list, load_nd_dict, mxnet_reason)
 
 CLASSIC_BN_EPS = 2e-5
 _MXNET_DEFAULT_BN_EPS = 1e-3  # BatchNorm's eps when a symbol omits the attribute
@@ -108,7 +108,7 @@ def load_classic(symbol_file, params_file, cut=DEFAULT_CUT, ctx=None):
     net = sym.get_internals()[out_name]
     if "data" not in net.list_arguments():
         raise WeightsError(symbol_file, "the graph has no 'data' input")
-    loaded = _classic_dict(_load_nd_dict(params_file))
+    loaded = _classic_dict(load_nd_dict(params_file))
     names = [n for n in net.list_arguments() if n != "data"] + net.list_auxiliary_states()
     missing = [n for n in names if n not in loaded]
     if missing:
@@ -123,7 +123,7 @@ def load_classic(symbol_file, params_file, cut=DEFAULT_CUT, ctx=None):
                                f"needs {tuple(expected[name])}")
     block = gluon.SymbolBlock(net, mx.sym.var("data", dtype="float32"))
     for name, param in block.collect_params().items():
-        param._load_init(loaded[name], _ctx_list(ctx))
+        param._load_init(loaded[name], ctx_list(ctx))
     block.output_name = out_name
     return block
 
@@ -181,18 +181,9 @@ def classic_to_gluon(params, trunk, ctx=None):
     _check_mappable(trunk)
     is_file = isinstance(params, (str, Path))
     subject = params if is_file else "classic params"
-    loaded = _classic_dict(_load_nd_dict(params) if is_file else params)
+    loaded = _classic_dict(load_nd_dict(params) if is_file else params)
     wanted = {classic_name(k).split(":", 1)[1]: p for k, p in trunk.param_keys().items()}
-    missing = sorted(n for n in wanted if n not in loaded)
-    if missing:
-        raise WeightsError(subject, f"{len(missing)} of {len(wanted)} parameters up to "
-                           f"{trunk.cut} missing (e.g. {missing[0]})")
-    for name, param in wanted.items():
-        if not shape_fits(param.shape, loaded[name].shape):
-            raise WeightsError(subject, f"{name} has shape {loaded[name].shape}, {trunk.arch} "
-                               f"needs {param.shape}")
-    for name, param in wanted.items():
-        param._load_init(loaded[name], _ctx_list(ctx))
+    assign_checked(wanted, loaded, subject, ctx, missing=f"parameters up to {trunk.cut}", arch=trunk.arch)
     return trunk
 
 

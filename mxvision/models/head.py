@@ -5,6 +5,8 @@ its input, so the head accepts the feature maps as they are stored.
 """
 from mxnet.gluon import nn
 
+from mxvision.models.registry import register_model
+
 
 class XvisionHead(nn.HybridBlock):
     """Dense(512, no bias) → BN → ReLU → Dense(512, no bias) → BN → ReLU → Dense(classes).
@@ -26,3 +28,9 @@ class XvisionHead(nn.HybridBlock):
         x = F.relu(self.bn1(self.fc1(x)))
         x = F.relu(self.bn2(self.fc2(x)))
         return self.output(x)
+
+
+@register_model("xvision_head", family="head", description="Xvision's 2 x 512 dense head")
+def xvision_head(classes=2, **kwargs):
+    """The model-registry factory: an uninitialised :class:`XvisionHead`."""
+    return XvisionHead(classes=classes, **kwargs)

@@ -13,10 +13,12 @@ map's arg-max says where. Layers: conv 3x3 + BatchNorm + LeakyReLU, strides 2, 2
 ``width``, 2x and 4x channels (keep ``width`` a multiple of 16: measured on this CPU, oneDNN ran
 width 24 seven times slower than width 16), then ``extra`` stride-1 layers with ``dilation``
 (cheap at 1/8 resolution, they widen the receptive field: 39 px of input without, +32 px per extra
-layer at dilation 2), then a 1x1 conv. The detector's defaults: width 16, 2 extra layers (103 px). Registered in the model zoo as ``nodule_net``.
+layer at dilation 2), then a 1x1 conv. The detector's defaults: width 16, 2 extra layers (103 px). Registered in the model registry as ``nodule_net``.
 """
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
+
+from mxvision.models.registry import register_model
 
 STRIDE = 8
 DEFAULTS = {"width": 16, "extra": 2, "dilation": 2}
@@ -49,6 +51,7 @@ def image_scores(evidence):
     return evidence.max(axis=(1, 2, 3))
 
 
+@register_model("nodule_net", family="nodule_net", description="the nodule detector's evidence network")
 def nodule_net(width=16, extra=2, dilation=2, weights_file=None, ctx=None, seed=0, **kwargs):
     """Model-zoo factory: a hybridized NoduleNet on ``ctx``, with the parameters of
     ``weights_file`` (a ``.params`` written by the detector) or seeded Xavier initialisation."""
@@ -61,11 +64,3 @@ def nodule_net(width=16, extra=2, dilation=2, weights_file=None, ctx=None, seed=
         net.initialize(mx.init.Xavier(magnitude=2), ctx=ctx)
     net.hybridize()
     return net
-
-
-def _register():
-    from mxvision.models import zoo
-    zoo.register_model("nodule_net", nodule_net)
-
-
-_register()

@@ -27,6 +27,7 @@ from mxnet.gluon import HybridBlock, nn
 from mxnet.gluon.model_zoo.vision import resnet as _zoo
 
 from mxvision.errors import MxvisionError, WeightsError
+from mxvision.models.registry import register_model
 
 DEFAULT_ARCH = "resnet50_v2"
 DEFAULT_CUT = "stage4_unit2_relu1"
@@ -35,7 +36,6 @@ DEFAULT_CHANNELS = 2048
 GLUON_BN_EPS = 1e-5
 
 ARCHS = tuple(f"resnet{d}_v{v}" for v in (2, 1) for d in sorted(_zoo.resnet_spec))
-SUPPORTED_MODELS = ARCHS  # the name the model registry (zoo.py) iterates
 _ARCH_RE = re.compile(r"resnet(\d+)_v([12])")
 _UNIT_RE = re.compile(r"stage(\d+)_unit(\d+)(?:_relu(\d+))?")
 _STEM_LEN = {1: 4, 2: 5}  # features index of stage 1: v1 conv,bn,relu,pool; v2 adds bn_data
@@ -238,20 +238,23 @@ class ResNetTrunk(HybridBlock):
         Layers past the cut and the classifier are ignored; a missing key or a shape that does
         not fit raises :class:`WeightsError` naming the file, before anything is changed.
         """
-        loaded = _load_nd_dict(path)
-        wanted = self.param_keys()
-        missing = sorted(k for k in wanted if k not in loaded)
-        if missing:
-            raise WeightsError(path, f"{len(missing)} of {len(wanted)} {self.arch} parameters "
-                               f"missing (e.g. {missing[0]}); expected a {self.arch} file saved "
-                               "with save_parameters")
-        for key, param in wanted.items():
-            if not shape_fits(param.shape, loaded[key].shape):
-                raise WeightsError(path, f"{key} has shape {loaded[key].shape}, {self.arch} "
-                                   f"needs {param.shape}; is it a {self.arch} file?")
-        for key, param in wanted.items():
-            param._load_init(loaded[key], _ctx_list(ctx))
-        return self
+        return load_params_by_key(self, path, self.arch, ctx)
+
+
+def load_params_by_key(block, path, arch, ctx=None):
+    """Load a ``save_parameters`` file into ``block`` by structural key (``features.8.1.bn1.gamma``).
+
+    For a trunk that keeps a whole network's child blocks under their names: a file of the whole
+    network loads (what lies past the cut is ignored) as does a saved trunk. A missing key or a
+    shape that does not fit raises :class:`WeightsError` naming the file, before anything is
+    changed. Returns ``block``.
+    """
+    loaded = load_nd_dict(path)
+    wanted = block._collect_params_with_prefix()
+    assign_checked(wanted, loaded, path, ctx, missing=f"{arch} parameters",
+                   missing_hint=f"; expected a {arch} file saved with save_parameters",
+                   arch=arch, shape_hint=f"; is it a {arch} file?")
+    return block
 
 
 def shape_fits(expected, actual):
@@ -265,7 +268,8 @@ def _iter_blocks(block):
         yield from _iter_blocks(child)
 
 
-def _ctx_list(ctx):
+def ctx_list(ctx):
+    """``ctx`` as the list of contexts Gluon's initialisers take (None: the CPU)."""
     if ctx is None:
         return [mx.cpu()]
     return list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
@@ -277,7 +281,7 @@ def mxnet_reason(err):
     return lines[-1].replace("MXNetError: ", "") if lines else "unreadable"
 
 
-def _load_nd_dict(path):
+def load_nd_dict(path):
     """``mx.nd.load`` a params file that must hold a name -> NDArray dict, or raise WeightsError."""
     path = Path(path)
     if not path.is_file():
@@ -300,7 +304,7 @@ def get_backbone(name=DEFAULT_ARCH, cut=DEFAULT_CUT, weights_file=None, ctx=None
     deferred shapes so the parameters can be read or exported at once. Calls run BatchNorm in
     inference mode (running statistics) unless under ``autograd.record(train_mode=True)``.
     """
-    ctx = _ctx_list(ctx)
+    ctx = ctx_list(ctx)
     trunk = ResNetTrunk(name, cut, epsilon=epsilon)
     if weights_file is not None:
         trunk.load_imagenet(weights_file, ctx)
@@ -314,3 +318,38 @@ def get_backbone(name=DEFAULT_ARCH, cut=DEFAULT_CUT, weights_file=None, ctx=None
     if hybridize:
         trunk.hybridize()
     return trunk
+
+
+FAMILY = "resnet_trunk"
+
+
+def _factory(name):
+    def factory(cut=DEFAULT_CUT, weights_file=None, ctx=None, **kwargs):
+        return get_backbone(name, cut=cut, weights_file=weights_file, ctx=ctx, **kwargs)
+    factory.__name__ = name
+    factory.__doc__ = f"MXNet model-zoo {name} cut at ``cut`` (default {DEFAULT_CUT}); see get_backbone."
+    return factory
+
+
+for _name in ARCHS:
+    register_model(_name, family=FAMILY, preset="imagenet224", cuts=valid_cuts(_name),
+                   default_cut=DEFAULT_CUT,
+                   description=f"MXNet model zoo {_name} (ImageNet)")(_factory(_name))
+
+
+def assign_checked(wanted, loaded, subject, ctx, missing, arch, missing_hint="", shape_hint=""):
+    """Set each parameter of ``wanted`` (name -> Parameter) from ``loaded`` (name -> NDArray).
+
+    Everything is checked before anything is changed: a missing name or a shape that does not
+    fit raises :class:`WeightsError` naming ``subject``, so a wrong file never half-loads.
+    """
+    absent = sorted(n for n in wanted if n not in loaded)
+    if absent:
+        raise WeightsError(subject, f"{len(absent)} of {len(wanted)} {missing} missing "
+                           f"(e.g. {absent[0]}){missing_hint}")
+    for name, param in wanted.items():
+        if not shape_fits(param.shape, loaded[name].shape):
+            raise WeightsError(subject, f"{name} has shape {loaded[name].shape}, {arch} "
+                               f"needs {param.shape}{shape_hint}")
+    for name, param in wanted.items():
+        param._load_init(loaded[name], ctx_list(ctx))

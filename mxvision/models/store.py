@@ -11,7 +11,9 @@ failure is a one-line :class:`~mxvision.errors.WeightsError` saying what was tri
 it -- on machines without internet the fix is usually a mirror or a local file, so the message
 says so.
 
-``register_weights`` lets mxvision's own model families (and tests) add entries.
+``register_weights`` lets mxvision's own model families (and tests) add entries: GluonCV's
+networks are pinned to GluonCV's own sha1 table (same repo layout and file names, see
+:mod:`mxvision.models.gluoncv_zoo`), torchxrayvision conversions to the sha1 of the converted file.
 """
 import logging
 import os
@@ -22,17 +24,19 @@ import tempfile
 from mxnet.gluon.model_zoo import model_store as _gluon_store
 
 from mxvision.errors import DownloadError, WeightsError
-from mxvision.io.download import download, hash_file, locked_file, safe_extract_zip
+from mxvision.io.download import download, locked_file, safe_extract_zip
+from mxvision.utils import file_digest
 
-__all__ = ["register_weights", "known_weights", "short_hash", "weights_file_name", "weights_url",
-           "cache_dir", "cached_weights_file", "get_weights_file", "resolve_weights", "file_sha1",
-           "APACHE_REPO_URL"]
+__all__ = ["register_weights", "pinned_sha1", "known_weights", "PINNED_SHA1", "PINNED_URLS",
+           "short_hash", "weights_file_name", "weights_url", "cache_dir", "cached_weights_file",
+           "get_weights_file", "resolve_weights", "APACHE_REPO_URL"]
 
 log = logging.getLogger(__name__)
 
 APACHE_REPO_URL = _gluon_store.apache_repo_url
-_SHA1 = dict(_gluon_store._model_sha1)  # name -> full sha1 (copied: never mutate MXNet's table)
-_URLS = {}  # name -> explicit zip URL overriding the repo layout
+# name -> full sha1 (copied: never mutate MXNet's table); register_weights adds entries.
+PINNED_SHA1 = dict(_gluon_store._model_sha1)
+PINNED_URLS = {}  # name -> explicit zip URL overriding the repo layout
 _FIX = "set MXNET_GLUON_REPO to a reachable mirror, or pass a local .params file instead of 'imagenet'"
 
 
@@ -48,22 +52,27 @@ def register_weights(name, sha1, url=None):
         raise ValueError("sha1 for %r must be 40 hex digits, got %r" % (name, sha1))
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ValueError("invalid weights name %r" % (name,))
-    _SHA1[name] = sha1
+    PINNED_SHA1[name] = sha1
     if url is None:
-        _URLS.pop(name, None)
+        PINNED_URLS.pop(name, None)
     else:
-        _URLS[name] = url
+        PINNED_URLS[name] = url
     return weights_file_name(name)
+
+
+def pinned_sha1(name):
+    """The full sha1 pinned for ``name``, or None when the store knows no weights by that name."""
+    return PINNED_SHA1.get(name)
 
 
 def known_weights():
     """Sorted names of all weights the store knows how to fetch."""
-    return sorted(_SHA1)
+    return sorted(PINNED_SHA1)
 
 
 def _sha1(name):
     try:
-        return _SHA1[name]
+        return PINNED_SHA1[name]
     except KeyError:
         known = _abbrev(known_weights())
         raise WeightsError(name, "no pretrained weights are registered under this name (known: %s); "
@@ -91,8 +100,8 @@ def _repo_url():
 
 def weights_url(name):
     """Where the zip holding ``name``'s weights is fetched from."""
-    if name in _URLS:
-        return _URLS[name]
+    if name in PINNED_URLS:
+        return PINNED_URLS[name]
     return "%sgluon/models/%s-%s.zip" % (_repo_url(), name, short_hash(name))
 
 
@@ -105,17 +114,12 @@ def cache_dir(root=None):
     return os.path.abspath(os.path.expanduser(os.fspath(root)))
 
 
-def file_sha1(path):
-    """sha1 of a weights file (streamed), for recording which weights a run used."""
-    return hash_file(os.fspath(path), "sha1")
-
-
 def cached_weights_file(name, root=None):
     """The verified cached file for ``name`` if it is already present, else None (never downloads)."""
-    if name not in _SHA1:
+    if name not in PINNED_SHA1:
         return None
     file_path = os.path.join(cache_dir(root), weights_file_name(name))
-    return file_path if os.path.isfile(file_path) and file_sha1(file_path) == _SHA1[name] else None
+    return file_path if os.path.isfile(file_path) and file_digest(file_path, "sha1") == PINNED_SHA1[name] else None
 
 
 def _find_params(folder, wanted):
@@ -145,7 +149,7 @@ def get_weights_file(name, root=None, *, retries=5, timeout=30, backoff=0.5, pro
     sha1 = _sha1(name)
     root = cache_dir(root)
     file_path = os.path.join(root, weights_file_name(name))
-    if os.path.isfile(file_path) and file_sha1(file_path) == sha1:
+    if os.path.isfile(file_path) and file_digest(file_path, "sha1") == sha1:
         return file_path
     try:
         os.makedirs(root, exist_ok=True)
@@ -167,7 +171,7 @@ def get_weights_file(name, root=None, *, retries=5, timeout=30, backoff=0.5, pro
 def _fetch(name, sha1, file_path, retries, timeout, backoff, progress):
     """Download, verify and install ``file_path`` (called with the cache entry's lock held)."""
     if os.path.isfile(file_path):
-        if file_sha1(file_path) == sha1:
+        if file_digest(file_path, "sha1") == sha1:
             return file_path  # installed by another process while we waited
         log.warning("%s: cached file %s is corrupt (sha1 mismatch); downloading it again", name, file_path)
     root, file_name = os.path.split(file_path)
@@ -202,7 +206,7 @@ def _install_from_zip(name, url, zip_path, file_path, sha1):
         extracted = _find_params(tmp_dir, os.path.basename(file_path))
         if extracted is None:
             raise WeightsError(name, "%s holds no %s; %s" % (url, os.path.basename(file_path), _FIX))
-        actual = file_sha1(extracted)
+        actual = file_digest(extracted, "sha1")
         if actual != sha1:
             raise WeightsError(name, "weights from %s have sha1 %s, expected %s; nothing was installed in %s "
                                "(corrupt or outdated mirror: %s)" % (url, actual, sha1, root, _FIX))
@@ -229,12 +233,12 @@ def resolve_weights(spec, name, root=None):
     path = os.path.abspath(os.path.expanduser(os.fspath(spec)))
     if not os.path.isfile(path):
         raise WeightsError(path, "no such weights file; pass 'imagenet', 'none' or an existing .params file")
-    actual = file_sha1(path)
+    actual = file_digest(path, "sha1")
     match = re.fullmatch(re.escape(name) + r"-([0-9a-fA-F]{8})\.params", os.path.basename(path))
     if match and not actual.startswith(match.group(1).lower()):
         raise WeightsError(path, "sha1 is %s but the file name promises %s...; the file is corrupt or "
                            "misnamed (download it again)" % (actual, match.group(1).lower()))
-    pinned = _SHA1.get(name)
+    pinned = PINNED_SHA1.get(name)
     # The full pinned sha1 applies to the store's own file name only: a user's fine-tuned weights
     # for the same architecture are legitimate and just cannot be verified.
     if pinned is not None and os.path.basename(path) == weights_file_name(name) and actual != pinned:

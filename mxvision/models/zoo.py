@@ -1,69 +1,111 @@
-"""One registry for every network mxvision builds: ``get_model(name, **kwargs)``.
+"""Every network mxvision builds, by name: ``get_model(name, **kwargs)``.
 
-Backbones (feature extractors) and heads are registered here; each model family lives in its own
-module and registers a factory. ``build_backbone`` adds the weight resolution users expect
-(``imagenet`` from the verified store, a local file, or random weights only when allowed) and
-reports exactly which weights were used, so every figure can say what it came from.
+The model families register themselves in :mod:`mxvision.models.registry` (a leaf module); this
+module imports all of them on first use (so ``import mxvision`` and ``mxv.get_model`` stay free of
+MXNet until a network is built or listed), and adds what
+users of a backbone need: ``build_backbone`` resolves the weights (``imagenet`` from the verified
+store, a local file, or random weights only when allowed) and reports exactly which weights were
+used, so every figure can say what it came from.
+
+The families: MXNet's model-zoo ResNets (:mod:`.resnet_trunk`, the default backbone), GluonCV's
+classification networks (:mod:`.gluoncv_zoo`), the torchxrayvision ports (:mod:`.xrv`), the
+Xvision head (:mod:`.head`) and the nodule detector's network (:mod:`.nodule_net`).
 """
+import functools
 import logging
 
-import mxnet as mx
-
-from mxvision.runtime import parse_ctx
 from mxvision.errors import WeightsError
-from mxvision.models import resnet_trunk
-from mxvision.models import store
-from mxvision.models.head import XvisionHead
+from mxvision.models import registry
+from mxvision.models.registry import ModelConfig, register_model
+from mxvision.runtime import parse_ctx
+from mxvision.utils import file_digest
+
+__all__ = ["get_model", "list_models", "list_backbones", "list_families", "get_model_config",
+           "register_model", "ModelConfig", "build_backbone", "load_backbone_file", "check_backbone",
+           "default_preset", "DEFAULT_BACKBONE", "DEFAULT_CUT", "DEFAULT_PRESET", "RANDOM_SEED"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "resnet50_v2"
-DEFAULT_CUT = "stage4_unit2_relu1"
+DEFAULT_BACKBONE = "resnet50_v2"  # Xvision's network: MXNet model-zoo ResNet-50 v2 (resnet_trunk)
+DEFAULT_CUT = "stage4_unit2_relu1"  # ... cut where Xvision took its CNN codes
+DEFAULT_PRESET = "imagenet224"
 RANDOM_SEED = 0
 
-_BACKBONES = {}
-_MODELS = {}
+
+@functools.lru_cache(maxsize=None)
+def family_modules():
+    """Import every model family once, for what it registers; returns the modules.
+
+    Deferred to the first lookup because the families import MXNet (about a second), which a
+    lookup of ``mxv.get_model`` or the CLI's ``--help`` should not pay for.
+    """
+    from mxvision.models import gluoncv_zoo, head, nodule_net, resnet_trunk
+    from mxvision.models.xrv import densenet as xrv_densenet
+    from mxvision.models.xrv import resnet as xrv_resnet
+    return (resnet_trunk, gluoncv_zoo, xrv_densenet, xrv_resnet, head, nodule_net)
 
 
-def register_backbone(name, factory):
-    """Register ``factory(cut=..., weights_file=..., ctx=...) -> HybridBlock`` under ``name``."""
-    _BACKBONES[name] = factory
-    _MODELS[name] = factory
+def get_model_config(name):
+    """The registry entry of ``name`` (its family, input preset, cut points, weights naming)."""
+    family_modules()
+    return registry.get_model_config(name)
 
 
-def register_model(name, factory):
-    _MODELS[name] = factory
+def list_families():
+    """Sorted names of the model families."""
+    family_modules()
+    return registry.list_families()
 
 
-def list_models():
-    return sorted(_MODELS)
+def list_models(family=None):
+    """Sorted names of every registered model (optionally of one family: see list_families())."""
+    family_modules()
+    return registry.list_models(family)
 
 
-def list_backbones():
-    return sorted(_BACKBONES)
+def list_backbones(family=None):
+    """Sorted names of the models that can be cut into a feature extractor."""
+    family_modules()
+    return registry.list_models(family, backbones_only=True)
 
 
 def get_model(name, **kwargs):
-    """Build a registered network by name (GluonCV-style)."""
-    if name not in _MODELS:
-        raise WeightsError(name, f"unknown model; known: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    """Build a registered network by name (GluonCV-style); ``kwargs`` go to its factory.
 
-
-def _resnet_factory(model_name):
-    def factory(cut=DEFAULT_CUT, weights_file=None, ctx=None, **kwargs):
-        return resnet_trunk.get_backbone(model_name, cut=cut, weights_file=weights_file, ctx=ctx, **kwargs)
-    return factory
-
-
-for _name in resnet_trunk.SUPPORTED_MODELS:
-    register_backbone(_name, _resnet_factory(_name))
-register_model("xvision_head", lambda classes=2, **kw: XvisionHead(classes=classes, **kw))
+    Backbones take ``cut``, ``weights_file`` and ``ctx``; a torchxrayvision name without ``cut``
+    gives the ready classifier (``weights``, ``calibrated``, ``apply_sigmoid``, ``output``,
+    ``ctx``, ``root``, ``progress``: see :func:`mxvision.models.xrv.weights.make_factory`).
+    """
+    return get_model_config(name).factory(**kwargs)
 
 
 def check_backbone(name):
-    if name not in _BACKBONES:
+    """The registry entry of backbone ``name``, or WeightsError listing the backbones."""
+    try:
+        config = get_model_config(name)
+    except WeightsError:
+        config = None
+    if config is None or not config.is_backbone:
         raise WeightsError(name, f"unknown backbone; known: {', '.join(list_backbones())}")
+    return config
+
+
+def default_preset(name):
+    """The preprocessing preset ``name``'s weights were trained with (its registry entry says);
+    ImageNet's for a name the registry does not know or that has no image input of its own."""
+    try:
+        return get_model_config(name).preset or DEFAULT_PRESET
+    except WeightsError:
+        return DEFAULT_PRESET
+
+
+def _pin_family_weights(config):
+    """Let the store know the sha1 a family's own store pins (GluonCV), unless already pinned
+    (a mirror's or a test's own registration wins)."""
+    from mxvision.models import store
+
+    if config.weights_sha1 is not None and store.pinned_sha1(config.weights) is None:
+        store.register_weights(config.weights, config.weights_sha1())
 
 
 def build_backbone(name=DEFAULT_BACKBONE, cut=DEFAULT_CUT, weights="imagenet", ctx=None,
@@ -74,13 +116,18 @@ def build_backbone(name=DEFAULT_BACKBONE, cut=DEFAULT_CUT, weights="imagenet", c
     path to a params file. When ImageNet weights cannot be had, the error says so; only with
     ``allow_random=True`` does extraction go on with random weights, and ``weights_info`` records it.
     """
-    check_backbone(name)
+    import mxnet as mx
+
+    from mxvision.models import store
+
+    config = check_backbone(name)
     ctx = parse_ctx(ctx)
     spec = "none" if weights in (None, "", "none", "random") else str(weights)
     weights_file = None
     if spec != "none":
         try:
-            weights_file = store.resolve_weights(spec, name)
+            _pin_family_weights(config)
+            weights_file = store.resolve_weights(spec, config.weights)
         except WeightsError as err:
             if not allow_random:
                 raise WeightsError(err.subject, f"{err.problem}; or use random weights "
@@ -93,7 +140,7 @@ def build_backbone(name=DEFAULT_BACKBONE, cut=DEFAULT_CUT, weights="imagenet", c
     info = {
         "spec": spec,
         "file": str(weights_file) if weights_file else None,
-        "sha1": store.file_sha1(weights_file) if weights_file else None,
+        "sha1": file_digest(weights_file, "sha1") if weights_file else None,
         "random_seed": None if weights_file else RANDOM_SEED,
         "description": (f"{name} weights from {weights_file}" if weights_file
                         else f"{name} with RANDOM weights (seed {RANDOM_SEED}) — no pretrained weights"),
@@ -105,7 +152,3 @@ def load_backbone_file(name, cut, weights_file, ctx=None):
     """Rebuild a backbone from an exact weights file (full model-zoo file or a saved trunk)."""
     check_backbone(name)
     return get_model(name, cut=cut, weights_file=weights_file, ctx=parse_ctx(ctx))
-
-from mxvision.models import nodule_net
-from mxvision.models.xrv import densenet as xrv_densenet
-from mxvision.models.xrv import resnet as xrv_resnet  # noqa: E402,F401 (registers them)

@@ -16,6 +16,7 @@ from mxnet.gluon import nn
 from support.httpserver import Fault, closed_port_url, serve, wait_until
 from mxvision.errors import WeightsError
 from mxvision.models import store
+from mxvision.utils import file_digest
 
 FAST = dict(retries=2, timeout=2, backoff=0.01, progress=False)
 
@@ -45,8 +46,8 @@ def params(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def private_table(monkeypatch):
     """Each test registers into its own copy of the sha1 table."""
-    monkeypatch.setattr(store, "_SHA1", dict(store._SHA1))
-    monkeypatch.setattr(store, "_URLS", {})
+    monkeypatch.setattr(store, "PINNED_SHA1", dict(store.PINNED_SHA1))
+    monkeypatch.setattr(store, "PINNED_URLS", {})
     for var in ("MXNET_GLUON_REPO", "MXVISION_CACHE", "MXNET_HOME"):
         monkeypatch.delenv(var, raising=False)
 
@@ -87,7 +88,7 @@ def test_download_verify_then_cache_hit_without_a_request(repo, params, tmp_path
     assert net[1].weight.data().shape == (2, 8)
     assert store.get_weights_file("tinynet", cache, **FAST) == path
     assert store.cached_weights_file("tinynet", cache) == path
-    assert store.file_sha1(path) == params[0][1]
+    assert file_digest(path, "sha1") == params[0][1]
     assert server.count(url_path) == 1 and server.count() == 1
     assert _files(cache) == [os.path.basename(path)]  # no zip, .part or temp folder left
 

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from mxvision import classify as xrv
+from mxvision.models.xrv.common import XRVInputWarning, op_norm
 from mxvision.errors import MxvisionError, WeightsError
-from mxvision.models import store
+from mxvision.io.torchfile.writer import save_torch_file
+from mxvision.models import store, zoo
 from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
-from mxvision.models import zoo
-from mxvision.io.torchfile.writer import TorchModule, save_torch_file
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
-from support.xrv_files import DENSE, RESNET, module_tree, random_state_dict, write_release_file  # noqa: F401
+from support.xrv_files import DENSE, RESNET, random_state_dict, write_release_file
 
 def _ramp(size):
     """A well-normalized input: every value of [-1024, 1024] once."""
@@ -68,8 +67,8 @@ def test_op_norm_formula():
     t = np.array([0.2, 0.2, 0.2, 0.6, np.nan], dtype=np.float32)
     p = np.array([[0.1, 0.2, 0.9, 0.3, 0.7]], dtype=np.float32)
     expected = [0.1 / 0.4, 1 - 0.8 / 1.6, 1 - 0.1 / 1.6, 0.3 / 1.2, 0.5]
-    assert np.allclose(xrv.op_norm(p, t), [expected], atol=1e-7)
-    nd = xrv_common._op_norm_nd(mx.nd.array(p), t).asnumpy()
+    assert np.allclose(op_norm(p, t), [expected], atol=1e-7)
+    nd = xrv_common.op_norm_nd(mx.nd.array(p), t).asnumpy()
     assert np.allclose(nd, [expected], atol=1e-7)
 
 
@@ -107,7 +106,7 @@ def dense_pt(tmp_path_factory):
 
 def test_pt_file_loads_tensor_for_tensor(dense_pt):
     path, state = dense_pt
-    net = xrv.get_xrv_model(DENSE, weights=path)
+    net = zoo.get_model(DENSE, weights=path)
     params = net._collect_params_with_prefix()
     for key, gname in net.expected_torch_keys().items():
         assert np.array_equal(params[gname].data().asnumpy(), state[key]), key
@@ -116,7 +115,7 @@ def test_pt_file_loads_tensor_for_tensor(dense_pt):
 
 def test_scores_logits_and_calibration(dense_pt):
     x = mx.nd.array(np.random.default_rng(1).uniform(-1024, 1024, (2, 1, 224, 224)))
-    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    net = zoo.get_model(DENSE, weights=dense_pt[0])
     net.hybridize()
     scores = net(x).asnumpy()
     net.calibrated = False
@@ -125,7 +124,7 @@ def test_scores_logits_and_calibration(dense_pt):
     probs = net(x).asnumpy()
     assert scores.shape == (2, 18) and np.ptp(logits) > 0.1  # not saturated, not constant
     assert np.allclose(probs, expit(logits), atol=1e-6)
-    assert np.allclose(scores, xrv.op_norm(probs, WEIGHTS[DENSE].op_threshs), atol=1e-6)
+    assert np.allclose(scores, op_norm(probs, WEIGHTS[DENSE].op_threshs), atol=1e-6)
     assert np.all(scores[:, WEIGHTS[DENSE].untrained] == 0.5)
     # features2 is the pooled input of the classifier
     pooled = net.features2(x).asnumpy()
@@ -136,9 +135,9 @@ def test_scores_logits_and_calibration(dense_pt):
 
 
 def test_wrong_size_input_is_resized_like_torchxrayvision(dense_pt):
-    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    net = zoo.get_model(DENSE, weights=dense_pt[0])
     x = np.random.default_rng(2).uniform(-1024, 1024, (1, 1, 256, 256)).astype(np.float32)
-    with pytest.warns(xrv.XRVInputWarning, match="not the native resolution"):
+    with pytest.warns(XRVInputWarning, match="not the native resolution"):
         out = net(mx.nd.array(x)).asnumpy()
     direct = net(mx.nd.array(xrv_common.resize_batch(x, 224))).asnumpy()
     assert np.allclose(out, direct, atol=1e-6)
@@ -160,19 +159,19 @@ def test_antialiased_resize_matrix():
 @pytest.mark.parametrize("low,high,hint", [(0, 1, r"\[0, 1\]"), (0, 255, "8-bit"), (-1, 1, r"\[-1, 1\]"),
                                            (-4000, 4000, "too small a maxval"), (0, 4095, "12/16-bit")])
 def test_badly_normalized_input_warns_once(dense_pt, low, high, hint):
-    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    net = zoo.get_model(DENSE, weights=dense_pt[0])
     x = mx.nd.array(np.linspace(low, high, 224 * 224, dtype=np.float32).reshape(1, 1, 224, 224))
-    with pytest.warns(xrv.XRVInputWarning, match=hint):
+    with pytest.warns(XRVInputWarning, match=hint):
         net(x)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", xrv.XRVInputWarning)
+        warnings.simplefilter("error", XRVInputWarning)
         net(x)  # once per model
 
 
 def test_well_normalized_input_does_not_warn(dense_pt):
-    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    net = zoo.get_model(DENSE, weights=dense_pt[0])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", xrv.XRVInputWarning)
+        warnings.simplefilter("error", XRVInputWarning)
         net(mx.nd.array(np.linspace(-1024, 1024, 224 * 224, dtype=np.float32).reshape(1, 1, 224, 224)))
 
 
@@ -188,16 +187,16 @@ def test_file_that_does_not_fit_is_refused(tmp_path):
         path = save_torch_file(s, tmp_path / (case + ".pt"))
         with pytest.raises(WeightsError, match={"missing": "norm5.running_var", "shape": r"\(14, 1024\)",
                                                 "extra": "conv9", "nan": "not finite"}[case]):
-            xrv.get_xrv_model(DENSE, weights=path)
+            zoo.get_model(DENSE, weights=path)
     resnet_file = save_torch_file(random_state_dict(RESNET), tmp_path / "r.pt")
     with pytest.raises(WeightsError, match="does not fit densenet121"):
-        xrv.get_xrv_model(DENSE, weights=resnet_file)
+        zoo.get_model(DENSE, weights=resnet_file)
 
 
 def test_resnet_scores_and_features(tmp_path):
     path = save_torch_file(OrderedDict(("model." + k, v) for k, v in random_state_dict(RESNET).items()),
                            tmp_path / "r.pt")  # keys as in torchxrayvision's wrapper: accepted
-    net = xrv.get_xrv_model(RESNET, weights=path)
+    net = zoo.get_model(RESNET, weights=path)
     x = mx.nd.array(np.random.default_rng(3).uniform(-1024, 1024, (1, 1, 512, 512)))
     scores = net(x).asnumpy()
     feats = net.features(x).asnumpy()
@@ -206,7 +205,7 @@ def test_resnet_scores_and_features(tmp_path):
     w, b = net.fc.weight.data().asnumpy(), net.fc.bias.data().asnumpy()
     assert feats.shape == (1, 2048) and np.allclose(feats @ w.T + b, logits, atol=1e-4)
     probs = expit(logits)
-    assert np.allclose(scores, xrv.op_norm(probs, WEIGHTS[RESNET].op_threshs), atol=1e-6)
+    assert np.allclose(scores, op_norm(probs, WEIGHTS[RESNET].op_threshs), atol=1e-6)
     assert np.all(scores[0, WEIGHTS[RESNET].no_threshold] == 0.5)
 
 
@@ -242,7 +241,7 @@ def test_download_convert_cache_and_verify(http_server, xrv_cache, monkeypatch, 
     monkeypatch.setenv(xrv_common.BASE_URL_ENV, http_server.url + "v1/")
     url_path = "/v1/" + spec.file
 
-    net = xrv.get_xrv_model(DENSE, progress=False)
+    net = zoo.get_model(DENSE, progress=False)
     assert http_server.count(url_path) == 1
     sidecar = json.loads((xrv_cache / (DENSE + ".xrv.json")).read_text())
     params = xrv_cache / sidecar["params"]["file"]
@@ -255,7 +254,7 @@ def test_download_convert_cache_and_verify(http_server, xrv_cache, monkeypatch, 
     assert np.array_equal(net.features.conv0.weight.data().asnumpy(), state["features.conv0.weight"])
 
     # cached: no second request; the store knows the converted file (pipeline --weights imagenet)
-    xrv.get_xrv_model(DENSE, progress=False)
+    zoo.get_model(DENSE, progress=False)
     assert http_server.count(url_path) == 1
     assert store.cached_weights_file(DENSE) == str(params)
     backbone, info = zoo.build_backbone(DENSE, weights="imagenet")
@@ -265,7 +264,7 @@ def test_download_convert_cache_and_verify(http_server, xrv_cache, monkeypatch, 
     data = bytearray(params.read_bytes())
     data[-5] ^= 0xFF
     params.write_bytes(bytes(data))
-    again = xrv.get_xrv_model(DENSE, progress=False)
+    again = zoo.get_model(DENSE, progress=False)
     assert http_server.count(url_path) == 2
     assert np.array_equal(again.features.conv0.weight.data().asnumpy(), state["features.conv0.weight"])
 
@@ -273,12 +272,12 @@ def test_download_convert_cache_and_verify(http_server, xrv_cache, monkeypatch, 
 def test_download_failures_name_url_and_fix(http_server, xrv_cache, monkeypatch, tmp_path):
     monkeypatch.setenv(xrv_common.BASE_URL_ENV, http_server.url)
     with pytest.raises(WeightsError, match="could not download .*404.*MXVISION_XRV_BASE_URL"):
-        xrv.get_xrv_model(DENSE, progress=False)
+        zoo.get_model(DENSE, progress=False)
     spec = WEIGHTS[DENSE]
     bad = OrderedDict((k, v) for k, v in random_state_dict(RESNET).items())
     save_torch_file(bad, os.path.join(http_server.directory, spec.file))
     with pytest.raises(WeightsError, match="not usable: .*does not fit densenet121"):
-        xrv.get_xrv_model(DENSE, progress=False)
+        zoo.get_model(DENSE, progress=False)
     assert not (xrv_cache / (DENSE + ".xrv.json")).exists()
     assert not list(xrv_cache.glob(DENSE + "-*.params"))
 
@@ -286,10 +285,8 @@ def test_download_failures_name_url_and_fix(http_server, xrv_cache, monkeypatch,
 def test_xrv_backbone_runs_the_xvision_pipeline(synth_index, tmp_path):
     """--backbone densenet121-res224-all in the pipeline: extract (1-channel xrv224 preset), train
     the Xvision head, predict and export from the saved backbone."""
-    from mxvision.export import export_model
     from mxvision.features.extract import extract_features
-    from mxvision.predict import predict
-    from mxvision.train.loop import train_head
+    from support.pipeline import train_predict_export
 
     name = "densenet121-res224-all"
     store_ = extract_features(synth_index, tmp_path / "f", backbone=name, weights="none",
@@ -297,19 +294,13 @@ def test_xrv_backbone_runs_the_xvision_pipeline(synth_index, tmp_path):
     assert store_.feature_shape == (1024, 7, 7) and store_.manifest["preprocessing"]["channels"] == 1
     feats, _, _ = store_.load()
     assert feats.min() >= 0 and feats.std() > 0  # ReLU'd DenseNet features, not constant
-    train_head(store_.path, tmp_path / "run", epochs=2, batch_size=8, ctx="cpu", progress=False,
-               keep_checkpoints=0)
-    images = [it["path"] for it in store_.items[:2]]
-    results = predict(tmp_path / "run", images, ctx="cpu")
-    assert [r["path"] for r in results] == images and all("probabilities" in r for r in results)
-    paths = export_model(tmp_path / "run", tmp_path / "exported", ctx="cpu")
-    assert os.path.isfile(paths["symbol"])
+    train_predict_export(store_, tmp_path, epochs=2)
 
 
 def test_a_constant_warm_up_batch_does_not_spend_the_range_check(dense_pt):
-    net = xrv.get_xrv_model(DENSE, weights=dense_pt[0])
+    net = zoo.get_model(DENSE, weights=dense_pt[0])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", xrv.XRVInputWarning)
+        warnings.simplefilter("error", XRVInputWarning)
         net(mx.nd.zeros((1, 1, 224, 224)))  # what extraction runs to build the graph
-    with pytest.warns(xrv.XRVInputWarning, match=r"\[0, 1\]"):
+    with pytest.warns(XRVInputWarning, match=r"\[0, 1\]"):
         net(mx.nd.array(np.linspace(0, 1, 224 * 224, dtype=np.float32).reshape(1, 1, 224, 224)))

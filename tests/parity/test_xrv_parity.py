@@ -56,9 +56,12 @@ xrv_torch = pytest.importorskip("torchxrayvision", reason="parity suite: torchxr
 
 import mxnet as mx  # noqa: E402
 
-from mxvision import classify as xrv  # noqa: E402
+from mxvision.data.xrv_transforms import load_xray, preprocess  # noqa: E402
+from mxvision.inference import classify  # noqa: E402
+from mxvision.models.xrv.common import XRVInputWarning  # noqa: E402
 from mxvision.io.torchfile.reader import load_torch_file  # noqa: E402
 from mxvision.io.torchfile.writer import save_torch_file  # noqa: E402
+from mxvision.models import zoo  # noqa: E402
 from mxvision.models.xrv.common import WEIGHTS  # noqa: E402
 
 ATOL = 1e-4
@@ -140,7 +143,7 @@ def _compare(name, setup):
     spec = WEIGHTS[name]
     x = setup["inputs"][spec.resolution]
     tm = _torch_model(name, setup)
-    nm = xrv.get_xrv_model(name, weights=os.path.join(setup["cache"], spec.file))
+    nm = zoo.get_model(name, weights=os.path.join(setup["cache"], spec.file))
     with torch.no_grad():
         t_scores = tm(torch.from_numpy(x)).numpy()
     m_scores = nm(mx.nd.array(x)).asnumpy()
@@ -188,7 +191,7 @@ def test_classify_matches_the_model_card_pipeline(samples, setup):
     x = np.stack([torchxrayvision_input(samples[n], 224) for n in RASTER])
     with torch.no_grad():
         expected = tm(torch.from_numpy(x)).numpy()
-    results = xrv.classify([samples[n] for n in RASTER], model=name,
+    results = classify([samples[n] for n in RASTER], model=name,
                            weights=os.path.join(setup["cache"], WEIGHTS[name].file), batch_size=3)
     got = np.array([r["outputs"] for r in results])
     print("classify vs model card: max |diff| %.2e" % np.abs(got - expected).max())
@@ -198,7 +201,7 @@ def test_classify_matches_the_model_card_pipeline(samples, setup):
 def test_resizer_and_reader_match_torchxrayvision(samples):
     for n in RASTER:
         for size in (224, 512):
-            ours = xrv.preprocess(xrv.load_xray(samples[n]), size)
+            ours = preprocess(load_xray(samples[n]), size)
             theirs = torchxrayvision_input(samples[n], size)
             assert ours.shape == theirs.shape == (1, size, size)
             assert np.abs(ours - theirs).max() < 1e-3  # of a 2048 range: float rounding only
@@ -207,12 +210,12 @@ def test_resizer_and_reader_match_torchxrayvision(samples):
 def test_off_size_input_is_resized_like_torchxrayvision(setup):
     name = "densenet121-res224-all"
     tm = _torch_model(name, setup)
-    nm = xrv.get_xrv_model(name, weights=os.path.join(setup["cache"], WEIGHTS[name].file))
+    nm = zoo.get_model(name, weights=os.path.join(setup["cache"], WEIGHTS[name].file))
     big = xrv_torch.datasets.XRayResizer(300)(setup["inputs"][512][:2, ...].reshape(2, 512, 512)[:1])[None]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = tm(torch.from_numpy(big)).numpy()
-    with pytest.warns(xrv.XRVInputWarning, match="native resolution"):
+    with pytest.warns(XRVInputWarning, match="native resolution"):
         got = nm(mx.nd.array(big)).asnumpy()
     assert np.abs(got - expected).max() < ATOL
 
@@ -225,7 +228,7 @@ def test_legacy_format_release_file(setup, tmp_path):
     theirs = setup["dense"].state_dict()
     assert list(ours) == list(theirs)
     assert all(np.array_equal(ours[k], v.numpy()) for k, v in theirs.items())
-    nm = xrv.get_xrv_model("densenet121-res224-all", weights=path)
+    nm = zoo.get_model("densenet121-res224-all", weights=path)
     x = setup["inputs"][224][:2]
     setup["dense"].op_threshs = torch.tensor(WEIGHTS["densenet121-res224-all"].op_threshs)
     with torch.no_grad():

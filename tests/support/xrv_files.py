@@ -5,7 +5,7 @@ from collections import OrderedDict
 import numpy as np
 
 from mxvision.io.torchfile.writer import TorchModule, save_torch_file
-from mxvision.models.xrv import weights as xrv_weights
+from mxvision.models import zoo
 from mxvision.models.xrv.common import WEIGHTS
 
 DENSE = "densenet121-res224-mimic_nb"
@@ -19,7 +19,7 @@ _CLASSES = {"conv": "torch.nn.modules.conv.Conv2d", "norm": "torch.nn.modules.ba
 
 def random_state_dict(name, seed=0):
     """A state dict in PyTorch's names and shapes for ``name``'s architecture, random values."""
-    net = xrv_weights.build_model(name)
+    net = zoo.get_model_config(name).network(WEIGHTS[name])  # uninitialised: names and shapes only
     params = net._collect_params_with_prefix()
     rng = np.random.default_rng(seed)
     state = OrderedDict()

@@ -23,8 +23,8 @@ import numpy as np
 from mxnet.gluon import HybridBlock
 
 from mxvision.errors import MxvisionError, WeightsError
-from mxvision.io.download import hash_file
 from mxvision.io.torchfile.reader import load_torch_file
+from mxvision.utils import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,6 @@ WEIGHTS = {w.name: w for w in (
            "trained on pc-nih-rsna-siim-vin at 512x512"),
 )}
 
-# Set by xrv_densenet / xrv_resnet when imported: arch -> class(weights_spec, output=..., ...);
-# xrv_weights.build_model turns a weights name into a network through it.
-ARCHS = {}
-
-
 def get_weights_spec(name):
     """The :class:`XRVWeights` for a name like ``densenet121-res224-mimic_nb``."""
     try:
@@ -166,8 +161,8 @@ def op_norm(probs, op_threshs):
     return np.where(valid, out, np.float32(0.5)).astype(np.float32)
 
 
-def _op_norm_nd(probs, op_threshs):
-    """The same on NDArrays (``op_threshs``: an (18,) float32 NumPy array with NaNs)."""
+def op_norm_nd(probs, op_threshs):
+    """:func:`op_norm` on NDArrays (``op_threshs``: an (18,) float32 NumPy array with NaNs)."""
     valid_np = ~np.isnan(op_threshs)
     ctx = probs.context
     t = mx.nd.array(np.where(valid_np, op_threshs, 0.5)[None, :], ctx=ctx)
@@ -290,7 +285,7 @@ class XRVModel(HybridBlock):
         if x.ndim != 4 or x.shape[1] != 1:
             raise MxvisionError("input %s" % (tuple(x.shape),),
                                 "expected (N, 1, H, W): one grey channel in [-1024, 1024] "
-                                "(mxvision.classify.normalize; preprocessing preset xrv224/xrv512)")
+                                "(mxvision.data.xrv_transforms.normalize; preprocessing preset xrv224/xrv512)")
         if x.shape[2] != x.shape[3]:
             raise MxvisionError("input %s" % (tuple(x.shape),),
                                 "height and width must be equal; center-crop first (XRayCenterCrop)")
@@ -310,7 +305,7 @@ class XRVModel(HybridBlock):
 
     def postprocess(self, logits):
         if self.calibrated and self.op_threshs is not None:
-            return _op_norm_nd(mx.nd.sigmoid(logits), self.op_threshs)
+            return op_norm_nd(mx.nd.sigmoid(logits), self.op_threshs)
         if self.apply_sigmoid:
             return mx.nd.sigmoid(logits)
         return logits
@@ -397,6 +392,6 @@ class XRVModel(HybridBlock):
         else:
             self.load_torch_state_dict(load_torch_file(path), source=path, ctx=ctx)
             kind = "torchxrayvision .pt"
-        self.weights_info = {"spec": path, "file": path, "sha1": hash_file(path, "sha1"),
+        self.weights_info = {"spec": path, "file": path, "sha1": file_digest(path, "sha1"),
                              "description": "%s weights from %s (%s)" % (self.ARCH, path, kind)}
         return self

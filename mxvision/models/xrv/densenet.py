@@ -9,14 +9,13 @@ names are the PyTorch state-dict keys with BatchNorm's ``weight``/``bias`` calle
 ``features`` (a child block, as in torchxrayvision) maps (N, 1, 224, 224) to the (N, 1024, 7, 7)
 output of ``norm5``; ``features2(x)`` gives torchxrayvision's pooled vector (ReLU, global average
 pool: (N, 1024)); calling the model gives the 18 scores (see
-:class:`~mxvision.models.xrv.common.XRVModel`). Registered in the model zoo under the seven
+:class:`~mxvision.models.xrv.common.XRVModel`). Registered in the model registry under the seven
 ``densenet121-res224-*`` weights names (classifier: ``get_model(name)``; backbone for the Xvision
 pipeline: ``cut="features"`` (the ReLU'd map) or ``"pooled"``).
 """
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
-from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import NUM_CLASSES, XRVModel
 
@@ -127,17 +126,8 @@ class XRVDenseNet(XRVModel):
         return "XRV-DenseNet121-%s" % self.weights if self.weights else "XRV-DenseNet"
 
 
-xrv_common.ARCHS["densenet121"] = XRVDenseNet
-
 # Backbone cuts: the pipeline passes its default ResNet cut name unless told otherwise.
 BACKBONE_CUTS = {"features": "features", "pooled": "pooled", "stage4_unit2_relu1": "features"}
 
 
-def _register():
-    from mxvision.models import zoo
-    for name, spec in xrv_common.WEIGHTS.items():
-        if spec.arch == XRVDenseNet.ARCH:
-            zoo.register_backbone(name, xrv_weights.make_factory(name, BACKBONE_CUTS))  # also a model
-
-
-_register()
+xrv_weights.register_weights_of(XRVDenseNet, BACKBONE_CUTS)

@@ -15,7 +15,6 @@ Backbone cuts for the Xvision pipeline: ``"features"`` (pooled (N, 2048), the de
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
-from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import NUM_CLASSES, XRVModel
 
@@ -107,17 +106,8 @@ class XRVResNet(XRVModel):
         return "XRV-ResNet-%s" % self.weights if self.weights else "XRV-ResNet"
 
 
-xrv_common.ARCHS["resnet50"] = XRVResNet
-
 BACKBONE_CUTS = {"features": "features", "pooled": "features", "layer4": "layer4",
                  "stage4_unit2_relu1": "features"}
 
 
-def _register():
-    from mxvision.models import zoo
-    for name, spec in xrv_common.WEIGHTS.items():
-        if spec.arch == XRVResNet.ARCH:
-            zoo.register_backbone(name, xrv_weights.make_factory(name, BACKBONE_CUTS))  # also a model
-
-
-_register()
+xrv_weights.register_weights_of(XRVResNet, BACKBONE_CUTS)

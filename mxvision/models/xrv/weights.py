@@ -26,11 +26,13 @@ import mxnet as mx
 
 from mxvision import __version__
 from mxvision.errors import DownloadError, WeightsError
-from mxvision.io.download import download, hash_file, locked_file
-from mxvision.utils import read_json, write_json
+from mxvision.io.download import download, locked_file
+from mxvision.utils import file_digest, read_json, write_json
 from mxvision.models import store
 from mxvision.io.torchfile.reader import load_torch_file
-from mxvision.models.xrv.common import ARCHS, BASE_URL_ENV, WEIGHTS, XRVWeights, get_weights_spec
+from mxvision.models.registry import get_model_config, is_registered, register_model
+from mxvision.models.xrv.common import BASE_URL_ENV, WEIGHTS, XRVWeights, get_weights_spec
+from mxvision.runtime import parse_ctx
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,17 @@ SIDECAR_FORMAT = 1
 
 # --------------------------------------------------------------------------- building
 def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=False):
-    """An uninitialised network for a weights name (architecture, targets, op_threshs from the table)."""
+    """An uninitialised network for a weights name (architecture, targets, op_threshs from the table).
+
+    The architecture is the network class the name's registry entry holds: :mod:`.densenet` and
+    :mod:`.resnet` register their weights names (:mod:`mxvision.models.zoo` imports both).
+    """
     spec = name_or_spec if isinstance(name_or_spec, XRVWeights) else get_weights_spec(name_or_spec)
-    if spec.arch not in ARCHS:  # the architecture modules register themselves on import
-        from mxvision.models.xrv import densenet as xrv_densenet
-        from mxvision.models.xrv import resnet as xrv_resnet  # noqa: F401
-    return ARCHS[spec.arch](spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
+    if not is_registered(spec.name):
+        raise WeightsError(spec.name, "no network is registered for these weights yet; build it "
+                           "through mxvision.models.zoo.get_model")
+    network = get_model_config(spec.name).network
+    return network(spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
 
 
 def load_model(name, weights="pretrained", output="scores", calibrated=True, apply_sigmoid=False,
@@ -67,18 +74,20 @@ def load_model(name, weights="pretrained", output="scores", calibrated=True, app
 
 
 def make_factory(name, cuts):
-    """The model-zoo factory for one weights name (``cuts``: backbone cut name -> model output).
+    """The model-registry factory for one weights name (``cuts``: backbone cut name -> model output).
 
     * classifier: ``get_model(name)`` downloads/converts/caches the release weights (like
-      torchxrayvision's ``get_model``); ``pretrained=False`` gives random weights; ``weights=PATH``
-      or ``weights_file=PATH`` a local ``.pt``/``.params``; ``calibrated``, ``apply_sigmoid``.
+      torchxrayvision's ``get_model``); ``weights``: None (those published weights), ``"none"``
+      (random, seeded) or the path of a ``.pt``/``.params`` file (``weights_file=PATH`` and
+      ``pretrained=False`` say the same); ``calibrated``, ``apply_sigmoid``; ``output``:
+      ``"scores"`` or one of the architecture's feature outputs; ``ctx`` as ``--ctx`` takes it.
     * backbone (``cut`` given, as :func:`~mxvision.models.zoo.build_backbone` does): weights only
       from ``weights_file`` (else random, seeded by the caller), hybridized, on ``ctx``.
     """
     def factory(cut=None, weights_file=None, ctx=None, pretrained=True, weights=None, calibrated=True,
-                apply_sigmoid=False, root=None, progress=True):
-        ctx = mx.cpu() if ctx is None else ctx
+                apply_sigmoid=False, root=None, progress=True, output="scores"):
         if cut is not None:
+            ctx = mx.cpu() if ctx is None else ctx
             if cut not in cuts:
                 raise WeightsError(name, "unknown cut %r for a torchxrayvision backbone; use one of %s"
                                    % (cut, ", ".join(sorted(k for k in cuts if not k.startswith("stage")))))
@@ -91,8 +100,8 @@ def make_factory(name, cuts):
             return net
         if weights is None:
             weights = weights_file if weights_file is not None else ("pretrained" if pretrained else "none")
-        return load_model(name, weights=weights, calibrated=calibrated, apply_sigmoid=apply_sigmoid,
-                          ctx=ctx, root=root, progress=progress)
+        return load_model(name, weights=weights, output=output, calibrated=calibrated,
+                          apply_sigmoid=apply_sigmoid, ctx=parse_ctx(ctx), root=root, progress=progress)
     factory.__name__ = "xrv_" + name.replace("-", "_")
     return factory
 
@@ -116,7 +125,7 @@ def _verified_cached(name, root=None):
         return None
     if not os.path.isfile(path):
         return None
-    if hash_file(path, "sha256") != expected:
+    if file_digest(path, "sha256") != expected:
         log.warning("%s: cached weights %s do not match the sha256 in %s (corrupt or changed); "
                     "downloading and converting them again", name, path, side)
         return None
@@ -196,7 +205,7 @@ def _download_and_convert(spec, folder, progress, retries, timeout, backoff):
                            "release files, or pass a local .pt file (weights=PATH, --weights PATH)"
                            % (url, err.problem, BASE_URL_ENV)) from None
     try:
-        src_sha256 = hash_file(src, "sha256")
+        src_sha256 = file_digest(src, "sha256")
         src_bytes = os.path.getsize(src)
         net = build_model(spec)
         try:
@@ -207,7 +216,7 @@ def _download_and_convert(spec, folder, progress, retries, timeout, backoff):
         os.close(fd)
         try:
             net.save_parameters(tmp)
-            sha1, sha256 = hash_file(tmp, "sha1"), hash_file(tmp, "sha256")
+            sha1, sha256 = file_digest(tmp, "sha1"), file_digest(tmp, "sha256")
             final = os.path.join(folder, "%s-%s.params" % (spec.name, sha1[:8]))
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)
@@ -246,3 +255,17 @@ try:  # make cached conversions known to the store (for the pipeline's `--weight
     register_cached()
 except Exception:  # pragma: no cover - a broken cache must never break importing mxvision
     log.debug("could not scan the weights cache for torchxrayvision conversions", exc_info=True)
+
+
+def register_weights_of(network, backbone_cuts):
+    """Register one model per torchxrayvision weights name whose architecture is ``network``'s:
+    the same network class, each with its own preset and outputs (``backbone_cuts``: cut name ->
+    model output; the pipeline's default ResNet cut name maps to ``features``)."""
+    from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
+
+    for name, spec in WEIGHTS.items():
+        if spec.arch == network.ARCH:
+            register_model(
+                name, family="xrv", preset=spec.preset, network=network, outputs=DEFAULT_PATHOLOGIES,
+                cuts=tuple(k for k in backbone_cuts if not k.startswith("stage")), default_cut="features",
+                description="torchxrayvision %s: %s" % (name, spec.description))(make_factory(name, backbone_cuts))
