@@ -132,7 +132,7 @@ def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32, also=None):
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
     from mxvision.models.head import XvisionHead
-    from mxvision.train.loop import _batches, predict_probs
+    from mxvision.train.loop import epoch_batches, predict_probs
 
     ctx = mx.cpu()
     oof, oof_also = np.zeros(len(y)), {}
@@ -145,7 +145,7 @@ def cv_auc(x, y, folds=5, seed=0, epochs=20, lr=0.01, batch_size=32, also=None):
         trainer = gluon.Trainer(head.collect_params(), "sgd", {"learning_rate": lr})
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         for epoch in range(1, epochs + 1):
-            for b in _batches(len(tr), batch_size, seed, epoch):
+            for b in epoch_batches(len(tr), batch_size, seed, epoch):
                 with autograd.record():
                     loss = loss_fn(head(mx.nd.array(x[tr[b]])), mx.nd.array(y[tr[b]]))
                 loss.backward()

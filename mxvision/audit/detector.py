@@ -10,18 +10,17 @@ is supervised per cell with the nodule's disc (a positive-weighted logistic loss
 label alone it learnt nothing, loss stayed 0.693; adding a pairwise logistic loss on the pair's two
 maxima, the score the evaluation ranks, made it learn slower: val AUC 0.85 against 0.90 at step 1000).
 
-A run folder holds ``config.json`` (settings, data), ``state.json`` (last finished step, the
-log of checkpoint evaluations, best step, the threshold), ``log.csv``, ``checkpoints/step-NNNNNN
-.params|.states`` (optimizer state without pickle, :mod:`mxvision.train.optim_state`) and
-``best.params``. Every ``checkpoint_every`` steps the network is scored on validation pairs made
-in memory from the val-split normals exactly as ``mxvision synth --seed SEED --variants
+A run folder (:mod:`mxvision.train.runs`, counted in steps) holds ``config.json`` (settings,
+data), ``state.json`` (last finished step, the log of checkpoint evaluations, best step, the
+threshold), ``log.csv``, ``checkpoints/step-NNNNNN.params|.states`` (optimizer state without
+pickle) and ``best.params``. Every ``checkpoint_every`` steps the network is scored on validation
+pairs made in memory from the val-split normals exactly as ``mxvision synth --seed SEED --variants
 VAL_VARIANTS`` would write them (:func:`mxvision.audit.lesion.nodule_versions`); the best mean of
 validation AUC and paired AUC gives ``best.params`` and, at the end, the decision threshold
-(Youden's J on val). The draws
-of step *k* depend only on (seed, *k*) and the learning rate is a function of *k*, so a run killed
-at any moment resumes from its last checkpoint to the same weights as an uninterrupted run.
+(Youden's J on val). The draws of step *k* depend only on (seed, *k*) and the learning rate is a
+function of *k*, so a run killed at any moment resumes from its last checkpoint to the same
+weights as an uninterrupted run.
 """
-import csv
 import time
 from pathlib import Path
 
@@ -38,16 +37,17 @@ from mxvision.data.splits import assign_splits
 from mxvision.errors import BadIndex, BadRun
 from mxvision.io.images import read_image
 from mxvision.models import zoo
-from mxvision.models.nodule_net import STRIDE, image_scores  # (importing it registers "nodule_net")
-from mxvision.train.optim_state import load_trainer_states, save_trainer_states
-from mxvision.utils import atomic_path, clean_stale_temps, read_json, write_json
+from mxvision.models.nodule_net import STRIDE, image_scores
+from mxvision.train import runs
+from mxvision.train.metrics import auc_score
+from mxvision.train.runs import BEST, CONFIG, STATE
+from mxvision.utils import atomic_path, read_json, write_json
 
-CONFIG, STATE, BEST = "config.json", "state.json", "best.params"
 DEFAULTS = {"steps": 1500, "size": 256, "width": 16, "extra": 2, "dilation": 2, "batch_pairs": 8,
             "lr": 2e-3, "warmup": 0.03, "augment": 1.0, "pos_weight": 50.0, "backgrounds": "normal",
             "radius": list(lesion.RADIUS_512), "contrast": list(lesion.CONTRAST), "val_variants": 10,
             "checkpoint_every": 250, "tta": True, "seed": 0}
-_LOG = ("step", "loss", "train_auc", "val_auc", "val_paired_auc", "seconds")
+LOG_COLUMNS = ("step", "loss", "train_auc", "val_auc", "val_paired_auc", "seconds")
 
 
 def _square(img):
@@ -86,7 +86,7 @@ def lr_at(step, hyper):
     return hyper["lr"] * 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, steps - warm)))
 
 
-def _films(index, split, backgrounds="normal"):
+def training_films(index, split, backgrounds="normal"):
     """``(id, film, lung mask, lung depth, regions to ignore)`` of the ``split`` films: normal
     films, and with ``backgrounds="all"`` also the films with a real nodule, whose nodule disc
     (doubled, + 10 px at 512) is left out of the loss and of the placement of inserted nodules."""
@@ -122,8 +122,7 @@ def make_batch(films, rng, hyper):
     xs, ts, igs = [], [], []
     for k in rng.integers(len(films), size=hyper["batch_pairs"]):
         _, img, mask, depth, ignore = films[k]
-        with_nodule, nodule = lesion.insert_random_nodule(img, mask, rng, hyper["radius"], hyper["contrast"],
-                                                          depth, window=True)
+        with_nodule, nodule = lesion.insert_random_nodule(img, mask, rng, hyper["radius"], hyper["contrast"], depth)
         pair = [_small(img, size), _small(with_nodule, size)]
         s = size / img.shape[0]
         discs = np.array([[d["x"] * s, d["y"] * s, d["radius"] * s] for d in [nodule] + ignore])
@@ -177,24 +176,10 @@ def score_arrays(net, xs, ctx, tta=True, batch=16, maps=False):
     return (s, np.concatenate(out_maps)) if maps else s
 
 
-def _checkpoint(out_dir, step, ext):
-    return Path(out_dir) / "checkpoints" / f"step-{step:06d}.{ext}"
-
-
-def _start(out_dir, config, resume):
-    if resume and (out_dir / STATE).exists():
-        try:
-            old = read_json(out_dir / CONFIG)
-        except (OSError, ValueError):
-            raise BadRun(out_dir / CONFIG, "unreadable; use a new --out or --no-resume") from None
-        changed = [k for k in config["hyper"] if old.get("hyper", {}).get(k) != config["hyper"][k]]
-        if old.get("index") != config["index"]:
-            changed.append("index")
-        if changed:
-            raise BadRun(out_dir, f"holds a detector run with other settings ({', '.join(changed)}); "
-                                  "use a new --out or --no-resume")
-        return read_json(out_dir / STATE)
-    return {"last_step": 0, "history": [], "best_step": None, "threshold": None}
+def _settings_changed(old_config, config):
+    """Every setting and the index must match for a run to resume."""
+    changed = [k for k in config["hyper"] if old_config.get("hyper", {}).get(k) != config["hyper"][k]]
+    return changed + (["index"] if old_config.get("index") != config["index"] else [])
 
 
 def train_detector(index, out_dir, ctx=None, resume=True, progress=True, keep_checkpoints=2, stop_at=None,
@@ -220,25 +205,22 @@ def train_detector(index, out_dir, ctx=None, resume=True, progress=True, keep_ch
     assigned = not all(index.splits)
     if assigned:
         index = assign_splits(index, seed=hyper["seed"])
-    train_films, val_films = _films(index, "train", hyper["backgrounds"]), _films(index, "val")
+    train_films, val_films = training_films(index, "train", hyper["backgrounds"]), training_films(index, "val")
     config = {"kind": "nodule_detector", "model": "nodule_net",
               "net": {k: hyper[k] for k in ("width", "extra", "dilation")}, "hyper": hyper,
               "index": str(Path(index.source).resolve()) if index.source else None,
               "splits_assigned": assigned, "train_films": [f[0] for f in train_films],
               "val_films": [f[0] for f in val_films]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (out_dir, out_dir / "checkpoints"):
-        clean_stale_temps(folder)
-    state = _start(out_dir, config, resume)
+    runs.prepare_run_dir(out_dir)
+    state = runs.load_or_start(out_dir, config, resume, changed=_settings_changed, kind="detector run",
+                               fresh={"last_step": 0, "history": [], "best_step": None, "threshold": None})
     if not state["last_step"]:  # a fresh start: another run's checkpoints would confuse pruning
-        for old in (out_dir / "checkpoints").glob("step-*"):
-            old.unlink()
+        runs.remove_checkpoints(out_dir, "step")
     write_json(out_dir / CONFIG, config)
     net = zoo.get_model("nodule_net", ctx=ctx, seed=hyper["seed"], **config["net"])
     trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": hyper["lr"]})
     if state["last_step"]:
-        net.load_parameters(str(_checkpoint(out_dir, state["last_step"], "params")), ctx=ctx)
-        load_trainer_states(trainer, _checkpoint(out_dir, state["last_step"], "states"))
+        runs.load_checkpoint(out_dir, state["last_step"], {"params": net}, trainer, ctx, unit="step")
     val = pair_set(val_films, hyper["val_variants"], hyper)
     train_check = pair_set([f for f in train_films if not f[4]], 1, hyper)  # over-fitting check
     loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss()
@@ -262,8 +244,8 @@ def train_detector(index, out_dir, ctx=None, resume=True, progress=True, keep_ch
             tic, losses = time.time(), []
             state["history"].append(row)
             write_json(out_dir / STATE, state)  # the step is finished only from here on
-            _prune(out_dir, keep_checkpoints)
-            _write_log(out_dir, state["history"])
+            runs.prune_checkpoints(out_dir, step, keep_checkpoints, unit="step")
+            runs.write_log(out_dir, state["history"], LOG_COLUMNS, float_format=".4f", with_json=False)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
     bar.close()
     if state["last_step"] >= hyper["steps"] and state["threshold"] is None:
@@ -272,7 +254,7 @@ def train_detector(index, out_dir, ctx=None, resume=True, progress=True, keep_ch
         fpr, tpr, thr = skm.roc_curve(val[1], s)
         finite = np.isfinite(thr)  # sklearn's first threshold is +inf (nothing called a nodule)
         state["threshold"] = float(thr[finite][int(np.argmax((tpr - fpr)[finite]))])
-        state["val_best"] = {"auc": lesion.auc_or_nan(val[1], s),
+        state["val_best"] = {"auc": auc_score(val[1], s),
                              "paired_auc": lesion.paired_auc_arrays(val[1], val[2], s)}
         write_json(out_dir / STATE, state)
     return state
@@ -281,13 +263,11 @@ def train_detector(index, out_dir, ctx=None, resume=True, progress=True, keep_ch
 def _checkpoint_step(net, trainer, out_dir, step, state, val, train_check, ctx, hyper):
     """Score val (and the training-film check), save params + optimizer state, update best."""
     s = score_arrays(net, val[0], ctx, hyper["tta"])
-    row = {"step": step, "val_auc": lesion.auc_or_nan(val[1], s),
+    row = {"step": step, "val_auc": auc_score(val[1], s),
            "val_paired_auc": lesion.paired_auc_arrays(val[1], val[2], s),
-           "train_auc": lesion.auc_or_nan(train_check[1], score_arrays(net, train_check[0], ctx, hyper["tta"]))}
-    for ext, save in (("params", net.save_parameters), ("states", lambda p: save_trainer_states(trainer, p))):
-        with atomic_path(_checkpoint(out_dir, step, ext)) as tmp:
-            save(tmp)
-    best = next((r for r in state["history"] if r["step"] == state["best_step"]), None)
+           "train_auc": auc_score(train_check[1], score_arrays(net, train_check[0], ctx, hyper["tta"]))}
+    runs.save_checkpoint(out_dir, step, {"params": net}, trainer, unit="step")
+    best = runs.best_row(state, unit="step")
     # The image AUC over a few val films hinges on the one or two clean films with the most
     # nodule-like spot; the paired AUC is steadier. Their mean selects; ties go to the later step.
     key = lambda r: np.nan_to_num(r["val_auc"] + r["val_paired_auc"], nan=-1)  # noqa: E731
@@ -297,21 +277,6 @@ def _checkpoint_step(net, trainer, out_dir, step, state, val, train_check, ctx, 
             net.save_parameters(tmp)
     state["last_step"] = step
     return row
-
-
-def _prune(out_dir, keep):
-    """Delete all but the newest ``keep`` step checkpoints (0 keeps all); best.params stays."""
-    steps = sorted(int(p.stem.split("-")[1]) for p in (out_dir / "checkpoints").glob("step-*.params"))
-    for old in steps[:-keep] if keep > 0 else ():
-        for ext in ("params", "states"):
-            _checkpoint(out_dir, old, ext).unlink(missing_ok=True)
-
-
-def _write_log(out_dir, history):
-    with atomic_path(out_dir / "log.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=_LOG, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in _LOG} for r in history)
 
 
 def load_detector(run_dir, ctx=None, params="best"):
@@ -324,7 +289,8 @@ def load_detector(run_dir, ctx=None, params="best"):
                               "train one with `mxvision detector train`") from None
     if config.get("kind") != "nodule_detector":
         raise BadRun(run_dir / CONFIG, "not a detector run (kind is not nodule_detector)")
-    path = {"best": run_dir / BEST, "last": _checkpoint(run_dir, state["last_step"], "params")}.get(params, params)
+    last = runs.checkpoint_path(run_dir, state["last_step"], "params", unit="step")
+    path = {"best": run_dir / BEST, "last": last}.get(params, params)
     if not Path(path).is_file():
         raise BadRun(path, "no such parameters file (training not started or files removed)")
     try:

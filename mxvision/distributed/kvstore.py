@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 SHARES = "shares"
 KVSTORES = ("dist_sync", "dist_device_sync")
-# kvstore keys of our own; gluon.Trainer uses 0 .. number of parameters - 1.
-_KEY_START, _KEY_METRICS, _KEY_VAL, _KEY_BN = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 100
 # Manifest keys every share of one store must agree on.
 _SAME = ("format_version", "backbone", "cut", "weights", "preprocessing", "shard_size", "classes",
          "items", "dtype", "storage_dtype", "pooled", "precision", "splits_assigned")

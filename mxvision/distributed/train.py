@@ -13,7 +13,6 @@ must match (docs/SCALING.md gives the measured differences).
 Extraction, shares and the kvstore: :mod:`mxvision.distributed.kvstore`.
 """
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -22,18 +21,20 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics
+from mxvision.train import metrics, runs
 from mxvision.train import loop as train
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.store import FeatureStore
 from mxvision.models.head import XvisionHead
-from mxvision.train.optim_state import load_trainer_states
 from mxvision.features.stream import DEFAULT_MAX_MEMORY, ShardStream
-from mxvision.distributed.kvstore import _KEY_BN, _KEY_METRICS, _KEY_START, _KEY_VAL, owner, worker_kvstore
-from mxvision.utils import atomic_path, clean_stale_temps, read_json, write_json
+from mxvision.distributed.kvstore import owner, worker_kvstore
+from mxvision.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
+
+# kvstore keys of our own; gluon.Trainer uses 0 .. number of parameters - 1.
+_KEY_START, _KEY_METRICS, _KEY_VAL, _KEY_BN = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 100
 
 
 class _Sum:
@@ -82,8 +83,13 @@ class _Rows:
             yield x, y
 
 
-class _Worker:
-    """What one (real or simulated) worker reads: its train rows in sub-batches, its val rows."""
+class WorkerData:
+    """What one (real or simulated) worker reads: its train rows in sub-batches, its val rows.
+
+    Worker ``rank`` of ``n`` owns the rows of the feature shards :func:`owner` gives it; every
+    epoch it draws ``steps`` sub-batches of ``sub`` rows from them (``stream``: through a
+    :class:`ShardStream` over its shards, holding at most ``max_memory`` bytes).
+    """
 
     def __init__(self, store, splits, rank, n, sub, steps, seed, stream, max_memory):
         self.train, self.val = _Rows(store, splits[0], rank, n), _Rows(store, splits[1], rank, n)
@@ -141,7 +147,7 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
 
     ``kv``: the dist_sync kvstore (default: this launched worker's); ``simulate=N`` instead runs N
     workers in this process. ``batch_size`` is the global batch (N sub-batches of batch_size / N).
-    Rank 0 writes the run folder, laid out as :func:`mxvision.train.loop.train_head`'s (so evaluate,
+    Rank 0 writes the run folder (:mod:`mxvision.train.runs`), as ``train_head`` does (so evaluate,
     predict and export use it); a resumed run loads its last epoch on every worker, so
     ``out_dir`` must be readable by all of them (a shared file system). Returns the state dict.
     """
@@ -172,7 +178,7 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
         stream = per_worker * store.row_bytes() > max_memory
     hyper = dict(train.DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                  wd=wd, seed=seed)
-    config = {"features": train._features_provenance(store), "hyper": hyper,
+    config = {"features": runs.features_provenance(store), "hyper": hyper,
               "splits": {"train": train_split, "val": val_split},
               "distributed": {"workers": n, "kvstore": "simulated" if simulate else comm.kv.type,
                               "sub_batch": sub, "steps_per_epoch": steps, "streaming": bool(stream),
@@ -180,19 +186,17 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
                               "batchnorm": "statistics per sub-batch; running averages averaged "
                                            "over workers after each epoch",
                               "train_metrics": "running, in train mode, during the epoch"}}
-    state = {"last_epoch": 0, "history": [], "best_epoch": None}
+    state = runs.new_state()
     if leader:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (run_dir, run_dir / "checkpoints"):
-            clean_stale_temps(folder)
-        state = train._load_or_start(run_dir, config, resume)
+        runs.prepare_run_dir(run_dir)
+        state = runs.load_or_start(run_dir, config, resume)
         if state["last_epoch"]:
-            old = read_json(run_dir / train.CONFIG).get("distributed", {})
+            old = read_json(run_dir / runs.CONFIG).get("distributed", {})
             if old.get("workers") != n:
                 raise BadRun(run_dir, f"holds a run of {old.get('workers', 1)} worker(s), not {n}; "
                                       "use a new --out or --no-resume")
-        write_json(run_dir / train.CONFIG, config)
-    workers = [_Worker(store, (train_split, val_split), r, n, sub, steps, seed, stream, max_memory)
+        write_json(run_dir / runs.CONFIG, config)
+    workers = [WorkerData(store, (train_split, val_split), r, n, sub, steps, seed, stream, max_memory)
                for r in comm.ranks]
 
     mx.random.seed(seed)
@@ -212,11 +216,10 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
               + [mx.nd.zeros(p.shape) for p in running])
     start = int(comm.pull(_KEY_START, mx.nd.zeros(1)).asscalar())  # rank 0's last finished epoch
     if start:
-        head.load_parameters(str(train._checkpoint(run_dir, start, "params")), ctx=ctxs)
-        load_trainer_states(trainer, train._checkpoint(run_dir, start, "states"))
+        runs.load_checkpoint(run_dir, start, {"params": head}, trainer, ctxs)
         for updater, c in zip(trainer._updaters[1:], ctxs[1:]):  # simulated workers: own copies
             updater.states = {i: _copy_to(st, c) for i, st in updater.states.items()}
-        state = state if leader else {"last_epoch": start, "history": [], "best_epoch": None}
+        state = state if leader else dict(runs.new_state(), last_epoch=start)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     y_val = _split_labels(store, val_split)
 
@@ -237,14 +240,14 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
                "val_auc": metrics.auc_score(y_val, val_probs),
                "seconds": round(time.time() - tic, 3)}
         if leader:
-            _record_epoch(run_dir, state, row, head, trainer, keep_checkpoints)
+            runs.record_epoch(run_dir, state, row, head, trainer, keep_checkpoints)
         else:
             state["history"].append(row)
             state["last_epoch"] = epoch
     if leader and state["history"]:
-        train._prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
-        train._write_log(run_dir, state["history"])
-        train.plot_training_curve(state["history"], run_dir / "training_curve.png", state["best_epoch"])
+        runs.prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
+        runs.write_log(run_dir, state["history"])
+        train.plot_training_curve(state["history"], run_dir / runs.CURVE, state["best_epoch"])
     if comm.kv:  # leave together: a worker that exits while another's pull is in flight hangs it
         mx.nd.waitall()
         comm.kv._barrier()
@@ -281,17 +284,3 @@ def _val_probs(head, worker, ctx, total, n_classes):
         out[worker.val.positions] = np.concatenate(probs)
     return mx.nd.array(out)
 
-
-def _record_epoch(run_dir, state, row, head, trainer, keep_checkpoints):
-    """Rank 0: checkpoint, best epoch and logs, exactly as train_head does."""
-    train._save_epoch(run_dir, row["epoch"], head, trainer)
-    best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
-    if train._is_better(row, best):
-        state["best_epoch"] = row["epoch"]
-        with atomic_path(run_dir / "best.params") as tmp:
-            shutil.copyfile(train._checkpoint(run_dir, row["epoch"], "params"), tmp)
-    state["history"].append(row)
-    state["last_epoch"] = row["epoch"]
-    write_json(run_dir / train.STATE, state)  # the epoch is finished only from here on
-    train._prune_checkpoints(run_dir, row["epoch"], keep_checkpoints)
-    train._write_log(run_dir, state["history"])

@@ -7,10 +7,11 @@ are recorded for autograd. The result is a new run directory that ``predict``, `
 ``evaluate`` use like any other: its config points at its own ``backbone.params``.
 
 Per epoch it checkpoints the head, the backbone and the trainer state, and resumes from the last
-finished epoch with the same result, as ``train_head`` does.
+finished epoch with the same result, as ``train_head`` does (the run folder:
+:mod:`mxvision.train.runs`; the backbone goes to ``checkpoints/epoch-NNNN.backbone`` and, for the
+best epoch, ``backbone.params``).
 """
 import copy
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,18 +21,22 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics
+from mxvision.train import metrics, runs
 from mxvision.data import transforms
-from mxvision.train import loop as train
+from mxvision.train.loop import epoch_batches, plot_training_curve
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun
 from mxvision.features.store import FeatureStore
-from mxvision.train.optim_state import load_trainer_states, save_trainer_states
-from mxvision.predict import load_classifier
-from mxvision.utils import atomic_path, clean_stale_temps, file_digest, read_json, write_json
+from mxvision.train.loop import load_classifier
+from mxvision.utils import file_digest, write_json
+
+# Checkpoint files of each epoch besides the trainer state, and the best epoch's copies of them.
+BEST_COPIES = {"params": runs.BEST, "backbone": runs.BACKBONE}
 
 
-def _split_items(config, split):
+def split_items(config, split):
+    """The index items (path, label...) of ``split`` in the feature store a run was trained on:
+    the images fine-tuning reads."""
     store = FeatureStore(config["features"]["features_dir"])
     items = [it for it in store.items if it["split"] == split]
     if not items:
@@ -56,11 +61,10 @@ def image_probs(net, items, preset, ctx, batch_size=16, pool=None):
     return np.concatenate(out)
 
 
-def _save(out_dir, epoch, backbone, head, trainer):
-    for ext, save in (("params", head.save_parameters), ("backbone", backbone.save_parameters),
-                      ("states", lambda path: save_trainer_states(trainer, path))):
-        with atomic_path(train._checkpoint(out_dir, epoch, ext)) as tmp:
-            save(tmp)
+def _settings_changed(old_config, config):
+    """The fine-tuning settings (all but ``epochs``, which may grow) that differ from a resumed run's."""
+    old, new = old_config.get("finetune", {}), config["finetune"]
+    return [k for k in sorted(set(old) | set(new)) if k != "epochs" and old.get(k) != new.get(k)]
 
 
 def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, momentum=0.9,
@@ -84,16 +88,10 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     config = copy.deepcopy(base_config)
     config["finetune"] = dict(hyper, from_run=str(Path(run_dir).resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (out_dir, out_dir / "checkpoints") if rank == 0 else ():
-        clean_stale_temps(folder)  # left by a killed run; resuming never needs them
-    state = {"last_epoch": 0, "history": [], "best_epoch": None}
-    if resume and (out_dir / train.STATE).exists():
-        old = read_json(out_dir / train.CONFIG)
-        if {k: v for k, v in old.get("finetune", {}).items() if k != "epochs"} != \
-                {k: v for k, v in config["finetune"].items() if k != "epochs"}:
-            raise BadRun(out_dir, "holds a fine-tuning run with other settings; use a new --out")
-        state = read_json(out_dir / train.STATE)
-    train_items, val_items = _split_items(config, "train"), _split_items(config, "val")
+    if rank == 0:  # the only writer of the run folder
+        runs.prepare_run_dir(out_dir)
+    state = runs.load_or_start(out_dir, config, resume, changed=_settings_changed, kind="fine-tuning run")
+    train_items, val_items = split_items(config, "train"), split_items(config, "val")
     y_train = np.array([it["label_id"] for it in train_items])
     y_val = np.array([it["label_id"] for it in val_items])
 
@@ -104,10 +102,8 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum},
                             **({"kvstore": kvstore, "update_on_kvstore": False} if kvstore else {}))
     if state["last_epoch"]:
-        k = state["last_epoch"]
-        head.load_parameters(str(train._checkpoint(out_dir, k, "params")), ctx=ctx)
-        backbone.load_parameters(str(train._checkpoint(out_dir, k, "backbone")), ctx=ctx)
-        load_trainer_states(trainer, train._checkpoint(out_dir, k, "states"))
+        runs.load_checkpoint(out_dir, state["last_epoch"], {"params": head, "backbone": backbone},
+                             trainer, ctx)
 
     def run_frozen(x):
         for block in frozen:
@@ -126,7 +122,7 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
         for epoch in tqdm(range(state["last_epoch"] + 1, epochs + 1), desc="finetune", unit="epoch",
                           initial=state["last_epoch"], total=epochs, disable=not progress):
             tic = time.time()
-            for batch in train._batches(len(train_items), batch_size, seed, epoch):
+            for batch in epoch_batches(len(train_items), batch_size, seed, epoch):
                 if len(batch) < 2 * n:  # each worker needs 2 rows (BatchNorm); all skip alike
                     continue
                 mine = batch[rank::n]  # this worker's slice of the global batch
@@ -150,29 +146,18 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
                    "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
                    "val_auc": metrics.auc_score(y_val, val_probs),
                    "seconds": round(time.time() - tic, 3)}
-            _save(out_dir, epoch, backbone, head, trainer)
-            best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
-            if train._is_better(row, best):
-                state["best_epoch"] = epoch
-                for ext, name in (("params", "best.params"), ("backbone", "backbone.params")):
-                    with atomic_path(out_dir / name) as tmp:
-                        shutil.copyfile(train._checkpoint(out_dir, epoch, ext), tmp)
-            state["history"].append(row)
-            state["last_epoch"] = epoch
+            runs.save_checkpoint(out_dir, epoch, {"params": head, "backbone": backbone}, trainer)
+            runs.update_best(out_dir, state, row, BEST_COPIES)
             config["features"]["weights"] = dict(
-                base_config["features"]["weights"], file=str((out_dir / "backbone.params").resolve()),
-                sha1=file_digest(out_dir / "backbone.params", "sha1"),
+                base_config["features"]["weights"], file=str((out_dir / runs.BACKBONE).resolve()),
+                sha1=file_digest(out_dir / runs.BACKBONE, "sha1"),
                 description=f"{base_config['features']['backbone']} fine-tuned ({stages} stage(s)) "
                             f"from {base_config['features']['weights']['description']}")
-            write_json(out_dir / train.CONFIG, config)
-            write_json(out_dir / train.STATE, state)  # the epoch is finished only from here on
-            for old in range(1, epoch - keep_checkpoints + 1) if keep_checkpoints > 0 else ():
-                for ext in ("params", "backbone", "states"):
-                    train._checkpoint(out_dir, old, ext).unlink(missing_ok=True)
-            train._write_log(out_dir, state["history"])
+            write_json(out_dir / runs.CONFIG, config)  # points at the best epoch's backbone
+            runs.finish_epoch(out_dir, state, row, keep_checkpoints)
             if kvstore:  # a worker leaving while rank 0's last pull is in flight hangs rank 0
                 kvstore._barrier()
     finally:
         pool.shutdown()
-    train.plot_training_curve(state["history"], out_dir / "training_curve.png", state["best_epoch"])
+    plot_training_curve(state["history"], out_dir / runs.CURVE, state["best_epoch"])
     return state

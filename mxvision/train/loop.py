@@ -1,13 +1,7 @@
 """Training the Xvision head on a feature store, with per-epoch checkpoints and resume.
 
-A run directory holds::
-
-    config.json            what was trained on what (feature store, backbone, weights, hyper-parameters)
-    checkpoints/epoch-NNNN.params / .states    head parameters and trainer (SGD) state of each epoch
-    state.json             the last finished epoch, the per-epoch log and the best epoch so far
-    log.csv                epoch, train/val loss, accuracy, val AUC, seconds
-    training_curve.png     loss and accuracy/AUC per epoch
-    best.params            the head of the best validation epoch (AUC, then loss)
+The run folder it writes (config, state, log, checkpoints, best head, curve) is described and
+handled by :mod:`mxvision.train.runs`.
 
 Features larger than memory: when the train and validation rows of the store would take more than
 ``max_memory`` bytes in float32 (default 1 GiB), the head is trained on shuffled batches streamed
@@ -21,10 +15,7 @@ written (each atomically), so a run killed at any moment resumes from the last f
 ends with the same weights as an uninterrupted run: the shuffling of epoch *k* depends only on the
 seed and *k*.
 """
-import csv
 import logging
-import math
-import shutil
 import time
 from pathlib import Path
 
@@ -33,24 +24,22 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics
+from mxvision.train import metrics, runs
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun
+from mxvision.features.quantize import load_extractor
 from mxvision.features.store import FeatureStore
+from mxvision.models.classifier import XvisionClassifier
 from mxvision.models.head import XvisionHead
-from mxvision.train.optim_state import load_trainer_states, save_trainer_states
-from mxvision.features.stream import DEFAULT_MAX_MEMORY, ShardStream
-from mxvision.utils import atomic_path, clean_stale_temps, read_json, write_json
+from mxvision.features.stream import DEFAULT_MAX_MEMORY, ShardStream, epoch_rng
+from mxvision.utils import atomic_path, file_digest, write_json
 
 log = logging.getLogger(__name__)
 
-CONFIG, STATE = "config.json", "state.json"
 DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 32, "momentum": 0.0, "wd": 0.0, "seed": 0,
             "hidden": 512}
 # A checkpoint of the 2048x7x7 head is ~200 MB; keeping every epoch of a 20-epoch run costs 4 GB.
 KEEP_CHECKPOINTS = 3
-# Settings that must not change when a run is resumed (epochs may grow).
-_FIXED = ("lr", "batch_size", "momentum", "wd", "seed", "hidden")
 
 
 def predict_probs(head, features, ctx, batch_size=64):
@@ -62,63 +51,14 @@ def predict_probs(head, features, ctx, batch_size=64):
     return np.concatenate(out)
 
 
-def _features_provenance(store):
-    m = store.manifest
-    return {"features_dir": str(store.path.resolve()), "backbone": m["backbone"], "cut": m["cut"],
-            "weights": m["weights"], "preprocessing": m["preprocessing"],
-            "feature_shape": m["feature_shape"], "classes": m["classes"],
-            "dtype": m.get("dtype", "float32"), "storage_dtype": m.get("storage_dtype", "float32"),
-            "pooled": bool(m.get("pooled", False)), "precision": m.get("precision")}
-
-
-def _checkpoint(run_dir, epoch, ext):
-    return Path(run_dir) / "checkpoints" / f"epoch-{epoch:04d}.{ext}"
-
-
-def _save_epoch(run_dir, epoch, head, trainer):
-    for ext, save in (("params", head.save_parameters),
-                      ("states", lambda path: save_trainer_states(trainer, path))):
-        with atomic_path(_checkpoint(run_dir, epoch, ext)) as tmp:
-            save(tmp)
-
-
-def _prune_checkpoints(run_dir, last_epoch, keep):
-    """Delete epoch checkpoints older than the newest ``keep`` (0 keeps all); best.params stays."""
-    if keep <= 0:
-        return
-    for epoch in range(1, last_epoch - keep + 1):
-        for ext in ("params", "states"):
-            _checkpoint(run_dir, epoch, ext).unlink(missing_ok=True)
-
-
-def _is_better(row, best):
-    if best is None:
-        return True
-    auc, best_auc = row["val_auc"], best["val_auc"]
-    if not (math.isnan(auc) or math.isnan(best_auc)) and auc != best_auc:
-        return auc > best_auc
-    return row["val_loss"] < best["val_loss"]
-
-
-def _batches(n, batch_size, seed, epoch):
-    """Shuffled batches of epoch ``epoch``; a trailing batch of one is dropped (BatchNorm needs 2)."""
-    order = np.random.RandomState(seed * 100003 + epoch).permutation(n)
+def epoch_batches(n, batch_size, seed, epoch):
+    """The row numbers of each batch of epoch ``epoch`` (1-based) over ``n`` rows: a shuffle that
+    depends only on (seed, epoch), so a resumed run draws what an uninterrupted one would (the
+    formula :func:`mxvision.features.stream.epoch_rng` shares with streamed training). A trailing
+    batch of one row is dropped (BatchNorm needs 2)."""
+    order = epoch_rng(seed, epoch).permutation(n)
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return [b for b in batches if len(b) > 1]
-
-
-def _load_or_start(run_dir, config, resume):
-    state_file = run_dir / STATE
-    if not (resume and state_file.exists()):
-        return {"last_epoch": 0, "history": [], "best_epoch": None}
-    old = read_json(run_dir / CONFIG)
-    changed = [k for k in _FIXED if old["hyper"].get(k) != config["hyper"][k]]
-    if old["features"]["features_dir"] != config["features"]["features_dir"]:
-        changed.append("features")
-    if changed:
-        raise BadRun(run_dir, f"holds a run with other settings ({', '.join(changed)}); "
-                              "use a new --out or --no-resume")
-    return read_json(state_file)
 
 
 def _predict_stream(head, store, split, ctx, batch_size=64):
@@ -143,10 +83,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     ``max_memory`` bytes (float32), ``True`` always, ``False`` never (loads everything).
     """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (run_dir, run_dir / "checkpoints"):
-        clean_stale_temps(folder)  # left by a killed run; resuming never needs them
+    run_dir = runs.prepare_run_dir(out_dir)
     ctx = parse_ctx(ctx)
     hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,
                  seed=seed)
@@ -155,9 +92,9 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     if stream == "auto":
         needed = (store.count(train_split) + store.count(val_split)) * store.row_bytes()
         stream = needed > max_memory
-    config = {"features": _features_provenance(store), "hyper": hyper,
+    config = {"features": runs.features_provenance(store), "hyper": hyper,
               "splits": {"train": train_split, "val": val_split}}
-    state = _load_or_start(run_dir, config, resume)
+    state = runs.load_or_start(run_dir, config, resume)
     if stream:
         train_stream = ShardStream(store, train_split, batch_size, seed=seed,
                                    window_shards=window_shards, max_memory=max_memory)
@@ -173,7 +110,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
         x_train, y_train, _ = store.load(train_split)
         x_val, y_val, _ = store.load(val_split)
         sample = x_train[:2]
-    write_json(run_dir / CONFIG, config)
+    write_json(run_dir / runs.CONFIG, config)
     mx.random.seed(seed)
     head = XvisionHead(classes=len(store.classes), hidden=hyper["hidden"])
     head.initialize(mx.init.Xavier(), ctx=ctx)
@@ -183,8 +120,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
                             {"learning_rate": lr, "momentum": momentum, "wd": wd})
     start = state["last_epoch"]
     if start:
-        head.load_parameters(str(_checkpoint(run_dir, start, "params")), ctx=ctx)
-        load_trainer_states(trainer, _checkpoint(run_dir, start, "states"))
+        runs.load_checkpoint(run_dir, start, {"params": head}, trainer, ctx)
         log.info("resuming %s after epoch %d", run_dir, start)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
 
@@ -196,7 +132,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
                                                                 epoch, ctx)
             val_probs, y_val = _predict_stream(head, store, val_split, ctx)
         else:
-            for batch in _batches(len(x_train), batch_size, seed, epoch):
+            for batch in epoch_batches(len(x_train), batch_size, seed, epoch):
                 x = mx.nd.array(x_train[batch], ctx=ctx)
                 y = mx.nd.array(y_train[batch], ctx=ctx)
                 with autograd.record():
@@ -214,21 +150,11 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
                "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
                "val_auc": metrics.auc_score(y_val, val_probs),
                "seconds": round(time.time() - tic, 3)}
-        _save_epoch(run_dir, epoch, head, trainer)
-        best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
-        if _is_better(row, best):
-            state["best_epoch"] = epoch
-            with atomic_path(run_dir / "best.params") as tmp:
-                shutil.copyfile(_checkpoint(run_dir, epoch, "params"), tmp)
-        state["history"].append(row)
-        state["last_epoch"] = epoch
-        write_json(run_dir / STATE, state)  # the epoch is finished only from here on
-        _prune_checkpoints(run_dir, epoch, keep_checkpoints)
-        _write_log(run_dir, state["history"])
+        runs.record_epoch(run_dir, state, row, head, trainer, keep_checkpoints)
     if state["history"]:  # also repairs a run killed between state.json and the log of its last epoch
-        _prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
-        _write_log(run_dir, state["history"])
-    plot_training_curve(state["history"], run_dir / "training_curve.png", state["best_epoch"])
+        runs.prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
+        runs.write_log(run_dir, state["history"])
+    plot_training_curve(state["history"], run_dir / runs.CURVE, state["best_epoch"])
     return state
 
 
@@ -247,15 +173,6 @@ def _stream_epoch(head, trainer, loss_fn, stream, epoch, ctx):
         correct += int((out.argmax(axis=1).asnumpy().astype(np.int64) == yb).sum())
         seen += len(yb)
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen
-
-
-def _write_log(run_dir, history):
-    with atomic_path(run_dir / "log.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-    write_json(run_dir / "log.json", history)
 
 
 def plot_training_curve(history, path, best_epoch=None):
@@ -288,22 +205,50 @@ def plot_training_curve(history, path, best_epoch=None):
     return fig
 
 
-def load_run(run_dir):
-    """The config and state of a finished (or partial) run, with a clear error if it is not one."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file() or not (run_dir / "best.params").is_file():
-        raise BadRun(run_dir, "not a training run (no config.json/best.params); run `mxvision train` first")
-    return read_json(run_dir / CONFIG), read_json(run_dir / STATE)
-
-
 def load_head(run_dir, ctx=None, epoch=None):
     """The trained head of a run (best epoch unless ``epoch`` is given), ready for inference."""
     run_dir = Path(run_dir)
-    config, _ = load_run(run_dir)
+    config, _ = runs.load_run(run_dir)
     ctx = parse_ctx(ctx)
     head = XvisionHead(classes=len(config["features"]["classes"]), hidden=config["hyper"]["hidden"])
-    params = run_dir / "best.params" if epoch is None else _checkpoint(run_dir, epoch, "params")
+    params = run_dir / runs.BEST if epoch is None else runs.checkpoint_path(run_dir, epoch, "params")
     if not params.is_file():
         raise BadRun(params, "no such checkpoint")
     head.load_parameters(str(params), ctx=ctx)
     return head, config
+
+
+def backbone_file(features_info):
+    """The exact backbone weights the run's features came from, checked against their sha1."""
+    weights = features_info["weights"]
+    path = Path(weights["file"])
+    if not path.is_absolute():  # random weights are kept inside the feature store
+        path = Path(features_info["features_dir"]) / path
+    if not path.is_file():
+        raise BadRun(path, "backbone weights of this run are missing (needed to rebuild the model)")
+    if file_digest(path, "sha1") != weights["sha1"]:
+        raise BadRun(path, "backbone weights changed since the features were extracted")
+    return path
+
+
+def load_classifier(run_dir, ctx=None, softmax=True, dtype=None):
+    """Rebuild the full network of a run: the backbone its features came from + its best head.
+
+    The backbone runs in the precision the features were extracted with (bfloat16/INT8 features:
+    the converted network kept in the feature store; pooled features: plus the pooling), so
+    predictions match the features the head was trained on. ``dtype="float32"`` forces the
+    float32 backbone (portable, e.g. for a GPU or for export without oneDNN).
+    """
+    ctx = parse_ctx(ctx)
+    head, config = load_head(run_dir, ctx=ctx)
+    features_info = dict(config["features"])
+    if dtype == "float32":
+        features_info["dtype"] = "float32"
+    elif dtype not in (None, features_info.get("dtype", "float32")):
+        raise BadRun(run_dir, f"its features were extracted in {features_info.get('dtype', 'float32')}; "
+                              f"a {dtype} backbone would not match them (float32 is the only alternative)")
+    backbone, used = load_extractor(features_info, ctx=ctx,
+                                    fp32_weights_file=backbone_file(features_info))
+    net = XvisionClassifier(backbone, head, softmax=softmax)
+    net.precision = used  # the backbone precision actually used (export records it)
+    return net, config

@@ -13,10 +13,17 @@ def softmax(logits):
 
 
 def auc_score(labels, probs):
-    """ROC AUC (one-vs-rest macro for more than two classes); NaN when only one class is present."""
-    labels = np.asarray(labels)
+    """ROC AUC; NaN when only one class is present (a small validation split can lack one).
+
+    ``probs`` is the (N, classes) probability matrix (binary: the second column is the positive
+    class; more classes: one-vs-rest macro average) or, for binary ``labels``, one score per
+    sample (e.g. a detector's nodule score).
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs)
     if len(np.unique(labels)) < 2:
         return float("nan")
+    if probs.ndim == 1:
+        return float(skm.roc_auc_score(labels, probs))
     if probs.shape[1] == 2:
         return float(skm.roc_auc_score(labels, probs[:, 1]))
     return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro",

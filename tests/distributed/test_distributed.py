@@ -139,8 +139,8 @@ def test_simulation_is_data_parallel_sgd(small_store, tmp_path):
     head(mx.nd.zeros((2,) + small_store.feature_shape))
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     params = {n: p for n, p in head._collect_params_with_prefix().items() if p.grad_req != "null"}
-    workers = [distributed_train._Worker(small_store, ("train", "val"), r, 2, 2, plan["steps_per_epoch"],
-                                   0, False, 0) for r in range(2)]
+    workers = [distributed_train.WorkerData(small_store, ("train", "val"), r, 2, 2,
+                                            plan["steps_per_epoch"], 0, False, 0) for r in range(2)]
     for parts in zip(*[w.batches(1) for w in workers]):
         total = {n: 0 for n in params}
         for x, y in parts:
@@ -239,9 +239,9 @@ def test_distributed_finetuning_is_data_parallel_sgd(small_run, tmp_path):
     every global batch split into the two workers' slices, gradients summed, SGD on sum / batch."""
     from mxnet import autograd, gluon
     from mxvision.train import finetune
-    from mxvision.train import loop as train
+    from mxvision.train.loop import epoch_batches
     from mxvision.data import transforms
-    from mxvision.predict import load_classifier
+    from mxvision.train.loop import load_classifier
 
     lr, batch = 0.01, 4
     out = tmp_path / "ft"
@@ -255,14 +255,14 @@ def test_distributed_finetuning_is_data_parallel_sgd(small_run, tmp_path):
     net, config = load_classifier(small_run, ctx="cpu", softmax=False)
     frozen, trainable, finish = net.backbone.split_stages(1)
     preset = transforms.get_preset(config["features"]["preprocessing"]["name"])
-    items = finetune._split_items(config, "train")
+    items = finetune.split_items(config, "train")
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     params = {f"backbone.{k}": p for k, p in net.backbone._collect_params_with_prefix().items()}
     params.update({f"head.{k}": p for k, p in net.head._collect_params_with_prefix().items()})
     trained_ids = {id(p) for block in trainable for p in block.collect_params().values()}
     live = {k: p for k, p in params.items()
             if p.grad_req != "null" and (k.startswith("head.") or id(p) in trained_ids)}
-    for rows in train._batches(len(items), batch, 0, 1):
+    for rows in epoch_batches(len(items), batch, 0, 1):
         if len(rows) < 4:
             continue
         total = {k: 0 for k in live}

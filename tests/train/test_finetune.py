@@ -7,7 +7,8 @@ from mxvision.evaluate import evaluate_run
 from mxvision.export import export_model, load_exported
 from mxvision.data import transforms
 from mxvision.train.finetune import finetune_run
-from mxvision.predict import load_classifier, predict
+from mxvision.inference import predict
+from mxvision.train.loop import load_classifier
 
 
 def _params(path):
