@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-from mxvision.audit import lesion
 from mxvision.audit import localization
 from mxvision.runtime import parse_ctx
 from mxvision.data.index import read_index
 from mxvision.io.images import read_image
 from mxvision.audit.detector import DEFAULTS, load_detector, score_images, train_detector
 from mxvision.audit.detector_evaluation import evaluate_detector
+from mxvision.train.metrics import auc_score
 
 
 def _settings(extra):
@@ -64,8 +64,8 @@ def real_nodules(run, real_csv):
     scores, peaks = score_images(net, images, config["hyper"]["size"], ctx, config["hyper"]["tta"])
     labels = np.array([real.labels[k] == "nodule" for k in rows], int)
     test = np.array([real.splits[k] == "test" for k in rows])
-    out = {"auc_all_nodules_vs_val_test_normals": lesion.auc_or_nan(labels, scores),
-           "auc_test_split": lesion.auc_or_nan(labels[test], scores[test])}
+    out = {"auc_all_nodules_vs_val_test_normals": auc_score(labels, scores),
+           "auc_test_split": auc_score(labels[test], scores[test])}
     where = {les[0]: les for les in localization.index_lesions(real)}
     hits = [np.hypot(p[0] - where[k][1] * min(img.shape) / where[k][4], p[1] - where[k][2] * min(img.shape) /
                      where[k][4]) <= where[k][3] * min(img.shape) / where[k][4]

@@ -34,3 +34,11 @@ class WeightsError(MxvisionError):
 
 class BadRun(MxvisionError):
     """A feature store, run or checkpoint directory that is missing or inconsistent."""
+
+
+def one_line(value, limit=None):
+    """``str(value)`` with every run of whitespace (newlines included) collapsed to one space and,
+    given ``limit``, cut to that many characters ending in "...": how a library's multi-line
+    exception text is quoted inside an mxvision message, which must stay one line."""
+    text = " ".join(str(value).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

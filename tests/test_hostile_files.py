@@ -390,7 +390,7 @@ def test_an_oversized_index_is_refused_without_reading_it(tmp_path, monkeypatch)
 
 
 def test_hostile_nih_label_table_gives_clear_errors(tmp_path):
-    header = ",".join(nih._FIRST_COLUMNS) + "\n"
+    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
     for name, text, fragment in [
         ("huge.csv", header + "a.png," + "x" * 200_000 + ",0,1,50,M,PA\n", "field larger"),
         ("pid.csv", header + "a.png,Nodule,0,not-a-number,50,M,PA\n", "is not a number"),

@@ -4,6 +4,8 @@ The metrics a reader needs to trust a figure: AUC and paired AUC with 95 % inter
 over *films* (the two versions of a film are not independent), the confusion matrix at the
 threshold chosen on val (never on the test films), AUC by nodule contrast and size, and whether the
 evidence maximum falls on the nodule.
+
+:func:`score_image_files` applies a detector to image files a user gives (no known nodules).
 """
 import csv
 import time
@@ -14,9 +16,11 @@ from sklearn import metrics as skm
 
 from mxvision.audit import lesion
 from mxvision.runtime import parse_ctx
-from mxvision.errors import BadIndex
+from mxvision.errors import BadImage, BadIndex, MxvisionError
 from mxvision.io.images import read_image
 from mxvision.audit.detector import load_detector, score_images
+from mxvision.data.folder import expand_images
+from mxvision.train.metrics import auc_score
 from mxvision.utils import atomic_path, write_json
 
 
@@ -58,7 +62,7 @@ def evaluate_detector(run_dir, pairs, split="test", out_dir=None, ctx=None, para
     m = {"run": str(Path(run_dir).resolve()), "params": params, "step": state["best_step"] if params == "best"
          else state["last_step"], "pairs": index.source, "split": split or "all", "n_images": len(rows),
          "n_nodule": int(labels.sum()), "n_clean": int((1 - labels).sum()), "n_films": len(set(groups)),
-         "auc": lesion.auc_or_nan(labels, scores), "paired_auc": lesion.paired_auc_arrays(labels, groups, scores)}
+         "auc": auc_score(labels, scores), "paired_auc": lesion.paired_auc_arrays(labels, groups, scores)}
     if resamples:
         m["ci95"] = lesion.film_bootstrap(labels, groups, scores, resamples)
     m["threshold"] = {"value": threshold, "chosen_on": "val-split films (Youden's J), during training"}
@@ -78,6 +82,38 @@ def evaluate_detector(run_dir, pairs, split="test", out_dir=None, ctx=None, para
                      labels=[r["label"] for r in recs], groups=groups)
         write_json(Path(out_dir) / "metrics.json", m)
     return m
+
+
+def score_image_files(run_dir, images, ctx=None, params="best", strict=False, out=None):
+    """Nodule score and evidence peak of image files (files or folders of them) with a detector run.
+
+    An unreadable image is skipped and its error kept (``strict``: the first one raises BadImage),
+    so one bad file costs its row only. Returns ``{"threshold", "rows": [{"id", "score", "peak"}],
+    "skipped": [message]}``: ``threshold`` is the one chosen on val (None if none was), ``peak``
+    the (x, y) of the evidence maximum in the film's pixels. ``out``: also write the rows as a
+    scores CSV (:func:`write_scores`). Raises MxvisionError when ``images`` names no image."""
+    ctx = parse_ctx(ctx)
+    net, config, state = load_detector(run_dir, ctx=ctx, params=params)
+    paths = expand_images(images)
+    if not paths:
+        raise MxvisionError("detector score", "no images given")
+    hyper = config["hyper"]
+    rows, skipped = [], []
+    for path in paths:
+        try:
+            img = read_image(path)
+        except BadImage as err:
+            if strict:
+                raise
+            skipped.append(str(err))
+            continue
+        scores, peaks = score_images(net, [img], hyper["size"], ctx, hyper["tta"])
+        rows.append({"id": str(path), "score": float(scores[0]), "peak": peaks[0]})
+    threshold = state.get("threshold")
+    if out:
+        write_scores(out, [r["id"] for r in rows], [r["score"] for r in rows],
+                     [r["peak"] for r in rows], threshold)
+    return {"threshold": threshold, "rows": rows, "skipped": skipped}
 
 
 def write_scores(path, ids, scores, peaks, threshold=None, labels=None, groups=None):

@@ -319,7 +319,7 @@ class Explainer:
 def explainer_from_run(run_dir, ctx=None):
     """An :class:`Explainer` for a trained (or fine-tuned) Xvision run; target default: the
     positive class (``nodule``) of a two-class run, else each image's top class."""
-    from mxvision.predict import load_classifier
+    from mxvision.train.loop import load_classifier
 
     ctx = parse_ctx(ctx)
     net, config = load_classifier(run_dir, ctx=ctx, softmax=False)
@@ -334,12 +334,12 @@ def explainer_from_run(run_dir, ctx=None):
 def explainer_from_xrv(name, weights=None, ctx=None):
     """An :class:`Explainer` for a torchxrayvision model (18 outputs; target default ``Nodule``).
     ``weights``: None (published, cached), ``"none"`` (random) or a local file."""
+    from mxvision.models import zoo
     from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
-    from mxvision.classify import get_xrv_model
 
     ctx = parse_ctx(ctx)
     spec = get_weights_spec(name)
-    net = get_xrv_model(name, weights=weights, ctx=ctx, progress=False)
+    net = zoo.get_model(name, weights=weights, ctx=ctx, progress=False)
     features, head = cam_split(net)
     preset = transforms.get_preset(spec.preset)
     return Explainer(features, head, lambda img: transforms.preprocess(img, preset),

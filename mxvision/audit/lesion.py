@@ -41,6 +41,7 @@ from mxvision.data.index import Index, write_index
 from mxvision.data.splits import assign_splits
 from mxvision.errors import BadIndex
 from mxvision.io.images import read_image
+from mxvision.train.metrics import auc_score
 
 RADIUS_512 = (7.0, 20.0)  # nodule radius in pixels of a 512 px film
 CONTRAST = (15.0, 40.0)  # grey levels (of 255) added at the nodule centre
@@ -110,7 +111,7 @@ def nominal_lung_mask(shape):
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     mask = np.zeros(shape, np.uint8)
-    for cx, cy, ax, ay in synth._LUNGS:
+    for cx, cy, ax, ay in synth.LUNGS:
         cv2.ellipse(mask, (int(left + cx * side), int(top + cy * side)), (int(ax * side), int(ay * side)),
                     0, 0, 360, 1, -1)
     return mask.astype(bool)
@@ -153,39 +154,16 @@ def random_position(rng, mask, radius, depth=None):
     return x + (w - side) / 2, y + (h - side) / 2, "nominal"
 
 
-def insert_nodule_window(img, center, radius_px, contrast, rng):
-    """:func:`mxvision.data.synth.insert_nodule` computed on a window around the nodule only.
-
-    Same draws from ``rng``, same profile (up to float rounding: at most one grey level in rare
-    pixels), about 20x faster on a 512 px film, which matters when training inserts a nodule per
-    sample. The window reaches past the ellipse by twice the blur's kernel radius, so the blur
-    sees only zeros beyond it, as on the whole film."""
-    h, w = img.shape
-    ratio = rng.uniform(0.85, 1.15)  # the draws of synth.insert_nodule, in its order
-    angle = rng.uniform(0, np.pi)
-    sigma = max(0.5, 0.08 * radius_px)
-    reach = int(np.ceil(1.15 * radius_px + 8 * sigma)) + 2
-    x0, y0 = max(0, int(center[0]) - reach), max(0, int(center[1]) - reach)
-    x1, y1 = min(w, int(center[0]) + reach + 1), min(h, int(center[1]) + reach + 1)
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - center[0], yy - center[1]
-    u = (dx * np.cos(angle) + dy * np.sin(angle)) / (radius_px * ratio)
-    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / (radius_px / ratio)
-    profile = cv2.GaussianBlur(np.sqrt(np.clip(1.0 - u * u - v * v, 0, None)), (0, 0), sigma)
-    out = img.copy()
-    out[y0:y1, x0:x1] = np.clip(img[y0:y1, x0:x1].astype(np.float32) + contrast * profile, 0, 255).round()
-    return out
-
-
-def insert_random_nodule(img, mask, rng, radius=RADIUS_512, contrast=CONTRAST, depth=None, window=False):
-    """``img`` (uint8) with one simulated nodule in the lungs; returns ``(image, nodule)`` with
-    nodule ``{"x", "y", "radius", "contrast", "lung_mask"}`` in pixels of ``img``. ``depth``: the
-    film's :func:`lung_depth`, if known; ``window``: use :func:`insert_nodule_window` (training)."""
+def insert_random_nodule(img, mask, rng, radius=RADIUS_512, contrast=CONTRAST, depth=None):
+    """``img`` (uint8) with one simulated nodule in the lungs, drawn by
+    :func:`mxvision.data.synth.insert_nodule`; returns ``(image, nodule)`` with nodule
+    ``{"x", "y", "radius", "contrast", "lung_mask"}`` in pixels of ``img``. ``depth``: the
+    film's :func:`lung_depth`, if known."""
     scale = min(img.shape) / REFERENCE_SIZE
     r = rng.uniform(*radius) * scale
     c = rng.uniform(*contrast)
     x, y, where = random_position(rng, mask, r, depth)
-    out = (insert_nodule_window if window else synth.insert_nodule)(img, (x, y), r, c, rng)
+    out = synth.insert_nodule(img, (x, y), r, c, rng)
     return out, {"x": x, "y": y, "radius": r, "contrast": c, "lung_mask": where}
 
 
@@ -197,10 +175,6 @@ def nodule_versions(img, image_id, variants, seed=0, mask=None, radius=RADIUS_51
     depth = lung_depth(mask)
     return [insert_random_nodule(img, mask, np.random.default_rng([seed, zlib.crc32(image_id.encode()), k]),
                                  radius, contrast, depth) for k in range(variants)]
-
-
-def _write_png(path, img):
-    synth._write_png(path, img)  # one PNG writer (atomic) for both members of a pair
 
 
 def _stem(path):
@@ -240,12 +214,12 @@ def make_lesion_pairs(index, out_dir, variants=1, radius=RADIUS_512, contrast=CO
                 "pair_id": patient, "source": path}
         stem = _stem(image_id) if unique_stems else image_id.replace("/", "_").rsplit(".", 1)[0]
         clean = os.path.join(out_dir, "images", "normal", f"{stem}.png")
-        _write_png(clean, img)
+        synth.write_png(clean, img)  # the same writer for both members of a pair
         records.append(dict(base, path=clean, label="normal"))
         for k, (with_nodule, nodule) in enumerate(nodule_versions(img, image_id, variants, seed, mask,
                                                                  radius, contrast)):
             target = os.path.join(out_dir, "images", "nodule", f"{stem}_n{k}.png")
-            _write_png(target, with_nodule)
+            synth.write_png(target, with_nodule)
             records.append(dict(base, path=target, label="nodule", nodule_x=f"{nodule['x']:.1f}",
                                 nodule_y=f"{nodule['y']:.1f}", nodule_radius=f"{nodule['radius']:.2f}",
                                 nodule_contrast=f"{nodule['contrast']:.1f}",
@@ -291,14 +265,6 @@ def read_prediction_scores(predictions_csv, positive="nodule"):
 
 # --- figures of a scored lesion-insertion set (arrays: label 1 = nodule, group = source film) ---
 
-def auc_or_nan(labels, scores):
-    """ROC AUC of ``scores`` for binary ``labels``; NaN when one class is absent."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
-
-
 def paired_auc_arrays(labels, groups, scores):
     """:func:`paired_auc` on arrays: the fraction of (clean film, same film with a nodule) pairs
     in which the nodule version scores higher, ties half; NaN when no pair."""
@@ -324,7 +290,7 @@ def film_bootstrap(labels, groups, scores, resamples=2000, seed=0):
         pick = [rows[films[i]] for i in rng.integers(len(films), size=len(films))]
         idx = np.concatenate(pick)
         draw = np.concatenate([np.full(len(p), j) for j, p in enumerate(pick)])  # a film drawn twice
-        aucs.append(auc_or_nan(labels[idx], scores[idx]))                       # is two films
+        aucs.append(auc_score(labels[idx], scores[idx]))                       # is two films
         paired.append(paired_auc_arrays(labels[idx], draw, scores[idx]))
     ci = lambda v: [float(x) for x in np.nanpercentile(v, (2.5, 97.5))]  # noqa: E731
     return {"auc": ci(aucs), "paired_auc": ci(paired), "resamples": resamples, "unit": "source film"}
@@ -342,7 +308,7 @@ def auc_by_bin(labels, groups, scores, values, edges):
         keep = (labels == 0) | (bins == b)
         n = int(((labels == 1) & (bins == b)).sum())
         out.append({"range": [round(float(lo), 2), round(float(hi), 2)], "n": n,
-                    "auc": auc_or_nan(labels[keep], scores[keep]) if n else float("nan"),
+                    "auc": auc_score(labels[keep], scores[keep]) if n else float("nan"),
                     "paired_auc": paired_auc_arrays(labels[keep], [g for g, k in zip(groups, keep) if k],
                                                     scores[keep])})
     return out

@@ -31,7 +31,7 @@ from mxvision.data.index import default_classes
 from mxvision.errors import BadIndex, BadRun
 from mxvision.io.images import read_image
 from mxvision.data.transforms import center_crop_resize
-from mxvision.utils import write_json
+from mxvision.utils import read_json, write_json
 
 IMAGE_BASELINES = ("histogram", "thumb4", "thumb32")
 BASELINES = IMAGE_BASELINES + ("metadata",)
@@ -196,6 +196,32 @@ def shortcut_audit(index_items_or_store, model_auc=None, split="test", train_spl
     report["best_baseline_auc"] = scored.get(best) if best else None
     report["warn"], report["message"] = _verdict(model_auc, best, scored.get(best), margin, split)
     if out is not None:
+        write_json(out, report)
+    return report
+
+
+def run_shortcut_audit(index=None, features=None, metrics=None, model_auc=None, split="test",
+                       train_split="train", margin=DEFAULT_MARGIN, cv=0, out=None):
+    """The audit of a model's figure from what a user has at hand: an index CSV (keeps metadata
+    columns) or a feature store folder, and/or the ``metrics.json`` ``mxvision evaluate`` wrote,
+    which gives the model AUC (unless ``model_auc`` is given) and the feature store (unless
+    ``index`` or ``features`` is). Returns :func:`shortcut_audit`'s report, with ``cv`` > 0 also
+    ``"cross_validated"`` (:func:`cross_validated_baselines` with ``cv`` folds); ``out``: write
+    the report there as JSON. Raises BadRun for an unreadable metrics file or no source."""
+    source = index or features
+    if metrics:
+        try:
+            evaluated = read_json(metrics)
+        except (OSError, ValueError) as err:
+            raise BadRun(metrics, f"not a readable metrics.json ({err})") from None
+        model_auc = evaluated.get("auc") if model_auc is None else model_auc
+        source = source or evaluated.get("features_dir")
+    if not source:
+        raise BadRun("audit", "give --index CSV, --features DIR or --metrics metrics.json")
+    report = shortcut_audit(source, model_auc, split=split, train_split=train_split, margin=margin)
+    if cv:
+        report["cross_validated"] = cross_validated_baselines(source, folds=cv)
+    if out:
         write_json(out, report)
     return report
 

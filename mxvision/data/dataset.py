@@ -326,14 +326,14 @@ def folder_dataset(root, dicom_tags=True):
     read from the header (``ViewPosition``, ``PatientID``) when ``dicom_tags``, so their splits
     are grouped by patient."""
     from mxvision.errors import BadImage
-    from mxvision.io.images import dicom_tags as read_tags
+    from mxvision.io.images import DICOM_SUFFIXES, dicom_tags as read_tags
     from mxvision.data.folder import index_from_folder
 
     ds = XrayDataset.from_index(index_from_folder(root), name=os.path.basename(
         os.path.abspath(root)) or "folder")
     if dicom_tags:
         for r in ds._records:
-            if r["path"].lower().endswith(".dcm"):
+            if r["path"].lower().endswith(DICOM_SUFFIXES):
                 try:
                     tags = read_tags(r["path"])
                 except BadImage:

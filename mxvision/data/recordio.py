@@ -100,8 +100,12 @@ def quantize(img01):
     return np.rint(np.clip(img01, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _prepare(path, size, encoding):
-    """Read + crop/resize + quantise + encode one image; (payload, None) or (None, BadImage)."""
+def prepare_record(path, size, encoding):
+    """Read + crop/resize + quantise + encode one image; (payload, None) or (None, BadImage).
+
+    The per-image work of :func:`pack_index` (run on its worker threads): the one step a resumed
+    pack skips for the records it copies.
+    """
     try:
         from mxvision.io.images import read_image
         img = transforms.center_crop_resize(read_image(path), size)
@@ -229,7 +233,7 @@ def pack_index(index, out_rec, preset="imagenet224", encoding="png", workers=2, 
                      disable=not progress) as bar:
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows[start:start + _CHUNK]
-                results = pool.map(lambda r: _prepare(paths[r], size, encoding), chunk)
+                results = pool.map(lambda r: prepare_record(paths[r], size, encoding), chunk)
                 for r, (payload, err) in zip(chunk, results):
                     if err is not None:
                         if strict:
@@ -387,4 +391,4 @@ def load_image(path, preset="imagenet224"):
 
 
 __all__ = ["pack_index", "RecordSource", "open_source", "load_image", "record_path",
-           "split_record_path", "pack_paths", "quantize", "ENCODINGS"]
+           "split_record_path", "pack_paths", "quantize", "prepare_record", "ENCODINGS"]

@@ -25,7 +25,7 @@ from mxvision.utils import atomic_path
 CLASSES = ("normal", "nodule")
 # Nominal lung fields as (centre x, centre y, half-width, half-height), fractions of the size.
 # Image left is the patient's right lung, which is a little larger (the heart sits on the other).
-_LUNGS = ((0.32, 0.45, 0.155, 0.30), (0.68, 0.47, 0.145, 0.28))
+LUNGS = ((0.32, 0.45, 0.155, 0.30), (0.68, 0.47, 0.145, 0.28))
 HEART = (0.57, 0.66, 0.125)  # nominal centre x, y and radius, fractions of the size
 VARIABILITY = 0.3  # scale of the patient-to-patient jitter (see the module docstring)
 NODULE_RADIUS = (18 / 256, 32 / 256)  # fractions of the image size
@@ -57,10 +57,10 @@ def _ellipse(canvas, centre, axes, value, size, angle=0.0):
                 angle, 0, 360, float(value), thickness=-1)
 
 
-def _lung_geometry(anatomy):
+def lung_geometry(anatomy):
     """The two lung ellipses of one patient, in fractions of the size."""
     out = []
-    for (cx, cy, ax, ay), scale, shift in zip(_LUNGS, anatomy["lung_scale"], anatomy["lung_shift"]):
+    for (cx, cy, ax, ay), scale, shift in zip(LUNGS, anatomy["lung_scale"], anatomy["lung_shift"]):
         out.append((cx + shift[0], cy + shift[1], ax * scale, ay * scale))
     return out
 
@@ -105,7 +105,7 @@ def make_radiograph(rng, size=256, anatomy=None):
     img = np.full((size, size), 12.0, np.float32)  # air outside the body
     body = _trunk(size, anatomy["body_width"])
     img = img * (1 - body) + tissue_level * body
-    lungs = _lung_geometry(anatomy)
+    lungs = lung_geometry(anatomy)
     lung_mask = np.zeros((size, size), np.float32)
     for cx, cy, ax, ay in lungs:
         _ellipse(lung_mask, (cx, cy), (ax, ay), 1.0, size)
@@ -131,19 +131,34 @@ def make_radiograph(rng, size=256, anatomy=None):
 
 
 def insert_nodule(img, center, radius_px, contrast, rng):
-    """A copy of ``img`` with a nodule at ``center`` = (x, y) pixels: a projected sphere whose
-    brightness is ``contrast * sqrt(1 - r^2/R^2)``, slightly elliptical and soft-edged, clipped to
-    uint8."""
+    """A copy of ``img`` (uint8) with a nodule at ``center`` = (x, y) pixels: a projected sphere
+    whose brightness is ``contrast * sqrt(1 - r^2/R^2)``, slightly elliptical and soft-edged,
+    clipped to uint8. Draws two numbers from ``rng`` (the outline's aspect ratio and angle).
+
+    The one nodule renderer: the synthetic films, the lesion-insertion pairs and the detector's
+    training (a nodule per sample) all use it. Only a window around the nodule is computed (about
+    0.1 ms instead of 6 ms on a 512 px film); it reaches past the ellipse by twice the blur's
+    kernel radius, so the blur sees only zeros beyond it, and the result is bit-identical to
+    computing the profile over the whole film (tests/data/test_synth.py keeps that reference).
+    """
     h, w = img.shape
     ratio = rng.uniform(0.85, 1.15)  # lobulated, not a perfect circle
     angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    sigma = max(0.5, 0.08 * radius_px)
+    reach = int(np.ceil(1.15 * radius_px + 8 * sigma)) + 2
+    x0, y0 = max(0, int(center[0]) - reach), max(0, int(center[1]) - reach)
+    x1, y1 = min(w, int(center[0]) + reach + 1), min(h, int(center[1]) + reach + 1)
+    out = img.copy()
+    if x0 >= x1 or y0 >= y1:  # the nodule lies wholly outside the film
+        return out
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     dx, dy = xx - center[0], yy - center[1]
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / (radius_px * ratio)
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / (radius_px / ratio)
-    profile = np.sqrt(np.clip(1.0 - u * u - v * v, 0, None))
-    profile = cv2.GaussianBlur(profile, (0, 0), max(0.5, 0.08 * radius_px))
-    return np.clip(img.astype(np.float32) + contrast * profile, 0, 255).round().astype(np.uint8)
+    profile = cv2.GaussianBlur(np.sqrt(np.clip(1.0 - u * u - v * v, 0, None)), (0, 0), sigma)
+    window = img[y0:y1, x0:x1].astype(np.float32) + contrast * profile
+    out[y0:y1, x0:x1] = np.clip(window, 0, 255).round()
+    return out
 
 
 def random_lung_position(rng, size=256):
@@ -152,7 +167,7 @@ def random_lung_position(rng, size=256):
     per-patient jitter."""
     hx, hy, hr = HEART
     while True:
-        cx, cy, ax, ay = _LUNGS[int(rng.integers(2))]
+        cx, cy, ax, ay = LUNGS[int(rng.integers(2))]
         r = 0.6 * np.sqrt(rng.uniform())
         t = rng.uniform(0, 2 * np.pi)
         x, y = cx + r * ax * np.cos(t), cy + r * ay * np.sin(t)
@@ -160,7 +175,9 @@ def random_lung_position(rng, size=256):
             return float(x * size), float(y * size)
 
 
-def _write_png(path, img):
+def write_png(path, img):
+    """Encode ``img`` as PNG and write it atomically (a crash never leaves half a file); the one
+    PNG writer of the synthetic films and of both members of a lesion-insertion pair."""
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise RuntimeError(f"cv2 could not encode {path}")
@@ -211,7 +228,7 @@ def make_synthetic_dataset(out_dir, n_per_class=40, size=256, seed=0, images_per
                 x, y, radius, _ = nodule
                 rec.update(nodule_x=f"{x:.1f}", nodule_y=f"{y:.1f}", nodule_radius=f"{radius:.1f}")
             rec["path"] = os.path.join(out_dir, "images", label, f"{rec['patient_id']}_{shot}.png")
-            _write_png(rec["path"], img)
+            write_png(rec["path"], img)
             records.append(rec)
     columns = ("patient_id", "split", "view", "nodule_x", "nodule_y", "nodule_radius")
     index = assign_splits(Index(records, out_dir, columns=columns, source=out_dir),

@@ -3,6 +3,8 @@
 Sources spell views differently (OpenI's DICOM headers: ``PA``, ``AP``, ``LL``, ``RL``,
 ``LATERAL``, ``LARGE LATERAL``; NIH: ``PA``/``AP``; DICOM ``ViewPosition``). :func:`normalize_view`
 maps them to ``PA``, ``AP``, ``LATERAL`` or ``""`` (unknown); anything else is kept upper-cased.
+It is defined in :mod:`mxvision.io.headers` (the DICOM header reader needs it, and ``io`` sits
+below ``data``) and re-exported here, where the rest of the view vocabulary lives.
 
 A ``views`` selection is a list (or comma-separated string) of tokens: a view (``PA``, ``AP``,
 ``LATERAL``), a group (``frontal`` = PA + AP, ``lateral``), ``unknown`` (no view recorded) or
@@ -10,27 +12,13 @@ A ``views`` selection is a list (or comma-separated string) of tokens: a view (`
 frontal, and AP only when asked, since AP films are mostly bedside films of sicker patients.
 """
 from mxvision.errors import MxvisionError
+from mxvision.io.headers import normalize_view
 
 FRONTAL = ("PA", "AP")
 LATERAL = ("LATERAL",)
 DEFAULT_VIEWS = ("PA",)
 _GROUPS = {"frontal": FRONTAL, "lateral": LATERAL, "unknown": ("",)}
 _ALL = ("all", "*", "any")
-
-
-def normalize_view(value):
-    """``'pa'`` -> ``'PA'``, ``'LL'``/``'RL'``/``'LARGE LATERAL'``/``'LAT'`` -> ``'LATERAL'``,
-    ``'AP SUPINE'`` -> ``'AP'``; empty/None/NaN -> ``''``."""
-    text = " ".join(str(value if value is not None else "").split()).upper()
-    if text in ("", "NAN", "NONE", "UNKNOWN"):
-        return ""
-    if text in ("PA", "POSTERO-ANTERIOR", "POSTEROANTERIOR") or text.startswith("PA "):
-        return "PA"
-    if text in ("AP", "ANTERO-POSTERIOR", "ANTEROPOSTERIOR") or text.startswith("AP "):
-        return "AP"
-    if text in ("LL", "RL", "LAT", "LLAT", "RLAT") or "LATERAL" in text:
-        return "LATERAL"
-    return text
 
 
 def view_group(view):

@@ -110,9 +110,8 @@ def _resume_state(out_dir, config, overwrite):
 
 
 def default_preset(backbone):
-    """The preprocessing a backbone was trained with: torchxrayvision's for its models, else ImageNet's."""
-    from mxvision.models.xrv.common import WEIGHTS
-    return WEIGHTS[backbone].preset if backbone in WEIGHTS else "imagenet224"
+    """The preprocessing a backbone was trained with (its model-registry entry says; else ImageNet's)."""
+    return zoo.default_preset(backbone)
 
 
 def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFAULT_CUT,

@@ -39,6 +39,7 @@ from mxnet import gluon
 from mxnet.gluon import HybridBlock
 
 from mxvision.data import transforms
+from mxvision.data.folder import IMAGE_SUFFIXES
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.models import zoo
@@ -53,7 +54,6 @@ CALIB_MODE = "entropy"
 QUANTIZE_MODE = "smart"
 DEFAULT_CALIBRATION_SIZE = 64
 CALIBRATION_SEED = 0
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
 
 
 def check_dtype(dtype):
@@ -111,11 +111,11 @@ def calibration_hash(paths, preset):
     """sha1 over the preprocessing and the *content* of every calibration image, in order."""
     digest = hashlib.sha1(json.dumps(transforms.get_preset(preset).to_dict(), sort_keys=True).encode())
     for p in paths:
-        digest.update((_content_sha1(p) or "unreadable").encode())
+        digest.update((content_sha1(p) or "unreadable").encode())
     return digest.hexdigest()
 
 
-def _content_sha1(path):
+def content_sha1(path):
     """sha1 of an image file's bytes or of a packed record's pixels (``FILE.rec#KEY``); None when
     it cannot be read (:func:`load_calibration` then skips it, with a warning)."""
     from mxvision.data import recordio

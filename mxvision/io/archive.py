@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 import zlib
 
-from mxvision.errors import DownloadError
+from mxvision.errors import DownloadError, one_line
 
 __all__ = ["safe_extract_zip", "safe_extract_tar", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE",
            "MAX_MEMBERS"]
@@ -34,10 +34,6 @@ MAX_MEMBER_SIZE = 4 << 30  # default per-member limit (largest Gluon model-zoo f
 MAX_TOTAL_SIZE = 8 << 30
 MAX_MEMBERS = 1_000_000  # CheXpert, the largest common chest X-ray zip, has ~224,000 files
 _CHUNK = 1 << 16
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
 
 
 def _refuse(archive, name, why):
@@ -133,7 +129,7 @@ class _Output:
         return target
 
     def error(self, name, err):
-        reason = _one_line(err.strerror or err) if isinstance(err, OSError) else _one_line(err)
+        reason = one_line(err.strerror or err) if isinstance(err, OSError) else one_line(err)
         return DownloadError(self.archive, "cannot write member %r (%s)" % (name, reason))
 
     def rollback(self):
@@ -174,7 +170,7 @@ def safe_extract_zip(zip_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise DownloadError(zip_path, "not a readable zip archive (%s)" % _one_line(err)) from None
+        raise DownloadError(zip_path, "not a readable zip archive (%s)" % one_line(err)) from None
     with zf:
         plan, total = [], 0
         for count, info in enumerate(zf.infolist(), start=1):
@@ -212,7 +208,7 @@ def _extract_zip_member(zf, info, parts, out, max_size, max_total):
             return out.stream(info.filename, src, target,
                               min(max_size, max_total - out.written_bytes))
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
-        problem = "corrupt member %r (%s)" % (info.filename, _one_line(err))
+        problem = "corrupt member %r (%s)" % (info.filename, one_line(err))
         raise DownloadError(out.archive, problem) from None
 
 
@@ -249,7 +245,7 @@ def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
         tf = tarfile.open(tar_path, "r:*")
         members = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DownloadError(tar_path, "not a readable tar archive (%s)" % _one_line(err)) from None
+        raise DownloadError(tar_path, "not a readable tar archive (%s)" % one_line(err)) from None
     with tf:
         plan, total = [], 0
         for count, m in enumerate(members, start=1):
@@ -272,7 +268,7 @@ def safe_extract_tar(tar_path, dest, max_size=MAX_MEMBER_SIZE, max_total=MAX_TOT
                        for m, parts in plan]
         except (tarfile.TarError, EOFError, zlib.error) as err:
             out.rollback()
-            raise DownloadError(tar_path, "truncated or corrupt archive (%s)" % _one_line(err)) from None
+            raise DownloadError(tar_path, "truncated or corrupt archive (%s)" % one_line(err)) from None
         except BaseException:
             out.rollback()
             raise

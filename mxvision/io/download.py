@@ -21,7 +21,6 @@ the URL. The safe archive extractors live in :mod:`mxvision.io.archive` and are 
 because callers almost always download an archive and then unpack it.
 """
 import email.utils
-import hashlib
 import http.client
 import logging
 import os
@@ -35,7 +34,8 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from mxvision import __version__
-from mxvision.errors import DownloadError
+from mxvision.errors import DownloadError, one_line
+from mxvision.utils import file_digest
 from mxvision.io.archive import MAX_MEMBER_SIZE, MAX_TOTAL_SIZE, safe_extract_tar, safe_extract_zip
 
 try:  # POSIX advisory locks; on other platforms concurrent downloads are simply not serialised
@@ -43,7 +43,7 @@ try:  # POSIX advisory locks; on other platforms concurrent downloads are simply
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["download", "check_hash", "hash_file", "locked_file", "safe_extract_zip", "safe_extract_tar",
+__all__ = ["download", "check_hash", "locked_file", "safe_extract_zip", "safe_extract_tar",
            "USER_AGENT", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -66,19 +66,6 @@ class _Fatal(Exception):
     """A permanent failure: retrying cannot help."""
 
 
-def _one_line(text):
-    return " ".join(str(text).split())
-
-
-def hash_file(path, algorithm="sha1"):
-    """Hex digest of a file, read in chunks so multi-GB files do not fill memory."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _expected_hashes(sha1, sha256):
     expected = {}
     for algorithm, value in (("sha1", sha1), ("sha256", sha256)):
@@ -94,7 +81,7 @@ def _expected_hashes(sha1, sha256):
 def _mismatch(path, expected):
     """First (algorithm, actual, expected) that does not match, or None."""
     for algorithm, value in expected.items():
-        actual = hash_file(path, algorithm)
+        actual = file_digest(path, algorithm)
         if actual != value:
             return algorithm, actual, value
     return None
@@ -139,7 +126,7 @@ def _describe(exc):
     if isinstance(exc, (TimeoutError, OSError)) and "timed out" in str(exc).lower():
         return "timed out"
     name = type(exc).__name__
-    text = _one_line(exc)
+    text = one_line(exc)
     return "%s: %s" % (name, text) if text else name
 
 
@@ -185,13 +172,13 @@ def _attempt(url, f, state, timeout, user_agent, bar):
             f.truncate(0)
             raise _Retry("server cannot resume at byte %d; restarting" % offset, wait=0)
         if err.code in (408, 425, 429) or err.code >= 500:
-            raise _Retry("HTTP %d %s" % (err.code, _one_line(err.reason)), wait=_retry_after(err.headers))
-        raise _Fatal("HTTP %d %s" % (err.code, _one_line(err.reason)))
+            raise _Retry("HTTP %d %s" % (err.code, one_line(err.reason)), wait=_retry_after(err.headers))
+        raise _Fatal("HTTP %d %s" % (err.code, one_line(err.reason)))
     except ValueError as err:  # malformed or unsupported URL
-        raise _Fatal(_one_line(err))
+        raise _Fatal(one_line(err))
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         if isinstance(err, urllib.error.URLError) and "unknown url type" in str(err.reason):
-            raise _Fatal(_one_line(err.reason))
+            raise _Fatal(one_line(err.reason))
         raise _Retry(_describe(err))
 
     with response:
@@ -230,7 +217,7 @@ def _attempt(url, f, state, timeout, user_agent, bar):
             try:
                 f.write(block)
             except OSError as err:  # disk full, quota: retrying cannot help
-                raise _Fatal("cannot write %s (%s)" % (f.name, _one_line(err.strerror or err)))
+                raise _Fatal("cannot write %s (%s)" % (f.name, one_line(err.strerror or err)))
             bar.update(len(block))
     f.flush()
     size = f.tell()
@@ -254,7 +241,7 @@ def locked_file(part):
         try:
             f = open(part, "ab")
         except OSError as err:
-            reason = _one_line(err.strerror or err)
+            reason = one_line(err.strerror or err)
             raise DownloadError(part, "cannot write the download (%s)" % reason) from None
         if fcntl is None:
             break
@@ -296,7 +283,7 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        reason = _one_line(err.strerror or err)
+        reason = one_line(err.strerror or err)
         raise DownloadError(folder, "cannot create the folder (%s)" % reason) from None
     part = path + ".part"
     resume = bool(expected) if resume is None else resume

@@ -6,6 +6,10 @@ and classic TIFF (the first image file directory, and the page count). Each retu
 :class:`ImageInfo` or raises :class:`~mxvision.errors.BadImage` naming the file, so size limits
 (decompression bombs), animation and CMYK are refused before anything is allocated. Offsets
 read from a hostile file are only ever used through bounds-checked ``struct.unpack_from``.
+
+:func:`normalize_view` gives the one spelling of a radiograph's view (DICOM ``ViewPosition``,
+OpenI's and NIH's label columns); it lives here, at the bottom, because the DICOM header reader
+needs it and the dataset code (:mod:`mxvision.data.views`) builds its ``views=`` filter on it.
 """
 import struct
 import zlib
@@ -88,6 +92,26 @@ def check_size(path, info: ImageInfo) -> None:
     if min(width, height) < MIN_SIDE:
         raise BadImage(path, f"image is only {width}x{height} pixels; "
                              f"at least {MIN_SIDE} pixels a side are needed")
+
+
+def normalize_view(value):
+    """``'pa'`` -> ``'PA'``, ``'LL'``/``'RL'``/``'LARGE LATERAL'``/``'LAT'`` -> ``'LATERAL'``,
+    ``'AP SUPINE'`` -> ``'AP'``; empty/None/NaN -> ``''``; anything else is kept upper-cased.
+
+    Sources spell views differently (OpenI's DICOM headers: ``PA``, ``AP``, ``LL``, ``RL``,
+    ``LATERAL``, ``LARGE LATERAL``; NIH: ``PA``/``AP``), and the ``views=`` filter must see one
+    spelling per view.
+    """
+    text = " ".join(str(value if value is not None else "").split()).upper()
+    if text in ("", "NAN", "NONE", "UNKNOWN"):
+        return ""
+    if text in ("PA", "POSTERO-ANTERIOR", "POSTEROANTERIOR") or text.startswith("PA "):
+        return "PA"
+    if text in ("AP", "ANTERO-POSTERIOR", "ANTEROPOSTERIOR") or text.startswith("AP "):
+        return "AP"
+    if text in ("LL", "RL", "LAT", "LLAT", "RLAT") or "LATERAL" in text:
+        return "LATERAL"
+    return text
 
 
 def png_header(path, data: bytes) -> ImageInfo:
@@ -226,5 +250,5 @@ def tiff_header(path, data: bytes) -> ImageInfo:
                      "float" if fmt == 3 else "uint")
 
 
-__all__ = ["ImageInfo", "MAX_PIXELS", "MIN_SIDE", "looks_like", "check_size",
+__all__ = ["ImageInfo", "MAX_PIXELS", "MIN_SIDE", "looks_like", "check_size", "normalize_view",
            "png_header", "png_verify", "jpeg_header", "tiff_header"]

@@ -69,15 +69,18 @@ import warnings
 import cv2
 import numpy as np
 
-from mxvision.errors import BadImage
+from mxvision.errors import BadImage, one_line
 from mxvision.io.headers import (
-    BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like, png_header, png_verify, tiff_header)
+    BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like,
+    normalize_view, png_header, png_verify, tiff_header)
 
 #: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
 #: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.
 MAX_FILE_BYTES = 1 << 30
 
-_DICOM_SUFFIXES = (".dcm", ".dicom")
+#: File name suffixes of DICOM files (content decides the format; these only admit a DICOM file
+#: saved without its 128-byte preamble).
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # Every decode failure becomes one BadImage line, so the decoders' own log lines are noise.
 if "OPENCV_LOG_LEVEL" not in os.environ and hasattr(cv2, "setLogLevel"):
@@ -124,10 +127,8 @@ def dicom_tags(path) -> dict:
     ``study_uid``, ``photometric``, ``bits_stored``, ``transfer_syntax`` and ``modality``
     (``""`` where absent). Raises :class:`BadImage` for a file that is not DICOM.
     """
-    from mxvision.data.views import normalize_view
-
     data = _read_bytes(path)
-    if not (data[128:132] == b"DICM" or str(path).lower().endswith(_DICOM_SUFFIXES)):
+    if not (data[128:132] == b"DICM" or str(path).lower().endswith(DICOM_SUFFIXES)):
         raise BadImage(path, "not a DICOM file (no DICM marker and no .dcm suffix)")
     ds = _parse_dicom(path, data, stop_before_pixels=True)
     raw = str(ds.get("ViewPosition", "") or "").strip()
@@ -225,10 +226,10 @@ def _sniff(path, data: bytes) -> ImageInfo:
         info = tiff_header(path, data)
     elif data[:4] in BIGTIFF_MAGIC:
         raise BadImage(path, "BigTIFF is not supported; save the image as classic TIFF, PNG or DICOM")
-    elif data[128:132] == b"DICM" or (str(path).lower().endswith(_DICOM_SUFFIXES)
+    elif data[128:132] == b"DICM" or (str(path).lower().endswith(DICOM_SUFFIXES)
                                       and _bare_dicom(data)):
         info = _dicom_header(path, data)
-    elif str(path).lower().endswith(_DICOM_SUFFIXES):
+    elif str(path).lower().endswith(DICOM_SUFFIXES):
         raise BadImage(path, f"not a DICOM file: no DICM marker and no data element at the "
                              f"start (looks like {looks_like(data)})")
     else:
@@ -326,7 +327,8 @@ def _parse_dicom(path, data: bytes, stop_before_pixels: bool = False):
             warnings.simplefilter("ignore")
             return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, ...)
-        raise BadImage(path, f"unreadable DICOM ({_one_line(exc)})") from None
+        reason = one_line(exc, limit=200) or type(exc).__name__
+        raise BadImage(path, f"unreadable DICOM ({reason})") from None
 
 
 def _dicom_values(ds, photometric: str, frames: int):
@@ -358,7 +360,8 @@ def _decode_dicom(path, data: bytes) -> np.ndarray:
             warnings.simplefilter("ignore")
             arr = _dicom_values(ds, photometric, frames)
     except Exception as exc:  # decoder plugins raise ValueError, RuntimeError, KeyError, ...
-        raise BadImage(path, f"cannot decode the DICOM pixel data ({_one_line(exc)})") from None
+        reason = one_line(exc, limit=200) or type(exc).__name__
+        raise BadImage(path, f"cannot decode the DICOM pixel data ({reason})") from None
 
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim == 3 and arr.shape[2] == 3:  # RGB, YBR (converted) or palette colour
@@ -376,10 +379,5 @@ def _decode_dicom(path, data: bytes) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 __all__ = ["read_image", "image_info", "dicom_tags", "ImageInfo", "MAX_PIXELS", "MIN_SIDE",
-           "MAX_FILE_BYTES"]
+           "MAX_FILE_BYTES", "DICOM_SUFFIXES"]

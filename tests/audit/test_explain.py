@@ -9,7 +9,6 @@ from mxnet.gluon import nn
 
 from mxvision.audit import explain
 from mxvision.audit import localization
-from mxvision.cli import audit as cli_explain
 
 
 def run_cli(monkeypatch, *argv):

@@ -17,7 +17,7 @@ def cartoon(seed, size=256):
     anatomy = synth.random_anatomy(rng)
     img = synth.make_radiograph(rng, size, anatomy=anatomy)
     truth = np.zeros((size, size), np.uint8)
-    for cx, cy, ax, ay in synth._lung_geometry(anatomy):
+    for cx, cy, ax, ay in synth.lung_geometry(anatomy):
         cv2.ellipse(truth, (int(cx * size), int(cy * size)), (int(ax * size), int(ay * size)), 0, 0, 360, 1, -1)
     return img, truth.astype(bool)
 
@@ -128,7 +128,6 @@ def test_paired_auc_compares_each_film_with_its_own_nodule_version(synth_index, 
 
 def test_cli_synth(synth_index, tmp_path, monkeypatch, capsys):
     import mxvision.cli as cli
-    from mxvision.cli import audit as group
 
     code = cli.main(["synth", "--index", str(synth_index), "--out", str(tmp_path / "s"), "--radius", "10",
                      "12", "--contrast", "20", "20", "--quiet"])

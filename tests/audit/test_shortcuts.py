@@ -23,7 +23,7 @@ def films(tmp_path, shortcut, n=48, seed=0):
         if shortcut and label == "nodule":
             img = img + 30
         path = tmp_path / f"img{k:03d}.png"
-        synth._write_png(str(path), np.clip(img, 0, 255).astype(np.uint8))
+        synth.write_png(str(path), np.clip(img, 0, 255).astype(np.uint8))
         records.append({"path": str(path), "label": str(label), "patient_id": f"p{k}",
                         "age": str(40 + k % 30)})
     index = assign_splits(Index(records, tmp_path, columns=("patient_id", "split", "age")), seed=seed)
@@ -94,7 +94,6 @@ def test_feature_store_source_and_errors(small_store):
 
 def test_cli_audit_reads_a_metrics_file(small_store, tmp_path, monkeypatch, capsys):
     import mxvision.cli as cli
-    from mxvision.cli import audit as group
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"auc": 0.42, "features_dir": str(small_store.path)}))

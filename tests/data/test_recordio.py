@@ -90,7 +90,7 @@ def test_mistakes(packed, synth_index, tmp_path, monkeypatch):
     assert own.read_bytes() == open(synth_index, "rb").read()
     assert not (tmp_path / "mine.rec").exists()
     # a finished pack of the same index is not redone
-    monkeypatch.setattr(recordio, "_prepare", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(recordio, "prepare_record", lambda *a: pytest.fail("recomputed"))
     assert recordio.pack_index(synth_index, out, progress=False)["count"] == 24
 
 
@@ -110,7 +110,7 @@ def test_unreadable_images_are_skipped_or_fatal(synth_index, tmp_path):
 
 
 def test_interrupted_pack_resumes_without_redoing_records(synth_index, tmp_path, monkeypatch):
-    real = recordio._prepare
+    real = recordio.prepare_record
     calls = []
 
     def dies_after_ten(path, size, encoding):
@@ -120,14 +120,14 @@ def test_interrupted_pack_resumes_without_redoing_records(synth_index, tmp_path,
         return real(path, size, encoding)
 
     out = tmp_path / "r.rec"
-    monkeypatch.setattr(recordio, "_prepare", dies_after_ten)
+    monkeypatch.setattr(recordio, "prepare_record", dies_after_ten)
     with pytest.raises(KeyboardInterrupt):
         recordio.pack_index(synth_index, out, workers=1, progress=False)
     assert not (tmp_path / "r.json").exists() and (tmp_path / "r.rec.part").exists()
     with pytest.raises(BadImage, match="unfinished pack"):
         recordio.load_image(f"{out}#0")
     calls.clear()
-    monkeypatch.setattr(recordio, "_prepare", lambda *a: (calls.append(a[0]), real(*a))[1])
+    monkeypatch.setattr(recordio, "prepare_record", lambda *a: (calls.append(a[0]), real(*a))[1])
     manifest = recordio.pack_index(synth_index, out, workers=1, progress=False)
     assert manifest["count"] == 24 and len(calls) == 24 - 10
     assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.idx", "r.json", "r.rec"]

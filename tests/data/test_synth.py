@@ -72,11 +72,44 @@ def test_nodule_is_a_projected_sphere():
     assert bright.max() == 255  # clipped, not wrapped around
 
 
+def _whole_film_nodule(img, center, radius_px, contrast, rng):
+    """The nodule profile computed over the whole film: what ``insert_nodule`` computed before it
+    worked on a window around the nodule, and what its output must stay equal to, bit for bit."""
+    h, w = img.shape
+    ratio = rng.uniform(0.85, 1.15)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = xx - center[0], yy - center[1]
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / (radius_px * ratio)
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / (radius_px / ratio)
+    profile = np.sqrt(np.clip(1.0 - u * u - v * v, 0, None))
+    profile = cv2.GaussianBlur(profile, (0, 0), max(0.5, 0.08 * radius_px))
+    return np.clip(img.astype(np.float32) + contrast * profile, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (256, 256), (300, 517), (512, 512)])
+def test_windowed_nodule_is_bit_identical_to_the_whole_film_profile(shape):
+    h, w = shape
+    rng = np.random.default_rng(w)
+    img = synth.make_radiograph(np.random.default_rng(1), max(shape))[:h, :w].copy()
+    for k in range(30):  # tiny to large nodules, anywhere, edges and outside included
+        radius = rng.uniform(0.5, 40) * min(shape) / 256
+        center = (rng.uniform(-20, w + 20), rng.uniform(-20, h + 20))
+        if k % 3 == 0:
+            center = (round(center[0]), round(center[1]))
+        contrast = rng.uniform(10, 150)
+        got = synth.insert_nodule(img, center, radius, contrast, np.random.default_rng(k))
+        want = _whole_film_nodule(img, center, radius, contrast, np.random.default_rng(k))
+        assert np.array_equal(got, want), (k, center, radius)
+    far = synth.insert_nodule(img, (-500.0, 10.0), 5.0, 80.0, np.random.default_rng(0))
+    assert np.array_equal(far, img) and far is not img
+
+
 def test_lung_positions_fall_inside_the_lungs():
     rng = np.random.default_rng(0)
     points = np.array([synth.random_lung_position(rng, 256) for _ in range(300)]) / 256
     inside = np.zeros(len(points), bool)
-    for cx, cy, ax, ay in synth._LUNGS:
+    for cx, cy, ax, ay in synth.LUNGS:
         dist2 = ((points[:, 0] - cx) / ax) ** 2 + ((points[:, 1] - cy) / ay) ** 2
         inside |= dist2 <= 0.6 ** 2 + 1e-9
     assert inside.all()

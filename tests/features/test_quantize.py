@@ -10,7 +10,7 @@ from mxvision.data import transforms
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.export import export_model, load_exported
 from mxvision.features.extract import FeatureStore, extract_features
-from mxvision.predict import predict
+from mxvision.inference import predict
 from mxvision.train.loop import load_head, predict_probs, train_head
 
 
@@ -85,8 +85,8 @@ def test_int8_from_a_recordio_pack_calibrates_on_its_records(synth_index, small_
     assert x8.shape == x32.shape and np.corrcoef(x8.ravel(), x32.ravel())[0, 1] > 0.95
     # the cache key follows the records' pixels; a record that is not there is unreadable
     first = calib["paths"][0]
-    assert quantize._content_sha1(first) is not None
-    assert quantize._content_sha1(f"{rec}#9999") is None
+    assert quantize.content_sha1(first) is not None
+    assert quantize.content_sha1(f"{rec}#9999") is None
 
 
 def test_predict_and_export_use_the_int8_backbone(int8_store, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from support.archive_builders import make_tar as _tar
 from support.httpserver import Fault, closed_port_url, http_server, serve, wait_until  # noqa: F401 (fixture)
 from mxvision.errors import DownloadError
-from mxvision.io.download import check_hash, download, hash_file
+from mxvision.io.download import check_hash, download
+from mxvision.utils import file_digest
 
 SIZE = 300_000
 FAST = dict(retries=3, timeout=2, backoff=0.01, progress=False)
@@ -251,7 +252,7 @@ def test_check_hash(tmp_path):
     f.write_bytes(b"abc" * 100_000)
     sha1 = hashlib.sha1(f.read_bytes()).hexdigest()
     sha256 = hashlib.sha256(f.read_bytes()).hexdigest()
-    assert hash_file(f) == sha1
+    assert file_digest(f, "sha1") == sha1
     assert check_hash(f, sha1=sha1) and check_hash(f, sha256=sha256.upper(), sha1=sha1)
     assert not check_hash(f, sha1=sha1, sha256="1" * 64)
     assert not check_hash(tmp_path / "missing", sha1=sha1)

@@ -104,20 +104,20 @@ def _zip_with_pickle(path, payload, extra=None):
 
 
 def _no_hooks():
-    return tw._Reduce(tw._Global("collections", "OrderedDict"), ())
+    return tw.Reduce(tw.GlobalRef("collections", "OrderedDict"), ())
 
 
 def _tensor(key, numel, offset, size, stride):
-    pid = ("storage", tw._Global("torch", "FloatStorage"), key, "cpu", numel)
-    return tw._Reduce(tw._Global("torch._utils", "_rebuild_tensor_v2"),
-                      (tw._PersId(pid), offset, size, stride, False, _no_hooks()))
+    pid = ("storage", tw.GlobalRef("torch", "FloatStorage"), key, "cpu", numel)
+    return tw.Reduce(tw.GlobalRef("torch._utils", "_rebuild_tensor_v2"),
+                      (tw.PersistentId(pid), offset, size, stride, False, _no_hooks()))
 
 
 def test_strided_views_and_shared_storage(tmp_path):
     data = np.arange(12, dtype=np.float32)
     obj = OrderedDict([("t", _tensor("0", 12, 1, (2, 3), (1, 4))),  # a transposed view at offset 1
                        ("same", _tensor("0", 12, 0, (12,), (1,)))])
-    path = _zip_with_pickle(tmp_path / "v.pt", tw._PickleWriter().dump(obj), {"archive/data/0": data.tobytes()})
+    path = _zip_with_pickle(tmp_path / "v.pt", tw.PickleWriter().dump(obj), {"archive/data/0": data.tobytes()})
     back = load_torch_file(path)
     assert np.array_equal(back["t"], np.lib.stride_tricks.as_strided(data[1:], (2, 3), (4, 16)))
     assert np.array_equal(back["same"], data)
@@ -126,7 +126,7 @@ def test_strided_views_and_shared_storage(tmp_path):
 def test_big_endian_storage(tmp_path):
     data = np.arange(6, dtype=">f4")
     obj = OrderedDict([("t", _tensor("0", 6, 0, (2, 3), (3, 1)))])
-    path = _zip_with_pickle(tmp_path / "b.pt", tw._PickleWriter().dump(obj),
+    path = _zip_with_pickle(tmp_path / "b.pt", tw.PickleWriter().dump(obj),
                             {"archive/data/0": data.tobytes(), "archive/byteorder": "big"})
     assert np.array_equal(load_torch_file(path)["t"], np.arange(6, dtype=np.float32).reshape(2, 3))
 
@@ -134,10 +134,10 @@ def test_big_endian_storage(tmp_path):
 def test_bfloat16_is_widened_to_float32(tmp_path):
     values = np.array([1.0, -2.5, 3.140625], dtype=np.float32)
     raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
-    pid = ("storage", tw._Global("torch", "BFloat16Storage"), "0", "cuda:0", 3)
-    obj = {"t": tw._Reduce(tw._Global("torch._utils", "_rebuild_tensor_v2"),
-                           (tw._PersId(pid), 0, (3,), (1,), False, _no_hooks()))}
-    path = _zip_with_pickle(tmp_path / "bf.pt", tw._PickleWriter().dump(obj), {"archive/data/0": raw})
+    pid = ("storage", tw.GlobalRef("torch", "BFloat16Storage"), "0", "cuda:0", 3)
+    obj = {"t": tw.Reduce(tw.GlobalRef("torch._utils", "_rebuild_tensor_v2"),
+                           (tw.PersistentId(pid), 0, (3,), (1,), False, _no_hooks()))}
+    path = _zip_with_pickle(tmp_path / "bf.pt", tw.PickleWriter().dump(obj), {"archive/data/0": raw})
     back = load_torch_file(path)["t"]
     assert back.dtype == np.float32 and np.array_equal(back, values)
 
@@ -148,12 +148,12 @@ def test_bfloat16_is_widened_to_float32(tmp_path):
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
 def test_code_is_refused_before_it_runs(tmp_path, module, name, fmt):
     marker = tmp_path / "pwned"
-    evil = tw._Reduce(tw._Global(module, name), ("touch %s" % marker,))
+    evil = tw.Reduce(tw.GlobalRef(module, name), ("touch %s" % marker,))
     path = tmp_path / "evil.pt"
     if fmt == "zip":
-        _zip_with_pickle(path, tw._PickleWriter().dump({"weight": evil}))
+        _zip_with_pickle(path, tw.PickleWriter().dump({"weight": evil}))
     else:
-        w = tw._PickleWriter
+        w = tw.PickleWriter
         path.write_bytes(w().dump(tr.LEGACY_MAGIC) + w().dump(tr.LEGACY_PROTOCOL) + w().dump({})
                          + w().dump({"weight": evil}) + w().dump([]))
     with pytest.raises(WeightsError, match="refusing to load %s.%s" % (module, name)) as err:
@@ -197,20 +197,20 @@ def test_broken_files_give_one_line_errors(tmp_path, case):
         save_torch_file(_state(), path)
         path.write_bytes(path.read_bytes()[:200])
     elif case == "missing_storage":
-        _zip_with_pickle(path, tw._PickleWriter().dump(good))
+        _zip_with_pickle(path, tw.PickleWriter().dump(good))
     elif case == "short_storage":
-        _zip_with_pickle(path, tw._PickleWriter().dump(good), {"archive/data/0": b"\x00" * 8})
+        _zip_with_pickle(path, tw.PickleWriter().dump(good), {"archive/data/0": b"\x00" * 8})
     elif case == "view_past_end":
         bad = OrderedDict([("t", _tensor("0", 4, 2, (4,), (1,)))])
-        _zip_with_pickle(path, tw._PickleWriter().dump(bad), {"archive/data/0": b"\x00" * 16})
+        _zip_with_pickle(path, tw.PickleWriter().dump(bad), {"archive/data/0": b"\x00" * 16})
     elif case == "legacy_truncated":
         save_torch_file(_state(), path, fmt="legacy")
         path.write_bytes(path.read_bytes()[:-10])
     elif case == "bad_magic":
-        w = tw._PickleWriter
+        w = tw.PickleWriter
         path.write_bytes(w().dump(12345) + w().dump(tr.LEGACY_PROTOCOL))
     elif case == "not_tensors":
-        _zip_with_pickle(path, tw._PickleWriter().dump({"lr": 0.1, "epoch": 3}))
+        _zip_with_pickle(path, tw.PickleWriter().dump({"lr": 0.1, "epoch": 3}))
     with pytest.raises(WeightsError) as err:
         load_torch_file(path)
     message = str(err.value)

@@ -97,19 +97,26 @@ _HTML = (b"<!DOCTYPE html><html><head><title>Sign in</title></head>"
          b"<body><form>Please log in to continue</form></body></html>\n")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class FileHandler(BaseHTTPRequestHandler):
+    """Serves the files of its :class:`Server`, applying the server's queued faults.
+
+    A server that needs dynamic answers (tests/support/openi_server.py's search API) subclasses
+    it, overrides :meth:`serve_request` and passes the subclass to ``Server(handler=...)``.
+    """
+
     protocol_version = "HTTP/1.0"  # one request per connection: faults never leak across
 
     def log_message(self, format, *args):  # noqa: A002 - keep pytest output clean
         pass
 
     def do_HEAD(self):
-        self._serve(send_body=False)
+        self.serve_request(send_body=False)
 
     def do_GET(self):
-        self._serve(send_body=True)
+        self.serve_request(send_body=True)
 
-    def _serve(self, send_body):
+    def serve_request(self, send_body):
+        """Answer the request for ``self.path`` (GET, or HEAD without ``send_body``)."""
         srv = self.server.owner
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         fault = srv._next_fault(path)
@@ -184,13 +191,13 @@ class _Handler(BaseHTTPRequestHandler):
 class Server:
     """Handle returned by :func:`serve`: base ``url`` (ends in '/'), request log, fault queue."""
 
-    def __init__(self, directory, faults=()):
+    def __init__(self, directory, faults=(), handler=FileHandler):
         self.directory = os.path.realpath(os.fspath(directory))
         self.requests: List[Request] = []
         self._faults = list(faults)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self
         self.port = self._httpd.server_address[1]

@@ -4,8 +4,9 @@
 mxvision/data/openi_scrape.py), built from the real report archive with the standard library's
 XML parser -- independently of mxvision's own parser, so the tests compare two readings of the
 same XML. Every answer is written to ``_api/search_mM_nN.json`` under the served folder and
-served through tests/httpserver.py, so its faults (drops, 5xx, 429, truncation, HTML) apply to
-API pages as to files; a fault for one page is ``Fault.status(404, path=api_path(101, 200))``.
+served through tests/support/httpserver.py (a ``FileHandler`` subclass), so its faults (drops,
+5xx, 429, truncation, HTML) apply to API pages as to files; a fault for one page is
+``Fault.status(404, path=api_path(101, 200))``.
 """
 import json
 import os
@@ -13,7 +14,7 @@ import tarfile
 import urllib.parse
 import xml.etree.ElementTree as ET
 
-from support.httpserver import Server, _Handler
+from support.httpserver import FileHandler, Server
 
 
 def api_path(m, n):
@@ -51,8 +52,8 @@ def read_archive_records(tgz, limit=None):
     return records
 
 
-class _OpenIHandler(_Handler):
-    def _serve(self, send_body):
+class _OpenIHandler(FileHandler):
+    def serve_request(self, send_body):
         parts = urllib.parse.urlsplit(self.path)
         if parts.path == "/api/search":
             q = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
@@ -67,14 +68,13 @@ class _OpenIHandler(_Handler):
                 json.dump(body, f)
             srv.queries.append(dict((k, v[0]) for k, v in q.items()))
             self.path = api_path(m, n)
-        return super()._serve(send_body)
+        return super().serve_request(send_body)
 
 
 class OpenIServer(Server):
     """Serves ``directory`` plus the search API over ``records``."""
 
     def __init__(self, directory, records, faults=()):
-        super().__init__(directory, faults)
+        super().__init__(directory, faults, handler=_OpenIHandler)
         self.records = records
         self.queries = []
-        self._httpd.RequestHandlerClass = _OpenIHandler

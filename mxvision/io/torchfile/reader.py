@@ -33,7 +33,7 @@ import numpy as np
 
 from mxvision.errors import WeightsError
 from mxvision.io.torchfile.unpickler import (
-    LEGACY_MAGIC, LEGACY_PROTOCOL, ModuleRecord, RestrictedUnpickler, _resolve, _Storage)
+    LEGACY_MAGIC, LEGACY_PROTOCOL, ModuleRecord, RestrictedUnpickler, Storage, resolve_tensors)
 
 __all__ = ["load_torch_file", "read_torch_pickle", "state_dict_from", "RestrictedUnpickler", "ModuleRecord",
            "LEGACY_MAGIC", "LEGACY_PROTOCOL"]
@@ -91,7 +91,7 @@ def _read_zip(raw, source, allow_modules):
                     raise WeightsError(source, "storage %s holds %d bytes, the pickle promises %d "
                                        "(truncated or corrupt file)"
                                        % (entry, info.file_size, numel * dtype.itemsize))
-                s = _Storage(key, dtype, numel)
+                s = Storage(key, dtype, numel)
                 try:
                     s.set_bytes(zf.read(entry), source, byteorder)
                 except (zipfile.BadZipFile, OSError) as err:
@@ -103,7 +103,7 @@ def _read_zip(raw, source, allow_modules):
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError) as err:
             raise WeightsError(source, "cannot read %s (%s)" % (pkl[0], err)) from None
-        return _resolve(_unpickle(io.BytesIO(data), source, storage, allow_modules))
+        return resolve_tensors(_unpickle(io.BytesIO(data), source, storage, allow_modules))
 
 
 def _read_legacy(raw, source, allow_modules):
@@ -124,7 +124,7 @@ def _read_legacy(raw, source, allow_modules):
 
     def storage(key, dtype, numel):
         if key not in storages:
-            storages[key] = _Storage(key, dtype, numel)
+            storages[key] = Storage(key, dtype, numel)
         return storages[key]
 
     result = _unpickle(f, source, storage, allow_modules)
@@ -144,7 +144,7 @@ def _read_legacy(raw, source, allow_modules):
             raise WeightsError(source, "storage %r holds %d elements, the pickle promises %d"
                                % (key, count, s.numel))
         s.set_bytes(f.read(count * s.dtype.itemsize), source, "little" if little else "big")
-    return _resolve(result)
+    return resolve_tensors(result)
 
 
 def read_torch_pickle(path, allow_modules=True):

@@ -71,8 +71,12 @@ class _DType:
         return "torch.%s" % self.torch_name
 
 
-class _Storage:
-    """One storage record: its dtype, element count and (once read) its flat NumPy data."""
+class Storage:
+    """One storage record: its dtype, element count and (once read) its flat NumPy data.
+
+    The reader creates one per storage key the pickle names (through the ``storages`` callback
+    of :class:`RestrictedUnpickler`) and fills its bytes with :meth:`set_bytes`.
+    """
 
     def __init__(self, key, dtype, numel):
         self.key = key
@@ -132,7 +136,7 @@ def _record_class(module, name):
 
 # --------------------------------------------------------------------------- tensor rebuilding
 def _check_view(source, storage, offset, size, stride):
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, Storage):
         raise WeightsError(source, "tensor refers to %r instead of a storage" % (storage,))
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or len(size) > _MAX_DIMS:
@@ -166,24 +170,27 @@ def _materialize(t):
     return out
 
 
-def _resolve(obj, memo=None):
-    """Replace every _LazyTensor inside ``obj`` (containers and module records) by an ndarray."""
+def resolve_tensors(obj, memo=None):
+    """Replace every lazy tensor view inside ``obj`` (containers and module records) by an ndarray.
+
+    Called by the reader once every :class:`Storage` has its bytes (for the legacy format they
+    follow the pickle); shared tensors stay shared, reference cycles are followed once."""
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, _LazyTensor):
         out = _materialize(obj)
     elif isinstance(obj, OrderedDict):
-        out = OrderedDict((k, _resolve(v, memo)) for k, v in obj.items())
+        out = OrderedDict((k, resolve_tensors(v, memo)) for k, v in obj.items())
     elif isinstance(obj, dict):
-        out = {k: _resolve(v, memo) for k, v in obj.items()}
+        out = {k: resolve_tensors(v, memo) for k, v in obj.items()}
     elif isinstance(obj, list):
-        out = [_resolve(v, memo) for v in obj]
+        out = [resolve_tensors(v, memo) for v in obj]
     elif isinstance(obj, tuple):
-        out = tuple(_resolve(v, memo) for v in obj)
+        out = tuple(resolve_tensors(v, memo) for v in obj)
     elif isinstance(obj, ModuleRecord):
         memo[id(obj)] = obj
-        obj.__dict__["_state"] = _resolve(obj.state, memo)
+        obj.__dict__["_state"] = resolve_tensors(obj.state, memo)
         return obj
     else:
         out = obj
@@ -195,7 +202,7 @@ def _resolve(obj, memo=None):
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that can only build tensors (as lazy views), containers and records.
 
-    ``storages(key, dtype, numel)`` returns the :class:`_Storage` for a persistent id; the zip
+    ``storages(key, dtype, numel)`` returns the :class:`Storage` for a persistent id; the zip
     reader fills its bytes at once, the legacy reader after the main pickle.
     """
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from mxvision.io.torchfile.reader import LEGACY_MAGIC, LEGACY_PROTOCOL
 
-__all__ = ["save_torch_file", "TorchModule"]
+__all__ = ["save_torch_file", "TorchModule", "PickleWriter", "GlobalRef", "Reduce", "PersistentId",
+           "NewObj"]
 
 
 class TorchModule:
@@ -42,28 +43,44 @@ _NP_TO_STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "D
                   np.dtype(np.bool_): "BoolStorage"}
 
 
-class _Global:
+# The pickle building blocks below are public so that tests can write the files no honest writer
+# makes (a GLOBAL of ``os.system``, a tensor view past its storage) and check the reader refuses them.
+class GlobalRef:
+    """``module.name`` as the pickle ``GLOBAL`` opcode names it (a class or function to look up)."""
+
     def __init__(self, module, name):
         self.module, self.name = module, name
 
 
-class _Reduce:
+class Reduce:
+    """``func(*args)`` as the ``REDUCE`` opcode: what unpickling will call (``func`` a GlobalRef)."""
+
     def __init__(self, func, args):
         self.func, self.args = func, args
 
 
-class _PersId:
+class PersistentId:
+    """A ``BINPERSID`` reference (``value`` a tuple): how PyTorch points a tensor at its storage."""
+
     def __init__(self, value):
         self.value = value
 
 
-class _NewObj:
+class NewObj:
+    """``cls.__new__(cls)`` then ``BUILD`` with ``state``: how a pickled ``nn.Module`` is stored.
+
+    ``cls_pers``, when given, replaces ``cls`` by a persistent id (the legacy format's way)."""
+
     def __init__(self, cls, state, cls_pers=None):
         self.cls, self.state, self.cls_pers = cls, state, cls_pers
 
 
-class _PickleWriter:
-    """Emits pickle protocol 2 opcodes for the few object kinds a weights file needs."""
+class PickleWriter:
+    """Emits pickle protocol 2 opcodes for the few object kinds a weights file needs.
+
+    ``PickleWriter().dump(obj)`` is the bytes of one pickle of ``obj``: None, bools, ints,
+    floats, strings, tuples, lists, dicts, OrderedDicts, sets and the building blocks above.
+    """
 
     def __init__(self):
         self.out = bytearray(b"\x80\x02")
@@ -110,23 +127,23 @@ class _PickleWriter:
                     self.save(v)
                 o += b"e"
         elif isinstance(obj, OrderedDict):
-            self.save(_Reduce(_Global("collections", "OrderedDict"), ()))
+            self.save(Reduce(GlobalRef("collections", "OrderedDict"), ()))
             self._setitems(obj)
         elif isinstance(obj, dict):
             o += b"}"
             self._setitems(obj)
         elif isinstance(obj, set):
-            self.save(_Reduce(_Global("builtins", "set"), (sorted(obj),)))
-        elif isinstance(obj, _Global):
+            self.save(Reduce(GlobalRef("builtins", "set"), (sorted(obj),)))
+        elif isinstance(obj, GlobalRef):
             o += b"c" + obj.module.encode() + b"\n" + obj.name.encode() + b"\n"
-        elif isinstance(obj, _Reduce):
+        elif isinstance(obj, Reduce):
             self.save(obj.func)
             self.save(tuple(obj.args))
             o += b"R"
-        elif isinstance(obj, _PersId):
+        elif isinstance(obj, PersistentId):
             self.save(obj.value)
             o += b"Q"
-        elif isinstance(obj, _NewObj):
+        elif isinstance(obj, NewObj):
             self.save(obj.cls_pers if obj.cls_pers is not None else obj.cls)
             o += b")\x81"
             self.save(obj.state)
@@ -149,24 +166,24 @@ def _tensor_node(arr, storages, legacy):
         raise TypeError("unsupported dtype %s" % arr.dtype)
     key = str(len(storages))
     storages.append((key, arr))
-    stype = _Global("torch", _NP_TO_STORAGE[arr.dtype])
+    stype = GlobalRef("torch", _NP_TO_STORAGE[arr.dtype])
     pid = ("storage", stype, key, "cpu", int(arr.size)) + ((None,) if legacy else ())
     stride, acc = [], 1
     for n in reversed(arr.shape):
         stride.insert(0, acc)
         acc *= n
-    return _Reduce(_Global("torch._utils", "_rebuild_tensor_v2"),
-                   (_PersId(pid), 0, tuple(int(n) for n in arr.shape), tuple(stride), False,
-                    _Reduce(_Global("collections", "OrderedDict"), ())))
+    return Reduce(GlobalRef("torch._utils", "_rebuild_tensor_v2"),
+                   (PersistentId(pid), 0, tuple(int(n) for n in arr.shape), tuple(stride), False,
+                    Reduce(GlobalRef("collections", "OrderedDict"), ())))
 
 
 def _module_node(mod, storages, legacy):
     module, _, name = mod.cls.rpartition(".")
     params = OrderedDict()
     for k, v in mod.parameters.items():
-        params[k] = None if v is None else _Reduce(_Global("torch._utils", "_rebuild_parameter"),
+        params[k] = None if v is None else Reduce(GlobalRef("torch._utils", "_rebuild_parameter"),
                                                    (_tensor_node(v, storages, legacy), True,
-                                                    _Reduce(_Global("collections", "OrderedDict"), ())))
+                                                    Reduce(GlobalRef("collections", "OrderedDict"), ())))
     state = {"training": False, "_parameters": params,
              "_buffers": OrderedDict((k, _tensor_node(v, storages, legacy)) for k, v in mod.buffers.items()),
              "_backward_hooks": OrderedDict(), "_forward_hooks": OrderedDict(),
@@ -175,10 +192,10 @@ def _module_node(mod, storages, legacy):
              "_modules": OrderedDict((k, None if c is None else _module_node(c, storages, legacy))
                                      for k, c in mod.modules.items())}
     state.update(mod.attrs)
-    cls = _Global(module, name)
+    cls = GlobalRef(module, name)
     # torch's legacy writer names each nn.Module class through a ('module', cls, file, source) id
-    cls_pers = _PersId(("module", cls, None, None)) if legacy else None
-    return _NewObj(cls, state, cls_pers)
+    cls_pers = PersistentId(("module", cls, None, None)) if legacy else None
+    return NewObj(cls, state, cls_pers)
 
 
 def _build_tree(obj, storages, legacy):
@@ -202,16 +219,16 @@ def save_torch_file(obj, path, fmt="zip", archive_name="archive"):
         raise ValueError("fmt must be 'zip' or 'legacy'")
     legacy = fmt == "legacy"
     storages = []
-    payload = _PickleWriter().dump(_build_tree(obj, storages, legacy))
+    payload = PickleWriter().dump(_build_tree(obj, storages, legacy))
     path = os.fspath(path)
     if legacy:
         with open(path, "wb") as f:
-            f.write(_PickleWriter().dump(LEGACY_MAGIC))
-            f.write(_PickleWriter().dump(LEGACY_PROTOCOL))
-            f.write(_PickleWriter().dump({"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
+            f.write(PickleWriter().dump(LEGACY_MAGIC))
+            f.write(PickleWriter().dump(LEGACY_PROTOCOL))
+            f.write(PickleWriter().dump({"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 4}}))
             f.write(payload)
-            f.write(_PickleWriter().dump([k for k, _ in storages]))
+            f.write(PickleWriter().dump([k for k, _ in storages]))
             for _, arr in storages:
                 f.write(struct.pack("<q", arr.size))
                 f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
