@@ -1,52 +1,35 @@
 """The ``mxvision`` command line: a thin layer that parses arguments and calls the Python API.
 
-Each group of commands lives in its own module with an ``add_parsers(subparsers)`` function.
-User mistakes (bad files, missing runs, unreachable weights) arrive as ``MxvisionError`` and are
-printed as one line with a non-zero exit code; a traceback means a bug in mxvision.
+Each group of commands lives in its own module with an ``add_parsers(subparsers)`` function:
+``pipeline`` (demo, extract, train, evaluate, predict, export, models), ``finetune``, ``data``,
+``xrv`` (classify), ``audit`` (explain, audit, synth), ``detector`` and ``distributed``
+(``mxvision cluster``); options two groups share are in ``common``. User mistakes (bad files,
+missing runs, unreachable weights) arrive as ``MxvisionError`` and are printed as one line with a
+non-zero exit code; a traceback means a bug in mxvision.
 """
-import argparse
-import logging
-import sys
+import importlib
 
-from mxvision.errors import MxvisionError
-from mxvision.cli import distributed as cluster
-from mxvision.cli import data
-from mxvision.cli import audit as explain
-from mxvision.cli import finetune
-from mxvision.cli import detector as lesion
-from mxvision.cli import pipeline
-from mxvision.cli import xrv
+from mxvision.cli import common
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = [pipeline, finetune, data, xrv, explain, lesion, cluster]
+#: The command-group modules, in the order ``mxvision --help`` lists their commands.
+GROUP_MODULES = ("pipeline", "finetune", "data", "xrv", "audit", "detector", "distributed")
+
+
+def _command_groups():
+    # Imported on first use, not with this package: `python -m mxvision.cli.distributed` then runs
+    # a single copy of that module (runpy warns when the package has imported it already).
+    return [importlib.import_module(f"{__name__}.{name}") for name in GROUP_MODULES]
+
+
+def __getattr__(name):
+    if name == "COMMAND_GROUPS":  # the group modules, as a list
+        return _command_groups()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="mxvision",
-        description="Chest X-ray transfer learning (Xvision) and torchxrayvision-style models in MXNet.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for group in COMMAND_GROUPS:
-        group.add_parsers(sub)
-    return parser
+    return common.build_parser(_command_groups())
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="mxvision: %(message)s")
-    try:
-        return args.func(args) or 0
-    except MxvisionError as err:
-        print(f"mxvision: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("mxvision: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as err:  # disk full, permission denied on an output folder, ...
-        where = err.filename or "mxvision"
-        print(f"mxvision: error: {where}: {err.strerror or err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return common.run_command_line(_command_groups(), argv)

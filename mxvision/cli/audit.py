@@ -1,12 +1,22 @@
-"""CLI commands that check what a model looks at: ``explain``, ``audit``, ``synth``."""
+"""CLI commands that check what a model looks at, one per module of :mod:`mxvision.audit`.
+
+* ``explain`` (:mod:`~mxvision.audit.explain`, :mod:`~mxvision.audit.localization`): Grad-CAM or
+  saliency overlays, or a pointing game against known nodule positions;
+* ``audit`` (:mod:`~mxvision.audit.shortcuts`): trivial baselines next to a model's AUC;
+* ``synth`` (:mod:`~mxvision.audit.lesion`): the lesion-insertion check's test set, real normal
+  films with and without a simulated nodule, which ``explain --index`` and ``mxvision detector``
+  score. The detector has its own group (``cli/detector.py``): it trains a model.
+"""
 import json
 from pathlib import Path
+
+from mxvision.cli.common import add_ctx
 
 
 def _cmd_explain(args):
     from mxvision.errors import BadImage, MxvisionError
     from mxvision.audit.explain import explain_files, explainer_from_run, explainer_from_xrv
-    from mxvision.predict import expand_images
+    from mxvision.data.folder import expand_images
 
     if bool(args.run) == bool(args.model):
         raise MxvisionError("explain", "give exactly one of --run RUN or --model NAME")
@@ -61,27 +71,12 @@ def _pointing_game(explainer, args):
 
 
 def _cmd_audit(args):
-    from mxvision.audit.shortcuts import cross_validated_baselines, format_audit, shortcut_audit
-    from mxvision.errors import BadRun
-    from mxvision.utils import read_json
+    from mxvision.audit.shortcuts import format_audit, run_shortcut_audit
 
-    model_auc, source = args.model_auc, args.index or args.features
-    if args.metrics:
-        try:
-            metrics = read_json(args.metrics)
-        except (OSError, ValueError) as err:
-            raise BadRun(args.metrics, f"not a readable metrics.json ({err})") from None
-        model_auc = metrics.get("auc") if model_auc is None else model_auc
-        source = source or metrics.get("features_dir")
-    if not source:
-        raise BadRun("audit", "give --index CSV, --features DIR or --metrics metrics.json")
-    report = shortcut_audit(source, model_auc, split=args.split, train_split=args.train_split,
-                            margin=args.margin, out=args.out)
-    if args.cv:
-        report["cross_validated"] = cross_validated_baselines(source, folds=args.cv)
-        if args.out:
-            from mxvision.utils import write_json
-            write_json(args.out, report)
+    report = run_shortcut_audit(index=args.index, features=args.features, metrics=args.metrics,
+                                model_auc=args.model_auc, split=args.split,
+                                train_split=args.train_split, margin=args.margin, cv=args.cv,
+                                out=args.out)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -134,7 +129,7 @@ def add_parsers(sub):
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="with --index: pixels added to the nodule radius for a hit")
     p.add_argument("--out-json", help="with --index: write the per-image results here")
-    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+    add_ctx(p)
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("audit", help="trivial shortcut baselines (histogram, thumbnails, metadata) "

@@ -17,21 +17,9 @@ and reports user mistakes as one line.
 """
 import collections
 import os
-import urllib.parse
 
+from mxvision.data.openi_download import OPENI_BASE_URL
 from mxvision.errors import BadIndex
-
-OPENI_BASE_URL = "https://openi.nlm.nih.gov/"
-OPENI_COLLECTIONS = "imgs/collections/"
-#: The OpenI archives; sha256 where known (the reports archive: checked against the copy the
-#: project keeps in shared/data/openi, identical to the one torchxrayvision ships).
-OPENI_FILES = {
-    "reports": ("NLMCXR_reports.tgz",
-                "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"),
-    "images": ("NLMCXR_png.tgz", None),
-}
-SKIP = ("skip", "none", "")
-EXTRACTED_MARK = ".mxvision-extracted"
 
 
 def _progress(args):
@@ -53,66 +41,42 @@ def _add_net_args(p):
 
 
 # ----------------------------------------------------------------------------------- download
-def _extract_once(archive, dest, progress):
-    """Extract ``archive`` into ``dest`` unless the same archive (size, mtime) already was."""
-    from mxvision.io.archive import safe_extract_tar
-
-    st = os.stat(archive)
-    stamp = f"{os.path.basename(archive)} {st.st_size} {int(st.st_mtime)}\n"
-    mark = os.path.join(dest, EXTRACTED_MARK)
-    if os.path.isfile(mark):
-        with open(mark, encoding="utf-8") as f:
-            if f.read() == stamp:
-                return None
-    if progress:
-        print(f"extracting {archive} into {dest} ...")
-    written = safe_extract_tar(archive, dest)
-    with open(mark, "w", encoding="utf-8") as f:
-        f.write(stamp)
-    return len(written)
-
-
 def _cmd_download_openi(args):
-    from mxvision.io.download import download, hash_file
+    from mxvision.data.openi import IMAGES_DIR, METADATA_FILE, REPORTS_ARCHIVE
+    from mxvision.data.openi_download import download_openi_archive, extract_once, openi_archive_keys
 
-    what = ["reports", "images"] if args.what == "all" else [args.what]
-    base = args.base_url if args.base_url.endswith("/") else args.base_url + "/"
-    os.makedirs(args.out, exist_ok=True)
+    what = openi_archive_keys(args.what)
     for key in what:
-        name, known = OPENI_FILES[key]
-        sha256 = known if args.sha256 is None else (None if args.sha256.lower() in SKIP
-                                                    else args.sha256)
-        url = urllib.parse.urljoin(base, OPENI_COLLECTIONS + name)
-        dest = os.path.join(args.out, name)
-        download(url, dest, sha256=sha256, retries=args.retries, timeout=args.timeout,
-                 backoff=args.backoff, progress=_progress(args), resume=True)
-        digest = sha256 or hash_file(dest, "sha256")
-        print(f"{dest}: {os.path.getsize(dest)} bytes, sha256 {digest}"
-              f"{' (verified)' if sha256 else ' (no known checksum to verify)'}")
+        got = download_openi_archive(key, args.out, base_url=args.base_url, sha256=args.sha256,
+                                     retries=args.retries, timeout=args.timeout,
+                                     backoff=args.backoff, progress=_progress(args))
+        print(f"{got['path']}: {got['bytes']} bytes, sha256 {got['sha256']}"
+              f"{' (verified)' if got['verified'] else ' (no known checksum to verify)'}")
         if not args.no_extract:
-            dest_dir = os.path.join(args.out, name[:-len(".tgz")])
-            n = _extract_once(dest, dest_dir, _progress(args))
-            print(f"  extracted {n} files into {dest_dir}" if n is not None
-                  else f"  already extracted in {dest_dir}")
-    reports = os.path.join(args.out, OPENI_FILES["reports"][0])
+            _print_extracted(extract_once(got["path"], got["extract_dir"], _progress(args)),
+                             got["extract_dir"])
     if "reports" in what:
-        images = os.path.join(args.out, "NLMCXR_png")
-        print(f"next: mxvision data index openi --reports {reports}"
-              + (f" --images {images}" if "images" in what else "")
-              + " --metadata nlmcxr_dicom_metadata.csv.gz --out openi.csv")
+        print(f"next: mxvision data index openi --reports {os.path.join(args.out, REPORTS_ARCHIVE)}"
+              + (f" --images {os.path.join(args.out, IMAGES_DIR)}" if "images" in what else "")
+              + f" --metadata {METADATA_FILE} --out openi.csv")
 
 
 def _cmd_download_url(args):
-    from mxvision.io.download import download, hash_file
+    from mxvision.data.openi_download import expected_sha256, extract_once
+    from mxvision.io.download import download
+    from mxvision.utils import file_digest
 
-    sha256 = None if args.sha256 is None or args.sha256.lower() in SKIP else args.sha256
-    download(args.url, args.out, sha1=args.sha1, sha256=sha256, retries=args.retries,
-             timeout=args.timeout, backoff=args.backoff, progress=_progress(args), resume=True)
-    print(f"{args.out}: {os.path.getsize(args.out)} bytes, sha256 {hash_file(args.out, 'sha256')}")
+    download(args.url, args.out, sha1=args.sha1, sha256=expected_sha256(args.sha256),
+             retries=args.retries, timeout=args.timeout, backoff=args.backoff,
+             progress=_progress(args), resume=True)
+    print(f"{args.out}: {os.path.getsize(args.out)} bytes, sha256 {file_digest(args.out, 'sha256')}")
     if args.extract:
-        n = _extract_once(args.out, args.extract, _progress(args))
-        print(f"  extracted {n} files into {args.extract}" if n is not None
-              else f"  already extracted in {args.extract}")
+        _print_extracted(extract_once(args.out, args.extract, _progress(args)), args.extract)
+
+
+def _print_extracted(n, folder):
+    print(f"  extracted {n} files into {folder}" if n is not None
+          else f"  already extracted in {folder}")
 
 
 # ----------------------------------------------------------------------------------- scrape

@@ -7,6 +7,8 @@ set from ``mxvision synth`` made from films it never saw.
 import json
 from pathlib import Path
 
+from mxvision.cli.common import add_ctx
+
 
 def _cmd_train(args):
     from mxvision.audit.detector import DEFAULTS, train_detector
@@ -56,41 +58,18 @@ def _cmd_evaluate(args):
 
 
 def _cmd_score(args):
-    from mxvision.errors import BadImage, MxvisionError
-    from mxvision.io.images import read_image
-    from mxvision.audit.detector import load_detector, score_images
-    from mxvision.audit.detector_evaluation import write_scores
-    from mxvision.predict import expand_images
+    from mxvision.audit.detector_evaluation import score_image_files
 
-    from mxvision.runtime import parse_ctx
-
-    ctx = parse_ctx(args.ctx)
-    net, config, state = load_detector(args.run, ctx=ctx, params=args.params)
-    paths = expand_images(args.images)
-    if not paths:
-        raise MxvisionError("detector score", "no images given")
-    ids, scores, peaks, failed = [], [], [], []
-    for path in paths:
-        try:
-            img = read_image(path)
-        except BadImage as err:
-            if args.strict:
-                raise
-            failed.append(str(err))
-            continue
-        s, p = score_images(net, [img], config["hyper"]["size"], ctx, config["hyper"]["tta"])
-        ids.append(str(path))
-        scores.append(float(s[0]))
-        peaks.append(p[0])
-    threshold = state.get("threshold")
-    if args.out:
-        write_scores(args.out, ids, scores, peaks, threshold)
-    for image_id, s, p in zip(ids, scores, peaks):
+    result = score_image_files(args.run, args.images, ctx=args.ctx, params=args.params,
+                               strict=args.strict, out=args.out)
+    threshold = result["threshold"]
+    for row in result["rows"]:
+        s, p = row["score"], row["peak"]
         flag = "" if threshold is None else ("\tnodule" if s >= threshold else "\tno nodule")
-        print(f"{image_id}\t{s:.4f}{flag}\tpeak ({p[0]}, {p[1]})")
-    for err in failed:
+        print(f"{row['id']}\t{s:.4f}{flag}\tpeak ({p[0]}, {p[1]})")
+    for err in result["skipped"]:
         print(f"skipped: {err}")
-    return 1 if failed else 0
+    return 1 if result["skipped"] else 0
 
 
 def add_parsers(sub):
@@ -127,7 +106,7 @@ def add_parsers(sub):
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest step checkpoints kept (0: all)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+    add_ctx(p)
     p.set_defaults(func=_cmd_train)
 
     p = cmds.add_parser("evaluate", help="AUC, paired AUC (film-bootstrap CI), confusion matrix at the "
@@ -139,7 +118,7 @@ def add_parsers(sub):
     p.add_argument("--params", default="best", help="best (selected on val), last, or a .params file")
     p.add_argument("--bootstrap", type=int, default=2000, help="film-bootstrap resamples (0: none)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--ctx", default="auto")
+    add_ctx(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = cmds.add_parser("score", help="nodule score and evidence peak of image files")
@@ -148,5 +127,5 @@ def add_parsers(sub):
     p.add_argument("--out", default=None, help="also write the scores as CSV here")
     p.add_argument("--params", default="best")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    p.add_argument("--ctx", default="auto")
+    add_ctx(p)
     p.set_defaults(func=_cmd_score)

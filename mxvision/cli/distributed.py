@@ -1,4 +1,10 @@
-"""``mxvision cluster``: distributed extraction and training on MXNet's parameter server.
+"""``mxvision cluster``: the command line of :mod:`mxvision.distributed`, i.e. data-parallel
+extraction, head training and fine-tuning on MXNet's parameter server.
+
+One feature, one package, one command: :mod:`mxvision.distributed.cluster` starts the scheduler,
+server and worker processes; :mod:`mxvision.distributed.kvstore` gives each worker its kvstore and
+its share of an extraction; :mod:`mxvision.distributed.train` trains the head data-parallel
+(fine-tuning is :func:`mxvision.train.finetune.finetune_run` given a kvstore).
 
     mxvision cluster local -n 2 -s 1 -- mxvision cluster extract --index I.csv --out F
     mxvision cluster local -n 2 -- mxvision cluster train --features F --out RUN
@@ -7,9 +13,10 @@
     mxvision cluster local -n 2 -- mxvision cluster finetune --run RUN --out FT
     mxvision cluster launch -n 4 -s 2 -H hosts --launcher ssh -- /venv/bin/mxvision cluster train ...
 
-``extract`` and ``train`` take the options of the plain commands; under a launcher each process
-runs its share. A failing worker exits at once (``os._exit``): a normal exit would wait in ps-lite's
-shutdown barrier for workers that are waiting for it, i.e. forever.
+``extract``, ``train`` and ``finetune`` take the options of the plain commands (``cli/common.py``);
+under a launcher each process runs its share. A failing worker exits at once (``os._exit``): a
+normal exit would wait in ps-lite's shutdown barrier for workers that are waiting for it, i.e.
+forever.
 """
 import argparse
 import os
@@ -18,15 +25,11 @@ import sys
 import traceback
 
 from mxvision.errors import MxvisionError
-from mxvision.cli import finetune
-from mxvision.cli import pipeline
+from mxvision.cli.common import (EXIT_INTERRUPTED, add_extract_options, add_finetune_options,
+                                 add_train_options, best_epoch_summary, extract_options,
+                                 finetune_options, run_command_line, train_options)
 
-
-def _plain_parser(group, name):
-    """The parser of a plain command, to inherit its options (so they stay in step)."""
-    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
-    group.add_parsers(scratch)
-    return scratch.choices[name]
+KVSTORES = ["dist_sync", "dist_device_sync"]
 
 
 def _as_worker(job):
@@ -40,7 +43,7 @@ def _as_worker(job):
         print(f"mxvision: error: worker: {err}", file=sys.stderr)
         code = err.exit_code
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
     except BaseException:  # a bug: show it, still do not hang the job
         traceback.print_exc()
         code = 1
@@ -70,19 +73,11 @@ def _cmd_launch(args):
     run_mxnet_launcher(argv)
 
 
-def _extract_kwargs(args):
-    return dict(backbone=args.backbone, cut=args.cut, weights=args.weights, preset=args.preset,
-                ctx=args.ctx, batch_size=args.batch_size, shard_size=args.shard_size,
-                allow_random=args.allow_random_weights, strict=args.strict, overwrite=args.overwrite,
-                progress=not args.quiet, dtype=args.dtype, calibration=args.calibration,
-                storage_dtype=args.storage_dtype, pooled=args.pooled)
-
-
 def _cmd_extract(args):
     from mxvision.distributed import kvstore as distributed
     if args.share:
         rank, n = distributed.parse_share(args.share)
-        store = distributed.extract_share(args.index, args.out, rank, n, **_extract_kwargs(args))
+        store = distributed.extract_share(args.index, args.out, rank, n, **extract_options(args))
         done = "nothing to do" if store is None else f"{store.manifest['n_features']} feature maps"
         print(f"share {rank}/{n}: {done}; once every share is done: "
               f"mxvision cluster merge --out {args.out} --workers {n}")
@@ -90,7 +85,7 @@ def _cmd_extract(args):
 
     def job():
         kv = distributed.worker_kvstore(args.kvstore)
-        m = distributed.extract_distributed(args.index, args.out, kv=kv, **_extract_kwargs(args)).manifest
+        m = distributed.extract_distributed(args.index, args.out, kv=kv, **extract_options(args)).manifest
         if kv.rank == 0:
             print(f"{m['n_features']} feature maps {tuple(m['feature_shape'])} in {args.out} "
                   f"({m['n_skipped']} skipped), extracted by {kv.num_workers} workers")
@@ -110,15 +105,10 @@ def _cmd_train(args):
     def job():
         kv = None if args.simulate else distributed.worker_kvstore(args.kvstore)
         from mxvision.distributed.train import train_distributed
-        state = train_distributed(
-            args.features, args.out, kv=kv, simulate=args.simulate, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, momentum=args.momentum, wd=args.wd, seed=args.seed,
-            ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
-            keep_checkpoints=args.keep_checkpoints, stream=stream)
+        state = train_distributed(args.features, args.out, kv=kv, simulate=args.simulate,
+                                  wd=args.wd, stream=stream, **train_options(args))
         if state.get("best_epoch"):
-            best = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
-            print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.3f}, "
-                  f"val AUC {best['val_auc']:.3f}; run in {args.out}")
+            print(f"{best_epoch_summary(state)}; run in {args.out}")
     _as_worker(job)
 
 
@@ -128,10 +118,7 @@ def _cmd_finetune(args):
 
     def job():
         kv = distributed.worker_kvstore(args.kvstore)
-        state = finetune_run(args.run, args.out, stages=args.stages, epochs=args.epochs, lr=args.lr,
-                             batch_size=args.batch_size, momentum=args.momentum, seed=args.seed,
-                             ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
-                             kvstore=kv)
+        state = finetune_run(args.run, args.out, kvstore=kv, **finetune_options(args))
         if kv.rank == 0 and state.get("best_epoch"):
             print(f"best epoch {state['best_epoch']} of {kv.num_workers} workers' fine-tuning; "
                   f"run in {args.out}")
@@ -160,11 +147,11 @@ def add_parsers(sub):
                    help="launch.py's options (-n, -s, -H, --launcher, ...) then the command")
     p.set_defaults(func=_cmd_launch)
 
-    p = csub.add_parser("extract", parents=[_plain_parser(pipeline, "extract")], add_help=False,
-                        help="a worker's share of a distributed extraction (or --share R/N alone)")
+    p = csub.add_parser("extract", help="a worker's share of a distributed extraction (or --share R/N alone)")
+    add_extract_options(p)
     p.add_argument("--share", default=None, metavar="R/N",
                    help="extract share R of N without a cluster (e.g. to re-run a lost worker's share)")
-    p.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_device_sync"])
+    p.add_argument("--kvstore", default="dist_sync", choices=KVSTORES)
     p.set_defaults(func=_cmd_extract)
 
     p = csub.add_parser("merge", help="merge the finished shares of OUT into one feature store")
@@ -172,27 +159,21 @@ def add_parsers(sub):
     p.add_argument("--workers", type=int, required=True, help="N of the shares R-of-N")
     p.set_defaults(func=_cmd_merge)
 
-    p = csub.add_parser("train", parents=[_plain_parser(pipeline, "train")], add_help=False,
-                        conflict_handler="resolve",
-                        help="data-parallel head training (every worker runs it), or --simulate N")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="global batch, split evenly over the workers (default: 32)")
+    p = csub.add_parser("train", help="data-parallel head training (every worker runs it), or --simulate N")
+    add_train_options(p, batch_size_help="global batch, split evenly over the workers (default: 32)")
     p.add_argument("--wd", type=float, default=0.0, help="weight decay")
     p.add_argument("--simulate", type=int, default=None, metavar="N",
                    help="no cluster: run N workers' arithmetic in this process (the reference)")
     p.add_argument("--stream", choices=["auto", "yes", "no"], default="auto",
                    help="stream each worker's shards instead of loading them (auto: above 1 GiB)")
-    p.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_device_sync"])
+    p.add_argument("--kvstore", default="dist_sync", choices=KVSTORES)
     p.set_defaults(func=_cmd_train)
 
-    p = csub.add_parser("finetune", parents=[_plain_parser(finetune, "finetune")], add_help=False,
-                        help="data-parallel fine-tuning: each worker takes its slice of every batch")
-    p.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_device_sync"])
+    p = csub.add_parser("finetune", help="data-parallel fine-tuning: each worker takes its slice of every batch")
+    add_finetune_options(p)
+    p.add_argument("--kvstore", default="dist_sync", choices=KVSTORES)
     p.set_defaults(func=_cmd_finetune)
 
 
 if __name__ == "__main__":  # `python -m mxvision.cli.distributed ...` == `mxvision cluster ...`
-    from mxvision.cli import COMMAND_GROUPS, main
-    if not any(getattr(g, "__file__", None) == __file__ for g in COMMAND_GROUPS):
-        COMMAND_GROUPS.append(sys.modules[__name__])
-    sys.exit(main(["cluster"] + sys.argv[1:]))
+    sys.exit(run_command_line([sys.modules[__name__]], ["cluster"] + sys.argv[1:]))

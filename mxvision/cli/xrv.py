@@ -8,11 +8,14 @@ calibration -- trained outputs without an operating point (torchxrayvision retur
 import json
 from pathlib import Path
 
+from mxvision.cli.common import add_ctx
+
 NAME_WIDTH = 28
 
 
 def _cmd_classify(args):
-    from mxvision.classify import DEFAULT_PATHOLOGIES, classify
+    from mxvision.inference import classify
+    from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
     results = classify(args.images, model=args.model, weights=args.weights,
                        calibrated=not args.no_calibration, ctx=args.ctx, batch_size=args.batch_size,
                        strict=args.strict, root=args.cache, progress=not args.quiet)
@@ -74,5 +77,5 @@ def add_parsers(sub):
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
-    p.add_argument("--ctx", default="auto", help="auto (GPU if MXNet sees one), cpu, gpu or gpu:N")
+    add_ctx(p)
     p.set_defaults(func=_cmd_classify)

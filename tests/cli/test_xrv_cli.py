@@ -8,8 +8,7 @@ import pytest
 from support.xrv_files import DENSE, write_release_file
 
 from mxvision import cli
-from mxvision import classify as xrv
-from mxvision.cli import xrv as xrv_cli
+from mxvision.inference import classify
 from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
@@ -43,7 +42,7 @@ def test_json_matches_the_api_and_calibration_switch(samples, weights_pt, capsys
     calibrated = json.loads(capsys.readouterr().out)[0]
     assert calibrated["calibrated"] is True and len(calibrated["outputs"]) == 18
     assert calibrated["scores"]["Infiltration"] is None and calibrated["unavailable"]["Infiltration"] == "untrained"
-    api = xrv.classify([samples[0]], model=DENSE, weights=weights_pt)[0]
+    api = classify([samples[0]], model=DENSE, weights=weights_pt)[0]
     assert np.allclose(api["outputs"], calibrated["outputs"], atol=1e-7)
 
     assert cli.main(["classify", samples[0], "--model", DENSE, "--weights", weights_pt, "--json",
@@ -52,7 +51,7 @@ def test_json_matches_the_api_and_calibration_switch(samples, weights_pt, capsys
     assert raw["calibrated"] is False
     probs = np.array(raw["outputs"])
     thresholds = np.array(WEIGHTS[DENSE].op_threshs, dtype=np.float32)
-    assert np.allclose(xrv.op_norm(probs[None], thresholds)[0], calibrated["outputs"], atol=1e-5)
+    assert np.allclose(xrv_common.op_norm(probs[None], thresholds)[0], calibrated["outputs"], atol=1e-5)
     assert raw["scores"]["Infiltration"] is None and raw["scores"]["Atelectasis"] == pytest.approx(probs[0])
 
 
@@ -90,7 +89,7 @@ def test_published_weights_are_downloaded_once(samples, weights_pt, http_server,
         result = json.loads(capsys.readouterr().out)[0]
         assert "torchxrayvision %s weights" % DENSE in result["weights"]
     assert http_server.count("/" + spec.file) == 1
-    local = xrv.classify([samples[1]], model=DENSE, weights=weights_pt)[0]["outputs"]
+    local = classify([samples[1]], model=DENSE, weights=weights_pt)[0]["outputs"]
     assert np.allclose(result["outputs"], local, atol=1e-6)
 
 
