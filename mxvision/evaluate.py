@@ -14,7 +14,8 @@ from mxvision.train import metrics
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.store import FeatureStore
-from mxvision.train.loop import load_head, load_run, predict_probs
+from mxvision.train.loop import load_head, predict_probs
+from mxvision.train.runs import load_run
 from mxvision.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _audit(store, model_auc, split, config):
 
 def _finetuned_probs(run_dir, config, store, split, ctx):
     from mxvision.train.finetune import image_probs
-    from mxvision.predict import load_classifier
+    from mxvision.train.loop import load_classifier
 
     items = [it for it in store.items if it["split"] == split]
     if not items:

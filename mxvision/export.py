@@ -12,8 +12,8 @@ from mxnet import gluon
 
 from mxvision.data import transforms
 from mxvision.runtime import parse_ctx
-from mxvision.predict import load_classifier
-from mxvision.train.loop import load_run
+from mxvision.train.loop import load_classifier
+from mxvision.train.runs import load_run
 from mxvision.utils import write_json
 
 

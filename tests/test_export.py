@@ -5,7 +5,8 @@ import numpy as np
 
 from mxvision.data import transforms
 from mxvision.export import export_model, load_exported
-from mxvision.predict import load_classifier, predict
+from mxvision.inference import predict
+from mxvision.train.loop import load_classifier
 
 
 def _images(store, n=3):
