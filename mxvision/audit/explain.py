@@ -35,7 +35,8 @@ from mxnet.gluon import Block, nn
 
 from mxvision.data import transforms
 from mxvision.runtime import parse_ctx
-from mxvision.errors import MxvisionError
+from mxvision.data.folder import expand_images
+from mxvision.errors import BadImage, MxvisionError
 from mxvision.io.images import read_image
 from mxvision.models.classifier import XvisionClassifier
 from mxvision.utils import atomic_path
@@ -348,13 +349,20 @@ def explainer_from_xrv(name, weights=None, ctx=None):
                      description=net.weights_info["description"])
 
 
-def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alpha=0.45):
-    """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files; one dict per file with
-    ``path, overlay, target, logit, peak`` (peak = (x, y) of the map's maximum in the file's
-    grid, None if the map is all zero)."""
+def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alpha=0.45, strict=True):
+    """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files (or folders of them); one
+    dict per file with ``path, overlay, target, logit, peak`` (peak = (x, y) of the map's maximum
+    in the file's grid, None if the map is all zero). With ``strict=False`` an unreadable file gives
+    ``{"path", "error"}`` and the others go on, as in ``predict``."""
     results = []
-    for path in paths:
-        img = read_image(path)
+    for path in expand_images(paths):
+        try:
+            img = read_image(path)
+        except BadImage as err:
+            if strict:
+                raise
+            results.append({"path": os.fspath(path), "error": str(err)})
+            continue
         (heat,), (k,), (score,) = explainer.heatmaps([img], method, target)
         peak = peak_of(heat)
         marks = [(peak[0], peak[1], max(4, min(img.shape) / 64), (255, 255, 255))] if peak else []

@@ -14,9 +14,8 @@ from mxvision.cli.common import add_ctx
 
 
 def _cmd_explain(args):
-    from mxvision.errors import BadImage, MxvisionError
+    from mxvision.errors import MxvisionError
     from mxvision.audit.explain import explain_files, explainer_from_run, explainer_from_xrv
-    from mxvision.data.folder import expand_images
 
     if bool(args.run) == bool(args.model):
         raise MxvisionError("explain", "give exactly one of --run RUN or --model NAME")
@@ -26,16 +25,9 @@ def _cmd_explain(args):
                  explainer_from_xrv(args.model, weights=args.weights, ctx=args.ctx))
     if args.index:
         return _pointing_game(explainer, args)
-    results, failed = [], 0
-    for path in expand_images(args.images):
-        try:
-            results.extend(explain_files(explainer, [path], args.out, method=args.method,
-                                         target=args.target, alpha=args.alpha))
-        except BadImage as err:
-            if args.strict:
-                raise
-            failed += 1
-            results.append({"path": str(path), "error": str(err)})
+    results = explain_files(explainer, args.images, args.out, method=args.method, target=args.target,
+                            alpha=args.alpha, strict=args.strict)
+    failed = sum("error" in r for r in results)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

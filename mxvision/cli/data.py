@@ -142,23 +142,11 @@ def _cmd_index_folder(args):
     ds = folder_dataset(args.root)
     index = ds.to_index(task="pathologies" if args.task == "pathologies" else "nodule",
                         views=args.views, seed=args.seed, val=args.val, test=args.test,
-                        source=args.root) if args.task else _as_is(ds, args)
+                        source=args.root) if args.task else \
+        ds.folder_labels_index(views=args.views, seed=args.seed, val=args.val, test=args.test,
+                               source=args.root)
     write_index(index, args.out)
     _report(index, args.out)
-
-
-def _as_is(ds, args):
-    """A folder index with the folder names as labels (any classes), split by patient."""
-    from mxvision.data.index import Index
-    from mxvision.data.splits import assign_splits
-    from mxvision.data.views import view_mask
-
-    keep = view_mask(ds.views, args.views)
-    records = [dict(r, patient_id=p) for r, p, k in zip(ds.table, ds.patient_ids, keep) if k]
-    if not records:
-        raise BadIndex(args.root, f"no image of view(s) {args.views}; try --views all")
-    index = Index(records, args.root, columns=["patient_id", "split", "view"], source=args.root)
-    return assign_splits(index, val=args.val, test=args.test, seed=args.seed)
 
 
 def _cmd_index_merge(args):

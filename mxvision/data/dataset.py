@@ -217,6 +217,18 @@ class XrayDataset:
                 out.append(OTHER)
         return out
 
+    def folder_labels_index(self, views=None, seed=0, val=0.15, test=0.15, source=None):
+        """An :class:`Index` whose labels are the dataset's own (a class folder's name, any
+        classes), over the rows of the selected ``views``, with a patient-grouped split.
+        Raises BadIndex when no row is of those views."""
+        source = source or self.name or "dataset"
+        keep = view_mask(self.views, views)
+        records = [dict(r, patient_id=p) for r, p, k in zip(self.table, self.patient_ids, keep) if k]
+        if not records:
+            raise BadIndex(source, f"no image of view(s) {views}; try --views all")
+        index = Index(records, self.root, columns=["patient_id", "split", "view"], source=source)
+        return assign_splits(index, val=val, test=test, seed=seed)
+
     def to_index(self, task="nodule", views=None, seed=0, val=0.15, test=0.15, root=None,
                  source=None):
         """An :class:`Index` for ``task`` (see :data:`TASKS`) over the rows of the selected
