@@ -1,0 +1,1 @@
+"""Sources to network input: datasets, the index CSV, splits, labels, preprocessing, RecordIO packs."""

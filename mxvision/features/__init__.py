@@ -1,0 +1,1 @@
+"""Images to CNN codes: extraction into a sharded feature store, streaming, reduced precision."""

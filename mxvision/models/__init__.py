@@ -1,0 +1,1 @@
+"""Networks: the one registry (registry.py), the families that register in it, and the weights store."""

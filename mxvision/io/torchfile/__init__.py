@@ -1,0 +1,1 @@
+"""PyTorch ``.pt`` files without PyTorch: a restricted reader (nothing executes), its unpickler, a writer for tests."""
