@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 
 from mxvision.data.synth import make_synthetic_dataset
+from mxvision.errors import MxvisionError
 from mxvision.evaluate import evaluate_run
 from mxvision.export import export_model
 from mxvision.features.extract import extract_features
 from mxvision.models import store
 from mxvision.models import zoo
 from mxvision.train.loop import train_head
+
+#: Fewest images per class for which the patient-grouped split gives train, val and test an image
+#: of each class (2 per class leave val empty; 1 leaves only a train split).
+MIN_PER_CLASS = 3
 
 
 def demo_weights():
@@ -24,6 +29,9 @@ def demo_weights():
 def run_demo(out_dir="mxvision-demo", n_per_class=40, size=256, seed=0, epochs=20, weights=None,
              ctx=None, progress=True, say=print):
     """Run the whole pipeline on a generated dataset under ``out_dir``; return a summary dict."""
+    if not (isinstance(n_per_class, int) and n_per_class >= MIN_PER_CLASS):
+        raise MxvisionError(f"n_per_class {n_per_class!r}", f"must be at least {MIN_PER_CLASS}, so that "
+                            "train, val and test each get an image of both classes")
     out = Path(out_dir)
     tic = time.time()
     weights = weights or demo_weights()

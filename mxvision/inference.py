@@ -29,7 +29,7 @@ import numpy as np
 from mxvision.data import transforms
 from mxvision.data.folder import expand_images
 from mxvision.data.xrv_transforms import load_xray, preprocess
-from mxvision.errors import BadImage, MxvisionError
+from mxvision.errors import BadImage
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
@@ -46,8 +46,10 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     """Probabilities per class for each image (files or folders).
 
     Returns one dict per image: ``{"path", "probabilities": {class: p}, "predicted"}``, or
-    ``{"path", "error"}`` for an unreadable image (``strict=True`` raises instead).
+    ``{"path", "error"}`` for an unreadable image (``strict=True`` raises instead). A folder
+    without images, or no input at all, raises BadIndex (``no images found in DIR``).
     """
+    paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
     net, config = load_classifier(run_dir, ctx=ctx)
     classes = config["features"]["classes"]
@@ -63,7 +65,7 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
                                 "predicted": classes[int(p.argmax())]})
             batch.clear()
 
-    for path in expand_images(images):
+    for path in paths:
         try:
             batch.append((path, transforms.load_image(path, preset)))
         except BadImage as err:
@@ -96,12 +98,10 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
     weights cannot give one: ``untrained`` outputs, and with calibration the trained outputs that
     have no operating point) and ``unavailable`` (pathology -> reason). Without calibration the
     outputs are sigmoid probabilities. An unreadable file gives ``{"path", "error"}`` (or raises
-    BadImage with ``strict=True``).
+    BadImage with ``strict=True``); a folder without images, or no input, raises BadIndex.
     """
     spec = get_weights_spec(model)
-    paths = expand_images([images] if isinstance(images, (str, Path)) else images)
-    if not paths:
-        raise MxvisionError("classify", "no images given")
+    paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
     net = zoo.get_model(model, weights=weights, calibrated=calibrated, apply_sigmoid=not calibrated,
                         ctx=ctx, root=root, progress=progress)

@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 
 from mxvision.audit import lesion
 from mxvision.runtime import parse_ctx
-from mxvision.errors import BadImage, BadIndex, MxvisionError
+from mxvision.errors import BadImage, BadIndex
 from mxvision.io.images import read_image
 from mxvision.audit.detector import load_detector, score_images
 from mxvision.data.folder import expand_images
@@ -91,12 +91,11 @@ def score_image_files(run_dir, images, ctx=None, params="best", strict=False, ou
     so one bad file costs its row only. Returns ``{"threshold", "rows": [{"id", "score", "peak"}],
     "skipped": [message]}``: ``threshold`` is the one chosen on val (None if none was), ``peak``
     the (x, y) of the evidence maximum in the film's pixels. ``out``: also write the rows as a
-    scores CSV (:func:`write_scores`). Raises MxvisionError when ``images`` names no image."""
+    scores CSV (:func:`write_scores`). Raises BadIndex when ``images`` names no image, or a
+    folder without images (``no images found in DIR``)."""
+    paths = expand_images(images, require=True)
     ctx = parse_ctx(ctx)
     net, config, state = load_detector(run_dir, ctx=ctx, params=params)
-    paths = expand_images(images)
-    if not paths:
-        raise MxvisionError("detector score", "no images given")
     hyper = config["hyper"]
     rows, skipped = [], []
     for path in paths:

@@ -353,9 +353,10 @@ def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alph
     """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files (or folders of them); one
     dict per file with ``path, overlay, target, logit, peak`` (peak = (x, y) of the map's maximum
     in the file's grid, None if the map is all zero). With ``strict=False`` an unreadable file gives
-    ``{"path", "error"}`` and the others go on, as in ``predict``."""
+    ``{"path", "error"}`` and the others go on, as in ``predict``; a folder without images, or no
+    path at all, raises BadIndex (``no images found in DIR``)."""
     results = []
-    for path in expand_images(paths):
+    for path in expand_images(paths, require=True):
         try:
             img = read_image(path)
         except BadImage as err:

@@ -3,9 +3,12 @@
 Each group of commands lives in its own module with an ``add_parsers(subparsers)`` function:
 ``pipeline`` (demo, extract, train, evaluate, predict, export, models), ``finetune``, ``data``,
 ``xrv`` (classify), ``audit`` (explain, audit, synth), ``detector`` and ``distributed``
-(``mxvision cluster``); options two groups share are in ``common``. User mistakes (bad files,
-missing runs, unreachable weights) arrive as ``MxvisionError`` and are printed as one line with a
-non-zero exit code; a traceback means a bug in mxvision.
+(``mxvision cluster``); options two groups share are in ``common``. A bad option value is refused
+while parsing, by the checked argparse types of ``common`` (every number, path and checksum
+option takes one; ``tests/cli/test_arguments.py`` tries bad values on every option it finds).
+User mistakes found later (bad files, missing runs, unreachable weights) arrive as
+``MxvisionError``. Either way the user sees one ``mxvision: error:`` line and exit status 2; a
+traceback means a bug in mxvision.
 """
 import importlib
 

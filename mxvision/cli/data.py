@@ -18,8 +18,18 @@ and reports user mistakes as one line.
 import collections
 import os
 
+from mxvision.cli.common import (add_check, fraction, hex_digest, non_empty, non_negative_int,
+                                 positive_int, seconds, seed)
 from mxvision.data.openi_download import OPENI_BASE_URL
-from mxvision.errors import BadIndex
+
+#: Most retries per request: a thousand waits of doubling length already take longer than a day.
+MAX_RETRIES = 1000
+#: Most decoding threads ``data pack`` starts.
+MAX_WORKERS = 256
+
+
+#: ``--sha256`` of the downloads: a checksum, or skip/none to not check one.
+sha256 = hex_digest("sha256", 64, skip=("skip", "none"))
 
 
 def _progress(args):
@@ -27,15 +37,24 @@ def _progress(args):
 
 
 def _add_split_args(p):
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
-    p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    p.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
+    p.add_argument("--val", type=fraction, default=0.15, help="validation fraction (default 0.15)")
+    p.add_argument("--test", type=fraction, default=0.15,
+                   help="test fraction (default 0.15); val + test must leave some training images")
+    add_check(p, _splits_leave_training_images)
+
+
+def _splits_leave_training_images(args):
+    if args.val + args.test >= 1:
+        return (f"--val {args.val:g} --test {args.test:g}: the two fractions must add up to less "
+                f"than 1 (the rest is the training split)")
 
 
 def _add_net_args(p):
-    p.add_argument("--retries", type=int, default=5, help="retries per request (default 5)")
-    p.add_argument("--timeout", type=float, default=30, help="seconds without progress (30)")
-    p.add_argument("--backoff", type=float, default=1.0,
+    p.add_argument("--retries", type=non_negative_int(MAX_RETRIES), default=5,
+                   help="retries per request after the first attempt (default 5)")
+    p.add_argument("--timeout", type=seconds(zero=False), default=30, help="seconds without progress (30)")
+    p.add_argument("--backoff", type=seconds(), default=1.0,
                    help="first wait between retries, doubled each time (default 1 s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -210,21 +229,21 @@ def add_parsers(sub):
     psub = p.add_subparsers(dest="source", metavar="SOURCE")
     psub.required = True
     q = psub.add_parser("openi", help="the OpenI archives NLMCXR_reports.tgz / NLMCXR_png.tgz")
-    q.add_argument("--out", required=True, help="folder for the archives")
+    q.add_argument("--out", type=non_empty, required=True, help="folder for the archives")
     q.add_argument("--what", choices=["reports", "images", "all"], default="reports",
                    help="reports (1 MB, default), images (1.3 GB) or all")
-    q.add_argument("--base-url", default=OPENI_BASE_URL, help=f"default {OPENI_BASE_URL}")
-    q.add_argument("--sha256", default=None,
+    q.add_argument("--base-url", type=non_empty, default=OPENI_BASE_URL, help=f"default {OPENI_BASE_URL}")
+    q.add_argument("--sha256", type=sha256, default=None,
                    help="expected sha256 (default: the known one, if any; 'skip' to not check)")
     q.add_argument("--no-extract", action="store_true", help="keep the archives packed")
     _add_net_args(q)
     q.set_defaults(func=_cmd_download_openi)
     q = psub.add_parser("url", help="any file, resumable and verified")
-    q.add_argument("url")
-    q.add_argument("--out", required=True, help="destination file")
-    q.add_argument("--sha256", default=None)
-    q.add_argument("--sha1", default=None)
-    q.add_argument("--extract", default=None, metavar="DIR", help="safely extract a tar into DIR")
+    q.add_argument("url", type=non_empty)
+    q.add_argument("--out", type=non_empty, required=True, help="destination file")
+    q.add_argument("--sha256", type=sha256, default=None, help="expected sha256 (64 hex digits)")
+    q.add_argument("--sha1", type=hex_digest("sha1", 40), default=None, help="expected sha1 (40 hex digits)")
+    q.add_argument("--extract", type=non_empty, default=None, metavar="DIR", help="safely extract a tar into DIR")
     _add_net_args(q)
     q.set_defaults(func=_cmd_download_url)
 
@@ -233,16 +252,16 @@ def add_parsers(sub):
     psub = p.add_subparsers(dest="source", metavar="SOURCE")
     psub.required = True
     q = psub.add_parser("openi", help="OpenI's /api/search, the original Xvision route")
-    q.add_argument("--out", required=True, help="folder for openi_records.jsonl and its state")
-    q.add_argument("--base-url", default=OPENI_BASE_URL)
+    q.add_argument("--out", type=non_empty, required=True, help="folder for openi_records.jsonl and its state")
+    q.add_argument("--base-url", type=non_empty, default=OPENI_BASE_URL)
     q.add_argument("--query", default="", help="search words (default: all)")
-    q.add_argument("--coll", default="cxr", help="collection (default cxr: Indiana chest X-rays)")
-    q.add_argument("--page-size", type=int, default=100)
-    q.add_argument("--delay", type=float, default=DEFAULT_DELAY,
+    q.add_argument("--coll", type=non_empty, default="cxr", help="collection (default cxr: Indiana chest X-rays)")
+    q.add_argument("--page-size", type=positive_int(), default=100, help="records per request (default 100)")
+    q.add_argument("--delay", type=seconds(), default=DEFAULT_DELAY,
                    help=f"seconds between requests (default {DEFAULT_DELAY})")
-    q.add_argument("--max-records", type=int, default=None, help="stop after about N records")
+    q.add_argument("--max-records", type=positive_int(), default=None, help="stop after about N records")
     q.add_argument("--images", action="store_true", help="also download each 512 px PNG")
-    q.add_argument("--user-agent", default=USER_AGENT, help="how the scraper identifies itself")
+    q.add_argument("--user-agent", type=non_empty, default=USER_AGENT, help="how the scraper identifies itself")
     q.add_argument("--restart", action="store_true", help="start over instead of resuming")
     _add_net_args(q)
     q.set_defaults(func=_cmd_scrape_openi)
@@ -253,62 +272,62 @@ def add_parsers(sub):
     psub.required = True
     q = psub.add_parser("openi", help="OpenI reports (archive, XML folder, xvision_datas.json, "
                                       "scraped .jsonl)")
-    q.add_argument("--reports", required=True)
-    q.add_argument("--images", default=None, help="folder of the PNGs (rows without one dropped)")
-    q.add_argument("--metadata", default=None,
+    q.add_argument("--reports", type=non_empty, required=True)
+    q.add_argument("--images", type=non_empty, default=None, help="folder of the PNGs (rows without one dropped)")
+    q.add_argument("--metadata", type=non_empty, default=None,
                    help="nlmcxr_dicom_metadata.csv.gz for views (default: beside --reports)")
     q.add_argument("--task", choices=TASKS, default="nodule",
                    help="nodule (Normal vs Nodule), nodule-original (the original Xvision rule) "
                         "or pathologies (18 torchxrayvision labels)")
-    q.add_argument("--views", default=None, help=views_help)
-    q.add_argument("--synonyms", default=None, help="JSON synonym table replacing the built-in")
-    q.add_argument("--out", required=True)
+    q.add_argument("--views", type=non_empty, default=None, help=views_help)
+    q.add_argument("--synonyms", type=non_empty, default=None, help="JSON synonym table replacing the built-in")
+    q.add_argument("--out", type=non_empty, required=True)
     q.add_argument("--quiet", action="store_true")
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_openi)
     q = psub.add_parser("jsrt", help="JSRT (labels.csv + images/)")
-    q.add_argument("--root", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--root", type=non_empty, required=True)
+    q.add_argument("--out", type=non_empty, required=True)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_jsrt)
     q = psub.add_parser("nih", help="NIH ChestX-ray14 (Data_Entry_2017_v2020.csv + images)")
-    q.add_argument("--csv", required=True, help="Data_Entry_2017_v2020.csv[.gz]")
-    q.add_argument("--images", required=True, help="image folder (searched recursively)")
-    q.add_argument("--bbox", default=None, help="BBox_List_2017.csv[.gz] (default: beside --csv)")
+    q.add_argument("--csv", type=non_empty, required=True, help="Data_Entry_2017_v2020.csv[.gz]")
+    q.add_argument("--images", type=non_empty, required=True, help="image folder (searched recursively)")
+    q.add_argument("--bbox", type=non_empty, default=None, help="BBox_List_2017.csv[.gz] (default: beside --csv)")
     q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
-    q.add_argument("--views", default=None, help=views_help)
-    q.add_argument("--out", required=True)
+    q.add_argument("--views", type=non_empty, default=None, help=views_help)
+    q.add_argument("--out", type=non_empty, required=True)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_nih)
     q = psub.add_parser("folder", help="class sub-folders (ROOT/<label>/*.png|jpg|dcm)")
-    q.add_argument("--root", required=True)
+    q.add_argument("--root", type=non_empty, required=True)
     q.add_argument("--task", choices=("nodule", "pathologies"), default=None,
                    help="default: the folder names as labels, as they are")
-    q.add_argument("--views", default="all", help=views_help.replace("PA)", "all)"))
-    q.add_argument("--out", required=True)
+    q.add_argument("--views", type=non_empty, default="all", help=views_help.replace("PA)", "all)"))
+    q.add_argument("--out", type=non_empty, required=True)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_folder)
     q = psub.add_parser("merge", help="merge index CSVs of several sources into one")
-    q.add_argument("csvs", nargs="+", metavar="CSV")
+    q.add_argument("csvs", type=non_empty, nargs="+", metavar="CSV")
     q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
-    q.add_argument("--views", default="all", help=views_help.replace("PA)", "all)"))
-    q.add_argument("--out", required=True)
+    q.add_argument("--views", type=non_empty, default="all", help=views_help.replace("PA)", "all)"))
+    q.add_argument("--out", type=non_empty, required=True)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_merge)
 
     # summary
     p = dsub.add_parser("summary", help="images per label and split, patients, views")
-    p.add_argument("index", help="index CSV")
+    p.add_argument("index", type=non_empty, help="index CSV")
     p.set_defaults(func=_cmd_summary)
 
     # pack
     p = dsub.add_parser("pack", help="pack preprocessed images into RecordIO (.rec + .idx)")
-    p.add_argument("index", help="index CSV")
-    p.add_argument("--out", required=True, help="NAME.rec (NAME.idx/.json/.csv beside it)")
+    p.add_argument("index", type=non_empty, help="index CSV")
+    p.add_argument("--out", type=non_empty, required=True, help="NAME.rec (NAME.idx/.json/.csv beside it)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet224")
     p.add_argument("--encoding", choices=ENCODINGS, default="png",
                    help="png (lossless, default), raw (fastest to read) or jpg")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    p.add_argument("--workers", type=positive_int(MAX_WORKERS), default=2, help="decoding threads (default 2)")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
     p.add_argument("--overwrite", action="store_true", help="replace another pack at --out")
     p.add_argument("--quiet", action="store_true")

@@ -27,9 +27,12 @@ import traceback
 from mxvision.errors import MxvisionError
 from mxvision.cli.common import (EXIT_INTERRUPTED, add_extract_options, add_finetune_options,
                                  add_train_options, best_epoch_summary, extract_options,
-                                 finetune_options, run_command_line, train_options)
+                                 finetune_options, non_empty, non_negative_float, positive_int,
+                                 run_command_line, seconds, train_options)
 
 KVSTORES = ["dist_sync", "dist_device_sync"]
+#: Most workers (or servers) a local cluster starts, or a simulation runs.
+MAX_PROCESSES = 1024
 
 
 def _as_worker(job):
@@ -133,10 +136,11 @@ def add_parsers(sub):
 
     p = csub.add_parser("local", help="run a command as N workers of a local cluster (scheduler and "
                         "servers on 127.0.0.1); stops every process when one fails")
-    p.add_argument("-n", "--workers", type=int, default=2)
-    p.add_argument("-s", "--servers", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=None, help="seconds before the whole job is stopped")
-    p.add_argument("--log-dir", default=None, help="write each process's output to this folder "
+    p.add_argument("-n", "--workers", type=positive_int(MAX_PROCESSES), default=2)
+    p.add_argument("-s", "--servers", type=positive_int(MAX_PROCESSES), default=1)
+    p.add_argument("--timeout", type=seconds(zero=False), default=None,
+                   help="seconds before the whole job is stopped")
+    p.add_argument("--log-dir", type=non_empty, default=None, help="write each process's output to this folder "
                    "(default: workers print here, scheduler/server logs go to a temporary folder)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
     p.set_defaults(func=_cmd_local)
@@ -149,20 +153,20 @@ def add_parsers(sub):
 
     p = csub.add_parser("extract", help="a worker's share of a distributed extraction (or --share R/N alone)")
     add_extract_options(p)
-    p.add_argument("--share", default=None, metavar="R/N",
+    p.add_argument("--share", type=non_empty, default=None, metavar="R/N",
                    help="extract share R of N without a cluster (e.g. to re-run a lost worker's share)")
     p.add_argument("--kvstore", default="dist_sync", choices=KVSTORES)
     p.set_defaults(func=_cmd_extract)
 
     p = csub.add_parser("merge", help="merge the finished shares of OUT into one feature store")
-    p.add_argument("--out", required=True, help="the feature store folder (holding shares/)")
-    p.add_argument("--workers", type=int, required=True, help="N of the shares R-of-N")
+    p.add_argument("--out", type=non_empty, required=True, help="the feature store folder (holding shares/)")
+    p.add_argument("--workers", type=positive_int(), required=True, help="N of the shares R-of-N")
     p.set_defaults(func=_cmd_merge)
 
     p = csub.add_parser("train", help="data-parallel head training (every worker runs it), or --simulate N")
     add_train_options(p, batch_size_help="global batch, split evenly over the workers (default: 32)")
-    p.add_argument("--wd", type=float, default=0.0, help="weight decay")
-    p.add_argument("--simulate", type=int, default=None, metavar="N",
+    p.add_argument("--wd", type=non_negative_float(), default=0.0, help="weight decay")
+    p.add_argument("--simulate", type=positive_int(MAX_PROCESSES), default=None, metavar="N",
                    help="no cluster: run N workers' arithmetic in this process (the reference)")
     p.add_argument("--stream", choices=["auto", "yes", "no"], default="auto",
                    help="stream each worker's shards instead of loading them (auto: above 1 GiB)")

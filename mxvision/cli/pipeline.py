@@ -1,8 +1,10 @@
 """CLI commands of the Xvision pipeline: each parses its arguments and calls the Python API."""
-import json
-
 from mxvision.cli.common import (add_ctx, add_extract_options, add_train_options, best_epoch_summary,
-                                 extract_options, train_options)
+                                 extract_options, non_empty, positive_int, seed, train_options)
+from mxvision.cli.output import TSV_HELP, print_json, print_tsv
+
+#: :data:`mxvision.demo.MIN_PER_CLASS` (not imported: that would import MXNet to parse a command line).
+DEMO_MIN_PER_CLASS = 3
 
 
 def _cmd_demo(args):
@@ -44,14 +46,14 @@ def _cmd_predict(args):
     from mxvision.inference import predict
     results = predict(args.run, args.images, ctx=args.ctx, strict=args.strict)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print_json(results)
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['path']}\tERROR\t{r['error']}")
+                print_tsv(r["path"], "ERROR", r["error"])
             else:
                 probs = "  ".join(f"{c}={p:.4f}" for c, p in r["probabilities"].items())
-                print(f"{r['path']}\t{r['predicted']}\t{probs}")
+                print_tsv(r["path"], r["predicted"], probs)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -70,10 +72,11 @@ def _cmd_models(args):
 def add_parsers(sub):
     """The pipeline commands: demo, extract, train, evaluate, predict, export, models."""
     p = sub.add_parser("demo", help="run the whole pipeline on generated radiographs (no downloads)")
-    p.add_argument("--out", default="mxvision-demo", help="output folder (default: mxvision-demo)")
-    p.add_argument("--n-per-class", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=non_empty, default="mxvision-demo", help="output folder (default: mxvision-demo)")
+    p.add_argument("--n-per-class", type=positive_int(low=DEMO_MIN_PER_CLASS), default=40,
+                   help="generated images per class, at least 3 so every split has both (default 40)")
+    p.add_argument("--epochs", type=positive_int(), default=20)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--weights", choices=["imagenet", "none"], default=None,
                    help="default: ImageNet if already cached, random otherwise")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -89,26 +92,30 @@ def add_parsers(sub):
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and ROC curve on a held-out split")
-    p.add_argument("--run", required=True)
-    p.add_argument("--features", default=None, help="default: the feature store the run was trained on")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--run", type=non_empty, required=True)
+    p.add_argument("--features", type=non_empty, default=None,
+                   help="default: the feature store the run was trained on")
+    p.add_argument("--out", type=non_empty, required=True)
+    p.add_argument("--split", type=non_empty, default="test")
     p.add_argument("--no-audit", action="store_true",
                    help="skip the shortcut audit (trivial image baselines on the same split)")
     add_ctx(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="class probabilities for images or folders of images")
-    p.add_argument("--run", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("predict", help="class probabilities for images or folders of images",
+                       description="Class probabilities for image files or folders of them. Output: "
+                                   "one line per image, PATH, predicted class (or ERROR) and the "
+                                   f"probabilities (or the error), {TSV_HELP}; or --json.")
+    p.add_argument("--run", type=non_empty, required=True)
+    p.add_argument("images", type=non_empty, nargs="+", metavar="IMAGE", help="image files or folders of them")
+    p.add_argument("--json", action="store_true", help="print JSON (a list, one object per image)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     add_ctx(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export backbone + head as PREFIX-symbol.json / PREFIX-0000.params")
-    p.add_argument("--run", required=True)
-    p.add_argument("--out", required=True, metavar="PREFIX")
+    p.add_argument("--run", type=non_empty, required=True)
+    p.add_argument("--out", type=non_empty, required=True, metavar="PREFIX")
     p.add_argument("--dtype", default=None, choices=["float32"],
                    help="float32: export the portable float32 backbone even for a bfloat16/int8 run "
                         "(default: the precision its features were extracted with)")

@@ -37,23 +37,32 @@ def image_names(folder):
         return sorted(e.name for e in entries if is_image_name(e.name))
 
 
-def expand_images(inputs):
+def expand_images(inputs, require=False):
     """Image paths from a mix of file and folder arguments: a folder gives its images
     (:func:`image_names`), anything else is kept as given.
 
     A path that cannot be examined (a name too long to stat, a folder that cannot be listed) is
     kept as it is, so reading it reports the problem for that one input and the others are
-    still processed.
+    still processed. With ``require``, a folder without images raises BadIndex ``no images found
+    in DIR`` (saying so when the folder is named like an image file), and so does an empty
+    ``inputs``: a command given nothing to read says so instead of printing nothing.
     """
     paths = []
     for item in map(Path, inputs):
         try:
             if item.is_dir():
-                paths.extend(item / name for name in image_names(item))
+                names = image_names(item)
+                if require and not names:
+                    raise BadIndex(f"no images found in {item}" + (
+                        " (a folder, although named like an image file)" if is_image_name(item.name)
+                        else f" (images are files ending in {', '.join(IMAGE_SUFFIXES)})"))
+                paths.extend(item / name for name in names)
                 continue
         except OSError:
             pass
         paths.append(item)
+    if require and not paths:
+        raise BadIndex("no images given")
     return paths
 
 

@@ -17,6 +17,11 @@ name can hold one), paths longer than ``MAX_PATH_CHARS``, fields beyond the ``cs
 fine), and two rows naming the same image (also when spelled differently, ``a/../b.png`` and
 ``b.png``). Values quoted in messages are shortened, so a hostile field cannot turn an error
 into megabytes of output.
+
+Labels: surrounding blanks are stripped; an empty label, or ``nan`` in any case (what pandas and
+``str(float("nan"))`` write for a missing value), is refused naming the line, as are two labels
+that differ only in case (``Nodule`` and ``nodule``): each would otherwise become a class of its
+own, silently. The index is not the place to guess which spelling was meant.
 """
 import csv
 import io
@@ -37,6 +42,8 @@ XVISION_CLASSES = ("normal", "nodule")
 MAX_PATH_CHARS = 4096
 #: Largest index CSV read (NIH ChestX-ray14's 112,120 rows take 8 MB; 1 GiB is 100x CheXpert).
 MAX_INDEX_BYTES = 1 << 30
+#: Labels (compared lower-cased) that are a missing value written as text, not a class.
+MISSING_LABELS = ("nan",)
 
 
 def _short(value, limit=60):
@@ -77,7 +84,7 @@ class Index:
 
         self._columns = self._column_order(records, columns)
         self._records = []
-        seen = {}
+        seen, spellings = {}, {}
         for i, rec in enumerate(records):
             rec = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in self._columns}
             for c in ("path", "label", "split"):
@@ -92,6 +99,14 @@ class Index:
                                              f"long (limit {MAX_PATH_CHARS}): {_short(rec['path'])}")
             if not rec["label"]:
                 raise BadIndex(self._source, f"{where(i)}: empty label for {rec['path']}")
+            if rec["label"].lower() in MISSING_LABELS:
+                raise BadIndex(self._source, f"{where(i)}: label {_short(rec['label'])} (a missing "
+                                             f"value, not a class) for {_short(rec['path'])}")
+            first = spellings.setdefault(rec["label"].casefold(), (rec["label"], i))
+            if first[0] != rec["label"]:
+                raise BadIndex(self._source, f"{where(i)}: label {_short(rec['label'])} differs only "
+                                             f"in case from {_short(first[0])} ({where(first[1])}); "
+                                             f"use one spelling")
             if rec.get("split", "") not in SPLITS + ("",):
                 raise BadIndex(self._source, f"{where(i)}: split {_short(rec['split'])} is not one "
                                              f"of train, val, test or empty")

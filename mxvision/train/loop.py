@@ -16,6 +16,8 @@ ends with the same weights as an uninterrupted run: the shuffling of epoch *k* d
 seed and *k*.
 """
 import logging
+import math
+import numbers
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from mxvision.train import metrics, runs
 from mxvision.runtime import parse_ctx
-from mxvision.errors import BadRun
+from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.quantize import load_extractor
 from mxvision.features.store import FeatureStore
 from mxvision.models.classifier import XvisionClassifier
@@ -40,6 +42,10 @@ DEFAULTS = {"epochs": 20, "lr": 0.01, "batch_size": 32, "momentum": 0.0, "wd": 0
             "hidden": 512}
 # A checkpoint of the 2048x7x7 head is ~200 MB; keeping every epoch of a 20-epoch run costs 4 GB.
 KEEP_CHECKPOINTS = 3
+#: Smallest batch trained on: the head's BatchNorm, in train mode, normalises a batch by its own
+#: mean and variance, so on one sample it outputs its bias whatever the input and no gradient
+#: reaches the layer before it (a run with batches of one never changes those weights).
+MIN_BATCH = 2
 
 
 def predict_probs(head, features, ctx, batch_size=64):
@@ -59,6 +65,30 @@ def epoch_batches(n, batch_size, seed, epoch):
     order = epoch_rng(seed, epoch).permutation(n)
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return [b for b in batches if len(b) > 1]
+
+
+def check_settings(store, epochs, lr, batch_size, train_split="train"):
+    """Refuse, before anything is written, settings a run could not learn from: fewer than one
+    epoch, a learning rate that is not a finite positive number, batches of fewer than
+    :data:`MIN_BATCH` samples, or a training split with fewer than two rows or only one class
+    (a model of one class reports accuracy 1 and AUC NaN having learnt nothing)."""
+    if not (isinstance(epochs, numbers.Integral) and epochs >= 1):
+        raise MxvisionError(f"epochs {epochs!r}", "must be an integer of at least 1")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise MxvisionError(f"lr {lr!r}", "must be a finite number above 0")
+    if not (isinstance(batch_size, numbers.Integral) and batch_size >= MIN_BATCH):
+        raise MxvisionError(f"batch size {batch_size!r}", f"must be at least {MIN_BATCH}: BatchNorm on "
+                            "a batch of one sample outputs its bias, so nothing before it would learn")
+    store.check_complete()
+    rows = [shard["rows"][k] for shard, keep in zip(store.manifest["shards"], store.split_rows(train_split))
+            for k in keep]
+    if len(rows) < MIN_BATCH:
+        raise BadRun(store.path, f"split {train_split!r} has {len(rows)} feature row(s); training "
+                                 f"needs at least {MIN_BATCH}")
+    found = sorted({store.items[r]["label_id"] for r in rows})
+    if len(found) < 2:
+        raise BadRun(store.path, f"split {train_split!r} has only class {store.classes[found[0]]!r} "
+                                 f"({len(rows)} rows); training needs at least two classes")
 
 
 def _predict_stream(head, store, split, ctx, batch_size=64):
@@ -81,8 +111,17 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     A checkpoint is written every epoch; only the newest ``keep_checkpoints`` are kept (0: all),
     plus ``best.params``. ``stream``: ``"auto"`` streams shards when the train + val rows exceed
     ``max_memory`` bytes (float32), ``True`` always, ``False`` never (loads everything).
+
+    Batch sizes: ``batch_size`` must be at least :data:`MIN_BATCH` (2). A batch of one sample in
+    train mode makes the head's BatchNorm output its bias whatever the input, so nothing before
+    it would learn; for the same reason the last batch of an epoch is dropped when it would hold
+    a single sample (:func:`epoch_batches`; streamed: ``ShardStream``'s ``drop_singleton``), so
+    every batch trained on has at least two samples. Settings that cannot train (this, fewer than
+    one epoch, a non-finite or non-positive ``lr``, a training split of one class) are refused
+    by :func:`check_settings` before ``out_dir`` is created.
     """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
+    check_settings(store, epochs, lr, batch_size, train_split)
     run_dir = runs.prepare_run_dir(out_dir)
     ctx = parse_ctx(ctx)
     hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,

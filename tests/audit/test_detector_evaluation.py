@@ -58,5 +58,5 @@ def test_strict_stops_at_a_bad_file_and_no_images_is_an_error(tiny_run, tmp_path
         score_image_files(tiny_run, [], ctx="cpu")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(MxvisionError, match="no images given"):
+    with pytest.raises(MxvisionError, match="no images found in"):
         score_image_files(tiny_run, [empty], ctx="cpu")
