@@ -19,13 +19,15 @@ import collections
 import os
 
 from mxvision.cli.common import (add_check, fraction, hex_digest, non_empty, non_negative_int,
-                                 positive_int, seconds, seed)
+                                 positive_float, positive_int, seconds, seed)
 from mxvision.data.openi_download import OPENI_BASE_URL
 
 #: Most retries per request: a thousand waits of doubling length already take longer than a day.
 MAX_RETRIES = 1000
 #: Most decoding threads ``data pack`` starts.
 MAX_WORKERS = 256
+#: Largest ``--max-size`` of ``data download url``, in GiB (a pebibyte).
+MAX_DOWNLOAD_GIB = 1 << 20
 
 
 #: ``--sha256`` of the downloads: a checksum, or skip/none to not check one.
@@ -87,7 +89,7 @@ def _cmd_download_url(args):
 
     download(args.url, args.out, sha1=args.sha1, sha256=expected_sha256(args.sha256),
              retries=args.retries, timeout=args.timeout, backoff=args.backoff,
-             progress=_progress(args), resume=True)
+             progress=_progress(args), resume=True, max_bytes=max(1, int(args.max_size * 2 ** 30)))
     print(f"{args.out}: {os.path.getsize(args.out)} bytes, sha256 {file_digest(args.out, 'sha256')}")
     if args.extract:
         _print_extracted(extract_once(args.out, args.extract, _progress(args)), args.extract)
@@ -244,6 +246,8 @@ def add_parsers(sub):
     q.add_argument("--sha256", type=sha256, default=None, help="expected sha256 (64 hex digits)")
     q.add_argument("--sha1", type=hex_digest("sha1", 40), default=None, help="expected sha1 (40 hex digits)")
     q.add_argument("--extract", type=non_empty, default=None, metavar="DIR", help="safely extract a tar into DIR")
+    q.add_argument("--max-size", type=positive_float(MAX_DOWNLOAD_GIB), default=16.0, metavar="GIB",
+                   help="stop (and delete) a download growing past GIB gibibytes (default 16)")
     _add_net_args(q)
     q.set_defaults(func=_cmd_download_url)
 

@@ -28,12 +28,11 @@ images (a whole scanner's worth); those have an unknown view and are left out by
 ``views=PA`` filter.
 """
 import csv
-import gzip
+import io
 import json
 import logging
 import os
 import re
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Tuple
@@ -41,7 +40,9 @@ from typing import Tuple
 import numpy as np
 from tqdm import tqdm
 
-from mxvision.errors import BadIndex
+from mxvision.errors import BadIndex, DownloadError, one_line
+from mxvision.io.archive import (MAX_TABLE_BYTES, READ_ERRORS, NotAnArchive, open_tar,
+                                 read_decompressed)
 from mxvision.data import labels as L
 from mxvision.data.dataset import XrayDataset, find_images
 from mxvision.data.index import write_index
@@ -54,6 +55,9 @@ IMAGES_ARCHIVE = "NLMCXR_png.tgz"
 METADATA_FILE = "nlmcxr_dicom_metadata.csv.gz"
 IMAGES_DIR = "NLMCXR_png"  # where the PNG archive is extracted by default
 MAX_REPORT_BYTES = 1 << 20  # the largest real report is ~10 KB
+#: Caps on a report archive: the real one declares 23,848,960 bytes in 3,956 members.
+MAX_REPORTS_ARCHIVE_BYTES = 256 << 20
+MAX_REPORTS_MEMBERS = 100_000
 _IMAGE_ID = re.compile(r"^(CXR\d+)_")
 
 
@@ -112,28 +116,32 @@ def _sort_key(report):
 
 
 def read_reports_archive(path, progress=False):
-    """Every report in ``NLMCXR_reports.tgz`` (read in memory, never extracted), sorted by id."""
+    """Every report in ``NLMCXR_reports.tgz`` (read in memory, never extracted), sorted by id.
+
+    The archive is checked whole first (:func:`mxvision.io.archive.open_tar`: every header, the
+    end-of-archive block, the gzip/xz/bz2 checksums, at most MAX_REPORTS_ARCHIVE_BYTES declared
+    and MAX_REPORTS_MEMBERS members), so a damaged archive never yields part of the reports."""
     path = os.fspath(path)
-    try:
-        tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise BadIndex(path, f"not a readable report archive ({type(err).__name__}); expected "
-                             f"NLMCXR_reports.tgz, a folder of report XML files, "
-                             f"xvision_datas.json or scraped .jsonl records") from None
     reports = []
-    with tf:
-        try:
-            members = [m for m in tf.getmembers() if m.isreg() and m.name.endswith(".xml")]
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise BadIndex(path, f"truncated or corrupt archive ({err})") from None
-        for m in tqdm(members, desc="reports", unit="report", disable=not progress, leave=False):
-            if m.size > MAX_REPORT_BYTES:
-                raise BadIndex(path, f"member {m.name} is {m.size} bytes, too large for a report")
-            try:
-                data = tf.extractfile(m).read()
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-                raise BadIndex(path, f"truncated or corrupt archive at {m.name} ({err})") from None
-            reports.append(parse_report(data, f"{path}:{m.name}"))
+    try:
+        with open_tar(path, MAX_REPORTS_ARCHIVE_BYTES, MAX_REPORTS_ARCHIVE_BYTES,
+                      MAX_REPORTS_MEMBERS) as (tf, members):
+            members = [m for m in members if m.isreg() and m.name.endswith(".xml")]
+            for m in tqdm(members, desc="reports", unit="report", disable=not progress,
+                          leave=False):
+                if m.size > MAX_REPORT_BYTES:
+                    raise BadIndex(path, f"member {m.name} is {m.size} bytes, too large for a report")
+                try:
+                    data = tf.extractfile(m).read()
+                except READ_ERRORS as err:
+                    raise BadIndex(path, f"truncated or corrupt archive at {m.name} "
+                                         f"({one_line(err)})") from None
+                reports.append(parse_report(data, f"{path}:{m.name}"))
+    except NotAnArchive as err:
+        raise BadIndex(path, f"{err.problem}; expected NLMCXR_reports.tgz, a folder of report XML "
+                             f"files, xvision_datas.json or scraped .jsonl records") from None
+    except DownloadError as err:
+        raise BadIndex(path, err.problem) from None
     if not reports:
         raise BadIndex(path, "no report XML files in the archive")
     return sorted(reports, key=_sort_key)
@@ -265,9 +273,9 @@ def read_metadata(path):
     """``{image_id: {"view": normalised, "view_raw": ..., "photometric": ...}}`` from
     ``nlmcxr_dicom_metadata.csv(.gz)``."""
     path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
+    try:  # plain or gzipped, through a cap on the decompressed size (the real one: 5.3 MB)
+        with io.StringIO(read_decompressed(path, MAX_TABLE_BYTES, error=BadIndex).decode("utf-8"),
+                         newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "imageid" not in reader.fieldnames \
                     or "View Position" not in reader.fieldnames:
@@ -279,7 +287,7 @@ def read_metadata(path):
                     for row in reader}
     except FileNotFoundError:
         raise BadIndex(path, "no such metadata file") from None
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as err:
         raise BadIndex(path, f"unreadable metadata CSV ({err})") from None
 
 

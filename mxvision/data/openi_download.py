@@ -6,16 +6,21 @@ OpenI publishes the Indiana collection as two archives under ``imgs/collections/
 after a drop, retried with backoff, checked against the known sha256 when there is one) and
 :func:`extract_once` unpacks it with :func:`mxvision.io.archive.safe_extract_tar`, skipping an
 archive already extracted into the same folder, so a rerun after an interruption costs nothing.
+Its stamp file lives in the extracted folder, which the archive itself filled: it is read only if
+it is a regular file (never through a link, never a FIFO) and replaced atomically, so a member
+planted under its name cannot redirect the write.
 :func:`mxvision.data.openi.openi_index` reads either the archive or the extracted folder. The
 other route to the same reports, the search API page by page, is :mod:`mxvision.data.openi_scrape`.
 """
 import os
+import stat
 import urllib.parse
 
 from mxvision.data.openi import IMAGES_ARCHIVE, REPORTS_ARCHIVE
+from mxvision.errors import DownloadError, one_line
 from mxvision.io.archive import safe_extract_tar
 from mxvision.io.download import download
-from mxvision.utils import file_digest
+from mxvision.utils import atomic_path, file_digest
 
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/"
 OPENI_COLLECTIONS = "imgs/collections/"
@@ -26,6 +31,9 @@ OPENI_FILES = {
                 "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"),
     "images": (IMAGES_ARCHIVE, None),
 }
+#: Sizes in bytes where known (the shared copy of the reports archive): the download is capped a
+#: little above it while the known checksum is the one verified.
+OPENI_SIZES = {"reports": 1_112_632}
 #: Values of a ``--sha256`` option (any case) that mean "do not verify".
 SKIP_CHECKSUM = ("skip", "none", "")
 #: The file :func:`extract_once` leaves in a folder it extracted into (name, size, mtime).
@@ -68,7 +76,8 @@ def download_openi_archive(key, out_dir, base_url=OPENI_BASE_URL, sha256=None, r
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     download(openi_archive_url(key, base_url), path, sha256=expected, retries=retries,
-             timeout=timeout, backoff=backoff, progress=progress, resume=True)
+             timeout=timeout, backoff=backoff, progress=progress, resume=True,
+             expected_size=OPENI_SIZES.get(key) if expected == known else None)
     return {"key": key, "path": path, "bytes": os.path.getsize(path),
             "sha256": expected or file_digest(path, "sha256"), "verified": expected is not None,
             "extract_dir": os.path.join(out_dir, name[:-len(".tgz")])}
@@ -79,20 +88,34 @@ def extract_once(archive, dest, progress=False):
     mtime) already was; return the number of files written, or None when there was nothing to
     do. With ``progress`` it says on stdout what it extracts, which can take minutes."""
     st = os.stat(archive)
-    stamp = f"{os.path.basename(archive)} {st.st_size} {int(st.st_mtime)}\n"
+    stamp = f"{os.path.basename(archive)} {st.st_size} {int(st.st_mtime)}\n".encode("utf-8")
     mark = os.path.join(dest, EXTRACTED_MARK)
-    if os.path.isfile(mark):
-        with open(mark, encoding="utf-8") as f:
-            if f.read() == stamp:
-                return None
+    if _read_stamp(mark, len(stamp)) == stamp:
+        return None
     if progress:
         print(f"extracting {archive} into {dest} ...")
     written = safe_extract_tar(archive, dest)
-    with open(mark, "w", encoding="utf-8") as f:
-        f.write(stamp)
+    try:
+        with atomic_path(mark) as tmp:  # replaces whatever is there, never writes through it
+            with open(tmp, "wb") as f:
+                f.write(stamp)
+    except OSError as err:
+        raise DownloadError(mark, f"cannot write the extraction stamp "
+                                  f"({one_line(err.strerror or err)})") from None
     return len(written)
 
 
-__all__ = ["OPENI_BASE_URL", "OPENI_COLLECTIONS", "OPENI_FILES", "SKIP_CHECKSUM", "EXTRACTED_MARK",
-           "expected_sha256", "openi_archive_keys", "openi_archive_url", "download_openi_archive",
-           "extract_once"]
+def _read_stamp(mark, size):
+    """The first ``size + 1`` bytes of ``mark`` if it is a regular file, else None."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(mark, flags)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(size + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
+__all__ = ["OPENI_BASE_URL", "OPENI_COLLECTIONS", "OPENI_FILES", "OPENI_SIZES", "SKIP_CHECKSUM",
+           "EXTRACTED_MARK", "expected_sha256", "openi_archive_keys", "openi_archive_url",
+           "download_openi_archive", "extract_once"]

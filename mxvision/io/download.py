@@ -14,6 +14,12 @@ login page from a file, so this module:
   its Content-Type: mirrors store error pages under the file's name);
 * checks the size against Content-Length and the optional sha1/sha256, and only then moves the
   file into place with ``os.replace``: ``path`` either holds a complete, verified file or nothing;
+* caps the size, so a source that never ends (or announces terabytes) cannot fill the disk: the
+  caller's known size plus a margin (:func:`size_cap`), else ``max_bytes`` (default
+  :data:`DEFAULT_MAX_BYTES`, 16 GiB: the largest file mxvision fetches itself, NLMCXR_png.tgz, is
+  1.3 GB, and the largest public chest X-ray archives users fetch, CheXpert-small's zip and
+  NIH's image tarballs, are 11 GB and under 5 GB each). A transfer that reaches the cap stops
+  there, its partial file is removed, and the error says so in one line;
 * serialises concurrent downloads of the same path with an advisory lock on the ``.part`` file.
 
 User-caused failures raise :class:`~mxvision.errors.DownloadError` with a one-line message naming
@@ -44,12 +50,14 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["download", "check_hash", "locked_file", "safe_extract_zip", "safe_extract_tar",
-           "USER_AGENT", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE"]
+           "size_cap", "USER_AGENT", "MAX_MEMBER_SIZE", "MAX_TOTAL_SIZE", "DEFAULT_MAX_BYTES"]
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "mxvision/%s (python-urllib)" % __version__
 MAX_WAIT = 60.0  # upper bound on any single wait between attempts (Retry-After included)
+#: Largest download when the caller does not know the size (see the module docstring).
+DEFAULT_MAX_BYTES = 16 << 30
 _CHUNK = 1 << 16
 _HEX_LENGTH = {"sha1": 40, "sha256": 64}
 
@@ -93,6 +101,22 @@ def check_hash(path, sha1=None, sha256=None):
     if not expected:
         raise ValueError("check_hash needs sha1 or sha256")
     return os.path.isfile(path) and _mismatch(path, expected) is None
+
+
+def size_cap(expected_size, max_bytes=DEFAULT_MAX_BYTES):
+    """The size cap of a download: ``expected_size`` plus 5 % (at least 1 MiB) when the caller
+    knows it (a mirror may hold a slightly different build; the checksum decides), never more
+    than ``max_bytes`` (None: :data:`DEFAULT_MAX_BYTES`)."""
+    cap = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if expected_size is not None:
+        cap = min(cap, expected_size + max(expected_size // 20, 1 << 20))
+    return cap
+
+
+def _over_cap(size, cap):
+    return _Fatal("more than %d bytes: stopped at the download size cap (the server sent no end; "
+                  "raise the cap with max_bytes, --max-size on the command line, if the file "
+                  "really is larger); the partial file was removed" % cap) if size > cap else None
 
 
 def _retry_after(headers, now=None):
@@ -149,11 +173,11 @@ def _looks_like_html_page(url, content_type):
     return not urllib.parse.urlsplit(url).path.lower().endswith((".html", ".htm"))
 
 
-def _attempt(url, f, state, timeout, user_agent, bar):
+def _attempt(url, f, state, timeout, user_agent, bar, cap):
     """One HTTP request, appending to the open .part file ``f``; returns the final size.
 
     Raises _Retry for transient problems (the bytes written so far stay: they are a valid
-    prefix) and _Fatal for permanent ones.
+    prefix) and _Fatal for permanent ones, among them a size past ``cap``.
     """
     offset = f.seek(0, os.SEEK_END)
     headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
@@ -198,6 +222,10 @@ def _attempt(url, f, state, timeout, user_agent, bar):
                 offset = 0
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+        if total is not None and total > cap:
+            raise _Fatal("the server announces %d bytes, more than the %d-byte download size cap "
+                         "(raise it with max_bytes, --max-size on the command line, if that is "
+                         "right); nothing was downloaded" % (total, cap))
         etag = response.headers.get("ETag")
         strong = etag if etag and not etag.startswith("W/") else None  # If-Range needs a strong one
         state["validator"] = strong or response.headers.get("Last-Modified")
@@ -214,6 +242,9 @@ def _attempt(url, f, state, timeout, user_agent, bar):
             if f.tell() == 0 and _html_body_for_binary(url, block):
                 raise _Fatal("server sent an HTML page instead of the file (Content-Type %s); "
                              "check the URL or mirror" % response.headers.get("Content-Type"))
+            over = _over_cap(f.tell() + len(block), cap)
+            if over is not None:
+                raise over
             try:
                 f.write(block)
             except OSError as err:  # disk full, quota: retrying cannot help
@@ -263,7 +294,8 @@ def locked_file(part):
 
 
 def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0.5, progress=True,
-             user_agent=USER_AGENT, *, resume=None, max_wait=MAX_WAIT):
+             user_agent=USER_AGENT, *, resume=None, max_wait=MAX_WAIT, max_bytes=None,
+             expected_size=None):
     """Download ``url`` to ``path`` atomically, resuming and retrying; return ``path``.
 
     retries: extra attempts after the first (so ``retries + 1`` requests at most); the wait
@@ -273,6 +305,8 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
     does so only when a checksum will verify the result (without one a stale prefix of another
     version could go unnoticed). Within one call a dropped transfer is always resumed. If
     ``path`` already exists and matches the given checksum, nothing is downloaded.
+    max_bytes, expected_size: the size cap, :func:`size_cap` (default 16 GiB); a larger
+    announced size fails at once, a body growing past it is stopped and its partial file removed.
     Raises DownloadError(url, reason).
     """
     path = os.fspath(path)
@@ -286,6 +320,7 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
         reason = one_line(err.strerror or err)
         raise DownloadError(folder, "cannot create the folder (%s)" % reason) from None
     part = path + ".part"
+    cap = size_cap(expected_size, max_bytes)
     resume = bool(expected) if resume is None else resume
     state = {}
     with locked_file(part) as f, tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024,
@@ -305,7 +340,7 @@ def download(url, path, sha1=None, sha256=None, retries=5, timeout=30, backoff=0
                 log.warning("%s: %s; retry %d/%d in %.1fs", url, reason, attempt, retries, wait)
                 time.sleep(wait)
             try:
-                size = _attempt(url, f, state, timeout, user_agent, bar)
+                size = _attempt(url, f, state, timeout, user_agent, bar, cap)
                 break
             except _Retry as err:
                 reason = err

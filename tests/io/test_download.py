@@ -10,7 +10,7 @@ import pytest
 from support.archive_builders import make_tar as _tar
 from support.httpserver import Fault, closed_port_url, http_server, serve, wait_until  # noqa: F401 (fixture)
 from mxvision.errors import DownloadError
-from mxvision.io.download import check_hash, download
+from mxvision.io.download import DEFAULT_MAX_BYTES, check_hash, download, size_cap
 from mxvision.utils import file_digest
 
 SIZE = 300_000
@@ -235,6 +235,36 @@ def test_concurrent_downloads_of_one_path_fetch_once(payload, tmp_path):
     assert _leftovers(tmp_path) == ["b", "www"]
 
 
+def test_an_endless_source_stops_at_the_cap_and_leaves_nothing(payload, tmp_path):
+    www, data, sha1, _ = payload
+    dest = tmp_path / "blob.bin"
+    with serve(www, faults=[Fault.endless(), Fault.endless()]) as server:
+        with pytest.raises(DownloadError, match="more than 400000 bytes: stopped at the download "
+                                                "size cap") as info:
+            download(server.url + "blob.bin", dest, max_bytes=400_000, **FAST)
+        assert server.count() == 1  # a cap is not transient: no retry
+        cap = size_cap(1000)  # a known size: 5 % more, at least 1 MiB more
+        with pytest.raises(DownloadError, match="more than %d bytes" % cap):
+            download(server.url + "blob.bin", dest, expected_size=1000, **FAST)
+        download(server.url + "blob.bin", dest, sha1=sha1, expected_size=SIZE, **FAST)
+    assert "\n" not in str(info.value) and dest.read_bytes() == data
+    assert _leftovers(tmp_path) == ["blob.bin", "www"]
+    assert cap == 1000 + (1 << 20) and size_cap(10 ** 9) == 10 ** 9 + 5 * 10 ** 7
+    assert size_cap(10 ** 12) == size_cap(None) == DEFAULT_MAX_BYTES and size_cap(None, 5) == 5
+
+
+def test_an_announced_size_over_the_cap_fails_before_downloading(payload, tmp_path):
+    www, data, sha1, _ = payload
+    with serve(www, faults=[Fault.lie_length(10 ** 12)]) as server:
+        with pytest.raises(DownloadError, match="announces 1000000000000 bytes, more than the "
+                                                "%d-byte download size cap" % DEFAULT_MAX_BYTES):
+            download(server.url + "blob.bin", tmp_path / "a.bin", **FAST)
+        with pytest.raises(DownloadError, match="announces %d bytes, more than the 1000-byte" % SIZE):
+            download(server.url + "blob.bin", tmp_path / "b.bin", max_bytes=1000, **FAST)
+        assert server.count() == 2
+    assert _leftovers(tmp_path) == ["www"]
+
+
 def test_http_server_fixture_and_progress_bar(http_server, capsys):
     www = http_server.directory
     with open(os.path.join(www, "f.bin"), "wb") as f:
@@ -310,8 +340,7 @@ def test_zip_refuses_hostile_members_before_writing_anything(tmp_path, name, mod
     with pytest.raises(DownloadError, match=why) as info:
         safe_extract_zip(z, tmp_path / "out")
     assert str(info.value).startswith(str(z) + ": refusing to extract member")
-    assert _tree(tmp_path / "out") == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]  # not even an empty "out"
 
 
 def test_zip_size_limits_and_garbage(tmp_path):
@@ -352,8 +381,7 @@ def test_tar_refuses_hostile_members(tmp_path, members, why):
     t = _tar(tmp_path / "bad.tgz", members)
     with pytest.raises(DownloadError, match=why):
         safe_extract_tar(t, tmp_path / "dest" / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tgz", "dest"]
-    assert sorted(os.listdir(tmp_path / "dest")) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tgz"]  # no "dest/out" either
     assert not any("evil" in p or "up" == p for p in _tree(tmp_path / "dest"))
 
 

@@ -44,7 +44,8 @@ class Fault:
     but close cleanly), ``stall`` (sleep ``seconds`` before answering), ``length`` (announce
     ``length`` as Content-Length but send the real body up to that length), ``html`` (answer
     200 text/html with a login page), ``ignore_range`` (answer 200 with the whole file even if
-    a Range was asked for).
+    a Range was asked for), ``endless`` (answer 200 without Content-Length and send zeros until
+    the client hangs up: a source that would fill the disk).
     """
 
     kind: str
@@ -83,6 +84,10 @@ class Fault:
     @classmethod
     def ignore_range(cls, path=None):
         return cls("ignore_range", path=path)
+
+    @classmethod
+    def endless(cls, path=None):
+        return cls("endless", path=path)
 
 
 class Request(NamedTuple):
@@ -128,6 +133,8 @@ class FileHandler(BaseHTTPRequestHandler):
             return self._simple(fault.code, b"injected error\n", fault.headers)
         if fault is not None and fault.kind == "html":
             return self._simple(200, _HTML, {"Content-Type": "text/html; charset=utf-8"})
+        if fault is not None and fault.kind == "endless":
+            return self._endless(send_body)
 
         file_path = srv.resolve(path)
         if file_path is None:
@@ -175,6 +182,19 @@ class FileHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body)
+
+    def _endless(self, send_body):
+        """200, no Content-Length, zeros until the client disconnects or the server stops."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        block = bytes(1 << 16)
+        while send_body and not self.server.owner._stop.is_set():
+            try:
+                self.wfile.write(block)
+            except OSError:  # the client hung up: what a size cap does
+                break
+        self.close_connection = True
 
     def _simple(self, status, body, headers=None):
         self.send_response(status)
