@@ -18,8 +18,13 @@ import nothing heavy and are bound at once. Names not listed here live in their 
 (``mxvision.data.splits``, ``mxvision.audit.explain``, ...); CONTRIBUTING.md describes the layout.
 """
 import importlib
+import os
 
-from mxvision.errors import BadImage, BadIndex, BadRun, DownloadError, MxvisionError, WeightsError
+# OpenCV reads its own decoder size limit once, when cv2 loads: set it to mxvision's MAX_PIXELS
+# (mxvision.io.headers) before any module imports cv2, as a second line behind the header checks.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")
+
+from mxvision.errors import BadImage, BadIndex, BadRun, DownloadError, MxvisionError, WeightsError  # noqa: E402
 
 __version__ = "0.1.0"
 

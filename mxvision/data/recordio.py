@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,8 @@ from tqdm import tqdm
 
 from mxvision.data import transforms
 from mxvision.errors import BadImage, BadIndex, BadRun
+from mxvision.io.headers import JPEG_MAGIC, PNG_MAGIC, jpeg_header, png_header, png_image_chunks
+from mxvision.io.quiet_decode import imdecode
 from mxvision.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ VERSION = 1
 ENCODINGS = ("png", "raw", "jpg")
 _RECORD_PATH = re.compile(r"^(?P<rec>.+\.rec)#(?P<key>\d+)$")
 _CHUNK = 64
+_REC_MAGIC = 0xCED7230A  # dmlc RecordIO: every record starts with it, then cflag:3 | length:29
+_MAX_LABELS = 1024  # label values per record (a pathology vector has 18)
 
 
 def _mx():
@@ -85,14 +90,49 @@ def _encode(img_u8, encoding):
 
 
 def _decode(payload, encoding, size, where):
+    """A record's image; a PNG/JPEG header must declare the pack's grey ``size`` px image first
+    (a forged record could declare a decompression bomb)."""
     if encoding == "raw":
         if len(payload) != size * size:
             raise BadImage(where, f"record holds {len(payload)} bytes, expected {size * size}")
         return np.frombuffer(payload, dtype=np.uint8).reshape(size, size)
-    img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if not bytes(payload[:3]) == (PNG_MAGIC if encoding == "png" else JPEG_MAGIC)[:3]:
+        raise BadImage(where, f"corrupt {encoding} record (not {encoding} data)")
+    info = (png_header if encoding == "png" else jpeg_header)(where, payload)
+    if (info.width, info.height, info.samples, info.bit_depth) != (size, size, 1, 8):
+        raise BadImage(where, f"record declares a {info.width}x{info.height} image of {info.samples} "
+                              f"x {info.bit_depth}-bit samples; the pack holds {size}x{size} grey "
+                              f"8-bit images (refused before decoding)")
+    if encoding == "png":
+        payload = png_image_chunks(where, payload)
+    img, _ = imdecode(payload, cv2.IMREAD_GRAYSCALE)
     if img is None or img.shape != (size, size):
         raise BadImage(where, f"corrupt {encoding} record")
     return img
+
+
+def record_limit(size, encoding):
+    """Most bytes a record of a ``size`` px pack holds: MXNet's 24-byte header, the labels and
+    the image (a PNG/JPEG of noise can be a little larger than its raw pixels)."""
+    image = size * size if encoding == "raw" else 2 * size * size + 65536
+    return 24 + 4 * _MAX_LABELS + image
+
+
+def check_record_header(fd, offset, limit, where):
+    """Refuse the record at ``offset`` of the ``.rec`` file ``fd`` unless its 8-byte header holds
+    one whole record of at most ``limit`` bytes: MXNet's reader allocates the 29-bit length it
+    reads, and follows continuation flags to the end of the file."""
+    head = os.pread(fd, 8, offset)
+    if len(head) < 8:
+        raise BadImage(where, "truncated record (its index points past the end of the pack)")
+    magic, word = struct.unpack("<II", head)
+    if magic != _REC_MAGIC:
+        raise BadImage(where, "corrupt record (no RecordIO header where the index points)")
+    flag, length = word >> 29, word & ((1 << 29) - 1)
+    if flag != 0 or length > limit:
+        raise BadImage(where, f"record header declares {length} bytes (continuation flag {flag}); "
+                              f"a record of this pack holds at most {limit} in one piece "
+                              f"(refused before reading)")
 
 
 def quantize(img01):
@@ -150,10 +190,11 @@ def _copy_resumable(part_rec, part_idx, state_path, config, writer, size, encodi
         old = mx.recordio.MXIndexedRecordIO(part_idx, part_rec, "r")
     except Exception:  # noqa: BLE001 - unreadable leftovers: start over
         return set()
-    done = set()
+    done, fd = set(), os.open(part_rec, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         for k in list(old.keys):
             try:
+                check_record_header(fd, old.idx[k], record_limit(size, encoding), part_rec)
                 payload = old.read_idx(k)
                 _decode(mx.recordio.unpack(payload)[1], encoding, size, part_rec)
             except Exception:  # noqa: BLE001 - a torn record (the last one, usually)
@@ -162,6 +203,7 @@ def _copy_resumable(part_rec, part_idx, state_path, config, writer, size, encodi
             done.add(k)
     finally:
         old.close()
+        os.close(fd)
     return done
 
 
@@ -308,6 +350,8 @@ class RecordSource:
                 raise BadImage(f, "missing file of the RecordIO pack")
         self.size = int(config["size"])
         self.encoding = config["encoding"]
+        self._limit = record_limit(self.size, self.encoding)
+        self._fd = None  # the .rec file, for reading record headers (os.pread: thread-safe)
         self.keys = [it["key"] for it in self.manifest["items"]]
         self._valid = set(self.keys)
         self._local = threading.local()
@@ -332,7 +376,12 @@ class RecordSource:
         if key not in self._valid:
             raise BadImage(where, f"no such record in the pack (it has {len(self)})")
         try:
-            payload = self._reader().read_idx(key)
+            reader = self._reader()
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.rec, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            check_record_header(self._fd, reader.idx[key], self._limit, where)
+            payload = reader.read_idx(key)
             header, data = _mx().recordio.unpack(payload)
         except BadImage:
             raise
@@ -359,6 +408,9 @@ class RecordSource:
             for r in self._readers:
                 r.close()
             self._readers = []
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         self._local = threading.local()
 
 
@@ -391,4 +443,5 @@ def load_image(path, preset="imagenet224"):
 
 
 __all__ = ["pack_index", "RecordSource", "open_source", "load_image", "record_path",
-           "split_record_path", "pack_paths", "quantize", "prepare_record", "ENCODINGS"]
+           "split_record_path", "pack_paths", "quantize", "prepare_record", "record_limit",
+           "check_record_header", "ENCODINGS"]

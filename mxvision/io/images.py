@@ -19,7 +19,7 @@ named ``.jpg`` is read as the PNG it is):
   as 255 is for 8-bit.
 * **JPEG** -- baseline/progressive, grey or colour; the EXIF orientation is applied (photographs
   of films are often stored rotated), colour reduced to luminance as above.
-* **TIFF** -- classic (not Big-) TIFF, little or big endian, recognised by its byte-order mark;
+* **TIFF** -- classic or BigTIFF, little or big endian, recognised by its byte-order mark;
   decoded by OpenCV's libtiff. Unsigned 1/8/16-bit samples are divided by the full scale of
   their bit depth, as for PNG (TIFF's MaxSampleValue tag is, by the specification, statistics
   only). 32/64-bit **float** samples have no full scale at all (they may be attenuation values,
@@ -28,14 +28,9 @@ named ``.jpg`` is read as the PNG it is):
   files: the **first page** (the full-resolution image; later pages are usually thumbnails).
   Refused with a clear message: CMYK ("separated"), signed-integer samples, other bit depths.
 * **DICOM** -- recognised by the ``DICM`` magic at byte 128 (or, for files without the 128-byte
-  preamble, a ``.dcm``/``.dicom`` suffix *and* a DICOM data element at byte 0). Decoded by
-  pydicom; compressed transfer syntaxes need its plugins
-  (the JPEG-baseline samples need Pillow or pylibjpeg). The stored values are mapped the way a
-  viewer would show them: modality LUT / rescale, then the first VOI LUT or window, then
-  MONOCHROME1 is inverted so bone is always bright, then min-max scaling to [0, 1] (stored
-  values have no fixed full scale, unlike PNG/JPEG samples; this matches torchxrayvision's
-  ``read_xray_dcm``). Multi-frame objects: the **first frame** is used -- for radiography the
-  extra frames are derived views (e.g. dual-energy bone/soft-tissue) of the first.
+  preamble, a ``.dcm``/``.dicom`` suffix *and* a DICOM data element at byte 0); read by
+  :mod:`mxvision.io.dicom` (pydicom, within bounds; compressed transfer syntaxes need its
+  plugins, Pillow for the JPEG ones), modality/VOI LUTs applied, the first frame.
 
 Anything a user can get wrong raises :class:`~mxvision.errors.BadImage` naming the file: missing,
 unreadable (permissions, a directory, a FIFO or device, more than ``MAX_FILE_BYTES``), empty, not
@@ -43,36 +38,35 @@ an image (the message says what it looks like: GIF, WebP, ZIP, HTML, NumPy, text
 truncated or corrupt, **animated** (APNG with more than one frame; GIF is refused as a format),
 CMYK/YCCK JPEG and TIFF (their ink-to-luminance conversion depends on an ICC profile mxvision
 does not apply, so any grey it produced could be silently wrong), non-finite values, images
-smaller than ``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds
-``MAX_PIXELS``. The size is read from the PNG IHDR / JPEG SOF / TIFF IFD / DICOM Rows-Columns
-header **before** any pixel is decoded, so a tiny file declaring a 50000x50000 image (a
-decompression bomb) is refused without allocating it. A file is opened once, checked to be a
-regular file with ``fstat`` (so a FIFO cannot block and ``/dev/zero`` cannot fill the memory) and
-read with a size cap.
+smaller than ``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds ``MAX_PIXELS``
+or whose decoding would need more than ``MAX_DECODE_BYTES``. Sizes are read from the headers
+(:mod:`mxvision.io.headers`, :mod:`mxvision.io.dicom`) **before** any pixel is decoded, so a
+tiny file declaring a 50000x50000 image (a decompression bomb) is refused without allocating it,
+and so is a JPEG of endless scans (time). As a second line, ``mxvision/__init__.py`` sets
+OpenCV's own limit ``OPENCV_IO_MAX_IMAGE_PIXELS`` to ``MAX_PIXELS`` (read once, when cv2
+loads), so a size a decoder finds but no header parser saw is refused as well. A file is opened
+once, checked to be a regular file with ``fstat`` (so a FIFO cannot block and ``/dev/zero``
+cannot fill the memory) and read with its own size, never more than the cap.
 
-The decoders' own chatter is kept off stderr, because every problem already becomes one
-``BadImage`` line: OpenCV's log level is lowered to FATAL on import (unless the user set
-``OPENCV_LOG_LEVEL``) and pydicom's warnings are silenced while a file is parsed. Corrupt JPEG
-*scan data* is the one thing no reader can detect (the format carries no checksum): libjpeg
-decodes what it can and prints a warning.
-
-The header parsers (PNG, JPEG, TIFF) live in :mod:`mxvision.io.headers`; this module reads the
-file, sniffs the format, decodes and scales.
+The decoders' own chatter never reaches the terminal, because every problem already becomes
+one ``BadImage`` line: OpenCV's log level is lowered to FATAL on import (unless the user set
+``OPENCV_LOG_LEVEL``), pydicom's warnings are silenced, and what libpng and libjpeg print
+through C's ``stderr`` is captured while OpenCV decodes (:mod:`mxvision.io.quiet_decode`) and
+logged at DEBUG level instead.
 """
-import io
-import logging
 import os
 import stat
 import struct
-import warnings
 
 import cv2
 import numpy as np
 
-from mxvision.errors import BadImage, one_line
+from mxvision.errors import BadImage
+from mxvision.io.dicom import read_dicom
+from mxvision.io.quiet_decode import imdecode
 from mxvision.io.headers import (
-    BIGTIFF_MAGIC, JPEG_MAGIC, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo, check_size, jpeg_header, looks_like,
-    normalize_view, png_header, png_verify, tiff_header)
+    BIGTIFF_MAGIC, JPEG_MAGIC, MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo,
+    check_size, jpeg_header, looks_like, normalize_view, png_header, png_image_chunks, tiff_header)
 
 #: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
 #: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.
@@ -93,18 +87,17 @@ def read_image(path) -> np.ndarray:
     Raises :class:`BadImage` (message names the file) for anything that is not a usable image.
     """
     data = _read_bytes(path)
-    info = _sniff(path, data)
-    if info.format == "dicom":
-        img = _decode_dicom(path, data)
+    if _is_dicom(path, data):
+        dicom = read_dicom(path, data)
+        img, scaled = dicom.decode(dicom.info()), True
     else:
-        img = _decode_raster(path, data, info)
+        info = _raster_info(path, data)
+        img, scaled = _decode_raster(path, data, info), info.sample == "float"
     if img.ndim != 2:
         raise BadImage(path, f"decoded to an unexpected array shape {img.shape}")
-    if info.format == "dicom" or info.sample == "float":
+    if scaled:
         # Integer PNG/JPEG/TIFF samples divided by their full scale are finite and in [0, 1]
-        # already; skipping these passes saves ~10% of the decode CPU per 512 px film.
-        if not np.isfinite(img).all():
-            raise BadImage(path, "contains NaN or infinite pixel values")
+        # already; min-max scaled ones are clipped against rounding.
         np.clip(img, 0.0, 1.0, out=img)
     return np.ascontiguousarray(img, dtype=np.float32)
 
@@ -116,7 +109,10 @@ def image_info(path) -> ImageInfo:
     animation, CMYK), so it is a cheap way to validate a whole dataset before a long
     feature-extraction run.
     """
-    return _sniff(path, _read_bytes(path))
+    data = _read_bytes(path)
+    if _is_dicom(path, data):
+        return read_dicom(path, data).info()
+    return _raster_info(path, data)
 
 
 def dicom_tags(path) -> dict:
@@ -130,7 +126,8 @@ def dicom_tags(path) -> dict:
     data = _read_bytes(path)
     if not (data[128:132] == b"DICM" or str(path).lower().endswith(DICOM_SUFFIXES)):
         raise BadImage(path, "not a DICOM file (no DICM marker and no .dcm suffix)")
-    ds = _parse_dicom(path, data, stop_before_pixels=True)
+    dicom = read_dicom(path, data)
+    ds = dicom.dataset
     raw = str(ds.get("ViewPosition", "") or "").strip()
     view = normalize_view(raw)
     if not view:
@@ -149,7 +146,7 @@ def dicom_tags(path) -> dict:
     return {"view": view, "view_raw": raw, "patient_id": str(ds.get("PatientID", "") or ""),
             "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
-            "bits_stored": int(ds.get("BitsStored") or 0), "transfer_syntax": syntax,
+            "bits_stored": dicom.integer("BitsStored", 0, 64) or 0, "transfer_syntax": syntax,
             "modality": str(ds.get("Modality", "") or "")}
 
 
@@ -173,6 +170,9 @@ def _read_bytes(path) -> bytes:
 
     The file is opened non-blocking and checked with ``fstat`` on the open descriptor (no race
     between the check and the read): a FIFO would block forever and ``/dev/zero`` never ends.
+    The read asks for the size ``fstat`` gave (plus one byte, to notice growth), never for the
+    cap: a buffered ``read(n)`` reserves ``n`` bytes up front, and reserving 1 GiB per image
+    failed under ``ulimit -v``.
     """
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -196,16 +196,20 @@ def _read_bytes(path) -> bytes:
             raise BadImage(path, f"file is {info.st_size} bytes, over the limit of "
                                  f"{MAX_FILE_BYTES} bytes for one image")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            parts = [f.read(info.st_size + 1)]
+            total = len(parts[0])
+            while total > info.st_size and parts[-1] and total <= MAX_FILE_BYTES:
+                parts.append(f.read(1 << 20))  # the file grew while being read
+                total += len(parts[-1])
     except OSError as exc:
         raise BadImage(path, f"cannot read the file ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_FILE_BYTES:  # grew while being read
+    if total > MAX_FILE_BYTES:
         raise BadImage(path, f"file is over the limit of {MAX_FILE_BYTES} bytes for one image")
-    if not data:
+    if not total:
         raise BadImage(path, "file is empty (0 bytes)")
-    return data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _bare_dicom(data: bytes) -> bool:
@@ -216,38 +220,30 @@ def _bare_dicom(data: bytes) -> bool:
     return little in (0x0000, 0x0002, 0x0004, 0x0008) or big in (0x0002, 0x0004, 0x0008)
 
 
-def _sniff(path, data: bytes) -> ImageInfo:
-    """Identify the format from the leading bytes and read the declared size from the header."""
+def _is_dicom(path, data: bytes) -> bool:
+    if data.startswith((PNG_MAGIC, JPEG_MAGIC)) or data[:4] in TIFF_MAGIC + BIGTIFF_MAGIC:
+        return False
+    return data[128:132] == b"DICM" or (str(path).lower().endswith(DICOM_SUFFIXES)
+                                        and _bare_dicom(data))
+
+
+def _raster_info(path, data: bytes) -> ImageInfo:
+    """Identify PNG/JPEG/TIFF from the leading bytes and check the size its header declares."""
     if data.startswith(PNG_MAGIC):
         info = png_header(path, data)
     elif data.startswith(JPEG_MAGIC):
         info = jpeg_header(path, data)
-    elif data[:4] in TIFF_MAGIC:
+    elif data[:4] in TIFF_MAGIC + BIGTIFF_MAGIC:
         info = tiff_header(path, data)
-    elif data[:4] in BIGTIFF_MAGIC:
-        raise BadImage(path, "BigTIFF is not supported; save the image as classic TIFF, PNG or DICOM")
-    elif data[128:132] == b"DICM" or (str(path).lower().endswith(DICOM_SUFFIXES)
-                                      and _bare_dicom(data)):
-        info = _dicom_header(path, data)
     elif str(path).lower().endswith(DICOM_SUFFIXES):
         raise BadImage(path, f"not a DICOM file: no DICM marker and no data element at the "
                              f"start (looks like {looks_like(data)})")
     else:
         raise BadImage(path, f"not a supported image: looks like {looks_like(data)} "
                              f"(expected PNG, JPEG, TIFF or DICOM content)")
-    check_size(path, info)
+    # a PNG may be copied once, without its ancillary chunks (headers.png_image_chunks)
+    check_size(path, info, len(data) * (2 if info.format == "png" else 1))
     return info
-
-
-def _dicom_header(path, data: bytes) -> ImageInfo:
-    ds = _parse_dicom(path, data, stop_before_pixels=True)
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    if rows is None or cols is None:
-        raise BadImage(path, "DICOM file has no image (no Rows/Columns; a report or DICOMDIR?)")
-    bits = ds.get("BitsStored") or ds.get("BitsAllocated") or 0
-    frames = int(ds.get("NumberOfFrames") or 1)
-    return ImageInfo("dicom", int(cols), int(rows), int(bits), frames,
-                     str(ds.get("PhotometricInterpretation", "") or ""))
 
 
 # --------------------------------------------------------------------------- PNG / JPEG / TIFF
@@ -255,16 +251,19 @@ def _decode_raster(path, data: bytes, info: ImageInfo) -> np.ndarray:
     """Decode PNG/JPEG/TIFF with OpenCV and reduce to luminance on the sample's full scale.
 
     ``IMREAD_ANYDEPTH | IMREAD_ANYCOLOR`` keeps 16-bit and float samples, expands palettes,
-    drops alpha and (unlike ``IMREAD_UNCHANGED``) applies the JPEG EXIF orientation.
+    drops alpha and (unlike ``IMREAD_UNCHANGED``) applies the EXIF orientation.
     """
     if info.format == "png":
-        png_verify(path, data)
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    except cv2.error:
-        img = None
+        data = png_image_chunks(path, data)
+    img, error = imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if img is None and "CV_IO_MAX_IMAGE" in error:
+        raise BadImage(path, f"the {info.format.upper()} decoder found an image over "
+                             f"{MAX_PIXELS // 1_000_000} megapixels (refused before decoding)")
     if img is None:
         raise BadImage(path, f"cannot decode the {info.format.upper()} data (truncated or corrupt)")
+    if img.shape[:2] not in ((info.height, info.width), (info.width, info.height)):
+        raise BadImage(path, f"decoded to {img.shape[1]}x{img.shape[0]} pixels, but the header "
+                             f"declares {info.width}x{info.height}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3:
@@ -276,14 +275,16 @@ def _decode_raster(path, data: bytes, info: ImageInfo) -> np.ndarray:
         return _scale_float(path, img, invert=info.colour == "miniswhite")
     if img.dtype == np.uint8:
         # OpenCV decodes 8-bit WhiteIsZero TIFF through libtiff's RGBA path, already inverted.
-        return img.astype(np.float32) / np.float32(255.0)
+        return np.divide(img, np.float32(255.0), dtype=np.float32)
     if img.dtype != np.uint16:
         raise BadImage(path, f"unsupported sample type {img.dtype} after decoding")
     # 16-bit PNG/TIFF: full scale 65535 (see module docstring). A 12-bit JPEG decoded to uint16
     # holds values up to 2**12 - 1, its precision from the SOF header.
     full_scale = float(2 ** info.bit_depth - 1) if info.format == "jpeg" else 65535.0
-    out = img.astype(np.float32) / np.float32(full_scale)
-    return 1.0 - out if info.colour == "miniswhite" else out  # 16-bit comes out uninverted
+    out = np.divide(img, np.float32(full_scale), dtype=np.float32)
+    if info.colour == "miniswhite":  # 16-bit comes out uninverted
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
 
 
 def _scale_float(path, img: np.ndarray, invert: bool) -> np.ndarray:
@@ -295,89 +296,12 @@ def _scale_float(path, img: np.ndarray, invert: bool) -> np.ndarray:
     if not high > low or not np.isfinite(high - low):
         raise BadImage(path, "float image is blank or has an unusable value range "
                              f"({low:g} to {high:g})")
-    out = (arr - low) / (high - low)
-    return (1.0 - out if invert else out).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- DICOM decoding
-def _pydicom():
-    """pydicom, imported lazily (only DICOM inputs pay for it) and made quiet on first use.
-
-    pydicom logs each oddity of a damaged header as a warning, and each failed decoder plugin as
-    an error with its traceback; the file then either decodes (the oddity did not matter) or is
-    refused with one BadImage line that carries the plugin's message, so those records would
-    only break the one-line rule. Its logger is raised to CRITICAL unless the application changed
-    it from the WARNING pydicom sets on import.
-    """
-    import pydicom
-
-    if not getattr(_pydicom, "quiet", False):
-        logger = logging.getLogger("pydicom")
-        if logger.level == logging.WARNING:
-            logger.setLevel(logging.CRITICAL)
-        _pydicom.quiet = True
-    return pydicom
-
-
-def _parse_dicom(path, data: bytes, stop_before_pixels: bool = False):
-    pydicom = _pydicom()
-
-    try:
-        with warnings.catch_warnings():  # damaged headers warn, then fail or are refused below
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
-    except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, ...)
-        reason = one_line(exc, limit=200) or type(exc).__name__
-        raise BadImage(path, f"unreadable DICOM ({reason})") from None
-
-
-def _dicom_values(ds, photometric: str, frames: int):
-    """Presentation values of the first frame: modality LUT and VOI (grey), or the palette."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-
-    # pixel_array converts YBR colour to RGB; index=0 decodes only the first frame.
-    arr = pixel_array(ds, index=0 if frames > 1 else None)
-    if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        arr = apply_modality_lut(arr, ds)
-        if ds.get("VOILUTSequence"):
-            # A VOI LUT is indexed by (integer) modality output values.
-            arr = np.rint(arr).astype(np.int64)
-        arr = apply_voi_lut(arr, ds, index=0).astype(np.float64)
-    elif photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    return arr
-
-
-def _decode_dicom(path, data: bytes) -> np.ndarray:
-    """Stored values -> presentation values (modality LUT, VOI, MONOCHROME1) -> min-max [0, 1]."""
-    ds = _parse_dicom(path, data)
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise BadImage(path, "DICOM file has no pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    frames = int(ds.get("NumberOfFrames") or 1)
-    try:
-        with warnings.catch_warnings():  # oddities either do not matter or end in BadImage
-            warnings.simplefilter("ignore")
-            arr = _dicom_values(ds, photometric, frames)
-    except Exception as exc:  # decoder plugins raise ValueError, RuntimeError, KeyError, ...
-        reason = one_line(exc, limit=200) or type(exc).__name__
-        raise BadImage(path, f"cannot decode the DICOM pixel data ({reason})") from None
-
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim == 3 and arr.shape[2] == 3:  # RGB, YBR (converted) or palette colour
-        arr = cv2.cvtColor(arr.astype(np.float32), cv2.COLOR_RGB2GRAY).astype(np.float64)
-    elif arr.ndim != 2:
-        raise BadImage(path, f"unsupported DICOM pixel layout {arr.shape} ({photometric or '?'})")
-    if not np.isfinite(arr).all():
-        raise BadImage(path, "contains NaN or infinite pixel values")
-    low, high = float(arr.min()), float(arr.max())
-    if high <= low:
-        raise BadImage(path, "DICOM image is blank (every pixel has the same value)")
-    img = (arr - low) / (high - low)
-    if photometric == "MONOCHROME1":  # low values are white: invert so bone is bright
-        img = 1.0 - img
-    return img.astype(np.float32)
+    arr -= low
+    arr /= high - low
+    if invert:
+        np.subtract(1.0, arr, out=arr)
+    return arr.astype(np.float32)
 
 
 __all__ = ["read_image", "image_info", "dicom_tags", "ImageInfo", "MAX_PIXELS", "MIN_SIDE",
-           "MAX_FILE_BYTES", "DICOM_SUFFIXES"]
+           "MAX_FILE_BYTES", "MAX_DECODE_BYTES", "DICOM_SUFFIXES"]

@@ -5,6 +5,9 @@ expected values are known exactly; real files from ../shared check the formats s
 """
 import os
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 import zlib
 
@@ -13,10 +16,15 @@ import numpy as np
 import pytest
 
 from mxvision.errors import BadImage
-from mxvision.io.images import MAX_PIXELS, MIN_SIDE, image_info, read_image
+from mxvision.io.images import MAX_PIXELS, MIN_SIDE, dicom_tags, image_info, read_image
 
 pydicom = pytest.importorskip("pydicom")
-from support.dicom_builders import dicom_bytes, dicom_float  # noqa: E402
+from support.dicom_builders import (  # noqa: E402
+    BITS_STORED, dicom_bytes, dicom_float, image_elements, raw_dicom)
+from support.image_builders import (  # noqa: E402
+    insert_chunks, png_chunk, png_file, smooth_image, tiff_file, tiff_page, zlib_zeros)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- writers
@@ -349,3 +357,98 @@ def test_sample_dicoms_and_monochrome1_inversion(shared):
         assert img.shape == (1024, 1024) and img.dtype == np.float32
         assert img.min() == 0.0 and img.max() == 1.0 and img.std() > 0.05
     np.testing.assert_allclose(fake, 1.0 - real, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bounded reading
+def test_a_file_is_read_with_its_own_size_not_the_cap(tmp_path):
+    """A buffered read(n) reserves n bytes up front: asking for the 1 GiB cap per image made
+    plain PNGs fail with MemoryError under ``ulimit -v``. Here the address space left is 512 MiB."""
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        cv2.imwrite(str(paths[-1]), smooth_image(512, seed=k))
+    script = (
+        "import re, resource, sys\n"
+        "from mxvision.io.images import read_image\n"
+        "size = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "print([read_image(p).shape for p in sys.argv[1:]])\n")
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[(512, 512), (512, 512), (512, 512)]"
+
+
+def test_ancillary_png_chunks_change_no_pixel_and_are_never_inflated(tmp_path):
+    img = (np.arange(96 * 96).reshape(96, 96) * 7 % 65536).astype(np.uint16)
+    plain = cv2.imencode(".png", img)[1].tobytes()
+    bomb = zlib_zeros(1 << 30)  # 1 GiB of zeros in ~1 MB: libpng would inflate 8 MB of it, 60 times
+    extra = [png_chunk(b"gAMA", struct.pack(">I", 100000)), png_chunk(b"sBIT", b"\x0c"),
+             png_chunk(b"sRGB", b"\x00"), png_chunk(b"pHYs", bytes(9)), png_chunk(b"tEXt", b"k\x00v"),
+             png_chunk(b"iCCP", b"p\x00\x00" + bomb)] + [png_chunk(b"zTXt", b"k%d\x00\x00" % k + bomb[:9000])
+                                                      for k in range(100)]
+    (tmp_path / "plain.png").write_bytes(plain)
+    (tmp_path / "extra.png").write_bytes(insert_chunks(plain, extra))
+    start = time.perf_counter()
+    extra_read = read_image(tmp_path / "extra.png")
+    assert time.perf_counter() - start < 1.0  # libpng inflates 8 MB of each: ~2 s here
+    np.testing.assert_array_equal(extra_read, read_image(tmp_path / "plain.png"))
+    # eXIf is kept: OpenCV applies its orientation (6: rotate 90 degrees clockwise)
+    exif = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, 6)
+            + struct.pack("<I", 0))
+    wide = cv2.imencode(".png", smooth_image(96)[:64])[1].tobytes()
+    (tmp_path / "turned.png").write_bytes(insert_chunks(wide, [png_chunk(b"eXIf", exif)]))
+    assert read_image(tmp_path / "turned.png").shape == (96, 64)
+
+
+def test_bigtiff_reads_like_classic_tiff(tmp_path):
+    for name, big, long_type in (("classic.tif", False, 4), ("big.tif", True, 16)):
+        (tmp_path / name).write_bytes(tiff_file([tiff_page(80, 48, long_type=long_type)], big=big))
+    classic, big = read_image(tmp_path / "classic.tif"), read_image(tmp_path / "big.tif")
+    assert classic.shape == (48, 80)
+    np.testing.assert_array_equal(classic, big)
+    assert image_info(tmp_path / "big.tif").width == 80
+
+
+def test_a_deflated_dicom_reads_like_the_same_file_uncompressed(tmp_path):
+    elements = image_elements(rows=48, columns=80, frames=2, bits=16)
+    (tmp_path / "plain.dcm").write_bytes(raw_dicom(elements))
+    (tmp_path / "deflated.dcm").write_bytes(raw_dicom(elements, deflate=True))
+    plain = read_image(tmp_path / "plain.dcm")
+    assert plain.shape == (48, 80) and plain.max() == 1.0
+    np.testing.assert_array_equal(read_image(tmp_path / "deflated.dcm"), plain)
+    tags = dicom_tags(tmp_path / "deflated.dcm")
+    assert tags["transfer_syntax"] == "1.2.840.10008.1.2.1.99" and tags["bits_stored"] == 16
+
+
+def test_dicom_tags_refuses_a_non_numeric_bits_stored_in_one_line(tmp_path):
+    path = tmp_path / "odd.dcm"
+    path.write_bytes(raw_dicom(image_elements(extra={BITS_STORED: (b"IS", "twelve")})))
+    with pytest.raises(BadImage, match=r"BitsStored is not an integer \('twelve'\)$"):
+        dicom_tags(path)
+
+
+def test_the_decode_budget_counts_samples_and_depth(tmp_path):
+    """9000x9000 is under 100 MP, but as 16-bit RGBA it needs over 1 GiB to decode."""
+    (tmp_path / "grey.png").write_bytes(png_file(9000, 9000, b""))
+    (tmp_path / "rgba16.png").write_bytes(png_file(9000, 9000, b"", bit_depth=16, colour_type=6))
+    assert image_info(tmp_path / "grey.png").samples == 1
+    with pytest.raises(BadImage, match="needs about 1081 MiB, over the limit of 900 MiB"):
+        image_info(tmp_path / "rgba16.png")
+
+
+def test_opencv_itself_refuses_what_mxvision_refuses():
+    """Importing mxvision sets OpenCV's own limit (read once, when cv2 loads) to MAX_PIXELS, so a
+    size OpenCV's decoder finds is bounded even where no header parser of mxvision looked."""
+    script = ("import mxvision, cv2, numpy as np, sys\n"
+              "try:\n"
+              "    cv2.imdecode(np.frombuffer(sys.stdin.buffer.read(), np.uint8), cv2.IMREAD_GRAYSCALE)\n"
+              "    print('decoded')\n"
+              "except cv2.error as err:\n"
+              "    print('refused' if 'CV_IO_MAX_IMAGE_PIXELS' in str(err) else err)\n")
+    side = int(MAX_PIXELS ** 0.5) + 1  # one row over the limit: 100 MB if allocated
+    proc = subprocess.run([sys.executable, "-c", script], input=png_file(side, side, zlib_zeros(1 << 20)),
+                          capture_output=True, timeout=120, cwd=str(ROOT),
+                          env={k: v for k, v in dict(os.environ, PYTHONPATH=str(ROOT)).items()
+                               if k != "OPENCV_IO_MAX_IMAGE_PIXELS"})
+    assert proc.stdout.decode().strip() == "refused", proc.stdout + proc.stderr

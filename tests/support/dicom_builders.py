@@ -1,8 +1,20 @@
-"""Small DICOM files built in memory for the tests (pydicom; nothing stored in the repository)."""
-import io
+"""Small DICOM files built in memory for the tests (pydicom; nothing stored in the repository).
 
+:func:`dicom_bytes` writes a valid file through pydicom. The raw builders below write the data
+elements byte by byte instead, so a test can put into a file anything a file can hold -- a
+``Rows`` of ``"sixty"``, a ``NumberOfFrames`` of ``-3``, lying lengths, nested items, a deflated
+dataset that inflates to gigabytes -- which pydicom's own writer would refuse.
+"""
+import io
+import struct
+import zlib
+
+import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+                         SecondaryCaptureImageStorage, generate_uid)
 
 
 def dicom_bytes(pixels=None, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian,
@@ -31,3 +43,101 @@ def dicom_float(values):
     return dicom_bytes(None, Rows=rows, Columns=columns, SamplesPerPixel=1, BitsAllocated=32,
                        PhotometricInterpretation="MONOCHROME2",
                        FloatPixelData=values.astype("float32").tobytes())
+
+
+# --------------------------------------------------------------------------- raw builders
+LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+ROWS, COLUMNS, FRAMES, SAMPLES, BITS_ALLOCATED, BITS_STORED = (
+    0x00280010, 0x00280011, 0x00280008, 0x00280002, 0x00280100, 0x00280101)
+PIXEL_DATA = 0x7FE00010
+UNDEFINED = 0xFFFFFFFF
+
+
+def element(tag, vr, value, length=None):
+    """One Explicit VR Little Endian data element; ``length`` overrides the declared length."""
+    value = value.encode() if isinstance(value, str) else bytes(value)
+    if len(value) % 2:
+        value += b"\x00" if vr in (b"UI", b"OB", b"UN") else b" "
+    declared = len(value) if length is None else length
+    group, elem = tag >> 16, tag & 0xFFFF
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHI", group, elem, vr, 0, declared) + value
+    return struct.pack("<HH2sH", group, elem, vr, declared) + value
+
+
+def file_meta(syntax=ExplicitVRLittleEndian):
+    """Preamble, ``DICM`` and the File Meta group, as pydicom writes them."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + fp.getvalue()
+
+
+def image_elements(rows=64, columns=64, frames=None, bits=8, samples=1, photometric="MONOCHROME2",
+                   pixels=None, extra=None):
+    """The data elements of a grey ramp image (sorted by tag). ``extra`` maps a tag to a raw
+    ``(vr, value)`` added or replacing one of these -- anything a file can hold, valid or not;
+    ``pixels`` is the pixel data value, or a whole raw element when it starts with its tag."""
+    count = rows * columns * samples * (frames if isinstance(frames, int) and frames > 0 else 1)
+    if pixels is None:
+        ramp = np.arange(count) % 251
+        pixels = ramp.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    us = lambda v: struct.pack("<H", v)  # noqa: E731
+    elements = {0x00080060: (b"CS", "DX"), SAMPLES: (b"US", us(samples)),
+                0x00280004: (b"CS", photometric), ROWS: (b"US", us(rows)), COLUMNS: (b"US", us(columns)),
+                BITS_ALLOCATED: (b"US", us(bits)), BITS_STORED: (b"US", us(bits)),
+                0x00280102: (b"US", us(bits - 1)), 0x00280103: (b"US", us(0))}
+    if frames is not None:
+        elements[FRAMES] = (b"IS", str(frames))
+    elements.update(extra or {})
+    body = b"".join(element(tag, *elements[tag]) for tag in sorted(elements))
+    if pixels[:4] == struct.pack("<HH", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF):
+        return body + pixels
+    return body + element(PIXEL_DATA, b"OB" if bits == 8 else b"OW", pixels)
+
+
+def encapsulated(fragments, offsets=b""):
+    """An encapsulated Pixel Data element: undefined length, a basic offset table item, one item
+    per fragment (raw bytes, or a prebuilt item when a fragment is a tuple ``(tag, payload)``),
+    then the sequence delimiter."""
+    items = [struct.pack("<HHI", 0xFFFE, 0xE000, len(offsets)) + offsets]
+    for fragment in fragments:
+        if isinstance(fragment, tuple):
+            items.append(fragment[0] + fragment[1])
+        else:
+            items.append(struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment)) + fragment)
+    return (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEFINED) + b"".join(items)
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+def raw_dicom(dataset, syntax=ExplicitVRLittleEndian, deflate=False):
+    """A DICOM file of the raw ``dataset`` bytes; ``deflate`` compresses them (Deflated syntax)."""
+    if deflate:
+        packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        dataset = packer.compress(dataset) + packer.flush()
+        syntax = DeflatedExplicitVRLittleEndian
+    return file_meta(syntax) + dataset
+
+
+def deflate_zeros(prefix, zeros, block=1 << 20):
+    """Raw deflate of ``prefix`` and ``zeros`` zero bytes, made by repeating one full-flushed
+    block: a gigabyte of zeros costs milliseconds and about a megabyte."""
+    head = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [head.compress(prefix) + head.flush(zlib.Z_FULL_FLUSH)]
+    blocks, rest = divmod(zeros, block)
+    repeat = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out.append((repeat.compress(bytes(block)) + repeat.flush(zlib.Z_FULL_FLUSH)) * blocks)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out.append(tail.compress(bytes(rest)) + tail.flush())
+    return b"".join(out)
+
+
+def deflated_bomb(inflated_bytes):
+    """A Deflated-syntax file whose dataset -- a 64x64 image header, then a pixel data element
+    ``inflated_bytes`` long -- inflates to about ``inflated_bytes``, from ~1/1000 of that."""
+    head = image_elements(pixels=struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, inflated_bytes))
+    return file_meta(DeflatedExplicitVRLittleEndian) + deflate_zeros(head, inflated_bytes)
