@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test figures clean
 
 $(BIN)/.mxvision-installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# rerun the commands behind README's results table and rewrite it (JSRT row: needs ../shared)
+figures: setup
+	$(BIN)/python bench/figures.py --write
 
 clean:
 	rm -rf $(VENV) mxvision-demo build *.egg-info

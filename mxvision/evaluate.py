@@ -15,7 +15,7 @@ from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.store import FeatureStore
 from mxvision.train.loop import load_head, predict_probs
-from mxvision.train.runs import load_run
+from mxvision.train.runs import BEST, checkpoint_path, load_run
 from mxvision.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
         head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
         x, y, ids = store.load(split)
         probs = predict_probs(head, x, ctx)
+    if not np.isfinite(probs).all():  # finite parameters can still overflow
+        params = run_dir / BEST if epoch is None else checkpoint_path(run_dir, epoch, "params")
+        raise BadRun(params, f"gives non-finite probabilities (NaN or infinity) on split {split!r}; "
+                             "its parameters are corrupt")
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = store.classes
     report = metrics.classification_report(y, probs, classes)
@@ -64,7 +68,9 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
         "features_dir": str(store.path.resolve()),
         "backbone": store.manifest["backbone"],
         "cut": store.manifest["cut"],
-        "weights": store.manifest["weights"]["description"],
+        # a fine-tuned run's backbone is its own, not the one the stored features came from
+        "weights": (config["features"]["weights"] if "finetune" in config
+                    else store.manifest["weights"])["description"],
         "n_patients": len({store.items[i]["patient_id"] for i in _rows(store, ids)}),
         "confusion_matrix_png": str((out_dir / "confusion_matrix.png").resolve()),
         "roc_curve_png": str((out_dir / "roc_curve.png").resolve()),

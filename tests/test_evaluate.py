@@ -3,8 +3,13 @@ import csv
 import cv2
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from mxvision.audit.shortcuts import image_baseline_features
 from mxvision.errors import BadRun
 from mxvision.evaluate import evaluate_run
 from mxvision.features.extract import extract_features
@@ -30,11 +35,34 @@ def test_metrics_json_agrees_with_sklearn_on_the_predictions(small_run, small_st
     assert "RANDOM" in saved["weights"] and saved["backbone"] == "resnet18_v2"
     audit = saved["shortcut_audit"]
     assert audit["model_auc"] == saved["auc"] and audit["n_test"] == saved["n"]
-    assert {"histogram", "thumb4", "thumb32"} <= set(audit["baselines"]) or len(audit["baselines"]) >= 3
-    assert isinstance(audit["warn"], bool) and audit["message"]
+    assert set(audit["baselines"]) == {"histogram", "thumb4", "thumb32"}  # a store has no metadata
+    for name, expected in _baseline_aucs(small_store).items():
+        assert audit["baselines"][name]["auc"] == pytest.approx(expected), name
+    best = max(audit["baselines"].values(), key=lambda b: b["auc"])["auc"]
+    assert audit["best_baseline_auc"] == best
+    assert audit["baselines"][audit["best_baseline"]]["auc"] == best
+    assert audit["warn"] == (saved["auc"] - best < audit["margin"]) and audit["message"]
     for png in ("confusion_matrix.png", "roc_curve.png"):
         img = cv2.imread(str(tmp_path / "eval" / png))
         assert img is not None and img.shape[0] > 200 and img.std() > 0
+
+
+def _baseline_aucs(store):
+    """Each image baseline's test AUC by the documented recipe, computed here with sklearn:
+    features of the training and test images, standardised L2 logistic regression with C chosen
+    by stratified 5-fold (or fewer) CV AUC on the training rows only."""
+    items = {s: [it for it in store.items if it["split"] == s] for s in ("train", "test")}
+    feats = {s: [image_baseline_features(it["path"]) for it in rows] for s, rows in items.items()}
+    y = {s: np.array([it["label_id"] for it in rows]) for s, rows in items.items()}
+    folds = int(min(5, np.bincount(y["train"]).min()))
+    aucs = {}
+    for name in ("histogram", "thumb4", "thumb32"):
+        x = {s: np.stack([f[name] for f in feats[s]]) for s in feats}
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(
+            Cs=np.logspace(-4, 1, 6), scoring="roc_auc", solver="liblinear",
+            cv=StratifiedKFold(folds, shuffle=True, random_state=0))).fit(x["train"], y["train"])
+        aucs[name] = roc_auc_score(y["test"], model.predict_proba(x["test"])[:, 1])
+    return aucs
 
 
 def test_features_from_another_backbone_are_refused(small_run, synth_index, tmp_path):

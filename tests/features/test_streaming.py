@@ -19,12 +19,18 @@ def test_every_row_once_per_epoch_deterministic_by_seed_and_epoch(small_store):
     seen = np.concatenate([x for x, _ in first])
     n_expected = len(x_all) - (1 if len(x_all) % 4 == 1 else 0)  # a trailing batch of 1 is dropped
     assert len(seen) == n_expected
-    # the rows are the train rows, each once, with their labels
-    key = lambda a: a.reshape(len(a), -1)[:, :8].round(5).tolist()  # noqa: E731
-    assert sorted(map(tuple, key(seen))) <= sorted(map(tuple, key(x_all)))
-    assert len(set(map(tuple, key(seen)))) == len(seen)
-    by_row = {tuple(r): y for r, y in zip(key(x_all), y_all)}
-    assert all(by_row[tuple(r)] == y for (x, ys) in first for r, y in zip(key(x), ys))
+    # the rows are the train rows, each once, with their labels (compared as sets of rows)
+    key = lambda a: [tuple(r) for r in a.reshape(len(a), -1)[:, :8].round(5).tolist()]  # noqa: E731
+    label_of = dict(zip(key(x_all), y_all))
+    assert len(label_of) == len(x_all), "the test's row key must tell the train rows apart"
+    streamed = key(seen)
+    assert len(set(streamed)) == len(streamed), "a row was streamed twice in one epoch"
+    foreign = set(streamed) - set(label_of)
+    assert not foreign, f"{len(foreign)} streamed row(s) are not rows of the train split"
+    never = set(label_of) - set(streamed)
+    assert len(never) == len(x_all) - n_expected, f"{len(never)} train row(s) never streamed"
+    mislabelled = sum(label_of[r] != y for x, ys in first for r, y in zip(key(x), ys))
+    assert mislabelled == 0, f"{mislabelled} streamed row(s) carry another row's label"
     again = _epoch(ShardStream(small_store, "train", batch_size=4, seed=3, window_shards=2), 1)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     other = _epoch(stream, 2)

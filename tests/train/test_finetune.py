@@ -1,3 +1,5 @@
+import csv
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from mxvision.export import export_model, load_exported
 from mxvision.data import transforms
 from mxvision.train.finetune import finetune_run
 from mxvision.inference import predict
-from mxvision.train.loop import load_classifier
+from mxvision.train.loop import load_classifier, load_head, predict_probs
 
 
 def _params(path):
@@ -50,8 +52,21 @@ def test_finetuned_run_predicts_exports_and_evaluates(tuned, small_store, tmp_pa
     np.testing.assert_allclose(load_exported(tmp_path / "m" / "tuned")(x).asnumpy(), expected,
                                rtol=1e-4, atol=1e-5)
     report = evaluate_run(out, small_store.path, tmp_path / "eval", ctx="cpu")
-    assert report["n"] == sum(it["split"] == "test" for it in small_store.items)
-    assert "fine-tuned" in report["weights"] or report["backbone"] == "resnet18_v2"
+    test_items = [it for it in small_store.items if it["split"] == "test"]
+    assert report["n"] == len(test_items)
+    assert "fine-tuned" in report["weights"], report["weights"]
+    # evaluated through the fine-tuned backbone: the scores are the tuned network's on the images,
+    # not its head's on the features stored before fine-tuning
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert [r["id"] for r in rows] == [str(it["id"]) for it in test_items]
+    scores = np.array([float(r["p_nodule"]) for r in rows])
+    x = mx.nd.array(np.stack([transforms.load_image(it["path"], "imagenet224") for it in test_items]))
+    np.testing.assert_allclose(scores, net(x).asnumpy()[:, 1], rtol=1e-4, atol=1e-5)
+    head, _ = load_head(out, ctx="cpu")
+    stored, _, ids = small_store.load("test")
+    assert list(ids) == [it["id"] for it in test_items]
+    unchanged = np.abs(scores - predict_probs(head, stored, mx.cpu())[:, 1]).max()
+    assert unchanged > 1e-3, f"scores within {unchanged:.1e} of the head on the pre-fine-tuning features"
 
 
 def test_finetune_resumes_to_the_same_weights(small_run, tuned, tmp_path):

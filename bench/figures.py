@@ -1,0 +1,219 @@
+"""Regenerate the results table of README.md from the commands it names, and check it.
+
+    .venv/bin/python bench/figures.py            # run the commands, print the table as markdown
+    .venv/bin/python bench/figures.py --write    # ... and rewrite README's table (make figures)
+    .venv/bin/python bench/figures.py --skip-jsrt --work /tmp/figs
+    .venv/bin/python bench/figures.py --synth 0 2    # the figures quoted in mxvision/data/synth.py
+
+Rows (each produced by running the real CLI in a subprocess, as a user would):
+
+* **synthetic demo**: ``mxvision demo --out WORK/demo --quiet`` (80 generated images, seed 0,
+  random backbone weights unless ImageNet weights are cached) -- about 40 s on 2 cores;
+* **JSRT**: ``mxvision data index jsrt`` on ``../shared/data/jsrt`` (or ``MXVISION_SHARED``),
+  ``mxvision extract --weights none``, ``mxvision train``, ``mxvision evaluate`` -- about 1 min.
+  Without the shared folder the JSRT row is skipped (README keeps its row, and this says so).
+
+The table sits in README.md between ``<!-- figures:results start -->`` and
+``<!-- figures:results end -->``; ``--write`` replaces what is between them (the table and a line
+saying when, where and how it was measured) and nothing else. ``tests/test_demo.py`` reads the
+demo row back (:func:`results_rows`) and asserts that ``mxvision demo`` gives exactly those
+figures, so README and the demo cannot drift apart unnoticed.
+
+``--synth SEED...`` prints, per seed, the figures ``mxvision/data/synth.py`` quotes: the demo's
+test AUC (``mxvision demo --seed SEED``), a 5-fold logistic regression on its stored features
+(all 80 images) and the shortcut audit's best baseline; it does not touch README.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+START = "<!-- figures:results start -->"
+END = "<!-- figures:results end -->"
+HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
+          "confusion matrix (rows: true normal, nodule)", "best trivial baseline, test AUC")
+DEMO_ROW = "synthetic demo (80 images, `mxvision demo`)"
+JSRT_ROW = "JSRT development set (154 real radiographs)"
+SPLITS = ("train", "val", "test")
+#: OMP_NUM_THREADS as the user started this script (importing mxvision may set it in this process;
+#: set before a command starts, it changes the float rounding of head training, hence the figures)
+USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+
+
+def results_rows(readme_text):
+    """The rows of README's results table as ``{first cell: {column header: cell}}``."""
+    try:
+        block = readme_text.split(START, 1)[1].split(END, 1)[0]
+    except IndexError:
+        raise ValueError(f"README has no {START} ... {END} block") from None
+    lines = [line.strip() for line in block.splitlines() if line.strip().startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, rows = cells[0], cells[2:]
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def mxvision(*args, cwd):
+    """Run ``python -m mxvision ARGS`` on this checkout's package; its stdout + stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if USER_OMP_THREADS is not None:
+        env["OMP_NUM_THREADS"] = USER_OMP_THREADS
+    done = subprocess.run([sys.executable, "-m", "mxvision", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"mxvision {' '.join(map(str, args))} failed ({done.returncode}):\n"
+                         f"{done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def split_counts(index_csv):
+    with open(index_csv, newline="") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    return " / ".join(str(splits.count(s)) for s in SPLITS)
+
+
+def table_row(name, index_csv, metrics):
+    audit = metrics.get("shortcut_audit") or {}
+    if audit.get("best_baseline"):
+        baseline = f"{audit['best_baseline']} {audit['best_baseline_auc']:.3f}"
+        baseline += ": the audit warns" if audit.get("warn") else ""
+    else:
+        baseline = "not audited"
+    return (name, split_counts(index_csv), f"{metrics['accuracy']:.3f}", f"{metrics['auc']:.3f}",
+            json.dumps(metrics["confusion_matrix"]), baseline)
+
+
+def demo_figures(work):
+    tic = time.time()
+    mxvision("demo", "--out", work / "demo", "--quiet", cwd=work)
+    metrics = json.loads((work / "demo" / "eval" / "metrics.json").read_text())
+    return table_row(DEMO_ROW, work / "demo" / "data" / "index.csv", metrics), time.time() - tic
+
+
+def jsrt_figures(work, shared):
+    mxvision("data", "index", "jsrt", "--root", shared / "data" / "jsrt", "--out", "jsrt.csv", cwd=work)
+    tic = time.time()
+    mxvision("extract", "--index", "jsrt.csv", "--out", "feat_r50", "--weights", "none", "--ctx", "cpu",
+             "--quiet", cwd=work)
+    extract_seconds = time.time() - tic
+    mxvision("train", "--features", "feat_r50", "--out", "run_r50", "--ctx", "cpu",
+             "--keep-checkpoints", "1", "--quiet", cwd=work)
+    mxvision("evaluate", "--run", "run_r50", "--out", "run_r50/eval-test", "--ctx", "cpu", cwd=work)
+    metrics = json.loads((work / "run_r50" / "eval-test" / "metrics.json").read_text())
+    return table_row(JSRT_ROW, work / "jsrt.csv", metrics), extract_seconds
+
+
+def synth_figures(work, seed):
+    """The demo at ``seed``: its test AUC, a 5-fold CV logistic regression on its features, and
+    the audit's best trivial baseline (what the synthetic data's docstring quotes)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from mxvision.features.store import FeatureStore
+
+    out = work / f"demo-seed{seed}"
+    mxvision("demo", "--out", out, "--seed", seed, "--quiet", cwd=work)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    store = FeatureStore(out / "features")
+    x, y = zip(*(store.load(s)[:2] for s in SPLITS))
+    x, y = np.concatenate(x), np.concatenate(y)
+    cv_auc = cross_val_score(LogisticRegression(max_iter=2000), x.reshape(len(x), -1), y,
+                             scoring="roc_auc", cv=StratifiedKFold(5, shuffle=True, random_state=0))
+    audit = metrics["shortcut_audit"]
+    return (f"seed {seed}: head test AUC {metrics['auc']:.3f}; 5-fold logistic regression on the "
+            f"features AUC {cv_auc.mean():.3f}; best trivial baseline {audit['best_baseline']} "
+            f"{audit['best_baseline_auc']:.3f}")
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
+    threads = f"OMP_NUM_THREADS={USER_OMP_THREADS}" if USER_OMP_THREADS else "OMP_NUM_THREADS unset"
+    return f"{model}, {os.cpu_count()} cores ({threads}{load})"
+
+
+def markdown(rows, note):
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines + [""] + textwrap.wrap(note, 100, break_on_hyphens=False))
+
+
+def rewrite_readme(block):
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{README}: no {START} ... {END} block to rewrite")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    README.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite README's results table")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--shared", type=Path,
+                        help="real-data folder (default: MXVISION_SHARED or ../shared)")
+    parser.add_argument("--skip-jsrt", action="store_true")
+    parser.add_argument("--synth", type=int, nargs="+", metavar="SEED",
+                        help="print synth.py's figures for these demo seeds instead")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from mxvision.runtime import shared_dir
+
+    shared = args.shared or shared_dir()
+    old = results_rows(README.read_text())
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    where = machine()
+    if args.work and args.work.is_dir() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty: the commands would resume earlier runs there")
+    with tempfile.TemporaryDirectory(prefix="mxvision-figures-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        if args.synth:
+            for seed in args.synth:
+                print(synth_figures(work, seed))
+            return
+        demo, demo_seconds = demo_figures(work)
+        rows, notes = [demo], [f"demo {demo_seconds:.0f} s"]
+        if args.skip_jsrt or shared is None or not (shared / "data" / "jsrt").is_dir():
+            why = "--skip-jsrt" if args.skip_jsrt else "no ../shared/data/jsrt (set MXVISION_SHARED)"
+            print(f"JSRT row skipped ({why}); README keeps its row", file=sys.stderr)
+            if JSRT_ROW in old:
+                rows.append(tuple(old[JSRT_ROW].get(h, "not measured") for h in HEADER))
+            notes.append("JSRT row kept from the previous table (not re-measured here)")
+        else:
+            jsrt, extract_seconds = jsrt_figures(work, shared.resolve())
+            rows.append(jsrt)
+            notes.append(f"JSRT extraction 154 images in {extract_seconds:.0f} s end to end "
+                         f"({154 / extract_seconds:.1f} images/s, process start included)")
+    note = (f"Measured {started} by `make figures` (`bench/figures.py`: the commands below, run "
+            f"through the CLI) on {where}: {'; '.join(notes)}.")
+    block = markdown(rows, note)
+    print(block)
+    for row in rows:
+        before = old.get(row[0])
+        if before and tuple(before.get(h) for h in HEADER) != row:
+            print(f"changed: {row[0]}: README had {list(before.values())[1:]}", file=sys.stderr)
+    if args.write:
+        rewrite_readme(block)
+        print(f"rewrote the results table in {README}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
