@@ -27,6 +27,7 @@ from mxnet.gluon import HybridBlock, nn
 from mxnet.gluon.model_zoo.vision import resnet as _zoo
 
 from mxvision.errors import MxvisionError, WeightsError
+from mxvision.models import store
 from mxvision.models.registry import register_model
 
 DEFAULT_ARCH = "resnet50_v2"
@@ -276,22 +277,29 @@ def ctx_list(ctx):
 
 
 def mxnet_reason(err):
-    """The informative last line of an MXNetError (its first line is a traceback header)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1].replace("MXNetError: ", "") if lines else "unreadable"
+    """The informative line of an MXNetError, without MXNet's C++ traceback."""
+    return store.mxnet_error_line(err)
 
 
-def load_nd_dict(path):
-    """``mx.nd.load`` a params file that must hold a name -> NDArray dict, or raise WeightsError."""
+def load_nd_dict(path, max_bytes=None):
+    """``mx.nd.load`` a params file that must hold a name -> NDArray dict, or raise WeightsError.
+
+    The file is checked before MXNet reads it (:func:`~mxvision.models.store.check_params_file`:
+    a regular file of at most ``max_bytes``, every header consistent, so MXNet never allocates
+    for a shape the file cannot hold) and its values after (no NaN/inf, no negative BatchNorm
+    variance); every failure is one line naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(path, "no such params file")
+    store.check_params_file(path, max_bytes)
     try:
         loaded = mx.nd.load(str(path))
     except mx.base.MXNetError as err:
-        raise WeightsError(path, f"not an MXNet params file ({mxnet_reason(err)})") from None
+        raise WeightsError(path, f"not an MXNet params file ({store.mxnet_error_line(err)})") from None
     if not isinstance(loaded, dict) or not loaded:
         raise WeightsError(path, "holds no named arrays; expected an MXNet params dict")
+    store.check_weight_values(loaded, path)
     return loaded
 
 

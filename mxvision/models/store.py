@@ -19,17 +19,21 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 
+import numpy as np
 from mxnet.gluon.model_zoo import model_store as _gluon_store
 
-from mxvision.errors import DownloadError, WeightsError
+from mxvision.errors import DownloadError, WeightsError, one_line
 from mxvision.io.download import download, locked_file, safe_extract_zip
+from mxvision.io.torchfile.files import open_weights_file
 from mxvision.utils import file_digest
 
 __all__ = ["register_weights", "pinned_sha1", "known_weights", "PINNED_SHA1", "PINNED_URLS",
            "short_hash", "weights_file_name", "weights_url", "cache_dir", "cached_weights_file",
-           "get_weights_file", "resolve_weights", "APACHE_REPO_URL"]
+           "get_weights_file", "resolve_weights", "APACHE_REPO_URL", "check_params_file",
+           "check_weight_values", "mxnet_error_line"]
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +254,124 @@ def resolve_weights(spec, name, root=None):
         log.warning("%s: using local weights %s (sha1 %s) without verification: its name carries "
                     "no hash", name, path, actual)
     return path
+
+
+# --------------------------------------------------------------------------- checking .params files
+# MXNet's NDArray file (src/ndarray/ndarray.cc, 1.x): uint64 0x112, uint64 reserved, uint64 count,
+# count arrays, uint64 count of names, each name as uint64 length + bytes. One dense array: uint32
+# magic (V2 0xF993FAC9, V3 0xF993FACA; V1 0xF993FAC8 and magic-less files are older), int32 storage
+# type, shape (int32 ndim + int64 dims; magic-less: the magic is ndim, dims are uint32), context
+# (two int32), int32 dtype code, then the raw data.
+PARAMS_MAGIC = 0x112
+MAX_PARAMS_BYTES = 4 << 30  # a .params file when the caller does not know the network's size
+_ND_V1, _ND_V2, _ND_V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
+_MX_ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 1, 4: 4, 5: 1, 6: 8, 7: 1, 8: 2, 9: 2, 10: 4, 11: 8, 12: 2}
+_MAX_NDIM = 32
+_MAX_NAME = 4096
+
+
+class _ParamsCursor:
+    """Reads the header fields of a .params file, never more than what is left of it."""
+
+    def __init__(self, f, size, source):
+        self.f, self.left, self.source = f, size, source
+
+    def take(self, fmt):
+        n = struct.calcsize(fmt)
+        if n > self.left:
+            raise WeightsError(self.source, "not a complete MXNet params file (it ends inside a header; "
+                               "truncated?)")
+        self.left -= n
+        return struct.unpack(fmt, self.f.read(n))
+
+    def skip(self, n, what):
+        if n > self.left:
+            raise WeightsError(self.source, "%s needs %d bytes but only %d are left in the file "
+                               "(truncated or corrupt)" % (what, n, self.left))
+        self.left -= n
+        self.f.seek(n, os.SEEK_CUR)
+
+
+def _check_array(cur, index):
+    what = "array %d" % index
+    magic, = cur.take("<I")
+    if magic in (_ND_V2, _ND_V3):
+        stype, = cur.take("<i")
+        if stype != 0:
+            raise WeightsError(cur.source, "%s is sparse (storage type %d); weights files hold dense "
+                               "arrays" % (what, stype))
+    if magic in (_ND_V1, _ND_V2, _ND_V3):
+        ndim, = cur.take("<i")
+    else:
+        ndim = magic  # the oldest layout: no magic, ndim and uint32 dims
+    if ndim == -1 and magic == _ND_V3 or ndim == 0 and magic != _ND_V3:
+        return  # an empty (none) array: nothing follows
+    if not 0 <= ndim <= _MAX_NDIM:
+        raise WeightsError(cur.source, "%s has %d dimensions (corrupt file)" % (what, ndim))
+    dims = cur.take("<%d%s" % (ndim, "q" if magic in (_ND_V1, _ND_V2, _ND_V3) else "I"))
+    if any(d < 0 for d in dims):
+        raise WeightsError(cur.source, "%s has shape %s (corrupt file)" % (what, dims))
+    _dev_type, _dev_id, dtype = cur.take("<iii")
+    if dtype not in _MX_ITEMSIZE:
+        raise WeightsError(cur.source, "%s has unknown dtype code %d (corrupt file)" % (what, dtype))
+    numel = 1
+    for d in dims:
+        numel *= d
+    cur.skip(numel * _MX_ITEMSIZE[dtype], "%s of shape %s" % (what, dims))
+
+
+def check_params_file(path, max_bytes=None, what="params file"):
+    """Check that ``path`` is an MXNet ``.params`` file whose every header is consistent, before
+    MXNet reads it: a regular file of at most ``max_bytes`` (default :data:`MAX_PARAMS_BYTES`),
+    dense arrays of known dtypes whose shapes are non-negative and whose data is in the file.
+
+    ``mx.nd.load`` trusts the headers: a shape of 2**60 elements is allocated before the data is
+    read, an ndim of 2**30 reserves gigabytes, and its errors carry MXNet's C++ traceback. Here
+    every field is read with :mod:`struct` and data is skipped with ``seek``, so nothing larger
+    than a header is ever read. Returns the number of arrays; raises a one-line WeightsError
+    (``what``: how it names the file the caller expected, e.g. "feature shard").
+    """
+    source = os.fspath(path)
+    with open_weights_file(source, MAX_PARAMS_BYTES if max_bytes is None else max_bytes, what) as f:
+        cur = _ParamsCursor(f, os.fstat(f.fileno()).st_size, source)
+        if cur.left < 24 or cur.take("<Q")[0] != PARAMS_MAGIC:
+            raise WeightsError(source, "not an MXNet params file (no 0x112 magic number)")
+        _reserved, count = cur.take("<QQ")
+        if count > cur.left // 12:
+            raise WeightsError(source, "claims %d arrays, more than the file can hold (corrupt file)" % count)
+        for index in range(count):
+            _check_array(cur, index)
+        names, = cur.take("<Q")
+        if names not in (0, count):
+            raise WeightsError(source, "holds %d arrays but %d names (corrupt file)" % (count, names))
+        for index in range(names):
+            length, = cur.take("<Q")
+            if length > _MAX_NAME:
+                raise WeightsError(source, "name %d is %d bytes long (corrupt file)" % (index, length))
+            cur.skip(length, "name %d" % index)
+    return count
+
+
+def check_weight_values(named_arrays, source):
+    """Refuse weights no training produces, naming the file and the parameter: NaN or infinite
+    values anywhere, a negative BatchNorm running variance (its square root makes every score
+    NaN; MXNet's symbolic API calls it ``moving_var``). ``named_arrays``: name -> NumPy array or NDArray."""
+    for name, value in named_arrays.items():
+        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise WeightsError(source, "parameter %s is not finite (it holds NaN or infinity); "
+                               "the weights are corrupt" % name)
+        if str(name).endswith(("running_var", "moving_var")) and array.size and array.min() < 0:
+            raise WeightsError(source, "parameter %s, a BatchNorm running variance, is negative (%g); "
+                               "the weights are corrupt" % (name, array.min()))
+
+
+def mxnet_error_line(err):
+    """What an MXNetError says went wrong, on one line, without MXNet's C++ traceback (the
+    ``Traceback``/``File ...``/``[bt]`` lines and the ``[12:00:00] file.cc:42:`` prefix)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = [line[len("MXNetError:"):].strip() for line in lines if line.startswith("MXNetError:")]
+    said += [line for line in lines
+             if not line.startswith(("Traceback", "File ", "[bt]", "Stack trace", "MXNetError:"))]
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", said[0]) if said else "unreadable"
+    return one_line(text.replace(": :", "::"), 200)

@@ -22,8 +22,9 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock
 
-from mxvision.errors import MxvisionError, WeightsError
-from mxvision.io.torchfile.reader import load_torch_file
+from mxvision.errors import MxvisionError, WeightsError, one_line
+from mxvision.io.torchfile.reader import PICKLE_ALLOWANCE, byte_limit_for, load_torch_file, open_weights_file
+from mxvision.models import store
 from mxvision.utils import file_digest
 
 log = logging.getLogger(__name__)
@@ -331,13 +332,17 @@ class XRVModel(HybridBlock):
         """{PyTorch state-dict key: Gluon structural name} for every parameter of this network."""
         return {_torch_key(name): name for name in self._collect_params_with_prefix()}
 
+    def expected_weights_bytes(self):
+        """Bytes this network's parameters take as float32: what bounds a weights file for it."""
+        return 4 * sum(int(np.prod(p.shape)) for p in self._collect_params_with_prefix().values())
+
     def load_torch_state_dict(self, state, source="weights", ctx=None):
         """Copy a PyTorch state dict (``{key: ndarray}``) into the network, exactly.
 
-        Every parameter must be present with its shape and finite values; anything else in the
-        file (besides BatchNorm's ``num_batches_tracked`` and xrv's ``op_threshs``) is refused.
-        Keys prefixed ``model.`` (torchxrayvision's ResNet wrapper) or ``module.`` (DataParallel)
-        are accepted.
+        Every parameter must be present with its shape and finite values (BatchNorm variances not
+        negative: NaN scores otherwise); anything else in the file (besides BatchNorm's
+        ``num_batches_tracked`` and xrv's ``op_threshs``) is refused. Keys prefixed ``model.``
+        (torchxrayvision's ResNet wrapper) or ``module.`` (DataParallel) are accepted.
         """
         state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_KEYS)}
         for prefix in ("module.", "model."):
@@ -361,9 +366,10 @@ class XRVModel(HybridBlock):
             if tuple(value.shape) != tuple(shape):
                 raise WeightsError(source, "tensor %s has shape %s, %s needs %s"
                                    % (key, tuple(value.shape), self.ARCH, tuple(shape)))
-            if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
-                raise WeightsError(source, "tensor %s is not finite floating point" % key)
+            if not np.issubdtype(value.dtype, np.floating):
+                raise WeightsError(source, "tensor %s is %s, not floating point" % (key, value.dtype))
             arrays[gname] = value.astype(np.float32)
+        store.check_weight_values({key: arrays[gname] for key, gname in expected.items()}, source)
         if any(p._data is None for p in params.values()):
             self.initialize(ctx=ctx, force_reinit=True)  # allocate; every value is overwritten next
         for gname, value in arrays.items():
@@ -371,26 +377,27 @@ class XRVModel(HybridBlock):
         return self
 
     def load_weights_file(self, path, ctx=None):
-        """Load a torchxrayvision ``.pt`` (converted on the fly) or a Gluon ``.params`` file."""
+        """Load a torchxrayvision ``.pt`` (converted on the fly) or a Gluon ``.params`` file, checked
+        before reading (bounded by this network's size) and after (shapes, values): one-line errors."""
         path = os.fspath(path)
         ctx = ctx or mx.cpu()
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-        except FileNotFoundError:
-            raise WeightsError(path, "no such weights file") from None
-        except OSError as err:
-            raise WeightsError(path, "cannot read the weights file (%s)" % (err.strerror or err)) from None
+        limit = byte_limit_for(self.expected_weights_bytes())
+        with open_weights_file(path, limit + PICKLE_ALLOWANCE) as f:
+            head = f.read(8)
         if head == _MX_PARAMS_MAGIC:
+            store.check_params_file(path, limit + PICKLE_ALLOWANCE)
             try:
                 # a backbone has no classifier: a full model's file carries one it leaves out
                 self.load_parameters(path, ctx=ctx, ignore_extra=self.output != "scores")
-            except (AssertionError, mx.base.MXNetError, ValueError) as err:
-                reason = " ".join(str(err).split())[:300]
-                raise WeightsError(path, "does not fit %s (%s)" % (self.ARCH, reason)) from None
+            except mx.base.MXNetError as err:
+                raise WeightsError(path, "does not fit %s (%s)" % (self.ARCH, store.mxnet_error_line(err))) from None
+            except (AssertionError, ValueError) as err:
+                raise WeightsError(path, "does not fit %s (%s)" % (self.ARCH, one_line(err, 300))) from None
+            store.check_weight_values({name: p.data() for name, p in self._collect_params_with_prefix().items()},
+                                      path)
             kind = "Gluon params"
         else:
-            self.load_torch_state_dict(load_torch_file(path), source=path, ctx=ctx)
+            self.load_torch_state_dict(load_torch_file(path, max_bytes=limit), source=path, ctx=ctx)
             kind = "torchxrayvision .pt"
         self.weights_info = {"spec": path, "file": path, "sha1": file_digest(path, "sha1"),
                              "description": "%s weights from %s (%s)" % (self.ARCH, path, kind)}

@@ -10,7 +10,7 @@ tensor by tensor against the network, and saved as Gluon ``.params`` in the weig
 * torchxrayvision publishes **no checksums**, so the downloaded ``.pt`` cannot be checked against
   a known hash. Its sha256 as downloaded is recorded in the sidecar (trust on first use), and its
   *content* must match the architecture exactly: every expected tensor present with the right
-  shape, nothing unexpected, all values finite.
+  shape, nothing unexpected, all values finite, no negative BatchNorm variance.
 * the converted ``.params`` is verified against the sha256 recorded in its sidecar every time it
   is loaded; a mismatch (corruption, a changed file) means it is converted again from a fresh
   download. Its sha1 is also registered with the weights store, so the pipeline's ``--weights
@@ -29,7 +29,7 @@ from mxvision.errors import DownloadError, WeightsError
 from mxvision.io.download import download, locked_file
 from mxvision.utils import file_digest, read_json, write_json
 from mxvision.models import store
-from mxvision.io.torchfile.reader import load_torch_file
+from mxvision.io.torchfile.reader import byte_limit_for, load_torch_file
 from mxvision.models.registry import get_model_config, is_registered, register_model
 from mxvision.models.xrv.common import BASE_URL_ENV, WEIGHTS, XRVWeights, get_weights_spec
 from mxvision.runtime import parse_ctx
@@ -209,7 +209,8 @@ def _download_and_convert(spec, folder, progress, retries, timeout, backoff):
         src_bytes = os.path.getsize(src)
         net = build_model(spec)
         try:
-            net.load_torch_state_dict(load_torch_file(src), source=url)
+            limit = byte_limit_for(net.expected_weights_bytes())
+            net.load_torch_state_dict(load_torch_file(src, max_bytes=limit), source=url)
         except WeightsError as err:
             raise WeightsError(spec.name, "the file from %s is not usable: %s" % (url, err.problem)) from None
         fd, tmp = tempfile.mkstemp(prefix=".%s." % spec.name, suffix=".params.tmp", dir=folder)
