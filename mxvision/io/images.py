@@ -62,6 +62,7 @@ import cv2
 import numpy as np
 
 from mxvision.errors import BadImage
+from mxvision.utils import READ_FLAGS, file_kind
 from mxvision.io.dicom import read_dicom
 from mxvision.io.quiet_decode import imdecode
 from mxvision.io.headers import (
@@ -151,20 +152,6 @@ def dicom_tags(path) -> dict:
 
 
 # --------------------------------------------------------------------------- reading and sniffing
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) \
-    | getattr(os, "O_CLOEXEC", 0)
-
-
-def _file_kind(mode) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def _read_bytes(path) -> bytes:
     """Read the whole file, turning every OS failure into a one-line BadImage.
 
@@ -175,7 +162,7 @@ def _read_bytes(path) -> bytes:
     failed under ``ulimit -v``.
     """
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(path, READ_FLAGS)
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
     except IsADirectoryError:
@@ -191,7 +178,7 @@ def _read_bytes(path) -> bytes:
         if stat.S_ISDIR(info.st_mode):
             raise BadImage(path, "is a directory, not an image file")
         if not stat.S_ISREG(info.st_mode):
-            raise BadImage(path, f"is {_file_kind(info.st_mode)}, not an image file")
+            raise BadImage(path, f"is {file_kind(info.st_mode)}, not an image file")
         if info.st_size > MAX_FILE_BYTES:
             raise BadImage(path, f"file is {info.st_size} bytes, over the limit of "
                                  f"{MAX_FILE_BYTES} bytes for one image")

@@ -22,25 +22,12 @@ import zipfile
 import zlib
 
 from mxvision.errors import WeightsError, one_line
+from mxvision.utils import READ_FLAGS, file_kind
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) \
-    | getattr(os, "O_CLOEXEC", 0)
 _CHUNK = 1 << 20
 _READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError,
                    NotImplementedError, RuntimeError, struct.error, OverflowError)
-
-
-def _kind(mode):
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def _cannot_open(source, err, what):
@@ -63,7 +50,7 @@ def open_weights_file(path, max_file_bytes, what="weights file"):
     """
     source = os.fspath(path)
     try:
-        fd = os.open(source, _OPEN_FLAGS)
+        fd = os.open(source, READ_FLAGS)
     except ValueError:  # a NUL byte in the name
         raise WeightsError(one_line(repr(source), 200), "invalid file name") from None
     except OSError as err:
@@ -71,7 +58,7 @@ def open_weights_file(path, max_file_bytes, what="weights file"):
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise WeightsError(source, "is %s, not a %s" % (_kind(info.st_mode), what))
+            raise WeightsError(source, "is %s, not a %s" % (file_kind(info.st_mode), what))
         if info.st_size > max_file_bytes:
             raise WeightsError(source, "the file is %.1f MB, more than the %.1f MB expected of this %s "
                                "(the wrong file, or a hostile one)" % (info.st_size / 1e6, max_file_bytes / 1e6, what))
