@@ -29,7 +29,7 @@ import numpy as np
 from mxvision.data import transforms
 from mxvision.data.folder import expand_images
 from mxvision.data.xrv_transforms import load_xray, preprocess
-from mxvision.errors import BadImage
+from mxvision.errors import BadImage, BadRun
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
@@ -60,6 +60,9 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     def flush():
         if batch:
             probs = net(mx.nd.array(np.stack([img for _, img in batch]), ctx=ctx)).asnumpy()
+            if not np.isfinite(probs).all():  # finite parameters can still overflow
+                raise BadRun(Path(run_dir) / "best.params", "gives non-finite probabilities (NaN or "
+                                                            "infinity); its parameters are corrupt")
             for (path, _), p in zip(batch, probs):
                 results.append({"path": str(path), "probabilities": dict(zip(classes, map(float, p))),
                                 "predicted": classes[int(p.argmax())]})

@@ -26,11 +26,12 @@ own, silently. The index is not the place to guess which spelling was meant.
 import csv
 import io
 import os
+import stat
 
 import numpy as np
 
 from mxvision.errors import BadIndex
-from mxvision.utils import atomic_path
+from mxvision.utils import READ_FLAGS, atomic_path, file_kind
 
 REQUIRED_COLUMNS = ("path", "label")
 #: The optional columns the pipeline understands, written right after the required ones.
@@ -40,8 +41,9 @@ SPLITS = ("train", "val", "test")
 XVISION_CLASSES = ("normal", "nodule")
 #: Longest accepted image path (Linux PATH_MAX); longer ones cannot be opened anyway.
 MAX_PATH_CHARS = 4096
-#: Largest index CSV read (NIH ChestX-ray14's 112,120 rows take 8 MB; 1 GiB is 100x CheXpert).
-MAX_INDEX_BYTES = 1 << 30
+#: Largest index CSV read (NIH ChestX-ray14's 112,120 rows take 8 MB, CheXpert's 224,316 rows
+#: 30 MB; the rows of 256 MiB already take several GB as Python records).
+MAX_INDEX_BYTES = 256 << 20
 #: Labels (compared lower-cased) that are a missing value written as text, not a class.
 MISSING_LABELS = ("nan",)
 
@@ -252,6 +254,40 @@ def _inside(path, folder):
         return False
 
 
+def _read_capped(csv_path):
+    """The text of an index CSV, refusing before reading what no index is: a folder, a device,
+    FIFO or socket (``/dev/zero`` would be read to the cap, a FIFO would block forever), a file
+    over :data:`MAX_INDEX_BYTES`, text that is not UTF-8. The file is opened non-blocking and
+    checked with ``fstat`` on the open descriptor, so it cannot be swapped after the check."""
+    try:
+        fd = os.open(csv_path, READ_FLAGS)
+    except FileNotFoundError:
+        raise BadIndex(csv_path, "no such index CSV") from None
+    except IsADirectoryError:
+        raise BadIndex(csv_path, "is a folder, expected an index CSV file") from None
+    except OSError as err:
+        raise BadIndex(csv_path, f"cannot read ({err.strerror or err})") from None
+    info = os.fstat(fd)
+    too_big = BadIndex(csv_path, f"larger than {MAX_INDEX_BYTES} bytes; not an index CSV?")
+    problem = ("is a folder, expected an index CSV file" if stat.S_ISDIR(info.st_mode) else
+               f"not a regular file ({file_kind(info.st_mode)}); expected an index CSV"
+               if not stat.S_ISREG(info.st_mode) else None)
+    if problem or info.st_size > MAX_INDEX_BYTES:
+        os.close(fd)
+        raise BadIndex(csv_path, problem) if problem else too_big
+    with open(fd, "rb") as f:
+        try:
+            data = f.read(MAX_INDEX_BYTES + 1)  # the file may have grown since fstat
+        except OSError as err:
+            raise BadIndex(csv_path, f"cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_INDEX_BYTES:
+        raise too_big
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadIndex(csv_path, "not UTF-8 text; expected an index CSV") from None
+
+
 def read_index(csv_path, check_files=False, classes=None):
     """Read and validate an index CSV; relative paths are resolved against the CSV's folder.
 
@@ -259,23 +295,7 @@ def read_index(csv_path, check_files=False, classes=None):
     many are missing. ``classes`` fixes the label order (e.g. that of a trained model).
     """
     csv_path = os.path.abspath(os.fspath(csv_path))
-    if os.path.isdir(csv_path):
-        raise BadIndex(csv_path, "is a folder, expected an index CSV file")
-    too_big = BadIndex(csv_path, f"larger than {MAX_INDEX_BYTES} bytes; not an index CSV?")
-    try:
-        if os.path.isfile(csv_path) and os.path.getsize(csv_path) > MAX_INDEX_BYTES:
-            raise too_big
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # may be a pipe: cap the read
-            text = f.read(MAX_INDEX_BYTES + 1)
-        if len(text) > MAX_INDEX_BYTES:
-            raise too_big
-    except FileNotFoundError:
-        raise BadIndex(csv_path, "no such index CSV") from None
-    except UnicodeDecodeError:
-        raise BadIndex(csv_path, "not UTF-8 text; expected an index CSV") from None
-    except OSError as err:
-        raise BadIndex(csv_path, f"cannot read ({err.strerror or err})") from None
-
+    text = _read_capped(csv_path)
     reader = csv.reader(io.StringIO(text, newline=""))
     records, lines = [], []
     try:

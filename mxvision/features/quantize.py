@@ -41,8 +41,9 @@ from mxnet.gluon import HybridBlock
 from mxvision.data import transforms
 from mxvision.data.folder import IMAGE_SUFFIXES
 from mxvision.runtime import parse_ctx
-from mxvision.errors import BadRun, MxvisionError
+from mxvision.errors import BadRun, MxvisionError, one_line
 from mxvision.models import zoo
+from mxvision.models.store import check_params_file, check_weight_values, mxnet_error_line
 from mxvision.utils import atomic_path, file_digest, write_json
 
 log = logging.getLogger(__name__)
@@ -223,15 +224,42 @@ def save(folder, dtype, sym, arg, aux, info):
     return info
 
 
+_INFO_KEYS = ("dtype", "symbol", "params", "symbol_sha1", "params_sha1")
+
+
+def info_problem(info):
+    """Why a converted network's record (``backbone-int8.json``, or the ``precision`` a manifest
+    or a run's config copies from it) cannot be used, or None: it must be an object whose
+    file names are plain names inside its folder and whose checksums are strings."""
+    if not isinstance(info, dict):
+        return "is not a JSON object"
+    bad = [k for k in _INFO_KEYS if not isinstance(info.get(k), str)]
+    if bad:
+        return f"lacks {', '.join(bad)} (or holds another type)"
+    for key in ("symbol", "params"):
+        if os.path.basename(info[key]) != info[key] or info[key] in ("", ".", ".."):
+            return f"its {key} {info[key][:60]!r} is not a file name inside its folder"
+    return None
+
+
 def find(folder, dtype, key):
-    """The recorded info of a converted network in ``folder`` with this ``key`` and intact files."""
+    """The recorded info of a converted network in ``folder`` with this ``key`` and intact files.
+
+    A cache entry is only a cache: one that is unreadable, malformed (warned about, naming the
+    file), of another key or whose files changed is passed over, and the caller converts again
+    (and overwrites it)."""
     folder = Path(folder)
     info_file = folder / file_names(dtype)[2]
     if not info_file.is_file():
         return None
     try:
         info = json.loads(info_file.read_text())
-    except ValueError:
+    except (ValueError, RecursionError, OSError) as err:
+        log.warning("%s: unreadable (%s); converting again", info_file, one_line(err, 80))
+        return None
+    problem = info_problem(info)
+    if problem:
+        log.warning("%s: %s; converting again", info_file, problem)
         return None
     if info.get("key") != key:
         return None
@@ -242,8 +270,15 @@ def find(folder, dtype, key):
 
 
 def load_block(folder, info, ctx):
-    """The converted network as a Gluon SymbolBlock (input ``data``), hybridized."""
+    """The converted network as a Gluon SymbolBlock (input ``data``), hybridized.
+
+    ``info`` comes from a manifest or a run's config: it is checked (:func:`info_problem`), its
+    files against their sha1, the params file's headers before MXNet reads it, and the loaded
+    values must be finite; one line naming the file otherwise."""
     folder = Path(folder)
+    problem = info_problem(info)
+    if problem:
+        raise BadRun(folder, f"the record of its converted backbone (precision) {problem}")
     if ctx.device_type != "cpu":
         raise MxvisionError(f"{info['dtype']} backbone", "runs on the CPU only; use --ctx cpu")
     for name, sha in ((info["symbol"], info["symbol_sha1"]), (info["params"], info["params_sha1"])):
@@ -252,10 +287,17 @@ def load_block(folder, info, ctx):
             raise BadRun(path, f"the {info['dtype']} backbone of these features is missing")
         if file_digest(path, "sha1") != sha:
             raise BadRun(path, f"the {info['dtype']} backbone changed since the features were extracted")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Cannot decide type for ... data": it is float32
-        block = gluon.SymbolBlock.imports(str(folder / info["symbol"]), ["data"],
-                                          str(folder / info["params"]), ctx=ctx)
+    check_params_file(folder / info["params"])  # every array inside the file, before MXNet reads it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Cannot decide type for ... data": it is float32
+            block = gluon.SymbolBlock.imports(str(folder / info["symbol"]), ["data"],
+                                              str(folder / info["params"]), ctx=ctx)
+    except (mx.base.MXNetError, ValueError, AssertionError, KeyError) as err:
+        reason = mxnet_error_line(err) if isinstance(err, mx.base.MXNetError) else one_line(err, 160)
+        raise BadRun(folder / info["symbol"], f"does not load with its parameters ({reason})") from None
+    check_weight_values({name: param.data().astype("float32") for name, param in
+                         block.collect_params().items()}, str(folder / info["params"]))
     return block
 
 

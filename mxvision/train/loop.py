@@ -245,15 +245,22 @@ def plot_training_curve(history, path, best_epoch=None):
 
 
 def load_head(run_dir, ctx=None, epoch=None):
-    """The trained head of a run (best epoch unless ``epoch`` is given), ready for inference."""
+    """The trained head of a run (best epoch unless ``epoch`` is given), ready for inference.
+
+    The run's files are checked as they are read: ``config.json`` and ``state.json``
+    (:func:`mxvision.train.runs.load_run`), then the parameters, whose names, shapes and dtypes
+    must be those of the head the config describes (its shapes inferred from the config's
+    feature shape, without allocating weights) and whose values must be finite
+    (:func:`mxvision.train.runs.load_parameters`); any problem is one line naming the file.
+    """
     run_dir = Path(run_dir)
     config, _ = runs.load_run(run_dir)
     ctx = parse_ctx(ctx)
-    head = XvisionHead(classes=len(config["features"]["classes"]), hidden=config["hyper"]["hidden"])
+    features = config["features"]
+    head = XvisionHead(classes=len(features["classes"]), hidden=config["hyper"]["hidden"])
+    head.infer_shape(mx.nd.zeros((1,) + tuple(features["feature_shape"])))
     params = run_dir / runs.BEST if epoch is None else runs.checkpoint_path(run_dir, epoch, "params")
-    if not params.is_file():
-        raise BadRun(params, "no such checkpoint")
-    head.load_parameters(str(params), ctx=ctx)
+    runs.load_parameters(head, params, ctx)
     return head, config
 
 

@@ -24,13 +24,27 @@ The nodule detector (:mod:`mxvision.audit.detector`) keeps the same files with `
 
 An epoch (step) counts as finished only once its checkpoint and then ``state.json`` are written,
 each file atomically, so a run killed at any moment resumes from its last finished epoch.
+
+A run folder may come from someone else's disk, so everything read back is checked before use,
+and a bad file is refused in one line naming it (:class:`~mxvision.errors.BadRun`): ``config.json``
+and ``state.json`` (:func:`check_config`, :func:`check_state`: keys, types, ranges, the last
+epoch within the epochs the config plans), parameter files (:func:`load_parameters`: names,
+shapes and dtypes from the file's headers before MXNet reads it, then finite values) and the
+optimizer state (:mod:`mxvision.train.optim_state`).
 """
 import csv
 import math
 import shutil
+import stat
 from pathlib import Path
 
-from mxvision.errors import BadRun
+import mxnet as mx
+import numpy as np
+
+from mxvision.errors import BadRun, one_line
+from mxvision.features.store import (COMPUTE_DTYPES, check_json_keys, json_is, json_type_name,
+                                     valid_classes, valid_feature_shape)
+from mxvision.models.store import check_params_file, check_weight_values, mxnet_error_line
 from mxvision.train.optim_state import load_trainer_states, save_trainer_states
 from mxvision.utils import atomic_path, clean_stale_temps, read_json, write_json
 
@@ -40,6 +54,10 @@ LOG_CSV, LOG_JSON, CURVE, CHECKPOINTS = "log.csv", "log.json", "training_curve.p
 DIGITS = {"epoch": 4, "step": 6}
 # Head settings that must not change when a run is resumed (epochs may grow).
 FIXED_SETTINGS = ("lr", "batch_size", "momentum", "wd", "seed", "hidden")
+#: Largest config.json / state.json read (a run's are a few kB).
+MAX_JSON_BYTES = 64 << 20
+#: Widest hidden layer a head may have (the Xvision head has 512).
+MAX_HIDDEN = 1 << 16
 
 
 # --- paths and folders ---------------------------------------------------------------------------
@@ -91,20 +109,160 @@ def load_or_start(run_dir, config, resume, changed=settings_changed, kind="run",
     has the same settings, else ``fresh`` (default :func:`new_state`).
 
     ``changed(old_config, config)`` names the settings that differ; any is refused, since
-    resuming would mix two runs' epochs.
+    resuming would mix two runs' epochs. The old ``config.json`` and ``state.json`` are checked
+    first (:func:`check_config`, :func:`check_state`; for a ``fresh`` state counting steps, only
+    their shape), so a damaged or edited file is refused in one line, never half-used.
     """
     run_dir = Path(run_dir)
+    fresh = new_state() if fresh is None else fresh
     if not (resume and (run_dir / STATE).exists()):
-        return new_state() if fresh is None else fresh
-    try:
-        old = read_json(run_dir / CONFIG)
-    except (OSError, ValueError):
-        raise BadRun(run_dir / CONFIG, "unreadable; use a new --out or --no-resume") from None
+        return fresh
+    unit = "step" if "last_step" in fresh else "epoch"
+    hint = "; use a new --out or --no-resume"
+    old = read_run_json(run_dir / CONFIG, hint)
+    if unit == "epoch":
+        check_config(old, run_dir / CONFIG, hint)
+    elif check_json_keys(old, {"hyper": dict}, "the config") or \
+            not (json_is(old["hyper"].get("steps"), int) and old["hyper"]["steps"] >= 1):
+        raise BadRun(run_dir / CONFIG, f"lacks hyper's steps (a positive integer){hint}")
     different = changed(old, config)
     if different:
         raise BadRun(run_dir, f"holds a {kind} with other settings ({', '.join(different)}); "
                               "use a new --out or --no-resume")
-    return read_json(run_dir / STATE)
+    state = check_state(read_run_json(run_dir / STATE, hint), run_dir / STATE, planned_count(old, unit),
+                        unit, hint)
+    wanted = planned_count(config, unit)
+    if state[f"last_{unit}"] > wanted:  # the loop would do nothing, and config.json say `wanted`
+        raise BadRun(run_dir, f"holds a {kind} of {state[f'last_{unit}']} {unit}s already, more than "
+                              f"the {wanted} asked for; ask for at least as many, or use a new --out "
+                              "or --no-resume")
+    return state
+
+
+# --- checking what is read back ------------------------------------------------------------------
+
+def read_run_json(path, hint=""):
+    """The JSON object in a run's ``config.json`` or ``state.json``; BadRun naming the file when it
+    is missing, not a regular file, oversized, not JSON or not an object (``hint`` ends the message)."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError:
+        raise BadRun(path, f"missing{hint}") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JSON_BYTES:
+        raise BadRun(path, f"not a regular file of at most {MAX_JSON_BYTES} bytes{hint}")
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise BadRun(path, f"unreadable ({one_line(err, 100)}){hint}") from None
+    if not isinstance(obj, dict):
+        raise BadRun(path, f"holds {json_type_name(type(obj))}, expected an object{hint}")
+    return obj
+
+
+_FEATURES_KEYS = {"features_dir": str, "backbone": str, "cut": str, "weights": dict,
+                  "preprocessing": dict, "feature_shape": list, "classes": list}
+
+
+def check_config(config, path, hint=""):
+    """Refuse (BadRun naming ``path``) a head or fine-tuning run's ``config.json`` that lacks a key
+    the readers use or holds a wrong type or an impossible value; return ``config``."""
+    problem = check_json_keys(config, {"features": dict, "hyper": dict, "splits": dict}, "the config") or \
+        check_json_keys(config["features"], _FEATURES_KEYS, "features") or \
+        check_json_keys(config["features"]["weights"], {"sha1": str, "description": str},
+                        "features' weights") or \
+        check_json_keys(config["features"]["preprocessing"], {"name": str}, "features' preprocessing") or \
+        check_json_keys(config["hyper"], {"epochs": int, "hidden": int}, "hyper") or \
+        check_json_keys(config["splits"], {"train": str, "val": str}, "splits")
+    if not problem:
+        features, hyper = config["features"], config["hyper"]
+        tune = config.get("finetune", {"epochs": 1})
+        if not valid_feature_shape(features["feature_shape"]):
+            problem = "features' feature_shape is not 1 to 3 positive sizes"
+        elif not valid_classes(features["classes"]) or len(features["classes"]) < 2:
+            problem = "features' classes are not two or more distinct names"
+        elif not (1 <= hyper["hidden"] <= MAX_HIDDEN and hyper["epochs"] >= 1):
+            problem = f"hyper's hidden (1 to {MAX_HIDDEN}) or epochs (at least 1) is out of range"
+        elif features["weights"].get("file") is not None and not json_is(features["weights"]["file"], str):
+            problem = "features' weights file is not a string"
+        elif features.get("dtype", "float32") not in COMPUTE_DTYPES or \
+                not json_is(features.get("pooled", False), bool) or \
+                not json_is(features.get("precision"), (dict, type(None))):
+            problem = f"features' dtype (one of {', '.join(COMPUTE_DTYPES)}), pooled or precision is malformed"
+        elif not (isinstance(tune, dict) and json_is(tune.get("epochs"), int) and tune["epochs"] >= 1):
+            problem = "finetune's epochs is not a positive integer"
+    if problem:
+        raise BadRun(path, f"{problem}; not a valid run config{hint}")
+    return config
+
+
+def planned_count(config, unit="epoch"):
+    """How many epochs (steps) a run's ``config.json`` plans: its last epoch can be no later."""
+    if unit == "step":
+        return config["hyper"]["steps"]
+    return config["finetune"]["epochs"] if "finetune" in config else config["hyper"]["epochs"]
+
+
+def check_state(state, path, planned, unit="epoch", hint=""):
+    """Refuse (BadRun naming ``path``) a ``state.json`` whose last epoch (step) is not a whole number
+    from 0 to ``planned`` (what its config plans), whose history rows are not objects numbered 1 to
+    the last (for epochs, with numbers ``val_auc`` and ``val_loss``, which pick the best), or whose
+    best epoch (step) is not in its history; return ``state``."""
+    last, best = f"last_{unit}", f"best_{unit}"
+    problem = check_json_keys(state, {last: int, "history": list}, "the state")
+    if not problem and not 0 <= state[last] <= planned:
+        problem = f"{last} {state[last]} is not from 0 to {planned}, the {unit}s its config.json plans"
+    if not problem:
+        rows = state["history"]
+        scores = ("val_auc", "val_loss") if unit == "epoch" else ()
+        numbers = [r.get(unit) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(r, dict) and json_is(n, int) and 1 <= n <= state[last] and
+                   all(json_is(r.get(s), (int, float)) for s in scores) for r, n in zip(rows, numbers)):
+            problem = f"history rows are not objects with {unit} 1 to {state[last]}" + \
+                (" and numbers val_auc, val_loss" if scores else "")
+        elif state.get(best) is not None and state.get(best) not in numbers:
+            problem = f"{best} {one_line(state.get(best), 40)} is not one of the {unit}s in its history"
+    if problem:
+        raise BadRun(path, f"{problem}; not a valid run state{hint}")
+    return state
+
+
+def load_parameters(block, path, ctx):
+    """Load ``block``'s parameters from ``path`` (what ``save_parameters`` wrote), refusing with
+    one line naming the file what would otherwise fail deep inside MXNet or give NaN output.
+
+    The file's headers are checked before MXNet reads it (a regular file whose every array lies
+    inside it: :func:`mxvision.models.store.check_params_file`), so nothing larger than the file
+    is allocated; the arrays must then be exactly the block's parameters, with their shapes (0 in
+    a deferred shape matches any size) and dtypes, and hold finite values (and no negative
+    BatchNorm variance: :func:`mxvision.models.store.check_weight_values`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadRun(path, "no such parameters file")
+    check_params_file(path)
+    try:
+        loaded = mx.nd.load(str(path))
+    except mx.base.MXNetError as err:
+        raise BadRun(path, f"not a parameters file ({mxnet_error_line(err)})") from None
+    if not isinstance(loaded, dict):
+        raise BadRun(path, "holds unnamed arrays; not a parameters file")
+    params = block._collect_params_with_prefix()  # the structural names save_parameters writes
+    missing, extra = sorted(set(params) - set(loaded)), sorted(set(loaded) - set(params))
+    if missing or extra:
+        raise BadRun(path, "does not fit the network: " + "; ".join(
+            f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra)) if names))
+    for name, param in params.items():
+        found, want = loaded[name], tuple(param.shape or ())
+        dtype, found_dtype = np.dtype(param.dtype).name, np.dtype(found.dtype).name
+        if found_dtype != dtype or len(found.shape) != len(want) or \
+                any(w not in (0, d) for w, d in zip(want, found.shape)):
+            raise BadRun(path, f"parameter {name} is {found_dtype} {found.shape}; the network needs "
+                               f"{dtype} {want}")
+    check_weight_values(loaded, str(path))
+    for name, param in params.items():
+        param._load_init(loaded[name], ctx)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -123,7 +281,7 @@ def load_checkpoint(run_dir, number, blocks, trainer, ctx, unit="epoch"):
     """Restore what :func:`save_checkpoint` wrote for epoch (step) ``number`` into ``blocks`` and
     ``trainer``; ``ctx`` a context or a list of them."""
     for ext, block in blocks.items():
-        block.load_parameters(str(checkpoint_path(run_dir, number, ext, unit)), ctx=ctx)
+        load_parameters(block, checkpoint_path(run_dir, number, ext, unit), ctx)
     load_trainer_states(trainer, checkpoint_path(run_dir, number, "states", unit))
 
 
@@ -227,9 +385,13 @@ def write_log(run_dir, history, columns=None, float_format=None, with_json=True)
 # --- reading a run -------------------------------------------------------------------------------
 
 def load_run(run_dir):
-    """``(config, state)`` of a finished (or partial) run. Refuses a folder without
-    ``config.json`` or ``best.params`` (no epoch finished there) with a clear error."""
+    """``(config, state)`` of a finished (or partial) run, both checked (:func:`check_config`,
+    :func:`check_state`). Refuses a folder without ``config.json`` or ``best.params`` (no epoch
+    finished there) with a clear error."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file() or not (run_dir / BEST).is_file():
+    if not (run_dir / CONFIG).exists() or not (run_dir / BEST).exists():
         raise BadRun(run_dir, "not a training run (no config.json/best.params); run `mxvision train` first")
-    return read_json(run_dir / CONFIG), read_json(run_dir / STATE)
+    if not (run_dir / BEST).is_file():
+        raise BadRun(run_dir / BEST, "not a regular file; expected the best epoch's parameters")
+    config = check_config(read_run_json(run_dir / CONFIG), run_dir / CONFIG)
+    return config, check_state(read_run_json(run_dir / STATE), run_dir / STATE, planned_count(config))

@@ -144,3 +144,41 @@ def test_every_stored_row_is_the_backbone_applied_to_its_own_image(synth_index, 
     for row, image_id in enumerate(ids):
         one = net(mx.nd.array(transforms.load_image(paths[image_id], preset)[None])).asnumpy()[0]
         np.testing.assert_allclose(x[row], one, rtol=1e-4, atol=1e-5, err_msg=image_id)
+
+
+def test_a_malformed_conversion_cache_entry_is_passed_over_with_a_warning(tmp_path, caplog):
+    """A cached INT8 backbone is only a cache: a damaged record is named in a warning and
+    converted again (overwritten), never a traceback; load_block, which must use the store's own
+    record, refuses it instead (tests/test_tampered.py)."""
+    import json
+    from mxvision.features import quantize
+    info_file = tmp_path / quantize.file_names("int8")[2]
+    good = {"key": "k", "dtype": "int8", "symbol": "s.json", "params": "p.params", "symbol_sha1": "0",
+            "params_sha1": "0"}
+    for content, problem in [("{", "unreadable"), ("[1]", "is not a JSON object"),
+                             (json.dumps({"key": "k"}), "lacks dtype, symbol"),
+                             (json.dumps(dict(good, symbol="../../s.json")), "not a file name inside")]:
+        info_file.write_text(content)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert quantize.find(tmp_path, "int8", "k") is None
+        assert problem in caplog.text and str(info_file) in caplog.text
+
+
+def test_missing_images_of_a_large_index_are_counted_at_once(tmp_path, caplog):
+    """Every path is stat-ed before a backbone is built (a record counts as present when its pack
+    is): a large index hears at once how many files are missing, and one with none refuses."""
+    from mxvision.data.index import Index
+    from mxvision.features.extract import LARGE_INDEX, check_images_exist, missing_images
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "pack.rec").write_bytes(b"x")
+    assert missing_images([str(tmp_path / "a.png"), f"{tmp_path}/pack.rec#3", f"{tmp_path}/gone.rec#1",
+                           str(tmp_path / "b.png")]) == [f"{tmp_path}/gone.rec#1", str(tmp_path / "b.png")]
+    rows = [{"path": "a.png", "label": "normal"}] + \
+        [{"path": f"img/{i}.png", "label": "nodule"} for i in range(LARGE_INDEX - 1)]
+    with caplog.at_level("WARNING"):
+        check_images_exist(Index(rows, tmp_path))
+    assert f"{LARGE_INDEX - 1} of {LARGE_INDEX} image files are missing (first: {tmp_path / 'img' / '0.png'})" \
+        in caplog.text
+    with pytest.raises(BadIndex, match=f"none of the {LARGE_INDEX - 1} image files exist"):
+        check_images_exist(Index(rows[1:], tmp_path, source="index.csv"))

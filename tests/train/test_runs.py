@@ -41,14 +41,24 @@ def test_pruning_keeps_the_newest_of_this_run_and_leaves_the_rest(tmp_path):
     assert _names(tmp_path) == [".epoch-0001.params.abc.tmp", "step-000002.states"]
 
 
+def _config(features_dir="/f", **hyper):
+    """A head run's config.json with what runs.check_config requires."""
+    return {"features": {"features_dir": features_dir, "backbone": "resnet18_v2", "cut": "stage4",
+                         "weights": {"file": None, "sha1": "0", "description": "random"},
+                         "preprocessing": {"name": "imagenet224"}, "feature_shape": [8],
+                         "classes": ["normal", "nodule"]},
+            "hyper": dict(dict.fromkeys(runs.FIXED_SETTINGS, 1), epochs=5, **hyper),
+            "splits": {"train": "train", "val": "val"}}
+
+
 def test_resuming_refuses_other_settings_and_an_unreadable_config(tmp_path):
-    config = {"features": {"features_dir": "/f"}, "hyper": dict.fromkeys(runs.FIXED_SETTINGS, 1)}
+    config = _config()
     assert runs.load_or_start(tmp_path, config, resume=True) == runs.new_state()  # nothing to resume
     (tmp_path / runs.CONFIG).write_text(json.dumps(config))
     (tmp_path / runs.STATE).write_text(json.dumps(dict(runs.new_state(), last_epoch=3)))
     assert runs.load_or_start(tmp_path, config, resume=True)["last_epoch"] == 3
     assert runs.load_or_start(tmp_path, config, resume=False)["last_epoch"] == 0
-    other = {"features": {"features_dir": "/g"}, "hyper": dict(config["hyper"], lr=2)}
+    other = _config("/g", lr=2)
     with pytest.raises(BadRun, match=r"holds a run with other settings \(lr, features\)"):
         runs.load_or_start(tmp_path, other, resume=True)
     (tmp_path / runs.CONFIG).write_text("{")
@@ -88,4 +98,27 @@ def test_load_run_needs_a_config_and_a_best_head(tmp_path):
         runs.load_run(tmp_path)
     (tmp_path / runs.BEST).write_bytes(b"")
     (tmp_path / runs.STATE).write_text(json.dumps(runs.new_state()))
-    assert runs.load_run(tmp_path) == ({}, runs.new_state())
+    (tmp_path / runs.CONFIG).write_text(json.dumps(_config()))
+    assert runs.load_run(tmp_path) == (_config(), runs.new_state())
+
+
+def test_a_run_of_steps_resumes_only_from_a_state_its_config_could_have_written(tmp_path):
+    fresh = {"last_step": 0, "history": [], "best_step": None, "threshold": None}
+    config = {"hyper": {"steps": 100}}
+    same = lambda old, new: []  # noqa: E731
+    (tmp_path / runs.CONFIG).write_text(json.dumps(config))
+    state = dict(fresh, last_step=50, history=[{"step": 50, "loss": 0.1}], best_step=50)
+    (tmp_path / runs.STATE).write_text(json.dumps(state))
+    assert runs.load_or_start(tmp_path, config, True, changed=same, fresh=fresh) == state
+    with pytest.raises(BadRun, match="holds a run of 50 steps already, more than the 40 asked for"):
+        runs.load_or_start(tmp_path, {"hyper": {"steps": 40}}, True, changed=same, fresh=fresh)
+    for bad_state, problem in [(dict(state, last_step=10 ** 9), "last_step 1000000000 is not from 0 to 100"),
+                               (dict(state, best_step=7), "best_step 7 is not one of the steps in its history"),
+                               (dict(state, history=[{"step": "50"}]), "history rows are not objects"),
+                               ([state], "holds a list")]:
+        (tmp_path / runs.STATE).write_text(json.dumps(bad_state))
+        with pytest.raises(BadRun, match=problem):
+            runs.load_or_start(tmp_path, config, True, changed=same, fresh=fresh)
+    (tmp_path / runs.CONFIG).write_text(json.dumps({"hyper": {"steps": "100"}}))
+    with pytest.raises(BadRun, match="config.json: lacks hyper's steps"):
+        runs.load_or_start(tmp_path, config, True, changed=same, fresh=fresh)
