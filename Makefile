@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test figures clean
+.PHONY: setup setup-parity demo test figures clean
 
 $(BIN)/.mxvision-installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,22 @@ $(BIN)/.mxvision-installed: setup.py pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
 	touch $@
 
+# The parity suite (tests/parity) against torchxrayvision itself: the CPU torch 2.13.0 (extra
+# `parity`), then torchxrayvision without its dependencies, as its torchvision would pull a CUDA
+# torch of several GB (what it imports is in the extra). Only `make test` needs it, not the demo.
+$(BIN)/.parity-installed: $(BIN)/.mxvision-installed
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,parity]'
+	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision==1.5.7
+	touch $@
+
 setup: $(BIN)/.mxvision-installed
+
+setup-parity: $(BIN)/.parity-installed
 
 demo: setup
 	$(BIN)/mxvision demo --out mxvision-demo
 
-test: setup
+test: setup setup-parity
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # rerun the commands behind README's results table and rewrite it (JSRT row: needs ../shared)

@@ -68,10 +68,14 @@ setup(
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         "onnx": ["onnx<1.15", "onnxruntime"],
-        # The optional parity suite against torchxrayvision itself (tests/parity). torchvision and
-        # torchxrayvision must then be added with --no-deps (see README): as dependencies they
-        # would pull a CUDA torch of several GB. scikit-image 0.25 needs NumPy >= 1.24.
-        "parity": ["torch==2.13.0", "scikit-image<0.25", "imageio"],
+        # The parity suite against torchxrayvision itself (tests/parity; `make setup-parity`, part
+        # of `make test`, installs it).
+        # torch==2.13.0 is the CPU wheel lying on the project's machines (any other torch from PyPI
+        # is a CUDA build of several GB; it needs Python >= 3.10). torchxrayvision 1.5.7 is added
+        # with --no-deps (Makefile): its torchvision dependency would pull a CUDA torch; the rest of
+        # what it imports is listed here. scikit-image 0.25 needs NumPy >= 1.24.
+        "parity": ["torch==2.13.0; python_version >= '3.10'", "scikit-image<0.25", "imageio",
+                   "pandas", "requests"],
     },
     entry_points={"console_scripts": ["mxvision=mxvision.cli:main"]},
     classifiers=[
