@@ -9,7 +9,7 @@ What is timed, on the same images and with the same 2 decoding threads feature e
 * **files**: ``transforms.load_image`` on every image (decode PNG/JPEG/DICOM, centre-crop, resize,
   normalise) -- the input side of every ``mxvision extract`` run today;
 * **pack**: the one-off ``mxvision data pack`` (decode + crop + resize + encode + write);
-* **recordio**: ``recordio.load_image`` on every ``NAME.rec#KEY`` (read, PNG-decode the 224 px
+* **recordio**: ``record_reader.load_image`` on every ``NAME.rec#KEY`` (read, PNG-decode the 224 px
   uint8 square, normalise) -- the input side of a second run from the pack.
 
 Each route is run ``--repeats`` times and the fastest run is reported (the page cache is warm after
@@ -30,7 +30,7 @@ from mxvision.data import transforms  # noqa: E402
 from mxvision.runtime import shared_dir  # noqa: E402
 from mxvision.data.index import read_index  # noqa: E402
 from mxvision.data.jsrt import read_jsrt  # noqa: E402
-from mxvision.data import recordio  # noqa: E402
+from mxvision.data import record_reader, recordio  # noqa: E402
 
 
 def _time_loading(paths, load, preset, workers, repeats):
@@ -62,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--root", default=None, help="JSRT folder (default ../shared/data/jsrt)")
     parser.add_argument("--index", default=None, help="any index CSV instead of JSRT")
     parser.add_argument("--preset", default="imagenet224")
-    parser.add_argument("--encoding", default="png", choices=recordio.ENCODINGS)
+    parser.add_argument("--encoding", default="png", choices=record_reader.ENCODINGS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--extract", action="store_true", help="also time whole extractions")
@@ -85,7 +85,7 @@ def main(argv=None):
         packed = read_index(rec[:-4] + ".csv")
         files_s = _time_loading(index.paths, transforms.load_image, preset, args.workers,
                                 args.repeats)
-        rec_s = _time_loading(packed.paths, recordio.load_image, preset, args.workers,
+        rec_s = _time_loading(packed.paths, record_reader.load_image, preset, args.workers,
                               args.repeats)
         n = len(index)
         size_mb = os.path.getsize(rec) / 1e6

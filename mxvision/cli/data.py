@@ -199,7 +199,8 @@ def _cmd_summary(args):
 
 # ----------------------------------------------------------------------------------- pack
 def _cmd_pack(args):
-    from mxvision.data.recordio import pack_index, pack_paths
+    from mxvision.data.record_reader import pack_paths
+    from mxvision.data.recordio import pack_index
 
     manifest = pack_index(args.index, args.out, preset=args.preset, encoding=args.encoding,
                           workers=args.workers, strict=args.strict, progress=_progress(args),
@@ -216,7 +217,7 @@ def add_parsers(sub):
     """Register ``data`` with its sub-commands download, scrape, index, summary, pack."""
     from mxvision.data.dataset import TASKS
     from mxvision.data.openi_scrape import DEFAULT_DELAY, USER_AGENT
-    from mxvision.data.recordio import ENCODINGS
+    from mxvision.data.record_reader import ENCODINGS
     from mxvision.data.transforms import PRESETS
 
     data = sub.add_parser("data", help="download, scrape, index, summarise and pack datasets",

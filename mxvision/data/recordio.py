@@ -1,4 +1,4 @@
-"""Preprocessed images packed into MXNet RecordIO, and a loader that reads them back.
+"""Preprocessed images packed into MXNet RecordIO (read back by :mod:`mxvision.data.record_reader`).
 
 Decoding a 2048x2048 PNG and resizing it takes far longer than the network needs for a 224 px
 input, and every extraction run repeats it. :func:`pack_index` does the image work once: each
@@ -12,7 +12,7 @@ record key = row number). Beside them:
 * ``NAME.csv`` -- an index CSV whose paths are ``NAME.rec#<key>`` and which keeps every column
   of the source index (plus ``source_path``), so the pipeline can read the pack like any index.
 
-:func:`load_image` is a drop-in for :func:`mxvision.data.transforms.load_image`: a path
+:func:`~mxvision.data.record_reader.load_image` is a drop-in for :func:`mxvision.data.transforms.load_image`: a path
 ``FILE.rec#KEY`` is read from the pack, any other path from the file. The result has the same
 shape and normalisation; it differs from the file route only by the uint8 quantisation of the
 [0, 1] image (at most 0.5/255 before normalisation, <= 0.0088 after ImageNet normalisation).
@@ -25,9 +25,6 @@ import datetime
 import json
 import logging
 import os
-import re
-import struct
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -35,45 +32,14 @@ import numpy as np
 from tqdm import tqdm
 
 from mxvision.data import transforms
+from mxvision.data.record_reader import (ENCODINGS, FORMAT, VERSION, check_record_header,
+                                         decode_record, pack_paths, record_limit)
 from mxvision.errors import BadImage, BadIndex, BadRun
-from mxvision.io.headers import JPEG_MAGIC, PNG_MAGIC, jpeg_header, png_header, png_image_chunks
-from mxvision.io.quiet_decode import imdecode
 from mxvision.utils import write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mxvision-recordio"
-VERSION = 1
-ENCODINGS = ("png", "raw", "jpg")
-_RECORD_PATH = re.compile(r"^(?P<rec>.+\.rec)#(?P<key>\d+)$")
-_CHUNK = 64
-_REC_MAGIC = 0xCED7230A  # dmlc RecordIO: every record starts with it, then cflag:3 | length:29
-_MAX_LABELS = 1024  # label values per record (a pathology vector has 18)
-
-
-def _mx():
-    import mxnet as mx  # imported lazily: reading files never needs MXNet
-    return mx
-
-
-def record_path(rec_path, key):
-    """The index path of record ``key`` in ``rec_path``: ``'/data/jsrt224.rec#12'``."""
-    return f"{os.fspath(rec_path)}#{int(key)}"
-
-
-def split_record_path(path):
-    """``(rec_path, key)`` for a ``FILE.rec#KEY`` path, else None."""
-    match = _RECORD_PATH.match(os.fspath(path))
-    return (match.group("rec"), int(match.group("key"))) if match else None
-
-
-def pack_paths(rec_path):
-    """The four files of a pack: ``(rec, idx, manifest json, index csv)``."""
-    rec_path = os.path.abspath(os.fspath(rec_path))
-    if not rec_path.endswith(".rec"):
-        raise BadRun(rec_path, "a RecordIO pack must be named NAME.rec")
-    stem = rec_path[:-4]
-    return rec_path, stem + ".idx", stem + ".json", stem + ".csv"
+_CHUNK = 64  # images prepared per round of the worker threads
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -87,52 +53,6 @@ def _encode(img_u8, encoding):
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {img_u8.shape} image as {encoding}")
     return buf.tobytes()
-
-
-def _decode(payload, encoding, size, where):
-    """A record's image; a PNG/JPEG header must declare the pack's grey ``size`` px image first
-    (a forged record could declare a decompression bomb)."""
-    if encoding == "raw":
-        if len(payload) != size * size:
-            raise BadImage(where, f"record holds {len(payload)} bytes, expected {size * size}")
-        return np.frombuffer(payload, dtype=np.uint8).reshape(size, size)
-    if not bytes(payload[:3]) == (PNG_MAGIC if encoding == "png" else JPEG_MAGIC)[:3]:
-        raise BadImage(where, f"corrupt {encoding} record (not {encoding} data)")
-    info = (png_header if encoding == "png" else jpeg_header)(where, payload)
-    if (info.width, info.height, info.samples, info.bit_depth) != (size, size, 1, 8):
-        raise BadImage(where, f"record declares a {info.width}x{info.height} image of {info.samples} "
-                              f"x {info.bit_depth}-bit samples; the pack holds {size}x{size} grey "
-                              f"8-bit images (refused before decoding)")
-    if encoding == "png":
-        payload = png_image_chunks(where, payload)
-    img, _ = imdecode(payload, cv2.IMREAD_GRAYSCALE)
-    if img is None or img.shape != (size, size):
-        raise BadImage(where, f"corrupt {encoding} record")
-    return img
-
-
-def record_limit(size, encoding):
-    """Most bytes a record of a ``size`` px pack holds: MXNet's 24-byte header, the labels and
-    the image (a PNG/JPEG of noise can be a little larger than its raw pixels)."""
-    image = size * size if encoding == "raw" else 2 * size * size + 65536
-    return 24 + 4 * _MAX_LABELS + image
-
-
-def check_record_header(fd, offset, limit, where):
-    """Refuse the record at ``offset`` of the ``.rec`` file ``fd`` unless its 8-byte header holds
-    one whole record of at most ``limit`` bytes: MXNet's reader allocates the 29-bit length it
-    reads, and follows continuation flags to the end of the file."""
-    head = os.pread(fd, 8, offset)
-    if len(head) < 8:
-        raise BadImage(where, "truncated record (its index points past the end of the pack)")
-    magic, word = struct.unpack("<II", head)
-    if magic != _REC_MAGIC:
-        raise BadImage(where, "corrupt record (no RecordIO header where the index points)")
-    flag, length = word >> 29, word & ((1 << 29) - 1)
-    if flag != 0 or length > limit:
-        raise BadImage(where, f"record header declares {length} bytes (continuation flag {flag}); "
-                              f"a record of this pack holds at most {limit} in one piece "
-                              f"(refused before reading)")
 
 
 def quantize(img01):
@@ -177,7 +97,8 @@ def _config(index, size, encoding, preset):
 def _copy_resumable(part_rec, part_idx, state_path, config, writer, size, encoding):
     """Copy the intact records of an interrupted pack with the same config into ``writer``
     (MXNet's writer cannot append); return the set of keys copied."""
-    mx = _mx()
+    import mxnet as mx  # imported lazily: reading an index never needs MXNet
+
     try:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
@@ -196,7 +117,7 @@ def _copy_resumable(part_rec, part_idx, state_path, config, writer, size, encodi
             try:
                 check_record_header(fd, old.idx[k], record_limit(size, encoding), part_rec)
                 payload = old.read_idx(k)
-                _decode(mx.recordio.unpack(payload)[1], encoding, size, part_rec)
+                decode_record(mx.recordio.unpack(payload)[1], encoding, size, part_rec)
             except Exception:  # noqa: BLE001 - a torn record (the last one, usually)
                 continue
             writer.write_idx(k, payload)
@@ -257,7 +178,8 @@ def pack_index(index, out_rec, preset="imagenet224", encoding="png", workers=2, 
         raise BadRun(os.path.dirname(rec), f"cannot create the folder ({err.strerror})") from None
     labels, label_kind = _label_vectors(index)
     paths = index.paths
-    mx = _mx()
+    import mxnet as mx  # imported lazily: reading an index never needs MXNet
+
     writer = mx.recordio.MXIndexedRecordIO(part_idx + ".new", part_rec + ".new", "w")
     skipped = []
     try:
@@ -327,121 +249,4 @@ def pack_index(index, out_rec, preset="imagenet224", encoding="png", workers=2, 
     return manifest
 
 
-# ----------------------------------------------------------------------------------- reading
-class RecordSource:
-    """Random access to a finished pack; safe to share between threads (one reader each)."""
-
-    def __init__(self, rec_path):
-        self.rec, self.idx, self.manifest_path, self.csv = pack_paths(rec_path)
-        if not os.path.isfile(self.manifest_path):
-            what = "unfinished pack (no manifest); rerun `mxvision data pack`" if os.path.isfile(
-                self.rec) or os.path.isfile(self.rec + ".part") else "no such RecordIO pack"
-            raise BadImage(self.rec, what)
-        try:
-            with open(self.manifest_path, encoding="utf-8") as f:
-                self.manifest = json.load(f)
-            config = self.manifest["config"]
-        except (OSError, ValueError, KeyError) as err:
-            raise BadImage(self.manifest_path, f"unreadable pack manifest ({err})") from None
-        if config.get("format") != FORMAT or config.get("version") != VERSION:
-            raise BadImage(self.manifest_path, "not an mxvision RecordIO pack of a known version")
-        for f in (self.rec, self.idx):
-            if not os.path.isfile(f):
-                raise BadImage(f, "missing file of the RecordIO pack")
-        self.size = int(config["size"])
-        self.encoding = config["encoding"]
-        self._limit = record_limit(self.size, self.encoding)
-        self._fd = None  # the .rec file, for reading record headers (os.pread: thread-safe)
-        self.keys = [it["key"] for it in self.manifest["items"]]
-        self._valid = set(self.keys)
-        self._local = threading.local()
-        self._readers = []
-        self._lock = threading.Lock()
-
-    def __len__(self):
-        return len(self.keys)
-
-    def _reader(self):
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = _mx().recordio.MXIndexedRecordIO(self.idx, self.rec, "r")
-            self._local.reader = reader
-            with self._lock:
-                self._readers.append(reader)
-        return reader
-
-    def read(self, key):
-        """``(header, (size, size) uint8 image)`` of record ``key``."""
-        where = record_path(self.rec, key)
-        if key not in self._valid:
-            raise BadImage(where, f"no such record in the pack (it has {len(self)})")
-        try:
-            reader = self._reader()
-            with self._lock:
-                if self._fd is None:
-                    self._fd = os.open(self.rec, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            check_record_header(self._fd, reader.idx[key], self._limit, where)
-            payload = reader.read_idx(key)
-            header, data = _mx().recordio.unpack(payload)
-        except BadImage:
-            raise
-        except Exception as err:  # noqa: BLE001 - MXNetError, KeyError, struct.error
-            raise BadImage(where, f"unreadable record ({' '.join(str(err).split())[:200]})") \
-                from None
-        return header, _decode(data, self.encoding, self.size, where)
-
-    def image(self, key):
-        """Record ``key`` as the [0, 1] float32 square image (what center_crop_resize gave)."""
-        return self.read(key)[1].astype(np.float32) / np.float32(255.0)
-
-    def load(self, key, preset="imagenet224"):
-        """``(C, S, S)`` float32 like :func:`mxvision.data.transforms.load_image`."""
-        preset = transforms.get_preset(preset)
-        if preset.size != self.size:
-            raise BadImage(record_path(self.rec, key),
-                           f"packed at {self.size} px, preset {preset.name} needs {preset.size}; "
-                           f"pack again with --preset {preset.name}")
-        return transforms.normalize(self.image(key), preset)
-
-    def close(self):
-        with self._lock:
-            for r in self._readers:
-                r.close()
-            self._readers = []
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-        self._local = threading.local()
-
-
-_SOURCES = {}
-_SOURCES_LOCK = threading.Lock()
-
-
-def open_source(rec_path):
-    """A shared :class:`RecordSource` per pack (reopened if its manifest changed)."""
-    rec = os.path.abspath(os.fspath(rec_path))
-    manifest = rec[:-4] + ".json"
-    stamp = os.stat(manifest).st_mtime_ns if os.path.isfile(manifest) else None
-    with _SOURCES_LOCK:
-        cached = _SOURCES.get(rec)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        source = RecordSource(rec)
-        if cached is not None:
-            cached[1].close()
-        _SOURCES[rec] = (stamp, source)
-        return source
-
-
-def load_image(path, preset="imagenet224"):
-    """:func:`mxvision.data.transforms.load_image` that also reads ``FILE.rec#KEY`` records."""
-    parts = split_record_path(path)
-    if parts is None:
-        return transforms.load_image(path, preset)
-    return open_source(parts[0]).load(parts[1], preset)
-
-
-__all__ = ["pack_index", "RecordSource", "open_source", "load_image", "record_path",
-           "split_record_path", "pack_paths", "quantize", "prepare_record", "record_limit",
-           "check_record_header", "ENCODINGS"]
+__all__ = ["pack_index", "prepare_record", "quantize"]

@@ -122,7 +122,7 @@ def missing_images(paths, progress=False):
     before anything is decoded: 100,000 paths take well under a second on a local disk, where
     letting the decoders find them took minutes of silent "extraction". A progress bar for
     :data:`LARGE_INDEX` paths or more."""
-    from mxvision.data.recordio import split_record_path
+    from mxvision.data.record_reader import split_record_path
 
     packs = {}
     missing = []

@@ -119,13 +119,13 @@ def calibration_hash(paths, preset):
 def content_sha1(path):
     """sha1 of an image file's bytes or of a packed record's pixels (``FILE.rec#KEY``); None when
     it cannot be read (:func:`load_calibration` then skips it, with a warning)."""
-    from mxvision.data import recordio
+    from mxvision.data import record_reader
 
     try:
-        parts = recordio.split_record_path(path)
+        parts = record_reader.split_record_path(path)
         if parts is None:
             return file_digest(path, "sha1")
-        pixels = recordio.open_source(parts[0]).read(parts[1])[1]
+        pixels = record_reader.open_source(parts[0]).read(parts[1])[1]
         return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()
     except (OSError, MxvisionError):
         return None
@@ -135,12 +135,12 @@ def load_calibration(paths, preset):
     """The preprocessed calibration images as one (N, C, S, S) float32 array (unreadable: skipped).
 
     Files or records of a RecordIO pack (``FILE.rec#KEY``, what a pack's index lists)."""
-    from mxvision.data import recordio
+    from mxvision.data import record_reader
 
     images = []
     for p in paths:
         try:
-            images.append(recordio.load_image(p, preset))
+            images.append(record_reader.load_image(p, preset))
         except MxvisionError as err:
             log.warning("calibration image skipped: %s", err)
     if not images:

@@ -43,8 +43,8 @@ DEFAULT_MAX_MEMORY = 1 << 30  # bytes of float32 feature rows held at once (two 
 def _load_one(path, preset):
     try:
         if ".rec#" in str(path):  # a packed record; imported lazily, it brings MXNet into the worker
-            from mxvision.data import recordio
-            return recordio.load_image(path, preset), None
+            from mxvision.data import record_reader
+            return record_reader.load_image(path, preset), None
         return transforms.load_image(path, preset), None
     except BadImage as err:
         return None, err

@@ -10,7 +10,7 @@ from mxvision.data import transforms
 from mxvision.data.dataset import XrayDataset
 from mxvision.data.index import Index, read_index, write_index
 from mxvision.errors import BadImage, BadRun
-from mxvision.data import recordio
+from mxvision.data import record_reader, recordio
 
 TOL = 0.5 / 255 / 0.224 * 1.001  # uint8 rounding after ImageNet normalisation (min std)
 
@@ -30,20 +30,20 @@ def test_round_trip_matches_the_file_route(packed, synth_index):
     assert packed_index.labels == index.labels and packed_index.splits == index.splits
     assert packed_index.patient_ids == index.patient_ids
     assert packed_index.column("source_path") == index.paths
-    src = recordio.open_source(out)
+    src = record_reader.open_source(out)
     for k, (rec_path, path, label_id) in enumerate(zip(packed_index.paths, index.paths,
                                                        index.label_ids)):
-        assert recordio.split_record_path(rec_path) == (str(out), k)
-        a = recordio.load_image(rec_path, "imagenet224")
+        assert record_reader.split_record_path(rec_path) == (str(out), k)
+        a = record_reader.load_image(rec_path, "imagenet224")
         b = transforms.load_image(path, "imagenet224")
         assert a.shape == b.shape == (3, 224, 224) and a.dtype == np.float32
         assert np.abs(a - b).max() <= TOL
         header, img = src.read(k)
         assert header.label == label_id and header.id == k and img.dtype == np.uint8
     # another preset of the same size reads the same pack
-    assert recordio.load_image(packed_index.paths[0], "xrv224").shape == (1, 224, 224)
+    assert record_reader.load_image(packed_index.paths[0], "xrv224").shape == (1, 224, 224)
     # a plain path goes to the file route unchanged
-    assert np.array_equal(recordio.load_image(index.paths[0]),
+    assert np.array_equal(record_reader.load_image(index.paths[0]),
                           transforms.load_image(index.paths[0]))
 
 
@@ -51,18 +51,18 @@ def test_encodings_agree(packed, synth_index, tmp_path):
     out, _ = packed
     raw = tmp_path / "raw.rec"
     recordio.pack_index(synth_index, raw, encoding="raw", progress=False)
-    a, b = recordio.open_source(out), recordio.open_source(raw)
+    a, b = record_reader.open_source(out), record_reader.open_source(raw)
     for k in range(len(a)):
         assert np.array_equal(a.read(k)[1], b.read(k)[1])  # png is lossless on uint8
     jpg = tmp_path / "jpg.rec"
     recordio.pack_index(synth_index, jpg, encoding="jpg", progress=False)
-    c = recordio.open_source(jpg)
+    c = record_reader.open_source(jpg)
     assert np.abs(c.image(0) - a.image(0)).mean() < 0.01
 
 
 def test_concurrent_reads_agree(packed):
     out, _ = packed
-    src = recordio.open_source(out)
+    src = record_reader.open_source(out)
     alone = [src.load(k) for k in src.keys]
     with ThreadPoolExecutor(max_workers=4) as pool:
         together = list(pool.map(src.load, src.keys * 3))
@@ -73,11 +73,11 @@ def test_concurrent_reads_agree(packed):
 def test_mistakes(packed, synth_index, tmp_path, monkeypatch):
     out, _ = packed
     with pytest.raises(BadImage, match="needs 512"):
-        recordio.load_image(f"{out}#0", "xrv512")
+        record_reader.load_image(f"{out}#0", "xrv512")
     with pytest.raises(BadImage, match="no such record"):
-        recordio.load_image(f"{out}#999", "imagenet224")
+        record_reader.load_image(f"{out}#999", "imagenet224")
     with pytest.raises(BadImage, match="no such RecordIO pack"):
-        recordio.load_image(f"{tmp_path / 'nope.rec'}#0")
+        record_reader.load_image(f"{tmp_path / 'nope.rec'}#0")
     with pytest.raises(BadRun, match="NAME.rec"):
         recordio.pack_index(synth_index, tmp_path / "x.bin", progress=False)
     with pytest.raises(BadRun, match="another pack"):
@@ -125,7 +125,7 @@ def test_interrupted_pack_resumes_without_redoing_records(synth_index, tmp_path,
         recordio.pack_index(synth_index, out, workers=1, progress=False)
     assert not (tmp_path / "r.json").exists() and (tmp_path / "r.rec.part").exists()
     with pytest.raises(BadImage, match="unfinished pack"):
-        recordio.load_image(f"{out}#0")
+        record_reader.load_image(f"{out}#0")
     calls.clear()
     monkeypatch.setattr(recordio, "prepare_record", lambda *a: (calls.append(a[0]), real(*a))[1])
     manifest = recordio.pack_index(synth_index, out, workers=1, progress=False)
@@ -133,7 +133,7 @@ def test_interrupted_pack_resumes_without_redoing_records(synth_index, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.idx", "r.json", "r.rec"]
     fresh = tmp_path / "fresh" / "f.rec"
     recordio.pack_index(synth_index, fresh, progress=False)
-    a, b = recordio.open_source(out), recordio.open_source(fresh)
+    a, b = record_reader.open_source(out), record_reader.open_source(fresh)
     for k in range(24):
         assert np.array_equal(a.read(k)[1], b.read(k)[1])
 
@@ -145,7 +145,7 @@ def test_pathology_vectors_travel_in_the_header(synth_index, tmp_path):
     write_index(multi, tmp_path / "multi.csv")
     manifest = recordio.pack_index(tmp_path / "multi.csv", tmp_path / "m.rec", progress=False)
     assert manifest["label_kind"] == {"pathologies": ["Nodule", "Mass"]}
-    header, _ = recordio.open_source(tmp_path / "m.rec").read(0)
+    header, _ = record_reader.open_source(tmp_path / "m.rec").read(0)
     assert header.flag == 2 and np.isnan(header.label[1])
     assert header.label[0] == (1.0 if read_index(tmp_path / "multi.csv").column("Nodule")[0]
                                == "1" else 0.0)

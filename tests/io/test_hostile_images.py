@@ -326,7 +326,7 @@ def _rewrite(rec, key, payload=None, header=None):
     """Replace record ``key``'s image bytes (same label), or patch its 8-byte RecordIO header."""
     import mxnet as mx
 
-    from mxvision.data.recordio import open_source
+    from mxvision.data.record_reader import open_source
 
     source = open_source(rec)
     reader = mx.recordio.MXIndexedRecordIO(source.idx, source.rec, "r")
@@ -360,7 +360,7 @@ def _rewrite(rec, key, payload=None, header=None):
 def test_a_forged_record_is_refused_from_its_header(packs, tmp_path, encoding, forge, fragment):
     import shutil
 
-    from mxvision.data.recordio import RecordSource
+    from mxvision.data.record_reader import RecordSource
     from mxvision.errors import BadImage
 
     copy = tmp_path / f"{encoding}.rec"
