@@ -41,9 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mxvision.features.extract import use_every_core  # noqa: E402
-
-use_every_core()  # before MXNet loads: MXNet alone would use half the cores
+import mxvision  # noqa: E402,F401  (sets OMP_NUM_THREADS to every core before MXNet loads)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -44,9 +44,10 @@ HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
 DEMO_ROW = "synthetic demo (80 images, `mxvision demo`)"
 JSRT_ROW = "JSRT development set (154 real radiographs)"
 SPLITS = ("train", "val", "test")
-#: OMP_NUM_THREADS as the user started this script (importing mxvision may set it in this process;
-#: set before a command starts, it changes the float rounding of head training, hence the figures)
-USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+#: The OpenMP threads every command runs with. The count sets the float rounding of oneDNN's
+#: reductions in head training, hence the figures: fixed, they reproduce on any core count (2 is
+#: also what mxvision picks by itself on a 2-core machine; tests/test_demo.py uses the same).
+FIGURE_THREADS = "2"
 
 
 def results_rows(readme_text):
@@ -63,10 +64,8 @@ def results_rows(readme_text):
 
 def mxvision(*args, cwd):
     """Run ``python -m mxvision ARGS`` on this checkout's package; its stdout + stderr."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = dict(os.environ, OMP_NUM_THREADS=FIGURE_THREADS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    if USER_OMP_THREADS is not None:
-        env["OMP_NUM_THREADS"] = USER_OMP_THREADS
     done = subprocess.run([sys.executable, "-m", "mxvision", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True)
     if done.returncode:
@@ -144,7 +143,7 @@ def machine():
     except OSError:
         pass
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    threads = f"OMP_NUM_THREADS={USER_OMP_THREADS}" if USER_OMP_THREADS else "OMP_NUM_THREADS unset"
+    threads = f"OMP_NUM_THREADS={FIGURE_THREADS}"
     return f"{model}, {os.cpu_count()} cores ({threads}{load})"
 
 

@@ -25,9 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mxvision.features.extract import extract_features, use_every_core  # noqa: E402
-
-use_every_core()
+from mxvision.features.extract import extract_features  # noqa: E402  (mxvision sets the threads)
 
 
 def thread_cpu():

@@ -24,6 +24,13 @@ import os
 # (mxvision.io.headers) before any module imports cv2, as a second line behind the header checks.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")
 
+# MXNet reads OMP_NUM_THREADS once, when it loads, and without it uses half the cores. Set it here,
+# where every entry point passes before any module can import MXNet (the CLI's parser already
+# imports it through the model registry); a value the user exported is kept.
+from mxvision.runtime import use_every_core  # noqa: E402
+
+use_every_core()
+
 from mxvision.errors import BadImage, BadIndex, BadRun, DownloadError, MxvisionError, WeightsError  # noqa: E402
 
 __version__ = "0.1.0"

@@ -18,9 +18,10 @@ def use_every_core():
     MXNet 1.9 halves the CPU count when OMP_NUM_THREADS is unset (it assumes hyper-threading),
     so on a 2-core machine without SMT every oneDNN convolution ran on ONE core; measured here,
     fp32 and INT8 extraction run ~1.6-2x faster with both. MXNet reads the variable once, when it
-    is first imported, so the modules that extract (``features.extract``, ``features.store``) call
-    this before their ``import mxnet``; a value the user set, or an MXNet already imported, is left
-    alone.
+    is first imported, so ``mxvision/__init__.py`` calls this before any module can import MXNet
+    (tests/test_runtime.py checks the CLI, the API and the training and inference modules); a
+    value the user set, or an MXNet already imported, is left alone. The thread count also sets
+    the float rounding of oneDNN's reductions, so figures are quoted with it.
     """
     if "OMP_NUM_THREADS" in os.environ or "mxnet" in sys.modules:
         return

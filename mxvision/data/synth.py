@@ -9,9 +9,9 @@ classes with *random-weight* ResNet-50 features (smaller, fainter nodules with f
 not separated by them). The price: the classes also differ in overall intensity, so the shortcut
 audit's grey-level histogram or thumbnail baseline separates them too and the demo warns so; the
 demo shows that the pipeline runs, not that it finds nodules. Measured on the demo's 80 images at
-256 px (2026-12-04, 2 cores, ``python bench/figures.py --synth 0 2``, which runs ``mxvision demo
+256 px (2026-12-05, 2 cores, 2 OpenMP threads, ``python bench/figures.py --synth 0 2``, which runs ``mxvision demo
 --seed S``): a 5-fold logistic regression on the stored features (stage4_unit2_relu1, random
-weights) reaches AUC 0.978 and 0.972, the Xvision head 0.778 and 1.000 on the test split, the
+weights) reaches AUC 0.978 and 0.972, the Xvision head 0.861 and 1.000 on the test split, the
 best trivial baseline 1.000 for both seeds (histogram, thumb4). They are not a benchmark.
 
 Everything is drawn from numpy ``Generator`` streams seeded per (seed, class, patient, image), so a

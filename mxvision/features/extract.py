@@ -17,10 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mxvision.runtime import use_every_core
-
-use_every_core()  # before MXNet loads: MXNet 1.9 alone would use half the cores
-
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402

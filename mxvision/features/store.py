@@ -27,11 +27,7 @@ import math
 import os
 from pathlib import Path
 
-from mxvision.runtime import use_every_core
-
-use_every_core()
-
-import mxnet as mx  # noqa: E402  (after use_every_core)
+import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxvision.errors import BadRun, MxvisionError, one_line  # noqa: E402
