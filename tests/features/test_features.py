@@ -182,3 +182,33 @@ def test_missing_images_of_a_large_index_are_counted_at_once(tmp_path, caplog):
         in caplog.text
     with pytest.raises(BadIndex, match=f"none of the {LARGE_INDEX - 1} image files exist"):
         check_images_exist(Index(rows[1:], tmp_path, source="index.csv"))
+
+
+def test_manifest_rewrites_take_a_bounded_share_of_a_long_extraction(synth_index, tmp_path, monkeypatch):
+    """The unfinished manifest lists every image: rewriting it after each shard made a large
+    extraction quadratic. Here each rewrite is made to cost what a 100,000-image manifest costs
+    (a slow write_json: the code under test is unchanged); rewrites are then skipped so that they
+    take about MANIFEST_SHARE of the run, and the final manifest still lists every shard."""
+    from mxvision.features import extract
+    from mxvision.utils import write_json as real_write_json
+    import time
+
+    writes = []
+
+    def slow_write_json(path, obj):
+        tic = time.monotonic()
+        time.sleep(0.4)
+        real_write_json(path, obj)
+        writes.append((time.monotonic() - tic, obj["complete"], len(obj["shards"])))
+
+    monkeypatch.setattr(extract, "write_json", slow_write_json)
+    tic = time.monotonic()
+    store = _extract(synth_index, tmp_path / "f", shard_size=1, batch_size=1)
+    seconds = time.monotonic() - tic
+    n_shards = len(store.manifest["shards"])
+    assert n_shards == store.manifest["n_features"] > 10
+    unfinished = [w for w in writes if not w[1]]
+    assert writes[-1][1] and writes[-1][2] == n_shards  # the final manifest lists every shard
+    assert 1 <= len(unfinished) < n_shards / 2, (len(unfinished), n_shards)
+    spent = sum(w[0] for w in unfinished)
+    assert spent <= extract.MANIFEST_SHARE * seconds + 2 * 0.45, (spent, seconds)
