@@ -179,12 +179,15 @@ def test_killed_worker_or_timeout_stops_every_process(tmp_path):
         Path(f"/proc/{grandchild}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
 
     tic = time.monotonic()
+    # the command names this test's folder: another session running this test at the same time
+    # has processes that sleep too, and they are not leftovers of this job
+    sleeper = f"import time; time.sleep(300)  # {tmp_path}"
     with pytest.raises(ClusterError, match="timed out after 4 s") as err:
-        run_local([sys.executable, "-c", "import time; time.sleep(300)"], workers=2, servers=1,
+        run_local([sys.executable, "-c", sleeper], workers=2, servers=1,
                   timeout=4, log_dir=tmp_path / "logs2")
     assert time.monotonic() - tic < 4 + TERM_GRACE + 10
     assert live_members(err.value.pgid) == []
-    assert _processes_mentioning("time.sleep(300)") == []
+    assert _processes_mentioning(sleeper) == []
 
 
 # --- real clusters -------------------------------------------------------------------------------
