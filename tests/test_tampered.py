@@ -286,6 +286,24 @@ def test_a_tampered_run_is_one_line(case, small_run, small_store, tmp_path):
     _assert_one_line(code, out, err, fragments)
 
 
+def test_weights_that_overflow_give_no_heatmap(small_run, small_store, tmp_path):
+    """1e30 everywhere is finite (loaded), but the scores overflow: `explain` printed a NaN logit
+    beside an empty heatmap and exited 0."""
+    run = _copy_run(small_run, tmp_path)
+    _save_params(run / "best.params", _set_all(1e30))
+    image = small_store.items[0]["path"]
+    code, out, err = run_cli("explain", image, "--run", run, "--out", tmp_path / "maps", "--ctx", "cpu",
+                             "--strict")
+    _assert_one_line(code, out, err, [image, "non-finite nodule score", str(run)])
+    # without --strict the image gets an ERROR row, like an unreadable one, and the exit code is 1
+    code, out, err = run_cli("explain", image, "--run", run, "--out", tmp_path / "maps", "--ctx", "cpu")
+    assert code == 1 and "Traceback" not in err
+    rows = [line.split("\t") for line in out.splitlines()[1:]]
+    assert rows == [[image, "ERROR", rows[0][2]]] and "non-finite nodule score" in rows[0][2]
+    assert "nan" not in out.lower().replace("non-finite", "")
+    assert not list((tmp_path / "maps").glob("*.png"))
+
+
 @pytest.mark.parametrize("command, value, problem", [
     ("predict", np.nan, "fc1.weight is not finite"), ("export", np.nan, "fc1.weight is not finite"),
     ("finetune", np.nan, "fc1.weight is not finite"), ("evaluate", 1e30, "non-finite probabilities"),

@@ -365,6 +365,14 @@ def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alph
             results.append({"path": os.fspath(path), "error": str(err)})
             continue
         (heat,), (k,), (score,) = explainer.heatmaps([img], method, target)
+        if not np.isfinite(score):  # finite weights can still overflow: no score, no heatmap
+            err = MxvisionError(path, f"the model gives a non-finite {explainer.classes[k]} score "
+                                      f"({score}) on this image, so no heatmap; its weights "
+                                      f"({explainer.description}) overflow")
+            if strict:
+                raise err
+            results.append({"path": os.fspath(path), "error": str(err)})
+            continue
         peak = peak_of(heat)
         marks = [(peak[0], peak[1], max(4, min(img.shape) / 64), (255, 255, 255))] if peak else []
         stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]

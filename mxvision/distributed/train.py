@@ -233,6 +233,7 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
             p.set_data(total / n)
         val_probs = comm.sum(_KEY_VAL, [_val_probs(head, w, c, val_total, n_classes)
                                         for w, c in zip(workers, ctxs)]).asnumpy()
+        runs.check_finite(run_dir, epoch, lr, loss_sum, val_probs)  # the same sums on every worker
         row = {"epoch": epoch, "train_loss": float(loss_sum / seen),
                "train_accuracy": float(correct / seen),
                "val_loss": metrics.cross_entropy(y_val, val_probs),

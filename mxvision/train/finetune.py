@@ -139,6 +139,7 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
                 continue
             train_probs = image_probs(softmax_net, train_items, preset, ctx, pool=pool)
             val_probs = image_probs(softmax_net, val_items, preset, ctx, pool=pool)
+            runs.check_finite(out_dir, epoch, lr, train_probs, val_probs)
             row = {"epoch": epoch,
                    "train_loss": metrics.cross_entropy(y_train, train_probs),
                    "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),

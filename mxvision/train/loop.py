@@ -182,6 +182,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
             val_probs = predict_probs(head, x_val, ctx)
             train_loss = metrics.cross_entropy(y_train, train_probs)
             train_accuracy = float((train_probs.argmax(1) == y_train).mean())
+        runs.check_finite(run_dir, epoch, lr, train_loss, val_probs)
         row = {"epoch": epoch,
                "train_loss": train_loss,
                "train_accuracy": train_accuracy,

@@ -358,6 +358,18 @@ def finish_epoch(run_dir, state, row, keep):
     write_log(run_dir, state["history"])
 
 
+def check_finite(run_dir, epoch, lr, *values):
+    """Refuse an epoch whose training loss or probabilities are NaN or infinite (training diverged,
+    usually a too-large ``lr``) before its metrics or checkpoint are written: the run keeps its
+    earlier epochs, and the user gets one line instead of NaN metrics or a traceback from sklearn."""
+    if all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values):
+        return
+    last = f"epochs up to {epoch - 1} are kept" if epoch > 1 else "no epoch was kept"
+    raise BadRun(run_dir, f"training diverged in epoch {epoch}: the loss or the probabilities are "
+                          f"NaN or infinite (learning rate {lr:g}); {last}; lower --lr and rerun "
+                          "with --no-resume")
+
+
 def record_epoch(run_dir, state, row, head, trainer, keep):
     """Everything a head run writes for a finished epoch: checkpoint, best, state, log."""
     save_checkpoint(run_dir, row["epoch"], {"params": head}, trainer)

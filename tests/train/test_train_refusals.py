@@ -6,13 +6,14 @@ with ``--batch-size 1`` no weight before it ever changed and epoch checkpoints w
 a training split of one class "trained" to accuracy 1 and AUC NaN; ``--epochs 0`` crashed after
 creating the run folder.
 """
+import json
 import math
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from support.cli import run_cli
+from support.cli import one_line_error, run_cli
 from mxvision.data.index import read_index, write_index
 from mxvision.errors import MxvisionError
 from mxvision.features.extract import extract_features
@@ -69,3 +70,26 @@ def test_a_training_split_of_one_class_is_refused(one_class_store, tmp_path):
                              "--quiet", "--ctx", "cpu")
     assert code == 2 and err.count("\n") == 1 and "only class 'normal'" in err and "'train'" in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("trainer", ["head", "simulated-distributed", "finetune"])
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_earlier_epochs(small_store, small_run,
+                                                                          tmp_path, trainer):
+    """A learning rate of 1e6 sends the loss to NaN: before, `train` died in sklearn ("Input
+    contains NaN") and finetune recorded NaN metrics. The epochs before stay; nothing of that one."""
+    out = tmp_path / "run"
+    args = {"head": ["train", "--features", small_store.path, "--batch-size", 8],
+            "simulated-distributed": ["cluster", "train", "--simulate", 2, "--features",
+                                      small_store.path, "--batch-size", 8],
+            "finetune": ["finetune", "--run", small_run, "--batch-size", 4]}[trainer]
+    code, _, err = run_cli(*args, "--out", out, "--epochs", 3, "--lr", "1e6", "--ctx", "cpu", "--quiet")
+    one_line_error(code, err, str(out), "training diverged in epoch", "learning rate 1e+06",
+                   "lower --lr")
+    epoch = int(err.split("training diverged in epoch ")[1].split(":")[0])
+    assert ("no epoch was kept" if epoch == 1 else f"epochs up to {epoch - 1} are kept") in err
+    saved = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.params"))
+    assert saved == [f"epoch-{e:04d}.params" for e in range(1, epoch)]
+    if epoch > 1:
+        state = json.loads((out / "state.json").read_text())
+        assert state["last_epoch"] == epoch - 1
+        assert all(math.isfinite(row["train_loss"]) for row in state["history"])
