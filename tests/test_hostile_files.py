@@ -13,7 +13,6 @@ drop the marker.
 """
 import gzip
 import hashlib
-import io
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from support.archive_builders import make_tar as _tar
+from support.archive_builders import make_tar as _tar, tree_state
 from support.httpserver import Fault, serve
 from mxvision.data import nih
 from mxvision.data import openi
@@ -40,23 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- helpers
-def _state(root):
-    """Every path under ``root`` with its kind and content hash (links: their target)."""
-    found = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                found[rel] = "link:" + os.readlink(path)
-            elif os.path.isdir(path):
-                found[rel] = "dir"
-            else:
-                with open(path, "rb") as f:
-                    found[rel] = hashlib.sha1(f.read()).hexdigest()
-    return found
-
-
 def _zip(path, members, compression=zipfile.ZIP_DEFLATED):
     with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in members:
@@ -88,13 +70,13 @@ def _refused(extract, archive, dest, match, **limits):
 def test_a_half_extracted_archive_is_rolled_back(arena):
     """A file 'a' then a member 'a/b': the clash is found only while writing; 'a' is removed."""
     root, _, dest = arena
-    before = _state(root)
+    before = tree_state(root)
     z = _zip(root / "clash.zip", [("first.txt", b"1"), ("a", b"file"), ("a/b", b"under a file")])
     _refused(safe_extract_zip, z, dest, "cannot write member 'a/b'")
     t = _tar(root / "clash.tgz", [("d/first.txt", tarfile.REGTYPE, b"1"), ("a", tarfile.REGTYPE, b"f"),
                                   ("a/b", tarfile.REGTYPE, b"x")])
     _refused(safe_extract_tar, t, dest, "cannot write member 'a/b'")
-    after = _state(root)
+    after = tree_state(root)
     assert {k: v for k, v in after.items() if not k.startswith("clash.")} == before
 
 
@@ -106,13 +88,13 @@ def test_a_corrupt_member_rolls_back_the_members_before_it(arena):
     data[data.find(b"Z" * 100) + 50] ^= 0xFF  # stored bytes of bad.txt: its CRC no longer matches
     z.write_bytes(bytes(data))
     _refused(safe_extract_zip, z, dest, "corrupt member 'bad.txt'")
-    assert _state(dest) == {}
+    assert tree_state(dest) == {}
     tgz = _tar(root / "cut.tgz", [("one.bin", tarfile.REGTYPE, os.urandom(50_000)),
                                   ("two.bin", tarfile.REGTYPE, os.urandom(50_000))])
     cut = root / "cut_half.tgz"
     cut.write_bytes(tgz.read_bytes()[:70_000])
     _refused(safe_extract_tar, cut, dest, "corrupt|not a readable tar")
-    assert _state(dest) == {}
+    assert tree_state(dest) == {}
 
 
 def test_forged_zip_sizes_are_caught_on_the_real_bytes(arena):
@@ -129,7 +111,7 @@ def test_forged_zip_sizes_are_caught_on_the_real_bytes(arena):
     forged = root / "forged.zip"
     forged.write_bytes(bytes(data))
     _refused(safe_extract_zip, forged, dest, "corrupt member 'zeros.bin'", max_size=1_000_000)
-    assert _state(dest) == {}
+    assert tree_state(dest) == {}
     assert len(bomb.read_bytes()) < 10_000  # it really was a 500:1 bomb
 
 
@@ -139,7 +121,7 @@ def test_member_count_is_limited(arena):
     _refused(safe_extract_zip, z, dest, "more than 50 members", max_members=50)
     t = _tar(root / "many.tgz", [(f"f{i}", tarfile.REGTYPE, b"") for i in range(60)])
     _refused(safe_extract_tar, t, dest, "more than 50 members", max_members=50)
-    assert _state(dest) == {}
+    assert tree_state(dest) == {}
     assert len(safe_extract_zip(z, dest, max_members=60)) == 60
 
 
@@ -151,7 +133,7 @@ def test_huge_declared_tar_member_is_refused_before_reading(arena):
     raw = root / "huge.tar"
     raw.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + bytes(4096))
     _refused(safe_extract_tar, raw, dest, "exceeds the .*member limit|not a readable tar")
-    assert _state(dest) == {}
+    assert tree_state(dest) == {}
 
 
 @pytest.mark.parametrize("members, why", [
@@ -166,10 +148,10 @@ def test_huge_declared_tar_member_is_refused_before_reading(arena):
 ])
 def test_tar_names_and_links_that_leave_are_refused_before_writing(arena, members, why):
     root, _, dest = arena
-    before = _state(root)
+    before = tree_state(root)
     t = _tar(root / "bad.tgz", [("first.txt", tarfile.REGTYPE, b"1")] + members)
     _refused(safe_extract_tar, t, dest, why)
-    assert {k: v for k, v in _state(root).items() if k != "bad.tgz"} == before
+    assert {k: v for k, v in tree_state(root).items() if k != "bad.tgz"} == before
 
 
 def test_existing_links_in_the_destination_are_neither_followed_nor_copied(arena):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from support.archive_builders import (cut, flip_byte, gzip_bomb, make_tar, make_zip, patch_zip,
-                                      tar_bytes)
+                                      tar_bytes, tree_state)
 from support.cli import one_line_error, run_cli
 from support.httpserver import Fault
 from mxvision.data import nih, openi
@@ -30,22 +30,6 @@ from mxvision.io.archive import MAX_READ, safe_extract_tar, safe_extract_zip
 REG, DIR, SYM, HARD = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
 # With "a -> ." each "a/" stays in the destination and each "../" climbs one level above it.
 CLIMB_TWO = "a/a/../../victim"
-
-
-def _state(root):
-    """Every path under ``root`` (links not followed) with its kind and content or target."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                found[rel] = "-> " + os.readlink(path)
-            elif os.path.isdir(path):
-                found[rel] = "dir"
-            else:
-                found[rel] = Path(path).read_bytes()
-    return found
 
 
 def _refused(call, subject, *fragments, error=DownloadError):
@@ -80,12 +64,12 @@ def test_link_order_attack_on_the_stamp_writes_nothing_outside(nest, victim_exis
     if dest_exists:
         dest.mkdir()
         (dest / "earlier.txt").write_bytes(b"kept")
-    before = _state(dest)
+    before = tree_state(dest)
     t = make_tar(inner / "evil.tgz", [(EXTRACTED_MARK, SYM, CLIMB_TWO), ("a", SYM, ".")])
     _refused(lambda: extract_once(t, dest), t, EXTRACTED_MARK, "resolves outside the destination")
     assert victim.read_bytes() == b"precious" if victim_exists else not os.path.lexists(victim)
     assert sorted(os.listdir(inner)) == ["dest", "evil.tgz"] if dest_exists else ["evil.tgz"]
-    assert _state(dest) == before
+    assert tree_state(dest) == before
 
 
 @pytest.mark.parametrize("members", [
@@ -115,7 +99,7 @@ def test_a_member_over_a_link_is_refused_if_the_link_leaves_else_replaces_it(nes
     assert victim.read_bytes() == b"precious" and sorted(os.listdir(inner)) == ["t.tgz"]
     t = make_tar(inner / "t.tgz", [("f", REG, b"f"), ("x", SYM, "f"), ("x", REG, b"mine")])
     safe_extract_tar(t, inner / "dest")
-    assert _state(inner / "dest") == {"f": b"f", "x": b"mine"}
+    assert tree_state(inner / "dest") == {"f": b"f", "x": b"mine"}
 
 
 def test_a_new_link_that_leaves_through_a_link_already_in_the_destination_is_undone(tmp_path):
@@ -126,10 +110,10 @@ def test_a_new_link_that_leaves_through_a_link_already_in_the_destination_is_und
     dest.mkdir()
     (dest / "keep.txt").write_bytes(b"old")
     os.symlink(outside, dest / "old")  # left there by someone else
-    before = _state(dest)
+    before = tree_state(dest)
     t = make_tar(tmp_path / "t.tgz", [("keep.txt", REG, b"new"), ("new", SYM, "old/secret.txt")])
     _refused(lambda: safe_extract_tar(t, dest), t, "'new'", "resolves outside the destination")
-    assert _state(dest) == before and _state(outside) == {"secret.txt": b"secret"}
+    assert tree_state(dest) == before and tree_state(outside) == {"secret.txt": b"secret"}
     assert sorted(os.listdir(tmp_path)) == ["dest", "outside", "t.tgz"]
 
 
@@ -138,10 +122,10 @@ def test_a_merge_that_fails_half_way_puts_back_what_it_replaced(tmp_path):
     dest.mkdir()
     (dest / "a.txt").write_bytes(b"old a")
     (dest / "b").write_bytes(b"a file where the archive has a folder")
-    before = _state(dest)
+    before = tree_state(dest)
     t = make_tar(tmp_path / "t.tgz", [("a.txt", REG, b"new a"), ("b/c.txt", REG, b"c")])
     _refused(lambda: safe_extract_tar(t, dest), t, "cannot write member 'b'")
-    assert _state(dest) == before and sorted(os.listdir(tmp_path)) == ["dest", "t.tgz"]
+    assert tree_state(dest) == before and sorted(os.listdir(tmp_path)) == ["dest", "t.tgz"]
 
 
 def test_the_stamp_is_never_read_or_written_through_a_link_or_a_fifo(nest):
