@@ -21,7 +21,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics, runs
+from mxvision.train import data_parallel, metrics, runs
 from mxvision.train import loop as train
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
@@ -205,9 +205,11 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
     head.hybridize()
     for c in ctxs:
         head(mx.nd.zeros((2,) + store.feature_shape, ctx=c))  # deferred shapes (inference mode)
+    # Gradients are summed by mxvision.train.data_parallel, not by gluon.Trainer's kvstore (whose
+    # first step races its parameter broadcast against the gradient sum): over the servers, or in
+    # the simulation over its CPU contexts by a local kvstore. The optimizer runs on each worker.
     trainer = gluon.Trainer(head.collect_params(), "sgd",
-                            {"learning_rate": lr, "momentum": momentum, "wd": wd},
-                            kvstore=comm.kv if not simulate else "local", update_on_kvstore=False)
+                            {"learning_rate": lr, "momentum": momentum, "wd": wd}, kvstore=None)
     running = [p for name, p in sorted(head.collect_params().items())
                if name.endswith(("running_mean", "running_var"))]
     n_classes = len(store.classes)
@@ -220,13 +222,16 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
         for updater, c in zip(trainer._updaters[1:], ctxs[1:]):  # simulated workers: own copies
             updater.states = {i: _copy_to(st, c) for i, st in updater.states.items()}
         state = state if leader else dict(runs.new_state(), last_epoch=start)
+    grads_kv = comm.kv or mx.kv.create("local")
+    trained = data_parallel.broadcast_params(grads_kv, head.collect_params())
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     y_val = _split_labels(store, val_split)
 
     for epoch in tqdm(range(start + 1, epochs + 1), desc=f"train x{n}", unit="epoch", initial=start,
                       total=epochs, disable=not (progress and leader)):
         tic = time.time()
-        sums = _train_epoch(head, trainer, loss_fn, workers, ctxs, epoch, steps, batch_size)
+        sums = _train_epoch(head, trainer, loss_fn, workers, ctxs, epoch, steps, batch_size,
+                            grads_kv, trained)
         loss_sum, correct, seen = comm.sum(_KEY_METRICS, [mx.nd.array(s) for s in sums]).asnumpy()
         for i, p in enumerate(running):
             total = comm.sum(_KEY_BN + i, [d.copy() for d in p.list_data()])
@@ -255,7 +260,7 @@ def train_distributed(features, out_dir, kv=None, simulate=None, epochs=20, lr=0
     return state
 
 
-def _train_epoch(head, trainer, loss_fn, workers, ctxs, epoch, steps, batch_size):
+def _train_epoch(head, trainer, loss_fn, workers, ctxs, epoch, steps, batch_size, kv, trained):
     """One epoch of synchronous steps; per worker [loss sum, correct, rows] of its sub-batches."""
     sums = [np.zeros(3, np.float32) for _ in workers]
     batches = [w.batches(epoch) for w in workers]
@@ -268,7 +273,8 @@ def _train_epoch(head, trainer, loss_fn, workers, ctxs, epoch, steps, batch_size
                 outs = [head(x) for x in xs]
                 losses = [loss_fn(o, y) for o, y in zip(outs, ys)]
             autograd.backward(losses)
-            trainer.step(batch_size)  # gradients summed over all sub-batches, / global batch
+            data_parallel.allreduce_grads(kv, trained)  # summed over all sub-batches
+            trainer.update(batch_size)  # / global batch
             for s, out, loss, (_, y) in zip(sums, outs, losses, data):
                 s += [loss.sum().asscalar(), (out.argmax(axis=1).asnumpy().astype(np.int64) == y).sum(), len(y)]
     finally:

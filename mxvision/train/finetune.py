@@ -21,7 +21,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics, runs
+from mxvision.train import data_parallel, metrics, runs
 from mxvision.data import transforms
 from mxvision.train.loop import epoch_batches, plot_training_curve
 from mxvision.runtime import parse_ctx
@@ -99,11 +99,13 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     for block in trainable:
         params.update(block.collect_params())
     params.update(head.collect_params())
-    trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum},
-                            **({"kvstore": kvstore, "update_on_kvstore": False} if kvstore else {}))
+    # Workers sum gradients through data_parallel (gluon.Trainer's own kvstore use races its
+    # parameter broadcast against the first gradient sum); the optimizer is local to each.
+    trainer = gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum}, kvstore=None)
     if state["last_epoch"]:
         runs.load_checkpoint(out_dir, state["last_epoch"], {"params": head, "backbone": backbone},
                              trainer, ctx)
+    trained = data_parallel.broadcast_params(kvstore, params) if kvstore else None
 
     def run_frozen(x):
         for block in frozen:
@@ -132,7 +134,9 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
                 with autograd.record():
                     loss = loss_fn(run_trainable(z), y)
                 loss.backward()
-                trainer.step(len(batch))  # summed over the workers' slices, / global batch
+                if kvstore:
+                    data_parallel.allreduce_grads(kvstore, trained)  # summed over the workers' slices
+                trainer.update(len(batch))  # / global batch
             if rank:  # rank 0 evaluates and writes the epoch; the others wait for it (below)
                 mx.nd.waitall()
                 kvstore._barrier()
