@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/mxvision demo --out mxvision-demo
 
 test: setup setup-parity
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider tests  # -rs: every skip and its reason
 
 # rerun the commands behind README's results table and rewrite it (JSRT row: needs ../shared)
 figures: setup
