@@ -1,15 +1,26 @@
-# Two commands on a fresh machine (Python 3.8–3.11 with venv):
+# Two commands on a fresh machine (Python 3.8–3.13 with venv; PYTHON=python3.13 make demo picks one):
 #   make demo   set everything up, then run `mxvision demo`
 #   make test   set everything up, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PY_MINOR := $(shell $(PYTHON) -c 'import sys; print(sys.version_info[1])')
+# MXNet 1.9.1's metadata asks for numpy<2, which has no wheel for Python 3.13: there MXNet goes in
+# first without its dependencies (then its other two by hand), and setup.py leaves it out.
+MXNET_NO_DEPS := $(shell [ $(PY_MINOR) -ge 13 ] && echo yes)
+# The parity suite's torch: the CPU wheel of 2.13.0 lies on this machine kind's disk for 3.11 only.
+PARITY := $(shell [ $(PY_MINOR) -eq 11 ] && echo yes)
 
 .PHONY: setup setup-parity demo test figures clean
 
 $(BIN)/.mxvision-installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+ifeq ($(MXNET_NO_DEPS),yes)
+	@echo "Python 3.$(PY_MINOR): installing MXNet 1.9.1 with --no-deps (its numpy<2 pin has no wheel here; mxvision.runtime.compat makes it run on NumPy 2; pip check reports the override)"
+	$(BIN)/python -m pip install --quiet --no-deps mxnet==1.9.1
+	$(BIN)/python -m pip install --quiet 'graphviz>=0.8.1,<0.9' requests
+endif
 	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
 	touch $@
 
@@ -17,8 +28,12 @@ $(BIN)/.mxvision-installed: setup.py pyproject.toml
 # `parity`), then torchxrayvision without its dependencies, as its torchvision would pull a CUDA
 # torch of several GB (what it imports is in the extra). Only `make test` needs it, not the demo.
 $(BIN)/.parity-installed: $(BIN)/.mxvision-installed
+ifeq ($(PARITY),yes)
 	$(BIN)/python -m pip install --quiet -e '.[test,onnx,parity]'
 	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision==1.5.7
+else
+	@echo "Python 3.$(PY_MINOR): no parity suite (its CPU torch 2.13.0 is on this machine kind for Python 3.11 only; tests/parity skips)"
+endif
 	touch $@
 
 setup: $(BIN)/.mxvision-installed

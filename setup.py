@@ -50,14 +50,25 @@ setup(
     description="Chest X-ray transfer learning (Xvision) and torchxrayvision-style models in MXNet/Gluon",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.8,<3.12",
+    # 3.10+: pydicom 3 (mxvision.io.dicom uses pydicom.pixels) needs it; 3.13 is the newest checked
+    python_requires=">=3.10,<3.14",
     packages=find_packages(include=["mxvision", "mxvision.*"]),
     package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"]},
     install_requires=[
-        _mxnet_requirement(),
-        "numpy<1.24",  # MXNet 1.9.1 reads np.bool, removed in NumPy 1.24
+        # Python 3.13 has no NumPy < 2 wheel, which MXNet's metadata asks for: there the Makefile
+        # installs MXNet with --no-deps first (`pip check` then reports that override), see README.
+        _mxnet_requirement() + "; python_version < '3.13'",
+        # NumPy 1.24 removed np.bool, which MXNet reads: mxvision.runtime.compat restores the names
+        # MXNet needs, so each Python gets a NumPy it has wheels for.
+        "numpy<1.24; python_version < '3.12'",  # the NumPy the figures in README were measured with
+        "numpy>=1.26,<2; python_version == '3.12'",
+        "numpy>=2.1; python_version >= '3.13'",
+        "setuptools; python_version >= '3.12'",  # MXNet imports distutils, gone from 3.12's stdlib
         "gluoncv==0.10.5.post0",
-        "opencv-python-headless",
+        # OpenCV >= 4.12 prints "[ WARN ]" lines on stderr for truncated PNGs; gluoncv pulls the GUI
+        # build, pinned alike so that both provide the same cv2.
+        "opencv-python-headless<4.12",
+        "opencv-python<4.12",
         "scikit-learn",
         "matplotlib",
         "tqdm",
@@ -67,19 +78,23 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
-        "onnx": ["onnx<1.15", "onnxruntime"],
+        # onnx < 1.15 has no wheel for Python 3.12+; there mxvision.runtime.compat gives mx.onnx the
+        # onnx.mapping that 1.15 removed
+        "onnx": ["onnx<1.15; python_version < '3.12'", "onnx>=1.15; python_version >= '3.12'",
+                 "onnxruntime"],
         # The parity suite against torchxrayvision itself (tests/parity; `make setup-parity`, part
         # of `make test`, installs it).
         # torch==2.13.0 is the CPU wheel lying on the project's machines (any other torch from PyPI
         # is a CUDA build of several GB; it needs Python >= 3.10). torchxrayvision 1.5.7 is added
         # with --no-deps (Makefile): its torchvision dependency would pull a CUDA torch; the rest of
         # what it imports is listed here. scikit-image 0.25 needs NumPy >= 1.24.
-        "parity": ["torch==2.13.0; python_version >= '3.10'", "scikit-image<0.25", "imageio",
+        "parity": ["torch==2.13.0; python_version == '3.11'", "scikit-image<0.25", "imageio",
                    "pandas", "requests"],
     },
     entry_points={"console_scripts": ["mxvision=mxvision.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
+        *[f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)],
         "Topic :: Scientific/Engineering :: Medical Science Apps.",
         "Topic :: Scientific/Engineering :: Image Recognition",
     ],

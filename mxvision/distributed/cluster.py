@@ -31,7 +31,8 @@ from pathlib import Path
 
 from mxvision.errors import MxvisionError
 
-ROLE_COMMAND = [sys.executable, "-c", "import mxnet"]  # scheduler / server: the loop runs in the import
+# scheduler / server: the loop runs in MXNet's import; mxvision first, for its MXNet compatibility
+ROLE_COMMAND = [sys.executable, "-c", "import mxvision, mxnet"]
 TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when stopping the group
 
 
@@ -85,6 +86,15 @@ def resolve_command(command):
     if command[0] == "mxvision":
         command = [sys.executable, "-m", "mxvision"] + command[1:]
     return command
+
+
+def _in_group(pgid):
+    """Popen arguments putting the child in process group ``pgid`` (0: a new one it leads) before
+    it runs anything: ``process_group`` from Python 3.11 on (no Python code between fork and
+    exec), ``preexec_fn`` before."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": lambda: os.setpgid(0, pgid)}
 
 
 def _describe(code):
@@ -163,7 +173,7 @@ def run_local(command, workers=2, servers=1, timeout=None, log_dir=None, env=Non
                 files.append(out)
             proc = subprocess.Popen(cmd, env=role_env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT if out else None,
-                                    process_group=0 if pgid is None else pgid)
+                                    **_in_group(0 if pgid is None else pgid))
             pgid = proc.pid if pgid is None else pgid
             procs.append((name, proc))
         worker_procs = [p for name, p in procs if name.startswith("worker")]

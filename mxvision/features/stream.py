@@ -123,7 +123,10 @@ class ImageBatchLoader:
         return job, batch, errors
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for _, future in self.queue:  # queued batches not yet started are dropped (what
+            future.cancel()           # shutdown(cancel_futures=True) does from Python 3.9 on)
+        self.queue.clear()
+        self.pool.shutdown(wait=True)
 
 
 def choose_loader(loader, workers):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mxvision.errors import MxvisionError
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # mxvision/runtime/__init__.py -> the checkout
 
 
 def use_every_core():
