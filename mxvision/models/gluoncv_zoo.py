@@ -36,6 +36,7 @@ import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.errors import MxvisionError
+from mxvision.runtime import compat
 from mxvision.models.registry import register_model
 from mxvision.models import resnet_trunk
 from mxvision.models.resnet_trunk import ctx_list, load_params_by_key
@@ -112,13 +113,15 @@ def resolve_cut(name, cut):
 
 def build_network(name):
     """GluonCV's whole classification network ``name``, uninitialised (random layers, no download)."""
-    from gluoncv.model_zoo import get_model as gluoncv_get_model  # slow import: only when used
+    compat.import_gluoncv()  # slow import: only when used; works beside torch >= 2
+    from gluoncv.model_zoo import get_model as gluoncv_get_model
 
     return gluoncv_get_model(name, pretrained=False)
 
 
 def gluoncv_sha1(name):
     """The full sha1 GluonCV's model store pins for ``name``'s ImageNet weights."""
+    compat.import_gluoncv()
     from gluoncv.model_zoo import model_store
 
     return model_store._model_sha1[name]  # GluonCV's table; only its short form is public

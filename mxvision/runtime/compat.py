@@ -196,6 +196,30 @@ class _OnnxMapping(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(name, _OnnxMappingLoader())
 
 
+_ABSENT = object()
+
+
+def import_gluoncv():
+    """GluonCV, imported even where torch >= 2 is installed (the parity suite's venv, or a user's).
+
+    gluoncv 0.10.5's ``__init__`` (gluoncv/__init__.py:27) calls
+    ``check._require_pytorch_version('1.4.0', '2.0.0')`` for its PyTorch half, which mxvision does
+    not use, and raises RuntimeError when a newer torch is importable; its own check skips when
+    ``import torch`` fails. So torch is hidden for that one import and put back after."""
+    if "gluoncv" in sys.modules:
+        return sys.modules["gluoncv"]
+    saved = sys.modules.get("torch", _ABSENT)
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        import gluoncv
+    finally:
+        if saved is _ABSENT:
+            sys.modules.pop("torch", None)
+        else:
+            sys.modules["torch"] = saved
+    return gluoncv
+
+
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader

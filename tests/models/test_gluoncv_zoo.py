@@ -152,6 +152,9 @@ def test_imagenet_weights_from_gluoncv_layout_load_and_change_outputs(cache, htt
     # cached and verified: no second request; GluonCV's own store finds the same file
     again, _ = zoo.build_backbone(SMALL, cut="stage2", weights="imagenet", ctx="cpu")
     assert http_server.count(url_path) == 1 and again(x).shape == (1, 128, 28, 28)
+    from mxvision.runtime import compat
+
+    compat.import_gluoncv()  # beside the parity suite's torch 2, gluoncv's own import refuses
     from gluoncv.model_zoo.model_store import get_model_file
     assert get_model_file(SMALL, tag=sha1[:8], root=str(cache)) == info["file"]
     assert http_server.count() == 1
@@ -171,6 +174,9 @@ def test_wrong_weights_are_refused_in_one_line(cache, http_server, monkeypatch, 
 
 def test_imagenet_pins_and_addresses_are_gluoncv_own(cache, http_server, monkeypatch):
     """Unpinned, a GluonCV name is pinned from GluonCV's sha1 table and fetched from GluonCV's path."""
+    from mxvision.runtime import compat
+
+    compat.import_gluoncv()
     from gluoncv.model_zoo import model_store
 
     monkeypatch.setenv("MXNET_GLUON_REPO", http_server.url)

@@ -109,3 +109,20 @@ print(mapping.NP_TYPE_TO_TENSOR_TYPE[np.dtype('float32')])
 """
     assert _run(code).split()[-1] == "1"  # TensorProto.FLOAT
     assert (tmp_path / "net.onnx").stat().st_size > 0
+
+
+def test_gluoncv_imports_beside_torch_2_and_torch_stays():
+    """gluoncv 0.10.5 raises at import when torch >= 2 is importable (as in the parity venv)."""
+    pytest.importorskip("torch")
+    out = _run("import sys, torch\n"
+               "from mxvision.runtime import compat\n"
+               "compat.import_gluoncv()\n"
+               "from gluoncv.model_zoo import get_model\n"
+               "assert sys.modules['torch'] is torch\n"
+               "import torch.nn\n"
+               "print(type(get_model('mobilenetv3_small', pretrained=False)).__name__)")
+    assert out.strip() == "_MobileNetV3"
+    # and without torch imported first: torch is importable afterwards, unchanged
+    out = _run("import sys\nfrom mxvision.runtime import compat\ncompat.import_gluoncv()\n"
+               "assert 'torch' not in sys.modules\nimport torch\nprint(torch.__version__)")
+    assert out.strip()
