@@ -21,6 +21,7 @@ import math
 import re
 import sys
 
+from mxvision.cli.output import safe_text
 from mxvision.errors import MxvisionError
 
 EXIT_USER_ERROR = 2
@@ -40,9 +41,11 @@ _LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def single_line(text):
-    """``text`` with every line break written as an escape (``\\n``): an error message quoting a
-    file name that holds a newline still takes one line."""
-    return _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    """``text`` with every line break written as an escape (``\\n``) and every other control
+    character as one too (``\\x1b``): an error message quoting a file name that holds a newline
+    still takes one line, and one holding ESC or BEL cannot drive the user's terminal."""
+    text = _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return safe_text(text)
 
 
 # ------------------------------------------------------------------------- checked arguments

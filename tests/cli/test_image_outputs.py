@@ -115,3 +115,30 @@ def test_tsv_field_and_json_output_cover_every_special_character(capsys):
     print_json({"path": text, "score": float("nan"), "scores": [float("inf"), 0.5]})
     parsed = json.loads(capsys.readouterr().out)
     assert parsed == {"path": text, "score": None, "scores": [None, 0.5]}
+
+
+TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def test_file_names_cannot_drive_the_terminal_or_split_records(small_run, small_store, tmp_path):
+    """A name holding ESC/BEL (`esc]0;TITLE BEL`, `ESC[2J`: retitle and clear the terminal) was
+    printed raw in the error line and the TSV; U+2028 and friends split TSV records for
+    str.splitlines. Both now come out as visible escapes."""
+    hostile = tmp_path / "esc\x1b]0;PWNED\x07\x1b[2Jx.png"
+    hostile.write_text("junk")
+    code, out, err = run_cli("predict", "--run", small_run, "--strict", hostile)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not TERMINAL_CONTROLS.search(err), repr(err)
+    assert "esc\\x1b]0;PWNED\\x07\\x1b[2Jx.png" in err
+    good = small_store.items[0]["path"]
+    named = []
+    for k, sep in enumerate(["\x0b", "\x0c", "\x85", "\u2028", "\x1b"]):
+        path = tmp_path / f"n{k}{sep}x.png"
+        shutil.copy(good, path)
+        named.append(path)
+    code, out, err = run_cli("predict", "--run", small_run, *named)
+    assert code == 0, err
+    assert not TERMINAL_CONTROLS.search(out), repr(out)
+    rows = [line for line in out.splitlines() if line.strip()]
+    assert len([r for r in rows if "\\u2028" in r or "\\x0b" in r or "\\x0c" in r or "\\x85" in r
+                or "\\x1b" in r]) == len(named), rows
