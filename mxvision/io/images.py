@@ -183,20 +183,19 @@ def _read_bytes(path) -> bytes:
             raise BadImage(path, f"file is {info.st_size} bytes, over the limit of "
                                  f"{MAX_FILE_BYTES} bytes for one image")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            parts = [f.read(info.st_size + 1)]
-            total = len(parts[0])
-            while total > info.st_size and parts[-1] and total <= MAX_FILE_BYTES:
-                parts.append(f.read(1 << 20))  # the file grew while being read
-                total += len(parts[-1])
+            data = f.read(info.st_size + 1)
     except OSError as exc:
         raise BadImage(path, f"cannot read the file ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
-    if total > MAX_FILE_BYTES:
-        raise BadImage(path, f"file is over the limit of {MAX_FILE_BYTES} bytes for one image")
-    if not total:
+    if len(data) > info.st_size:
+        # More bytes than fstat promised: a /proc or /sys file (size 0, endless: reading on up to
+        # the cap cost 1 GB of memory per file) or one still being written. Neither is an image.
+        raise BadImage(path, f"reads longer than its size on disk ({info.st_size} bytes): a /proc "
+                             "file or one still being written, not an image file")
+    if not data:
         raise BadImage(path, "file is empty (0 bytes)")
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return data
 
 
 def _bare_dicom(data: bytes) -> bool:

@@ -452,3 +452,23 @@ def test_opencv_itself_refuses_what_mxvision_refuses():
                           env={k: v for k, v in dict(os.environ, PYTHONPATH=str(ROOT)).items()
                                if k != "OPENCV_IO_MAX_IMAGE_PIXELS"})
     assert proc.stdout.decode().strip() == "refused", proc.stdout + proc.stderr
+
+
+def test_a_proc_file_is_refused_without_reading_it_to_the_cap():
+    """/proc/self/pagemap is a 'regular file' of size 0 that reads on for ever: reading on up to
+    the 1 GiB cap cost 1 GB of memory per file (2 GB when two decode threads met two of them)."""
+    import subprocess
+    import sys
+
+    code = ("import resource\n"
+            "from mxvision.io.images import read_image\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n"
+            "    read_image('/proc/self/pagemap')\n"
+            "except Exception as err:\n"
+            "    print(type(err).__name__, err)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, grown_mb = done.stdout.strip().splitlines()
+    assert message.startswith("BadImage /proc/self/pagemap: reads longer than its size on disk")
+    assert int(grown_mb) < 100
