@@ -96,6 +96,9 @@ def read_image(path) -> np.ndarray:
         img, scaled = _decode_raster(path, data, info), info.sample == "float"
     if img.ndim != 2:
         raise BadImage(path, f"decoded to an unexpected array shape {img.shape}")
+    if not scaled and img.size and img.min() == img.max():
+        # as for DICOM and float images: a constant PNG/JPEG/TIFF got a confident score before
+        raise BadImage(path, f"the image is blank (every pixel is {float(img.flat[0]):g} of 1)")
     if scaled:
         # Integer PNG/JPEG/TIFF samples divided by their full scale are finite and in [0, 1]
         # already; min-max scaled ones are clipped against rounding.

@@ -307,9 +307,20 @@ def test_tiny_images_refused(tmp_path):
         path = tmp_path / f"tiny_{shape[0]}x{shape[1]}.png"
         cv2.imwrite(str(path), np.zeros(shape, np.uint8))
         assert_bad(path, "pixels")
-    ok = tmp_path / "ok.png"
-    cv2.imwrite(str(ok), np.zeros((MIN_SIDE, MIN_SIDE), np.uint8))
+    ok = tmp_path / "ok.png"  # not constant: a blank image is refused (below)
+    cv2.imwrite(str(ok), np.arange(MIN_SIDE * MIN_SIDE, dtype=np.uint8).reshape(MIN_SIDE, MIN_SIDE))
     assert read_image(ok).shape == (MIN_SIDE, MIN_SIDE)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+@pytest.mark.parametrize("value", [0, 255, 97])
+def test_a_blank_image_is_refused_like_a_blank_dicom(tmp_path, suffix, value):
+    """An all-black JPEG scored nodule=0.6755 before; DICOM and float images were already refused."""
+    path = tmp_path / f"blank{suffix}"
+    cv2.imwrite(str(path), np.full((256, 256), value, np.uint8))
+    assert_bad(path, "the image is blank")
+    cv2.imwrite(str(path), np.full((256, 256), value, np.uint8) ^ np.eye(256, dtype=np.uint8) * 255)
+    assert read_image(path).shape == (256, 256)  # one line of other pixels: an image
 
 
 # --------------------------------------------------------------------------- real files (../shared)
