@@ -38,6 +38,7 @@ from mxvision.io.headers import MAX_DECODE_BYTES, ImageInfo, check_size, jpeg_he
 
 #: Most top-level data elements read from one header; real files have a few hundred.
 MAX_ELEMENTS = 100_000
+MAX_ITEMS = 200_000  # sequence items + pixel-data fragments in the whole file
 #: Largest sequence (bytes) mxvision opens: a VOI LUT of 65536 16-bit entries is 128 KB.
 MAX_SEQUENCE_BYTES = 1 << 21
 #: Most fragments walked in encapsulated pixel data; real files have one to a few hundred a frame.
@@ -147,6 +148,15 @@ class DicomFile:
         _pydicom()
         from pydicom.filereader import read_dataset, read_partial
 
+        # pydicom builds every item of a sequence (twice: the header read, then pixel_array), and
+        # MAX_ELEMENTS counts top-level elements only: a 12 MB file of 1.5 million empty items in
+        # one undefined-length sequence took 38 s and 1.9 GB before it was accepted. Item tags
+        # (FFFE,E000) are counted in the raw bytes first, in milliseconds; by chance a 4-byte
+        # pattern occurs about once per 4 GB of pixel data, so the bound cannot refuse real files.
+        items = self.stream.count(b"\xfe\xff\x00\xe0") + self.stream.count(b"\xff\xfe\xe0\x00")
+        if items > MAX_ITEMS:
+            raise BadImage(self.path, f"DICOM file holds {items} sequence items or fragments, over "
+                                      f"the limit of {MAX_ITEMS} (refused before parsing them)")
         counted = [0]
 
         def stop(tag, vr, length):
@@ -353,5 +363,5 @@ def read_dicom(path, data: bytes) -> DicomFile:
     return DicomFile(path, data)
 
 
-__all__ = ["DicomFile", "read_dicom", "DEFLATED", "MAX_ELEMENTS", "MAX_SEQUENCE_BYTES",
+__all__ = ["DicomFile", "read_dicom", "DEFLATED", "MAX_ELEMENTS", "MAX_ITEMS", "MAX_SEQUENCE_BYTES",
            "MAX_FRAGMENTS", "MAX_INFLATED_BYTES"]

@@ -374,3 +374,31 @@ def test_a_forged_record_is_refused_from_its_header(packs, tmp_path, encoding, f
     assert str(info.value).startswith(f"{copy}#1: ") and fragment in str(info.value), str(info.value)
     assert source.read(2)[1].shape == (224, 224)
     source.close()
+
+
+def test_a_sequence_of_millions_of_items_is_refused_before_pydicom_builds_them(tmp_path):
+    """1.5 million empty items in one undefined-length sequence (12 MB): pydicom built them all,
+    twice (38 s, +1.9 GB RSS), and the file was then accepted."""
+    import time
+
+    import numpy as np
+
+    from mxvision.errors import BadImage
+    from mxvision.io.images import read_image
+    from support.dicom_builders import dicom_bytes
+
+    pixels = smooth_image(256, seed=3).astype(np.uint16) * 64
+    good = dicom_bytes(pixels)
+    at = good.index(struct.pack("<HH", 0x7FE0, 0x0010))  # splice before the pixel data
+    sequence = (struct.pack("<HH2sHI", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF)
+                + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 1_500_000
+                + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    path = tmp_path / "items.dcm"
+    path.write_bytes(good[:at] + sequence + good[at:])
+    tic = time.monotonic()
+    with pytest.raises(BadImage, match="1500000 sequence items or fragments, over the limit"):
+        read_image(path)
+    assert time.monotonic() - tic < 2
+    path.write_bytes(good[:at] + sequence.replace(struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 1_500_000,
+                                                   struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 10) + good[at:])
+    assert read_image(path).shape == (256, 256)  # a few items: still read
