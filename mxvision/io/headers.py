@@ -371,12 +371,32 @@ def tiff_header(path, data: bytes) -> ImageInfo:
     if not pages:
         raise BadImage(path, f"corrupt {kind} (no image directory)")
     infos = [_tiff_page(path, k, tags, len(pages)) for k, tags in enumerate(pages)]
+    for k, (tags, info) in enumerate(zip(pages, infos), start=1):
+        _check_tiles(path, k, tags, info)
     for k, info in enumerate(infos[1:], start=2):
         if info.width * info.height > MAX_PIXELS or decode_bytes(info) > MAX_DECODE_BYTES:
             raise BadImage(path, f"page {k} of the TIFF declares {info.width}x{info.height} pixels "
                                  f"of {info.samples} x {info.bit_depth}-bit samples, over the limits "
                                  f"(refused before decoding)")
     return infos[0]
+
+
+def _check_tiles(path, k, tags, info):
+    """A decoder allocates one whole tile however small the image: a 1 MB 64x64 TIFF declaring
+    23168x23168 tiles took +950 MB and was then scored. Tiles may exceed a small image (a 256 px
+    tile on a 100 px image), so a tile is refused only past 4x the image's area (and at least
+    1 Mpx) or past the pixel and decode-byte limits. Strips hold at most the image's rows."""
+    if 322 not in tags and 323 not in tags:
+        return
+    width, height = tags.get(322, 0), tags.get(323, 0)
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise BadImage(path, f"corrupt TIFF (page {k} declares tiles of {width}x{height} pixels)")
+    area = width * height
+    tile = info._replace(width=width, height=height)
+    if area > max(4 * info.width * info.height, 1 << 20) or area > MAX_PIXELS or \
+            decode_bytes(tile) > MAX_DECODE_BYTES:
+        raise BadImage(path, f"page {k} of the TIFF declares {width}x{height}-pixel tiles for a "
+                             f"{info.width}x{info.height} image (refused before decoding)")
 
 
 def _tiff_page(path, k, tags, pages) -> ImageInfo:

@@ -141,7 +141,7 @@ CASES = [
     ("tif_entry_flood.tif", _entry_flood_tiff, "a directory of 5009 entries"),
     ("tif_rgb16_over_budget.tif", lambda: tiff_file([tiff_page(9000, 9000, b"\0" * 64, 16, 3)]),
      "over the limit of 900 MiB"),
-    ("tif_tile_bomb.tif", _tile_bomb_tiff, "cannot decode the TIFF data"),
+    ("tif_tile_bomb.tif", _tile_bomb_tiff, "-pixel tiles for a 64x64 image (refused before decoding)"),
     ("tif_12_bit.tif", lambda: tiff_file([tiff_page(64, 64, bytes(64 * 96), bits=12)]), "12-bit"),
     ("tif_uint32.tif", lambda: tiff_file([tiff_page(64, 64, bytes(64 * 256), bits=32)]), "32-bit"),
     ("tif_64_samples.tif", lambda: tiff_file([tiff_page(64, 64, bytes(64 * 4096), samples=64)]),
@@ -402,3 +402,58 @@ def test_a_sequence_of_millions_of_items_is_refused_before_pydicom_builds_them(t
     path.write_bytes(good[:at] + sequence.replace(struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 1_500_000,
                                                    struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 10) + good[at:])
     assert read_image(path).shape == (256, 256)  # a few items: still read
+
+
+def _tiled_tiff(width, height, tile_w, tile_h, tiles, bits=8):
+    """A little-endian TIFF of ``width`` x ``height`` grey pixels in deflated tiles of
+    ``tile_w`` x ``tile_h`` (``tiles``: the raw bytes of each tile, row-major)."""
+    blobs = [zlib.compress(t, 6) for t in tiles]
+    n = len(blobs)
+    entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (259, 3, [8]), (262, 3, [1]),
+               (277, 3, [1]), (322, 4, [tile_w]), (323, 4, [tile_h]), (324, 4, None), (325, 4, [len(b) for b in blobs])]
+    ifd_at = 8
+    extra_at = ifd_at + 2 + 12 * len(entries) + 4
+    offsets_at, counts_at = extra_at, extra_at + 4 * n
+    data_at = counts_at + 4 * n
+    positions, pos = [], data_at
+    for b in blobs:
+        positions.append(pos)
+        pos += len(b)
+    entries[8] = (324, 4, positions)
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", len(entries)))
+    for tag, kind, values in entries:
+        if len(values) == 1:
+            value = struct.pack("<HH", values[0], 0) if kind == 3 else struct.pack("<I", values[0])
+        else:
+            value = struct.pack("<I", offsets_at if tag == 324 else counts_at)
+        out += struct.pack("<HHI", tag, kind, len(values)) + value
+    out += struct.pack("<I", 0)
+    if n > 1:
+        out += struct.pack(f"<{n}I", *positions) + struct.pack(f"<{n}I", *[len(b) for b in blobs])
+    return bytes(out) + b"".join(blobs)
+
+
+def test_a_tiff_whose_tiles_dwarf_the_image_is_refused_before_decoding(tmp_path):
+    """A 64x64 16-bit TIFF declaring one 23168x23168 tile (1 MB): +950 MB RSS, then scored."""
+    import time
+
+    from mxvision.errors import BadImage
+    from mxvision.io.images import read_image
+
+    side = 23168
+    bomb = _tiled_tiff(64, 64, side, side, [b"\x80" * (side * side * 2)], bits=16)
+    (tmp_path / "tile_bomb.tif").write_bytes(bomb)
+    tic = time.monotonic()
+    with pytest.raises(BadImage, match="23168x23168-pixel tiles for a 64x64 image"):
+        read_image(tmp_path / "tile_bomb.tif")
+    assert time.monotonic() - tic < 2
+    # an ordinary tiled TIFF (tiles of 256 on a 300x200 image) still reads, pixel for pixel
+    import numpy as np
+
+    image = (np.arange(300 * 200) % 251).astype(np.uint8).reshape(200, 300)
+    padded = np.zeros((256, 512), np.uint8)
+    padded[:200, :300] = image
+    tiles = [np.ascontiguousarray(padded[:, 0:256]).tobytes(), np.ascontiguousarray(padded[:, 256:512]).tobytes()]
+    (tmp_path / "tiled.tif").write_bytes(_tiled_tiff(300, 200, 256, 256, tiles))
+    got = read_image(tmp_path / "tiled.tif")
+    np.testing.assert_allclose(got * 255, image, atol=1e-3)
