@@ -350,13 +350,17 @@ def explainer_from_xrv(name, weights=None, ctx=None):
 
 
 def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alpha=0.45, strict=True):
-    """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files (or folders of them); one
+    """Write ``<out_dir>/<stem>_<method>.png`` overlays for image files (or folders of them), with
+    ``-2``, ``-3``... added when that name is already taken in this call or is one of the input
+    images (two ``img.png`` from different folders; an input ``x_gradcam.png`` beside ``x.png``); one
     dict per file with ``path, overlay, target, logit, peak`` (peak = (x, y) of the map's maximum
     in the file's grid, None if the map is all zero). With ``strict=False`` an unreadable file gives
     ``{"path", "error"}`` and the others go on, as in ``predict``; a folder without images, or no
     path at all, raises BadIndex (``no images found in DIR``)."""
     results = []
-    for path in expand_images(paths, require=True):
+    paths = list(expand_images(paths, require=True))
+    taken = {os.path.abspath(os.fspath(p)) for p in paths}  # never write over an input image
+    for path in paths:
         try:
             img = read_image(path)
         except BadImage as err:
@@ -376,7 +380,12 @@ def explain_files(explainer, paths, out_dir, method="gradcam", target=None, alph
         peak = peak_of(heat)
         marks = [(peak[0], peak[1], max(4, min(img.shape) / 64), (255, 255, 255))] if peak else []
         stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-        out = write_overlay(os.path.join(out_dir, f"{stem}_{method}.png"), img, heat, alpha, marks)
+        out, n = os.path.join(out_dir, f"{stem}_{method}.png"), 1
+        while os.path.abspath(out) in taken:  # a/img.png and b/img.png: img_gradcam-2.png
+            n += 1
+            out = os.path.join(out_dir, f"{stem}_{method}-{n}.png")
+        taken.add(os.path.abspath(out))
+        out = write_overlay(out, img, heat, alpha, marks)
         results.append({"path": os.fspath(path), "overlay": out, "method": method,
                         "target": explainer.classes[k], "logit": score, "peak": peak})
     return results

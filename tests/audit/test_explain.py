@@ -355,3 +355,28 @@ def test_a_batchnorm_it_cannot_reach_is_refused_not_silently_wrong():
     x = mx.nd.array(np.random.RandomState(0).uniform(0, 1, (2, 1, 8, 8)))
     with pytest.raises(explain.MxvisionError, match="training mode"):
         explain.input_saliency(Hidden(), head, x, target=0)
+
+
+def test_overlays_never_overwrite_each_other_or_an_input(small_run, small_store, tmp_path):
+    """Two img.png from different folders both wrote OUT/img_gradcam.png (the first was lost);
+    an input named x_gradcam.png in the output folder was overwritten by x.png's overlay."""
+    import hashlib
+    import shutil
+
+    source = small_store.items[0]["path"]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "img.png")
+    shutil.copy(source, tmp_path / "b" / "x.png")
+    shutil.copy(small_store.items[1]["path"], tmp_path / "b" / "x_gradcam.png")
+    before = hashlib.sha1((tmp_path / "b" / "x_gradcam.png").read_bytes()).hexdigest()
+    explainer = explain.explainer_from_run(small_run, ctx="cpu")
+    inputs = [tmp_path / "a" / "img.png", tmp_path / "b" / "img.png", tmp_path / "b" / "x.png",
+              tmp_path / "b" / "x_gradcam.png"]
+    results = explain.explain_files(explainer, inputs, tmp_path / "b")
+    overlays = [r["overlay"] for r in results]
+    assert len(set(overlays)) == 4 and not set(overlays) & {str(p) for p in inputs}
+    assert hashlib.sha1((tmp_path / "b" / "x_gradcam.png").read_bytes()).hexdigest() == before
+    assert all(cv2.imread(o) is not None for o in overlays)
+    assert [o.rsplit("/", 1)[1] for o in overlays] == ["img_gradcam.png", "img_gradcam-2.png",
+                                                       "x_gradcam-2.png", "x_gradcam_gradcam.png"]
