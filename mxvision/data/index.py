@@ -28,6 +28,7 @@ import csv
 import io
 import os
 import stat
+import unicodedata
 
 import numpy as np
 
@@ -45,8 +46,10 @@ MAX_PATH_CHARS = 4096
 #: Largest index CSV read (NIH ChestX-ray14's 112,120 rows take 8 MB, CheXpert's 224,316 rows
 #: 30 MB; the rows of 256 MiB already take several GB as Python records).
 MAX_INDEX_BYTES = 256 << 20
-#: Labels (compared lower-cased) that are a missing value written as text, not a class.
-MISSING_LABELS = ("nan",)
+#: Labels (compared lower-cased) that are a missing value written as text, not a class: what pandas
+#: (``nan``, ``<NA>``, ``NaT``), Python (``None``), JSON (``null``) and spreadsheets (``NA``, ``N/A``)
+#: write for an empty cell.
+MISSING_LABELS = ("nan", "<na>", "nat", "none", "null", "na", "n/a")
 
 
 def _short(value, limit=60):
@@ -105,10 +108,16 @@ class Index:
             if rec["label"].lower() in MISSING_LABELS:
                 raise BadIndex(self._source, f"{where(i)}: label {_short(rec['label'])} (a missing "
                                              f"value, not a class) for {_short(rec['path'])}")
-            first = spellings.setdefault(rec["label"].casefold(), (rec["label"], i))
+            hidden = [c for c in rec["label"] if unicodedata.category(c) == "Cf"]
+            if hidden:  # a zero-width joiner or BOM would make a second class that looks the same
+                raise BadIndex(self._source, f"{where(i)}: label {ascii(rec['label'])} holds an "
+                                             f"invisible character (U+{ord(hidden[0]):04X})")
+            key = unicodedata.normalize("NFKC", rec["label"]).casefold()
+            first = spellings.setdefault(key, (rec["label"], i))
             if first[0] != rec["label"]:
+                how = "case" if first[0].casefold() == rec["label"].casefold() else "Unicode form"
                 raise BadIndex(self._source, f"{where(i)}: label {_short(rec['label'])} differs only "
-                                             f"in case from {_short(first[0])} ({where(first[1])}); "
+                                             f"in {how} from {_short(first[0])} ({where(first[1])}); "
                                              f"use one spelling")
             if rec.get("split", "") not in SPLITS + ("",):
                 raise BadIndex(self._source, f"{where(i)}: split {_short(rec['split'])} is not one "

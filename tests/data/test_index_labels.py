@@ -1,6 +1,7 @@
 """Labels of an index CSV: blanks stripped; a missing value written as text and two spellings of one
 class are refused naming the line, never turned into extra classes (mxvision/data/index.py)."""
 import os
+import re
 
 import pytest
 
@@ -30,11 +31,30 @@ def test_labels_differing_only_in_case_are_refused_naming_both_and_the_line(tmp_
     assert repr(first) in message and repr(second) in message and "line 2" in message
 
 
-@pytest.mark.parametrize("label", ["nan", "NaN", "NAN", " nan "])
-def test_a_missing_value_written_as_nan_is_not_a_class(tmp_path, label):
+@pytest.mark.parametrize("label", ["nan", "NaN", "NAN", " nan ", "None", "null", "NULL", "N/A", "NA",
+                                   "<NA>", "NaT"])
+def test_a_missing_value_written_as_text_is_not_a_class(tmp_path, label):
+    """nan was refused, but None (Python), null (JSON), <NA>/NaT (pandas) and NA or N/A
+    (spreadsheets) became classes of their own."""
     csv_path = write_csv(tmp_path, [("a.png", "normal"), ("b.png", label)])
-    with pytest.raises(BadIndex, match=r"line 3: label '(nan|NaN|NAN)' \(a missing value"):
+    with pytest.raises(BadIndex, match=r"line 3: label '%s' \(a missing value" % re.escape(label.strip())):
         read_index(csv_path)
+
+
+@pytest.mark.parametrize("label", ["nodule\u200d", "\ufeffnodule", "no\u200bdule"])
+def test_a_label_with_an_invisible_character_is_not_a_second_class(tmp_path, label):
+    csv_path = write_csv(tmp_path, [("a.png", "nodule"), ("b.png", label)])
+    with pytest.raises(BadIndex, match=r"line 3: label .* holds an invisible character \(U\+"):
+        read_index(csv_path)
+
+
+def test_labels_alike_after_unicode_normalisation_are_one_spelling_problem(tmp_path):
+    csv_path = write_csv(tmp_path, [("a.png", "Kn\u00f6tchen"), ("b.png", "Kno\u0308tchen")])
+    with pytest.raises(BadIndex, match="differs only in Unicode form"):
+        read_index(csv_path)
+    csv_path = write_csv(tmp_path, [("a.png", "Kn\u00f6tchen"), ("b.png", "No Finding"),
+                                    ("c.png", "Pleural_Thickening")])
+    assert sorted(read_index(csv_path).classes) == ["Kn\u00f6tchen", "No Finding", "Pleural_Thickening"]
 
 
 def test_an_index_built_in_memory_is_checked_the_same_way(tmp_path):
