@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from mxvision.errors import BadImage, one_line
-from mxvision.io.headers import MAX_DECODE_BYTES, ImageInfo, check_size, jpeg_header
+from mxvision.io.headers import MAX_DECODE_BYTES, ImageInfo, check_not_blank, check_size, jpeg_header
 
 #: Most top-level data elements read from one header; real files have a few hundred.
 MAX_ELEMENTS = 100_000
@@ -349,8 +349,9 @@ def _scale(path, arr, photometric) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise BadImage(path, "contains NaN or infinite pixel values")
     low, high = float(arr.min()), float(arr.max())
-    if not high > low or not np.isfinite(high - low):
-        raise BadImage(path, "DICOM image is blank (every pixel has the same value)")
+    check_not_blank(path, low, high)
+    if not np.isfinite(high - low):
+        raise BadImage(path, f"DICOM values have an unusable range ({low:g} to {high:g})")
     arr -= low
     arr /= high - low
     if photometric == "MONOCHROME1":  # low values are white: invert so bone is bright

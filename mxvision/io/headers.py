@@ -158,6 +158,15 @@ def check_size(path, info: ImageInfo, file_bytes: int = 0) -> None:
                              f"the limit of {MAX_DECODE_BYTES // 2 ** 20} MiB (refused before decoding)")
 
 
+def check_not_blank(path, low, high) -> None:
+    """Refuse a constant image (``low == high``, the smallest and largest finite sample), in every
+    format alike: a blank DICOM or float image has no range to scale, and a blank PNG, JPEG or TIFF
+    (an all-black JPEG scored nodule=0.68) is a failed export, not a radiograph. ``low`` is
+    reported as stored (0 or 255 for 8-bit, the presentation value for DICOM)."""
+    if high == low:
+        raise BadImage(path, f"the image is blank (every pixel is {float(low):g})")
+
+
 def normalize_view(value):
     """``'pa'`` -> ``'PA'``, ``'LL'``/``'RL'``/``'LARGE LATERAL'``/``'LAT'`` -> ``'LATERAL'``,
     ``'AP SUPINE'`` -> ``'AP'``; empty/None/NaN -> ``''``; anything else is kept upper-cased.
@@ -428,5 +437,5 @@ def _tiff_page(path, k, tags, pages) -> ImageInfo:
 
 
 __all__ = ["ImageInfo", "MAX_PIXELS", "MIN_SIDE", "MAX_DECODE_BYTES", "JPEG_MAX_SCANS",
-           "looks_like", "decode_bytes", "check_size", "normalize_view", "png_header",
-           "png_image_chunks", "jpeg_header", "tiff_header"]
+           "looks_like", "decode_bytes", "check_size", "check_not_blank", "normalize_view",
+           "png_header", "png_image_chunks", "jpeg_header", "tiff_header"]

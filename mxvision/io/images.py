@@ -37,9 +37,10 @@ unreadable (permissions, a directory, a FIFO or device, more than ``MAX_FILE_BYT
 an image (the message says what it looks like: GIF, WebP, ZIP, HTML, NumPy, text, ...),
 truncated or corrupt, **animated** (APNG with more than one frame; GIF is refused as a format),
 CMYK/YCCK JPEG and TIFF (their ink-to-luminance conversion depends on an ICC profile mxvision
-does not apply, so any grey it produced could be silently wrong), non-finite values, images
-smaller than ``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds ``MAX_PIXELS``
-or whose decoding would need more than ``MAX_DECODE_BYTES``. Sizes are read from the headers
+does not apply, so any grey it produced could be silently wrong), non-finite values, blank
+(constant) images in every format (:func:`~mxvision.io.headers.check_not_blank`), images smaller
+than ``MIN_SIDE`` pixels a side, and images whose *declared* size exceeds ``MAX_PIXELS`` or whose
+decoding would need more than ``MAX_DECODE_BYTES``. Sizes are read from the headers
 (:mod:`mxvision.io.headers`, :mod:`mxvision.io.dicom`) **before** any pixel is decoded, so a
 tiny file declaring a 50000x50000 image (a decompression bomb) is refused without allocating it,
 and so is a JPEG of endless scans (time). As a second line, ``mxvision/__init__.py`` sets
@@ -67,7 +68,8 @@ from mxvision.io.dicom import read_dicom
 from mxvision.io.quiet_decode import imdecode
 from mxvision.io.headers import (
     BIGTIFF_MAGIC, JPEG_MAGIC, MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, PNG_MAGIC, TIFF_MAGIC, ImageInfo,
-    check_size, jpeg_header, looks_like, normalize_view, png_header, png_image_chunks, tiff_header)
+    check_not_blank, check_size, jpeg_header, looks_like, normalize_view, png_header, png_image_chunks,
+    tiff_header)
 
 #: Largest file read, in bytes. An uncompressed 100 MP 16-bit image is 200 MB; 1 GiB leaves room
 #: for multi-frame DICOM while refusing a mislabelled disk image or video before it fills memory.
@@ -96,9 +98,6 @@ def read_image(path) -> np.ndarray:
         img, scaled = _decode_raster(path, data, info), info.sample == "float"
     if img.ndim != 2:
         raise BadImage(path, f"decoded to an unexpected array shape {img.shape}")
-    if not scaled and img.size and img.min() == img.max():
-        # as for DICOM and float images: a constant PNG/JPEG/TIFF got a confident score before
-        raise BadImage(path, f"the image is blank (every pixel is {float(img.flat[0]):g} of 1)")
     if scaled:
         # Integer PNG/JPEG/TIFF samples divided by their full scale are finite and in [0, 1]
         # already; min-max scaled ones are clipped against rounding.
@@ -262,6 +261,7 @@ def _decode_raster(path, data: bytes, info: ImageInfo) -> np.ndarray:
         img = cv2.cvtColor(img.astype(np.float32) if img.dtype == np.float64 else img, code)
     if info.sample == "float":
         return _scale_float(path, img, invert=info.colour == "miniswhite")
+    check_not_blank(path, img.min(), img.max())  # stored values: "every pixel is 0" (or 255, ...)
     if img.dtype == np.uint8:
         # OpenCV decodes 8-bit WhiteIsZero TIFF through libtiff's RGBA path, already inverted.
         return np.divide(img, np.float32(255.0), dtype=np.float32)
@@ -282,9 +282,9 @@ def _scale_float(path, img: np.ndarray, invert: bool) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise BadImage(path, "contains NaN or infinite pixel values")
     low, high = float(arr.min()), float(arr.max())
-    if not high > low or not np.isfinite(high - low):
-        raise BadImage(path, "float image is blank or has an unusable value range "
-                             f"({low:g} to {high:g})")
+    check_not_blank(path, low, high)
+    if not np.isfinite(high - low):
+        raise BadImage(path, f"float image has an unusable value range ({low:g} to {high:g})")
     arr -= low
     arr /= high - low
     if invert:

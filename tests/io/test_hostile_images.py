@@ -404,17 +404,18 @@ def test_a_sequence_of_millions_of_items_is_refused_before_pydicom_builds_them(t
     assert read_image(path).shape == (256, 256)  # a few items: still read
 
 
-def _tiled_tiff(width, height, tile_w, tile_h, tiles, bits=8):
+def _tiled_tiff(width, height, tile_w, tile_h, tiles, bits=8, deflated=False):
     """A little-endian TIFF of ``width`` x ``height`` grey pixels in deflated tiles of
-    ``tile_w`` x ``tile_h`` (``tiles``: the raw bytes of each tile, row-major)."""
-    blobs = [zlib.compress(t, 6) for t in tiles]
+    ``tile_w`` x ``tile_h`` (``tiles``: the raw bytes of each tile, row-major, or its zlib stream
+    when ``deflated``)."""
+    blobs = list(tiles) if deflated else [zlib.compress(t, 6) for t in tiles]
     n = len(blobs)
     entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [bits]), (259, 3, [8]), (262, 3, [1]),
                (277, 3, [1]), (322, 4, [tile_w]), (323, 4, [tile_h]), (324, 4, None), (325, 4, [len(b) for b in blobs])]
     ifd_at = 8
     extra_at = ifd_at + 2 + 12 * len(entries) + 4
     offsets_at, counts_at = extra_at, extra_at + 4 * n
-    data_at = counts_at + 4 * n
+    data_at = counts_at + 4 * n if n > 1 else extra_at  # one offset and count fit their entries
     positions, pos = [], data_at
     for b in blobs:
         positions.append(pos)
@@ -433,6 +434,17 @@ def _tiled_tiff(width, height, tile_w, tile_h, tiles, bits=8):
     return bytes(out) + b"".join(blobs)
 
 
+def _zlib_repeated(block, times):
+    """A zlib stream of ``block`` repeated ``times`` times, compressed once (full-flushed)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    one = packer.compress(block) + packer.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(times):
+        adler = zlib.adler32(block, adler)
+    return b"\x78\xda" + one * times + zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush() \
+        + struct.pack(">I", adler)
+
+
 def test_a_tiff_whose_tiles_dwarf_the_image_is_refused_before_decoding(tmp_path):
     """A 64x64 16-bit TIFF declaring one 23168x23168 tile (1 MB): +950 MB RSS, then scored."""
     import time
@@ -441,7 +453,10 @@ def test_a_tiff_whose_tiles_dwarf_the_image_is_refused_before_decoding(tmp_path)
     from mxvision.io.images import read_image
 
     side = 23168
-    bomb = _tiled_tiff(64, 64, side, side, [b"\x80" * (side * side * 2)], bits=16)
+    # the one tile's 1 GB, a ramp deflated 64 rows at a time (no 1 GB buffer in the test itself);
+    # not constant, so without the tile rule the file is decoded (+1 GB) and accepted
+    bomb = _tiled_tiff(64, 64, side, side, [_zlib_repeated(bytes(range(256)) * (side // 2), side // 64)],
+                       bits=16, deflated=True)
     (tmp_path / "tile_bomb.tif").write_bytes(bomb)
     tic = time.monotonic()
     with pytest.raises(BadImage, match="23168x23168-pixel tiles for a 64x64 image"):
@@ -457,3 +472,145 @@ def test_a_tiff_whose_tiles_dwarf_the_image_is_refused_before_decoding(tmp_path)
     (tmp_path / "tiled.tif").write_bytes(_tiled_tiff(300, 200, 256, 256, tiles))
     got = read_image(tmp_path / "tiled.tif")
     np.testing.assert_allclose(got * 255, image, atol=1e-3)
+
+
+def test_normal_tiled_tiffs_still_read_pixel_for_pixel(tmp_path):
+    """The tile rule refuses only tiles far past the image: 16-bit 256 px tiles on a 600x500
+    image (tiles overhanging two edges), 16 px tiles, and a 1024 px tile on a 64x64 image read."""
+    import numpy as np
+
+    from mxvision.io.images import read_image
+
+    def tiled(image, tile):
+        rows, cols = -(-image.shape[0] // tile), -(-image.shape[1] // tile)
+        padded = np.zeros((rows * tile, cols * tile), image.dtype)
+        padded[:image.shape[0], :image.shape[1]] = image
+        tiles = [np.ascontiguousarray(padded[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]).astype("<u2"
+                 if image.dtype == np.uint16 else np.uint8).tobytes() for r in range(rows) for c in range(cols)]
+        return _tiled_tiff(image.shape[1], image.shape[0], tile, tile, tiles, bits=image.dtype.itemsize * 8)
+
+    wide = (np.arange(500 * 600, dtype=np.uint32) * 37 % 65536).astype(np.uint16).reshape(500, 600)
+    for name, image, tile in (("wide16.tif", wide, 256),
+                              ("small_tiles.tif", (wide[:100, :80] // 256).astype(np.uint8), 16),
+                              ("big_tile.tif", (wide[:64, :64] // 256).astype(np.uint8), 1024)):
+        path = tmp_path / name
+        path.write_bytes(tiled(image, tile))
+        expected = image / (65535.0 if image.dtype == np.uint16 else 255.0)
+        got = read_image(path)
+        assert got.shape == image.shape, name
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
+
+
+STRIPS = """
+import resource, sys
+from mxvision.io.images import read_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    img = read_image(sys.argv[1])
+    result = "%dx%d:%d" % (img.shape + (round(float(img[3, 5]) * 255),))
+except Exception as exc:
+    result = "%s(%s)" % (type(exc).__name__, str(exc).split(": ", 1)[1].replace(" ", "_"))
+print(result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("rows_per_strip", [64, 100_000, 23168 * 23168, 2 ** 32 - 1])
+def test_rows_per_strip_past_the_image_is_one_strip_not_a_huge_buffer(tmp_path, rows_per_strip):
+    """RowsPerStrip larger than ImageLength is legal (one strip): the decoder allocates the
+    image's rows, not the declared ones (measured: +1 MB for 2**32-1 rows on 64x64), so strips
+    need no rule of their own; this guards that. OpenCV itself refuses a strip of 64 x 23168**2
+    declared pixels (its 1 GB tile check, before allocating): one line, no memory."""
+    import numpy as np
+
+    image = (np.arange(64 * 64) * 7 % 256).astype(np.uint8).reshape(64, 64)
+    page = tiff_page(64, 64, data=zlib.compress(image.tobytes()), compression=8)
+    page["entries"] = [e for e in page["entries"] if e[0] != 278] + [(278, 4, 1, rows_per_strip)]
+    page["entries"].sort(key=lambda e: e[0])
+    path = tmp_path / "strip.tif"
+    path.write_bytes(tiff_file([page]))
+    done = subprocess.run([sys.executable, "-c", STRIPS, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result, grown_mb = done.stdout.split()
+    if rows_per_strip == 23168 * 23168:
+        assert result == "BadImage(cannot_decode_the_TIFF_data_(truncated_or_corrupt))", done.stdout
+    else:
+        assert result == f"64x64:{image[3, 5]}", done.stdout
+    assert int(grown_mb) < 50, done.stdout
+
+
+def _blank(fmt, value):
+    import numpy as np
+
+    from support.dicom_builders import dicom_bytes, dicom_float
+
+    if fmt == "png16":
+        return cv2.imencode(".png", np.full((64, 64), value, np.uint16))[1].tobytes()
+    if fmt == "tif16":
+        return tiff_file([tiff_page(64, 64, np.full((64, 64), value, "<u2").tobytes(), bits=16)])
+    if fmt == "tif_float":
+        return tiff_file([tiff_page(64, 64, np.full((64, 64), value, "<f4").tobytes(), bits=32,
+                                    extra=[(339, 3, 1, 3)])])  # SampleFormat: IEEE float
+    if fmt == "dcm":
+        return dicom_bytes(np.full((64, 64), value, np.uint16))
+    if fmt == "dcm_float":
+        return dicom_float(np.full((64, 64), value, np.float32))
+    if fmt == "tif":
+        return tiff_file([tiff_page(64, 64, bytes([value]) * 4096)])
+    return cv2.imencode("." + fmt, np.full((64, 64, 3) if fmt == "jpg" else (64, 64), value, np.uint8))[1].tobytes()
+
+
+@pytest.mark.parametrize("fmt, value", [("png", 0), ("png", 255), ("jpg", 0), ("jpg", 200), ("tif", 0),
+                                        ("png16", 4095), ("tif16", 0), ("tif_float", 3.5), ("dcm", 7),
+                                        ("dcm_float", 0.25)])
+def test_a_blank_image_is_one_and_the_same_refusal_in_every_format(tmp_path, fmt, value):
+    """An all-black JPEG scored nodule=0.6755 while a blank DICOM or float TIFF was refused: now a
+    constant image is refused after decoding in every format, with the one message naming the
+    stored value (headers.check_not_blank)."""
+    from mxvision.errors import BadImage
+    from mxvision.io.images import read_image
+
+    path = tmp_path / f"blank_{fmt}.{fmt[:3] if fmt[:3] != 'dcm' else 'dcm'}"
+    path.write_bytes(_blank(fmt, value))
+    with pytest.raises(BadImage) as info:
+        read_image(path)
+    assert str(info.value) == f"{path}: the image is blank (every pixel is {float(value):g})"
+
+
+PAGEMAP_PREDICT = """
+import contextlib, io, resource, sys
+from mxvision import cli
+run, good = sys.argv[1], sys.argv[2]
+assert cli.main(["predict", "--run", run, "--ctx", "cpu", good]) == 0  # model and libraries loaded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    try:
+        code = cli.main(["predict", "--run", run, "--ctx", "cpu", "--strict", "/proc/self/pagemap"])
+    except SystemExit as exc:
+        code = exc.code
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print("RESULT", code, grown)
+print(err.getvalue(), end="", file=sys.stderr)
+"""
+
+
+def test_a_proc_file_through_predict_is_one_line_and_no_memory(tmp_path, small_run):
+    """/proc/self/pagemap (fstat: a regular file of 0 bytes; it reads on for ever) was read to the
+    1 GiB cap: +1 GB RSS per file. Now the extra byte past its size refuses it at once."""
+    import numpy as np
+
+    good = tmp_path / "good.png"
+    good.write_bytes(cv2.imencode(".png", smooth_image(256))[1].tobytes())
+    assert np.ptp(smooth_image(256)) > 0
+    done = subprocess.run([sys.executable, "-c", PAGEMAP_PREDICT, str(small_run), str(good)],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, done.stdout[-2000:] + done.stderr[-2000:]
+    _, code, grown_mb = result[0].split()
+    assert code not in ("0", "None"), done.stderr
+    assert done.stderr.splitlines() == [
+        "mxvision: error: /proc/self/pagemap: reads longer than its size on disk (0 bytes): a /proc "
+        "file or one still being written, not an image file"], done.stderr[-2000:]
+    assert int(grown_mb) < 100, grown_mb
