@@ -38,7 +38,7 @@ from mxvision.io.images import MAX_FILE_BYTES, image_info, read_image
 
 pydicom = pytest.importorskip("pydicom")
 from PIL import Image  # noqa: E402  (Pillow is a dependency: pydicom's JPEG plugin)
-from support.dicom_builders import dicom_bytes, dicom_float  # noqa: E402
+from support.dicom_builders import dicom_bytes, dicom_float, save  # noqa: E402
 from pydicom.uid import JPEGBaseline8Bit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def dicom_patched(**attrs):
         else:
             setattr(ds, key, value)
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    save(ds, buf)
     return buf.getvalue()
 
 
@@ -150,7 +150,7 @@ def dicom_bad_jpeg():
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xe0" + bytes(200)])
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    save(ds, buf)
     return buf.getvalue()
 
 

@@ -148,6 +148,8 @@ class DicomFile:
         _pydicom()
         from pydicom.filereader import read_dataset, read_partial
 
+        from mxvision.io.dicom_compat import original_encoding
+
         # pydicom builds every item of a sequence (twice: the header read, then pixel_array), and
         # MAX_ELEMENTS counts top-level elements only: a 12 MB file of 1.5 million empty items in
         # one undefined-length sequence took 38 s and 1.9 GB before it was accepted. Item tags
@@ -186,7 +188,7 @@ class DicomFile:
             raise BadImage(self.path, f"DICOM header has over {MAX_ELEMENTS} data elements "
                                       f"(refused before reading them)")
         at = fp.tell()  # pydicom stops with the file at the element that stopped it
-        little = self.syntax is not None or ds.original_encoding[1] is not False
+        little = self.syntax is not None or original_encoding(ds)[1] is not False
         if at + 8 <= len(self.stream):
             group, elem = struct.unpack_from("<HH" if little else ">HH", self.stream, at)
             if (group << 16 | elem) in _PIXEL_TAGS:
@@ -242,8 +244,11 @@ class DicomFile:
         if self.pixel_at is None:
             raise BadImage(self.path, "DICOM file has no pixel data")
         at, stream = self.pixel_at, self.stream
-        implicit = self.syntax is None and self.dataset.original_encoding[0]
-        endian = "<" if self.syntax is not None or self.dataset.original_encoding[1] is not False else ">"
+        from mxvision.io.dicom_compat import original_encoding
+
+        implicit_vr, little_endian = original_encoding(self.dataset)
+        implicit = self.syntax is None and implicit_vr
+        endian = "<" if self.syntax is not None or little_endian is not False else ">"
         if implicit:
             length, value_at = struct.unpack_from(endian + "I", stream, at + 4)[0], at + 8
         elif stream[at + 4:at + 6] in _LONG_VRS and at + 12 <= len(stream):
@@ -275,10 +280,10 @@ class DicomFile:
                 raise BadImage(self.path, f"cannot decode the DICOM pixel data (over "
                                           f"{MAX_FRAGMENTS} fragments)")
             pos += 8 + length
-        from pydicom.encaps import get_frame
+        from mxvision.io.dicom_compat import first_frame
 
         try:
-            frame = get_frame(io.BytesIO(memoryview(stream)[value_at:]), 0, number_of_frames=info.frames)
+            frame = first_frame(memoryview(stream)[value_at:], info.frames)
         except Exception as exc:  # noqa: BLE001 - pydicom's ValueError for bad offsets
             raise BadImage(self.path, f"cannot decode the DICOM pixel data (its first frame: "
                                       f"{one_line(exc, limit=160)})") from None
@@ -298,12 +303,11 @@ class DicomFile:
         if "SegmentedRedPaletteColorLookupTableData" in self.dataset:
             raise BadImage(self.path, "DICOM with a segmented palette colour table is not "
                                       "supported; export it as MONOCHROME2 or RGB")
-        from pydicom.pixels import pixel_array
+        from mxvision.io.dicom_compat import pixel_array
 
         photometric = info.colour.upper()
-        options = {"transfer_syntax_uid": self.syntax} if self.syntax else {}
-        try:  # YBR is converted to RGB; a file-like source: only the first frame is read
-            arr = pixel_array(io.BytesIO(self.stream), index=0, **options)
+        try:  # YBR is converted to RGB; only the first frame is read
+            arr = pixel_array(self.stream, self.syntax, self.body_start)
             arr = _presentation(self.dataset, photometric, arr)
         except Exception as exc:  # decoder plugins raise ValueError, RuntimeError, KeyError, ...
             reason = one_line(exc, limit=200) or type(exc).__name__
@@ -326,8 +330,9 @@ def _frame_size(path, frame: bytes):
 
 def _presentation(ds, photometric, arr):
     """Modality LUT and VOI (grey), or the palette; float64 for grey."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from mxvision.io.dicom_compat import lut_functions
 
+    apply_color_lut, apply_modality_lut, apply_voi_lut = lut_functions()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         arr = apply_modality_lut(arr, ds)
         if ds.get("VOILUTSequence"):

@@ -20,7 +20,7 @@ from mxvision.io.images import MAX_PIXELS, MIN_SIDE, dicom_tags, image_info, rea
 
 pydicom = pytest.importorskip("pydicom")
 from support.dicom_builders import (  # noqa: E402
-    BITS_STORED, dicom_bytes, dicom_float, image_elements, raw_dicom)
+    BITS_STORED, dicom_bytes, dicom_float, image_elements, raw_dicom, save)
 from support.image_builders import (  # noqa: E402
     insert_chunks, png_chunk, png_file, smooth_image, tiff_file, tiff_page, zlib_zeros)
 
@@ -201,7 +201,7 @@ def test_dicom_without_preamble_is_read_by_suffix(tmp_path):
     ds = pydicom.dcmread(ds_path)
     ds.preamble = None
     bare = tmp_path / "bare.dcm"
-    ds.save_as(bare, enforce_file_format=False)
+    save(ds, bare, file_format=False)
     assert bare.read_bytes()[128:132] != b"DICM"
     np.testing.assert_allclose(read_image(bare), read_image(ds_path))
 
@@ -232,12 +232,12 @@ def test_dicom_problems_refused(tmp_path):
     ds = pydicom.dcmread(good)
     del ds.PixelData
     nopix = tmp_path / "nopix.dcm"
-    ds.save_as(nopix, enforce_file_format=True)
+    save(ds, nopix)
     assert_bad(nopix, "no pixel data")
     ds = pydicom.dcmread(good)
     ds.Rows, ds.Columns = 30000, 30000  # declared 900 MP, pixel data far too short
     bomb = tmp_path / "bomb.dcm"
-    ds.save_as(bomb, enforce_file_format=True)
+    save(ds, bomb)
     assert_bad(bomb, "megapixels")
 
 

@@ -10,11 +10,12 @@ import struct
 import zlib
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid)
 
 
 def dicom_bytes(pixels=None, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian,
@@ -29,12 +30,47 @@ def dicom_bytes(pixels=None, photometric="MONOCHROME2", syntax=ExplicitVRLittleE
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
     if pixels is not None:
-        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+        set_pixel_data(ds, pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
     for key, value in attrs.items():
         setattr(ds, key, value)
+    if PYDICOM_MAJOR < 3:  # pydicom 2.4 (Python 3.8/3.9): the encoding is the dataset's to say
+        ds.is_little_endian = syntax != ExplicitVRBigEndian
+        ds.is_implicit_VR = syntax == ImplicitVRLittleEndian
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    save(ds, buf)
     return buf.getvalue()
+
+
+def save(ds, target, file_format=True):
+    """``ds.save_as``: as a DICOM file (preamble and File Meta) or, with ``file_format=False``,
+    as the dataset holds it; pydicom 2.4 names that option ``write_like_original``."""
+    if PYDICOM_MAJOR >= 3:
+        ds.save_as(target, enforce_file_format=file_format)
+    else:
+        ds.save_as(target, write_like_original=not file_format)
+
+
+PYDICOM_MAJOR = int(pydicom.__version__.split(".")[0])
+
+
+def set_pixel_data(ds, pixels, photometric, bits_stored):
+    """pydicom 3's ``Dataset.set_pixel_data``; restated for pydicom 2.4, which lacks it."""
+    if PYDICOM_MAJOR >= 3:
+        return ds.set_pixel_data(pixels, photometric, bits_stored)
+    samples = 3 if photometric in ("RGB", "YBR_FULL") else 1
+    frames = pixels.shape[0] if pixels.ndim == (4 if samples == 3 else 3) else 1
+    rows, columns = pixels.shape[1:3] if frames > 1 else pixels.shape[:2]
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.tobytes()
+    return None
 
 
 def dicom_float(values):
