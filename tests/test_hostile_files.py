@@ -325,7 +325,8 @@ def _index(tmp_path, text, name="index.csv", binary=False):
     if binary:
         path.write_bytes(text)
     else:
-        path.write_text(text, encoding="utf-8", newline="")
+        with open(path, "w", encoding="utf-8", newline="") as f:  # write_text(newline=) is 3.10+
+            f.write(text)
     return path
 
 

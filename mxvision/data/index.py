@@ -262,6 +262,9 @@ def _inside(path, folder):
         return False
 
 
+_NUL_STAND_IN = "\udc00"
+
+
 def _read_capped(csv_path):
     """The text of an index CSV, refusing before reading what no index is: a folder, a device,
     FIFO or socket (``/dev/zero`` would be read to the cap, a FIFO would block forever), a file
@@ -303,14 +306,16 @@ def read_index(csv_path, check_files=False, classes=None):
     many are missing. ``classes`` fixes the label order (e.g. that of a trained model).
     """
     csv_path = os.path.abspath(os.fspath(csv_path))
-    text = _read_capped(csv_path)
+    # Python 3.8-3.10's csv refuses a NUL outright ("line contains NUL", no column): NUL goes in
+    # as a lone surrogate, which strict UTF-8 text never holds, so every Python names the column
+    text = _read_capped(csv_path).replace("\x00", _NUL_STAND_IN)
     reader = csv.reader(io.StringIO(text, newline=""))
     records, lines = [], []
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
             raise BadIndex(csv_path, "empty file; expected a header line with path,label")
-        header = [h.strip() for h in header]
+        header = [h.replace(_NUL_STAND_IN, "\x00").strip() for h in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise BadIndex(csv_path, f"line 1: missing column(s) {', '.join(missing)} "
@@ -327,9 +332,9 @@ def read_index(csv_path, check_files=False, classes=None):
                 raise BadIndex(csv_path, f"line {reader.line_num}: {len(row)} fields, "
                                          f"the header has {len(header)}")
             for column, cell in zip(header, row):
-                if "\x00" in cell:
+                if _NUL_STAND_IN in cell:
                     raise BadIndex(csv_path, f"line {reader.line_num}: NUL byte in column "
-                                             f"{column} ({_short(cell)})")
+                                             f"{column} ({_short(cell.replace(_NUL_STAND_IN, chr(0)))})")
             records.append(dict(zip(header, row)))
             lines.append(reader.line_num)
     except csv.Error as err:

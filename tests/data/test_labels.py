@@ -140,8 +140,8 @@ def test_counts_on_the_real_archive_against_the_original(shared):
 
 
 def test_the_shipped_synonym_table_is_the_installed_package_data():
-    from importlib.resources import files
-    shipped = json.loads((files("mxvision.data.tables") / "openi_synonyms.json").read_text(encoding="utf-8"))
+    import pkgutil  # importlib.resources.files is 3.9+
+    shipped = json.loads(pkgutil.get_data("mxvision.data.tables", "openi_synonyms.json").decode("utf-8"))
     assert {k for k in shipped if not k.startswith("_")} == set(L.PATHOLOGIES)
     assert L.OPENI_SYNONYMS["Nodule"]["major"] == list(L.NODULE_TERMS)
     assert L.OPENI_SYNONYMS["Emphysema"] == {k: shipped["Emphysema"][k] for k in ("major", "automatic", "why")}

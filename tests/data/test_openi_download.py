@@ -28,7 +28,7 @@ def site(http_server):
     folder = os.path.join(http_server.directory, "imgs", "collections")
     os.makedirs(folder)
     path = _tgz(os.path.join(folder, "NLMCXR_reports.tgz"),
-                {"ecgen-radiology/1.xml": b"<eCitation/>", "ecgen-radiology/2.xml": random.Random(0).randbytes(20_000)})
+                {"ecgen-radiology/1.xml": b"<eCitation/>", "ecgen-radiology/2.xml": random.Random(0).getrandbits(160_000).to_bytes(20_000, "little")})
     with open(path, "rb") as f:
         return http_server, hashlib.sha256(f.read()).hexdigest()
 

@@ -146,7 +146,7 @@ def test_the_stamp_is_never_read_or_written_through_a_link_or_a_fifo(nest):
 # ------------------------------------------------------------------ corrupt and truncated archives
 def _three_members():
     rng = random.Random(0)
-    return [(f"m{i}.bin", REG, rng.randbytes(20_000)) for i in range(3)]
+    return [(f"m{i}.bin", REG, rng.getrandbits(160_000).to_bytes(20_000, "little")) for i in range(3)]
 
 
 @pytest.mark.parametrize("compress", [False, True])
