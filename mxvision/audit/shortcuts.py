@@ -20,6 +20,7 @@ Metadata is guarded against label leaks in how a table was made: a column that i
 image of a class while filled for others (JSRT gives age and sex only for nodule cases) would make
 a perfect, meaningless baseline, so it is left out and listed under ``excluded``.
 """
+import inspect
 import math
 from pathlib import Path
 
@@ -138,8 +139,11 @@ def fit_baseline(x_train, y_train, x_test, y_test, seed=0):
     counts = np.bincount(y_train)
     folds = int(min(5, counts[counts > 0].min()))
     if folds >= 2:
+        # scikit-learn >= 1.8 prints two FutureWarnings unless both are given (same fit: plain L2)
+        newer = "use_legacy_attributes" in inspect.signature(LogisticRegressionCV).parameters
+        options = {"l1_ratios": (0.0,), "use_legacy_attributes": False} if newer else {}
         model = LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), scoring="roc_auc", solver="liblinear",
-                                     cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+                                     cv=StratifiedKFold(folds, shuffle=True, random_state=seed), **options)
     else:
         model = LogisticRegression(C=1.0, solver="liblinear")
     pipe = make_pipeline(StandardScaler(), model).fit(x_train, y_train)
