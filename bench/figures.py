@@ -42,6 +42,10 @@ END = "<!-- figures:results end -->"
 HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
           "confusion matrix (rows: true normal, nodule)", "best trivial baseline, test AUC")
 DEMO_ROW = "synthetic demo (80 images, `mxvision demo`)"
+#: NumPy 2 (Python 3.13's only NumPy) rounds the demo's float64 steps differently (image synthesis
+#: and feature statistics), so the demo's figures there are a row of their own; NumPy 1.23 (3.8-3.11)
+#: and 1.26 (3.12) give the first row exactly.
+DEMO_ROW_NUMPY2 = "the same demo on NumPy 2 (Python 3.13)"
 JSRT_ROW = "JSRT development set (154 real radiographs)"
 SPLITS = ("train", "val", "test")
 #: The OpenMP threads every command runs with. The count sets the float rounding of oneDNN's
@@ -91,11 +95,18 @@ def table_row(name, index_csv, metrics):
             json.dumps(metrics["confusion_matrix"]), baseline)
 
 
+def demo_row_name():
+    """The demo row this interpreter's NumPy reproduces (the one the figures are run with)."""
+    import numpy
+
+    return DEMO_ROW_NUMPY2 if int(numpy.__version__.split(".")[0]) >= 2 else DEMO_ROW
+
+
 def demo_figures(work):
     tic = time.time()
     mxvision("demo", "--out", work / "demo", "--quiet", cwd=work)
     metrics = json.loads((work / "demo" / "eval" / "metrics.json").read_text())
-    return table_row(DEMO_ROW, work / "demo" / "data" / "index.csv", metrics), time.time() - tic
+    return table_row(demo_row_name(), work / "demo" / "data" / "index.csv", metrics), time.time() - tic
 
 
 def jsrt_figures(work, shared):
@@ -144,7 +155,10 @@ def machine():
         pass
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     threads = f"OMP_NUM_THREADS={FIGURE_THREADS}"
-    return f"{model}, {os.cpu_count()} cores ({threads}{load})"
+    import numpy
+
+    python = f"Python {platform.python_version()}, NumPy {numpy.__version__}"
+    return f"{model}, {os.cpu_count()} cores ({python}, {threads}{load})"
 
 
 def markdown(rows, note):
@@ -190,6 +204,10 @@ def main(argv=None):
             return
         demo, demo_seconds = demo_figures(work)
         rows, notes = [demo], [f"demo {demo_seconds:.0f} s"]
+        other = DEMO_ROW_NUMPY2 if demo[0] == DEMO_ROW else DEMO_ROW
+        if other in old:  # measured by `make figures` on the other NumPy (PYTHON=python3.13)
+            rows.insert(0 if other == DEMO_ROW else 1, tuple(old[other].get(h) for h in HEADER))
+            notes.append(f"the row \"{other}\" kept from the previous table")
         if args.skip_jsrt or shared is None or not (shared / "data" / "jsrt").is_dir():
             why = "--skip-jsrt" if args.skip_jsrt else "no ../shared/data/jsrt (set MXVISION_SHARED)"
             print(f"JSRT row skipped ({why}); README keeps its row", file=sys.stderr)
