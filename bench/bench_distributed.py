@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import mxvision  # noqa: E402,F401  (first: restores the NumPy names MXNet reads, mxvision.runtime.compat)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -65,6 +65,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
+    import mxvision  # noqa: F401  (first: mxvision.runtime.compat restores what MXNet reads)
     import mxnet as mx
     torch, xrv_torch = _import_torch_stack()
     torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import mxvision  # noqa: E402,F401  (first: restores the NumPy names MXNet reads, mxvision.runtime.compat)
 import mxnet as mx  # noqa: E402
 
 from mxvision.features.extract import FORMAT_VERSION, MANIFEST  # noqa: E402

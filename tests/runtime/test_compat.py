@@ -4,13 +4,17 @@ The checks run in fresh interpreters, as a user's program would: NumPy untouched
 imported, then exactly the missing names restored, NumPy's own names and behaviour unchanged, and
 the two MXNet code paths that NumPy 2 / onnx >= 1.15 break (RecordIO packing, ONNX export) working.
 """
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mxvision.runtime import compat
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(code, *flags):
@@ -126,3 +130,41 @@ def test_gluoncv_imports_beside_torch_2_and_torch_stays():
     out = _run("import sys\nfrom mxvision.runtime import compat\ncompat.import_gluoncv()\n"
                "assert 'torch' not in sys.modules\nimport torch\nprint(torch.__version__)")
     assert out.strip()
+
+
+def _imports_in_order(source):
+    """Top-level names of every import statement in ``source``, in source order."""
+    nodes = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = []
+    for node in sorted(nodes, key=lambda n: (n.lineno, n.col_offset)):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        names += [m.split(".")[0] for m in modules]
+    return names
+
+
+def _scripts():
+    """bench/*.py, and each notebook's code as one source (magics dropped)."""
+    for path in sorted((REPO / "bench").glob("*.py")):
+        yield path, path.read_text(encoding="utf-8")
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        lines = [line for line in "\n".join(code).splitlines() if not line.lstrip().startswith(("%", "!"))]
+        yield path, "\n".join(lines)
+
+
+def test_every_script_and_notebook_imports_mxvision_before_mxnet():
+    """On NumPy 2 (Python 3.13) MXNet 1.9.1 only imports after mxvision.runtime.compat has run;
+    a bench that imported mxnet first died with "np.PZERO was removed"."""
+    checked = 0
+    for path, source in _scripts():
+        names = [n for n in _imports_in_order(source) if n in ("mxnet", "mxvision")]
+        if names:
+            checked += 1
+            assert names[0] == "mxvision", f"{path.relative_to(REPO)} imports mxnet before mxvision"
+    assert checked >= 8, checked
+
+
+def test_the_import_order_check_sees_a_late_mxvision():
+    late = "import os\ndef f():\n    import mxnet\nimport mxvision.data\n"
+    assert [n for n in _imports_in_order(late) if n in ("mxnet", "mxvision")] == ["mxnet", "mxvision"]
