@@ -50,8 +50,8 @@ setup(
     description="Chest X-ray transfer learning (Xvision) and torchxrayvision-style models in MXNet/Gluon",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # 3.10+: pydicom 3 (mxvision.io.dicom uses pydicom.pixels) needs it; 3.13 is the newest checked
-    python_requires=">=3.10,<3.14",
+    # 3.8 and 3.9 get pydicom 2.4 (mxvision.io.dicom_compat); 3.13 is the newest checked
+    python_requires=">=3.8,<3.14",
     packages=find_packages(include=["mxvision", "mxvision.*"]),
     package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"]},
     install_requires=[
@@ -72,7 +72,7 @@ setup(
         "scikit-learn",
         "matplotlib",
         "tqdm",
-        "pydicom",
+        "pydicom",  # 3.x from Python 3.10; 2.4 on 3.8/3.9 (mxvision.io.dicom_compat)
         "Pillow",  # pydicom decodes JPEG-compressed DICOM (both real samples) through Pillow
         "defusedxml",
     ],
@@ -94,7 +94,7 @@ setup(
     entry_points={"console_scripts": ["mxvision=mxvision.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        *[f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)],
+        *[f"Programming Language :: Python :: 3.{minor}" for minor in range(8, 14)],
         "Topic :: Scientific/Engineering :: Medical Science Apps.",
         "Topic :: Scientific/Engineering :: Image Recognition",
     ],
