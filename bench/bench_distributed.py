@@ -45,6 +45,7 @@ CLI = [sys.executable, "-m", "mxvision.cli.distributed"]
 FC1_WEIGHTS = 100352 * 512
 KV_SCRIPT = """
 import json, sys, time
+import mxvision  # first: the NumPy names MXNet reads (NumPy 2)
 import mxnet as mx
 kv = mx.kv.create("dist_sync")
 n, reps, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
