@@ -35,7 +35,7 @@ from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
 from mxvision.train.loop import load_classifier
 
-__all__ = ["predict", "classify", "DEFAULT_MODEL"]
+__all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     return results
 
 
-def _status(spec, calibrated):
+def unavailable_outputs(spec, calibrated):
     """Per-output reason why a score cannot be given (None when it can)."""
     reasons = {i: "untrained" for i in spec.untrained}
     if calibrated:
@@ -109,7 +109,7 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
     net = zoo.get_model(model, weights=weights, calibrated=calibrated, apply_sigmoid=not calibrated,
                         ctx=ctx, root=root, progress=progress)
     net.hybridize(static_alloc=True, static_shape=True)
-    reasons = _status(spec, calibrated)
+    reasons = unavailable_outputs(spec, calibrated)
     results = [None] * len(paths)
     batch = []
 

@@ -24,7 +24,7 @@ import numpy as np
 from mxvision.errors import MxvisionError
 from mxvision.io.images import read_image
 
-__all__ = ["NormalizationError", "normalize", "XRayCenterCrop", "XRayResizer", "load_xray", "preprocess"]
+__all__ = ["NormalizationError", "normalize", "XRayCenterCrop", "XRayResizer", "load_xray", "xray_range", "preprocess"]
 
 
 class NormalizationError(MxvisionError, ValueError):
@@ -118,7 +118,13 @@ def _skimage_resize(image, output_shape):
 def load_xray(path):
     """Read any X-ray file mxvision reads into torchxrayvision's convention: (1, H, W) float32 in
     [-1024, 1024] (see the module notes for how this compares with torchxrayvision's readers)."""
-    img = read_image(path)  # float32 v / full-scale, so this equals normalize(v, 255) for 8-bit files
+    return xray_range(read_image(path))
+
+
+def xray_range(img):
+    """A decoded image (2-D float32 in [0, 1], :func:`~mxvision.io.images.read_image`) in
+    torchxrayvision's convention, (1, H, W) in [-1024, 1024]: for 8-bit files this equals
+    ``normalize(v, 255)``."""
     return ((np.float32(2) * img - np.float32(1.0)) * np.float32(1024))[None, :, :]
 
 

@@ -89,7 +89,17 @@ def read_image(path) -> np.ndarray:
 
     Raises :class:`BadImage` (message names the file) for anything that is not a usable image.
     """
-    data = _read_bytes(path)
+    return decode_image(_read_bytes(path), path)
+
+
+def decode_image(data: bytes, path="<upload>") -> np.ndarray:
+    """:func:`read_image` on bytes already in memory (an upload); ``path`` names them in errors
+    (a ``.dcm`` name lets a DICOM stream without preamble be recognised, as for a file)."""
+    if not data:
+        raise BadImage(path, "file is empty (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImage(path, f"file is {len(data)} bytes, over the limit of {MAX_FILE_BYTES} "
+                             f"bytes for one image")
     if _is_dicom(path, data):
         dicom = read_dicom(path, data)
         img, scaled = dicom.decode(dicom.info()), True
@@ -292,5 +302,5 @@ def _scale_float(path, img: np.ndarray, invert: bool) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-__all__ = ["read_image", "image_info", "dicom_tags", "ImageInfo", "MAX_PIXELS", "MIN_SIDE",
+__all__ = ["read_image", "decode_image", "image_info", "dicom_tags", "ImageInfo", "MAX_PIXELS", "MIN_SIDE",
            "MAX_FILE_BYTES", "MAX_DECODE_BYTES", "DICOM_SUFFIXES"]
