@@ -21,7 +21,7 @@ ifeq ($(MXNET_NO_DEPS),yes)
 	$(BIN)/python -m pip install --quiet --no-deps mxnet==1.9.1
 	$(BIN)/python -m pip install --quiet 'graphviz>=0.8.1,<0.9' requests
 endif
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,serve]'
 	touch $@
 
 # The parity suite (tests/parity) against torchxrayvision itself: the CPU torch 2.13.0 (extra
@@ -29,7 +29,7 @@ endif
 # torch of several GB (what it imports is in the extra). Only `make test` needs it, not the demo.
 $(BIN)/.parity-installed: $(BIN)/.mxvision-installed
 ifeq ($(PARITY),yes)
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,parity]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,serve,parity]'
 	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision==1.5.7
 else
 	@echo "Python 3.$(PY_MINOR): no parity suite (its CPU torch 2.13.0 is on this machine kind for Python 3.11 only; tests/parity skips)"

@@ -53,7 +53,8 @@ setup(
     # 3.8 and 3.9 get pydicom 2.4 (mxvision.io.dicom_compat); 3.13 is the newest checked
     python_requires=">=3.8,<3.14",
     packages=find_packages(include=["mxvision", "mxvision.*"]),
-    package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"]},
+    package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"],
+                  "mxvision.serve": ["page/*.html"]},
     install_requires=[
         # Python 3.13 has no NumPy < 2 wheel, which MXNet's metadata asks for: there the Makefile
         # installs MXNet with --no-deps first (`pip check` then reports that override), see README.
@@ -88,6 +89,8 @@ setup(
         # is a CUDA build of several GB; it needs Python >= 3.10). torchxrayvision 1.5.7 is added
         # with --no-deps (Makefile): its torchvision dependency would pull a CUDA torch; the rest of
         # what it imports is listed here. scikit-image 0.25 needs NumPy >= 1.24.
+        # `mxvision serve`: MXNet Model Server (its frontend needs a Java runtime, 8 or newer)
+        "serve": ["multi-model-server==1.1.11"],
         "parity": ["torch==2.13.0; python_version == '3.11'", "scikit-image<0.25", "imageio",
                    "pandas", "requests"],
     },

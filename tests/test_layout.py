@@ -34,6 +34,7 @@ LAYERS = [
     ("audit", ["mxvision.audit"]),
     ("evaluate", ["mxvision.evaluate"]),
     ("demo, distributed", ["mxvision.demo", "mxvision.distributed"]),
+    ("serve", ["mxvision.serve"]),
     ("cli", ["mxvision.cli"]),
     ("entry points", ["mxvision", "mxvision.__main__"]),
 ]

@@ -15,7 +15,7 @@ import importlib
 from mxvision.cli import common
 
 #: The command-group modules, in the order ``mxvision --help`` lists their commands.
-GROUP_MODULES = ("pipeline", "finetune", "data", "xrv", "audit", "detector", "distributed")
+GROUP_MODULES = ("pipeline", "finetune", "data", "xrv", "audit", "detector", "distributed", "serve")
 
 
 def _command_groups():

@@ -1,6 +1,7 @@
 """CLI commands of the Xvision pipeline: each parses its arguments and calls the Python API."""
 from mxvision.cli.common import (add_ctx, add_extract_options, add_train_options, best_epoch_summary,
                                  extract_options, non_empty, positive_int, seed, train_options)
+from mxvision.errors import MxvisionError
 from mxvision.cli.output import TSV_HELP, print_json, print_tsv
 
 #: :data:`mxvision.demo.MIN_PER_CLASS` (not imported: that would import MXNet to parse a command line).
@@ -58,9 +59,35 @@ def _cmd_predict(args):
 
 
 def _cmd_export(args):
+    problem = _export_problem(args)
+    if problem:
+        raise MxvisionError("export", problem)
+    if args.mar:
+        from mxvision.serve.archive import export_archive
+        done = export_archive(args.mar, run=args.run, model=args.model, weights=args.weights,
+                              dtype=args.dtype, ctx=args.ctx)
+        m = done["manifest"]
+        weights = m["weights"].get("description") or m["weights"].get("backbone")
+        print(f"wrote {done['archive']}: model {done['name']} ({m['family']}, {m['precision']}; "
+              f"weights: {weights}); serve it with `mxvision serve {done['archive']}`")
+        return
     from mxvision.export import export_model
     paths = export_model(args.run, args.out, ctx=args.ctx, dtype=args.dtype)
     print(f"exported {paths['symbol']} and {paths['params']} (metadata: {paths['meta']})")
+
+
+def _export_problem(args):
+    if (args.run is None) == (args.model is None):
+        return "give --run RUN (a trained Xvision run) or --model NAME (a torchxrayvision port)"
+    if (args.out is None) == (args.mar is None):
+        return "give --out PREFIX (symbol files) or --mar OUT.mar (a model archive to serve)"
+    if args.model and not args.mar:
+        return "--model exports a model archive only: add --mar OUT.mar"
+    if args.weights and not args.model:
+        return "--weights goes with --model"
+    if args.dtype == "int8" and not args.mar:
+        return "--dtype int8 is for --mar; --out exports the run's own precision (or float32)"
+    return None
 
 
 def _cmd_models(args):
@@ -113,11 +140,17 @@ def add_parsers(sub):
     add_ctx(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export backbone + head as PREFIX-symbol.json / PREFIX-0000.params")
-    p.add_argument("--run", type=non_empty, required=True)
-    p.add_argument("--out", type=non_empty, required=True, metavar="PREFIX")
-    p.add_argument("--dtype", default=None, choices=["float32"],
-                   help="float32: export the portable float32 backbone even for a bfloat16/int8 run "
+    p = sub.add_parser("export", help="export backbone + head as PREFIX-symbol.json / PREFIX-0000.params, "
+                                      "or a model archive for MXNet Model Server (--mar)")
+    p.add_argument("--run", type=non_empty, help="a trained Xvision run")
+    p.add_argument("--model", type=non_empty, help="a torchxrayvision port (with --mar), e.g. densenet121-res224-all")
+    p.add_argument("--weights", type=non_empty, help="weights file for --model (default: the registry's)")
+    p.add_argument("--out", type=non_empty, metavar="PREFIX")
+    p.add_argument("--mar", type=non_empty, metavar="OUT.mar",
+                   help="write a model archive for `mxvision serve` / MXNet Model Server instead")
+    p.add_argument("--dtype", default=None, choices=["float32", "int8"],
+                   help="float32: export the portable float32 backbone even for a bfloat16/int8 run; "
+                        "int8 (--mar): require the run's INT8 backbone "
                         "(default: the precision its features were extracted with)")
     add_ctx(p)
     p.set_defaults(func=_cmd_export)
