@@ -78,7 +78,8 @@ setup(
         "defusedxml",
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # selenium drives Debian's chromium + chromium-driver in the page test (tests/serve)
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "selenium"],
         # onnx < 1.15 has no wheel for Python 3.12+; there mxvision.runtime.compat gives mx.onnx the
         # onnx.mapping that 1.15 removed
         "onnx": ["onnx<1.15; python_version < '3.12'", "onnx>=1.15; python_version >= '3.12'",
