@@ -141,6 +141,8 @@ class Service:
                 answers[i] = _error(context, i, 400, "bad image", str(err))
             except (MemoryError, ValueError) as err:  # a decoder's own refusal
                 answers[i] = _error(context, i, 400, "bad image", one_line(err, limit=200))
+            except Exception as err:  # noqa: BLE001 -- an exception escaping a batch kills the worker
+                answers[i] = _error(context, i, 500, "internal error", one_line(err, limit=200))
         if inputs:
             try:
                 for i, result in zip(slots, self.model.score(inputs)):
@@ -148,9 +150,9 @@ class Service:
                     context.set_response_content_type(i, "application/json")
                     # how many images shared this forward pass (server-side batching at work)
                     context.set_response_header(i, BATCH_HEADER, str(len(inputs)))
-            except MxvisionError as err:
+            except Exception as err:  # noqa: BLE001 -- MxvisionError, or MXNet's own; never raised to MMS
                 for i in slots:
-                    answers[i] = _error(context, i, 500, "model failure", str(err))
+                    answers[i] = _error(context, i, 500, "model failure", one_line(err, limit=200))
         return answers
 
 

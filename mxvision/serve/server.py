@@ -65,6 +65,8 @@ def write_config(state, archives, port, management_port, page_origin, workers, h
         "cors_allowed_methods": "GET, POST, OPTIONS",
         "cors_allowed_headers": "Content-Type",
         "async_logging": "true",
+        # the JVM would otherwise leave /tmp/hsperfdata_<user>/<pid> files behind
+        "vmargs": "-XX:-UsePerfData",
     }
     config = state / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in lines.items()), encoding="utf-8")
