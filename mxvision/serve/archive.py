@@ -9,8 +9,9 @@ zip and one small JSON, and ``model-archiver`` is unmaintained -- and adds:
   softmax, as ``mxvision export``; torchxrayvision port: the network up to its logits, the
   calibration being applied by the handler as ``classify`` applies it);
 * ``mxvision-manifest.json``: the model family, classes or pathologies, which outputs are
-  unavailable and why, the preprocessing, the weights' provenance, the SHA-256 of both network
-  files (checked when the server loads the archive) and the mxvision version;
+  unavailable and why, the preprocessing, the weights' provenance, the layer Grad-CAM is taken at
+  (:mod:`mxvision.serve.cam`), the SHA-256 of both network files (checked when the server loads the
+  archive) and the mxvision version;
 * ``mxvision_handler.py``: two lines that hand each request to :mod:`mxvision.serve.handler`, so
   the server's Python must have mxvision installed (``pip install mxvision[serve]``).
 """
@@ -30,6 +31,7 @@ from mxvision.inference import unavailable_outputs
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
+from mxvision.serve.cam import find_cam_layer
 from mxvision.utils import atomic_path
 
 MANIFEST = "mxvision-manifest.json"
@@ -103,8 +105,10 @@ def export_archive(out, run=None, model=None, weights=None, dtype=None, name=Non
             symbol, params, info = _xrv_network(model, weights, work, dtype, ctx, root)
         from mxvision import __version__
 
+        with open(symbol, encoding="utf-8") as f:
+            cam_layer = find_cam_layer(json.load(f))
         manifest = {"format": 1, "name": name, "mxvision": __version__, "mxnet": mx.__version__,
-                    **info, "input": {"name": "data"},
+                    **info, "input": {"name": "data"}, "cam_layer": cam_layer,
                     "files": {SYMBOL: sha256_file(symbol), PARAMS: sha256_file(params)}}
         # "python" runs the workers on the server's own interpreter (the one with mxvision); "python3"
         # would run whatever `python3` is first on PATH

@@ -12,7 +12,14 @@ requests of the batch are answered normally and the worker stays up).
 Bodies: the raw bytes of a PNG, JPEG, TIFF or DICOM file (``curl --data-binary @film.png``), or a
 multipart form whose first file field holds them (``curl -F data=@film.dcm``; the file name is
 used in errors and lets a DICOM stream without preamble be recognised).
+
+Grad-CAM on request: ``?gradcam=1`` (query string or form field; ``&target=NAME`` picks the class
+or pathology, default as ``mxvision audit explain``: the positive class, or ``Nodule``) adds a
+``gradcam`` object to the answer: the target, its logit, the map at the feature resolution
+(``grid``) and an overlay PNG of the film (``overlay``, a data URL, at most 512 px a side), made by
+:func:`mxvision.audit.explain.grad_cam` on the archive's own graph (:mod:`mxvision.serve.cam`).
 """
+import base64
 import json
 import logging
 import os
@@ -23,16 +30,24 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+import cv2
+
+from mxvision.audit.explain import grad_cam, overlay, to_image_grid
 from mxvision.data import transforms, xrv_transforms
 from mxvision.errors import BadImage, MxvisionError, one_line
 from mxvision.io.images import decode_image
 from mxvision.models.xrv.common import op_norm_nd
 from mxvision.serve.archive import MANIFEST, PARAMS, SYMBOL, sha256_file
+from mxvision.serve.cam import cam_blocks
 
 log = logging.getLogger(__name__)
 
 #: Request fields tried first for the image; then any field holding bytes.
 IMAGE_FIELDS = ("body", "data", "file", "image")
+#: Request options (query string or form fields), never taken for the image.
+OPTION_FIELDS = ("gradcam", "target")
+#: Longest side of the Grad-CAM overlay PNG returned (a 2048 px film would make a 4 MB answer).
+OVERLAY_SIDE = 512
 #: Largest image body a worker scores (bytes); ``mxvision serve --max-image-mb`` sets it through
 #: this environment variable, which MMS passes on to its workers. Larger ones get a 413 JSON error
 #: (bodies beyond MMS's own ``max_request_size``, twice this, get MMS's bare 413).
@@ -46,7 +61,8 @@ class ArchiveModel:
     """The network and manifest of one unpacked archive (``model_dir``), ready to score."""
 
     def __init__(self, model_dir, ctx=None):
-        model_dir = Path(model_dir)
+        model_dir = self.model_dir = Path(model_dir)
+        self._cam = None
         self.manifest = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))
         for name, digest in self.manifest["files"].items():
             if sha256_file(model_dir / name) != digest:
@@ -70,10 +86,39 @@ class ArchiveModel:
 
     def prepare(self, data: bytes, name="<upload>") -> np.ndarray:
         """One image's network input, exactly as ``predict``/``classify`` make it from a file."""
-        img = decode_image(data, name)
+        return self.prepare_image(decode_image(data, name))
+
+    def prepare_image(self, img: np.ndarray) -> np.ndarray:
         if self.family == "xvision":
             return transforms.preprocess(img, self.preset)
         return xrv_transforms.preprocess(xrv_transforms.xray_range(img), self.resolution)
+
+    def cam_target(self, target=None) -> int:
+        """Output index Grad-CAM explains: ``target`` (a name or index), else the default of
+        ``mxvision audit explain`` (the positive class of two, ``Nodule``, else the top class)."""
+        if target in (None, ""):
+            if self.family == "xrv":
+                return self.labels.index("Nodule")
+            return 1 if len(self.labels) == 2 else -1
+        if str(target).isdigit() and int(target) < len(self.labels):
+            return int(target)
+        if target in self.labels:
+            return self.labels.index(target)
+        raise MxvisionError(f"target={target}", "not an output of this model; choose one of "
+                                           + ", ".join(self.labels))
+
+    def gradcam(self, inputs, images, target):
+        """Grad-CAM of output ``target`` (-1: each image's top class) for prepared ``inputs``
+        of the decoded ``images``: one dict per image (target, logit, grid, overlay)."""
+        if self._cam is None:  # built on the first request that asks: most never do
+            model_dir = self.model_dir
+            self._cam = cam_blocks(model_dir / SYMBOL, model_dir / PARAMS,
+                                   layer=self.manifest.get("cam_layer"), ctx=self.ctx)[:2]
+        x = mx.nd.array(np.stack(inputs), ctx=self.ctx)
+        heat, logits, chosen = grad_cam(*self._cam, x, None if target < 0 else target)
+        return [{"target": self.labels[int(c)], "logit": float(v),
+                 "grid": np.round(h, 4).tolist(), "overlay": _overlay_url(img, h)}
+                for h, v, c, img in zip(heat, logits, chosen, images)]
 
     def score(self, inputs):
         """One forward pass over the prepared inputs; one result dict per input."""
@@ -109,7 +154,8 @@ def _weights_text(manifest):
 
 def request_image(request: dict):
     """``(name, bytes)`` of the image in one MMS request (raw body or multipart), or BadImage."""
-    for key in IMAGE_FIELDS + tuple(k for k in request if k not in IMAGE_FIELDS):
+    others = tuple(k for k in request if k not in IMAGE_FIELDS + OPTION_FIELDS)
+    for key in IMAGE_FIELDS + others:
         value = request.get(key)
         if isinstance(value, (bytes, bytearray)):
             return ("<upload>" if key in ("body", "data") else key), bytes(value)
@@ -126,7 +172,7 @@ class Service:
         self.max_bytes = int(os.environ.get(MAX_BYTES_VARIABLE) or DEFAULT_MAX_BYTES)
 
     def handle(self, data, context):
-        answers, inputs, slots = [None] * len(data), [], []
+        answers, inputs, slots, cams = [None] * len(data), [], [], {}
         for i, request in enumerate(data):
             try:
                 name, body = request_image(request or {})
@@ -135,17 +181,33 @@ class Service:
                                         f"{name}: {len(body)} bytes, over this server's limit of "
                                         f"{self.max_bytes} bytes per image")
                     continue
-                inputs.append(self.model.prepare(body, name))
+                wants_cam, target = request_options(request or {})
+                target = self.model.cam_target(target) if wants_cam else None
+                img = decode_image(body, name)
+                inputs.append(self.model.prepare_image(img))
+                if wants_cam:
+                    cams.setdefault(target, []).append((len(slots), img))
                 slots.append(i)
             except BadImage as err:
                 answers[i] = _error(context, i, 400, "bad image", str(err))
             except (MemoryError, ValueError) as err:  # a decoder's own refusal
                 answers[i] = _error(context, i, 400, "bad image", one_line(err, limit=200))
+            except MxvisionError as err:  # an option it cannot follow (gradcam=, target=)
+                answers[i] = _error(context, i, 400, "bad request", str(err))
             except Exception as err:  # noqa: BLE001 -- an exception escaping a batch kills the worker
                 answers[i] = _error(context, i, 500, "internal error", one_line(err, limit=200))
         if inputs:
             try:
-                for i, result in zip(slots, self.model.score(inputs)):
+                results = self.model.score(inputs)
+                for target, wanted in cams.items():  # one Grad-CAM pass per target asked for
+                    try:
+                        maps = self.model.gradcam([inputs[k] for k, _ in wanted],
+                                                  [img for _, img in wanted], target)
+                    except Exception as err:  # noqa: BLE001 -- the scores still stand
+                        maps = [{"error": one_line(err, limit=200)}] * len(wanted)
+                    for (k, _), cam in zip(wanted, maps):
+                        results[k]["gradcam"] = cam
+                for i, result in zip(slots, results):
                     answers[i] = json.dumps(result)
                     context.set_response_content_type(i, "application/json")
                     # how many images shared this forward pass (server-side batching at work)
@@ -154,6 +216,32 @@ class Service:
                 for i in slots:
                     answers[i] = _error(context, i, 500, "model failure", one_line(err, limit=200))
         return answers
+
+
+def _text(value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def request_options(request: dict):
+    """``(gradcam wanted, target or None)`` from a request's query string or form fields."""
+    flag = (_text(request.get("gradcam")) or "").strip().lower()
+    if flag not in ("", "0", "false", "no", "1", "true", "yes"):
+        raise MxvisionError(f"gradcam={flag}", "give gradcam=1 (or true) to ask for a Grad-CAM overlay")
+    target = _text(request.get("target"))
+    return flag in ("1", "true", "yes"), (target.strip() if target else None)
+
+
+def _overlay_url(img, heat):
+    """A PNG data URL of the film with its heatmap blended in, at most OVERLAY_SIDE px a side."""
+    pic = overlay(img, to_image_grid(heat, img.shape))
+    scale = OVERLAY_SIDE / max(pic.shape[:2])
+    if scale < 1:
+        pic = cv2.resize(pic, (max(1, round(pic.shape[1] * scale)), max(1, round(pic.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    ok, png = cv2.imencode(".png", pic)
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode("ascii")
 
 
 def _error(context, idx, code, phrase, message):
@@ -175,4 +263,4 @@ def handle(data, context):
     return _service.handle(data, context)
 
 
-__all__ = ["ArchiveModel", "Service", "handle", "request_image"]
+__all__ = ["ArchiveModel", "Service", "handle", "request_image", "request_options"]

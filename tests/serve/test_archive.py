@@ -9,7 +9,8 @@ import pytest
 from mxvision.errors import BadImage, MxvisionError
 from mxvision.inference import classify, predict
 from mxvision.serve.archive import MANIFEST, PARAMS, SYMBOL, export_archive, read_manifest, sha256_file
-from mxvision.serve.handler import ArchiveModel, request_image
+from mxvision.serve.cam import find_cam_layer
+from mxvision.serve.handler import ArchiveModel, request_image, request_options
 from support.cli import one_line_error, run_cli
 
 XRV_MODEL = "densenet121-res224-all"
@@ -92,6 +93,63 @@ def test_the_handler_scores_an_upload_exactly_as_classify_scores_the_file(xrv_ma
                 assert got["scores"][name] is None
             else:
                 assert abs(got["scores"][name] - value) <= 1e-5, name
+
+
+def _explain_gradcam(explainer, model, paths, target):
+    import mxnet as mx
+    from mxvision.audit.explain import grad_cam
+
+    x = mx.nd.array(np.stack([model.prepare(p.read_bytes(), p.name) for p in paths]))
+    heat, logits, chosen = grad_cam(explainer.features, explainer.head, x, target)
+    return heat, logits, chosen
+
+
+def test_the_served_gradcam_is_explains_gradcam_of_the_same_network(xvision_mar, xrv_mar, small_run, shared, tmp_path):
+    """One code path: Grad-CAM on the archive's graph (split by mxvision.serve.cam) equals
+    mxvision.audit.explain's on the Gluon network it was exported from."""
+    from mxvision.audit.explain import explainer_from_run, explainer_from_xrv
+    from mxvision.io.images import read_image
+
+    paths = sorted(p for p in (shared / "data" / "samples").iterdir() if p.suffix in (".png", ".jpg"))[:3]
+    cases = [(xvision_mar, explainer_from_run(small_run), None),
+             (xrv_mar, explainer_from_xrv(XRV_MODEL, weights="none"), "Mass")]
+    for mar, explainer, target in cases:
+        model = ArchiveModel(_unpack(mar["archive"], tmp_path / mar["name"]))
+        k = model.cam_target(target)
+        assert k == (explainer.default_target if target is None else explainer.target_index(target))
+        served = model.gradcam([model.prepare(p.read_bytes(), p.name) for p in paths],
+                               [read_image(p) for p in paths], k)
+        heat, logits, chosen = _explain_gradcam(explainer, model, paths, k)
+        assert heat.max() > 0  # a map with something in it, not two empty ones agreeing
+        for got, h, v, c in zip(served, heat, logits, chosen):
+            assert got["target"] == model.labels[c]
+            assert abs(got["logit"] - v) <= 1e-4 * max(1.0, abs(v))
+            np.testing.assert_allclose(np.array(got["grid"]), h, atol=1e-4)
+            assert got["overlay"].startswith("data:image/png;base64,")
+
+
+def test_the_gradcam_layer_is_the_feature_map_explain_splits_at(xvision_mar, xrv_mar):
+    assert xvision_mar["manifest"]["cam_layer"].endswith("relu1")  # the backbone's cut, stage*_unit*_relu1
+    assert xrv_mar["manifest"]["cam_layer"].endswith("_relu0")  # after the DenseNet's final BatchNorm
+    graph = {"nodes": [{"op": "null", "name": "data", "inputs": []},
+                       {"op": "FullyConnected", "name": "fc", "inputs": [[0, 0, 0]]}], "heads": [[1, 0, 0]]}
+    with pytest.raises(MxvisionError, match="Grad-CAM cannot split"):
+        find_cam_layer(graph)
+
+
+def test_gradcam_options_are_read_from_form_fields_and_refused_when_unclear(xrv_mar, tmp_path):
+    assert request_options({"body": b"x"}) == (False, None)
+    assert request_options({"data": b"x", "gradcam": b"1", "target": b"Mass"}) == (True, "Mass")
+    assert request_options({"data": b"x", "gradcam": "true"}) == (True, None)
+    with pytest.raises(MxvisionError, match="gradcam=maybe"):
+        request_options({"gradcam": b"maybe"})
+    # an option field is never taken for the image
+    with pytest.raises(BadImage, match="empty"):
+        request_image({"gradcam": b"1", "target": b"Mass"})
+    model = ArchiveModel(_unpack(xrv_mar["archive"], tmp_path / "x"))
+    assert model.cam_target(None) == model.labels.index("Nodule")
+    with pytest.raises(MxvisionError, match="target=Bogus.*choose one of Atelectasis"):
+        model.cam_target("Bogus")
 
 
 def test_a_request_without_an_image_is_a_bad_image():

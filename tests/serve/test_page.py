@@ -74,11 +74,14 @@ def browser():
     driver.quit()
 
 
-def _upload(browser, page_url, model, path):
+def _upload(browser, page_url, model, path, gradcam_target=None):
     browser.get(page_url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) >= 2)
     Select(browser.find_element(By.ID, "model")).select_by_value(model)
+    if gradcam_target:
+        browser.find_element(By.ID, "gradcam").click()
+        Select(browser.find_element(By.ID, "target")).select_by_value(gradcam_target)
     browser.find_element(By.ID, "file").send_keys(str(path))
     browser.find_element(By.ID, "go").click()
     wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#status .done, #status .error")))
@@ -117,6 +120,23 @@ def test_the_xvision_model_shows_its_classes_and_prediction(server, browser, sha
     assert browser.find_element(By.ID, "status").text == f"Scored {film.name}."
     assert browser.find_element(By.CSS_SELECTOR, ".predicted").text.startswith("Predicted: ")
     assert len(browser.find_elements(By.CSS_SELECTOR, ".bar")) == 2
+
+
+def test_a_gradcam_overlay_is_shown_on_request_for_the_chosen_output(server, browser, shared, tmp_path):
+    film = shared / "data" / "samples" / "00000001_000.png"
+    _upload(browser, server.page_url, "dn", film)
+    assert browser.find_elements(By.ID, "overlay") == []  # not unless asked for
+    # the target list follows the model; its default is audit explain's (Nodule)
+    assert Select(browser.find_element(By.ID, "target")).first_selected_option.text == "Nodule"
+    wait = _upload(browser, server.page_url, "dn", film, gradcam_target="Cardiomegaly")
+    wait.until(lambda d: d.execute_script(
+        "const i = document.getElementById('overlay'); return i !== null && i.complete && i.naturalWidth > 0;"))
+    _screenshot(browser, tmp_path, "page-dn-gradcam.png")
+    caption = browser.find_element(By.CSS_SELECTOR, ".cam-caption").text
+    assert caption.startswith("Grad-CAM of Cardiomegaly (logit "), caption
+    width, height = browser.execute_script(
+        "const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight];")
+    assert max(width, height) == 512 and len(browser.find_elements(By.CSS_SELECTOR, ".bar")) == 18
 
 
 def test_a_file_that_is_not_an_image_shows_the_servers_one_line_error(server, browser, tmp_path):

@@ -77,11 +77,15 @@ def post(url, body, content_type="application/octet-stream", timeout=60, headers
         return status, head, data.decode("utf-8", "replace")
 
 
-def multipart(field, filename, data):
+def multipart(field, filename, data, **fields):
+    """A multipart form body with one file field and text ``fields``; (body, content type)."""
     boundary = "mxvisionboundary7"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data
+    for name, value in fields.items():
+        body += (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                 f"{value}").encode()
+    return body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +167,41 @@ def test_a_bad_request_gets_a_4xx_one_line_json_error_and_the_next_one_is_answer
     assert got["code"] == status
     ok, _, answer = post(server.inference_url + "xv", good.read_bytes())
     assert ok == 200 and "probabilities" in answer
+
+
+def test_gradcam_on_request_is_explains_gradcam_with_an_overlay_of_the_film(server, films):
+    import base64
+
+    import cv2
+    import mxnet as mx
+    from mxvision.audit.explain import explainer_from_xrv, grad_cam
+    from mxvision.data import xrv_transforms
+    from mxvision.io.images import read_image
+
+    film = next(p for p in films if p.suffix == ".dcm")
+    body, content_type = multipart("data", film.name, film.read_bytes(), gradcam="1", target="Mass")
+    status, _, got = post(server.inference_url + "dn", body, content_type)
+    assert status == 200 and len(got["scores"]) == 18, got
+    cam = got["gradcam"]
+    explainer = explainer_from_xrv(XRV_MODEL, weights="none")
+    image = read_image(film)
+    x = mx.nd.array(xrv_transforms.preprocess(xrv_transforms.xray_range(image), 224)[None])
+    heat, logits, _ = grad_cam(explainer.features, explainer.head, x, explainer.target_index("Mass"))
+    assert cam["target"] == "Mass" and heat.max() > 0
+    assert abs(cam["logit"] - logits[0]) <= 1e-4 * max(1.0, abs(logits[0]))
+    np.testing.assert_allclose(np.array(cam["grid"]), heat[0], atol=1e-4)
+    header, data = cam["overlay"].split(",", 1)
+    assert header == "data:image/png;base64"
+    picture = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+    h, w = image.shape
+    assert max(picture.shape[:2]) == min(512, max(h, w))  # the film's aspect, at most 512 px
+    assert abs(picture.shape[1] / picture.shape[0] - w / h) < 0.02
+    # without the field there is no Grad-CAM (and no cost); an unknown target is a one-line 400
+    status, _, plain = post(server.inference_url + "dn", *multipart("data", film.name, film.read_bytes()))
+    assert status == 200 and "gradcam" not in plain
+    status, _, bad = post(server.inference_url + "dn", *multipart("data", film.name, film.read_bytes(),
+                                                                 gradcam="1", target="Bogus"))
+    assert status == 400 and "target=Bogus" in bad["error"] and "\n" not in bad["error"]
 
 
 def test_an_unknown_model_and_an_oversized_body_get_the_servers_own_4xx(server, films):
