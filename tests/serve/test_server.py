@@ -106,10 +106,15 @@ def server(archives, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def films(synth_index, shared):
-    """Real sample films (PNG, JPEG, DICOM) and synthetic PNGs."""
+def films(synth_index, shared, tmp_path_factory):
+    """Real sample films (PNG, JPEG, DICOM), one of them as a 16-bit TIFF, and synthetic PNGs."""
+    import cv2
+
     real = sorted(p for p in (shared / "data" / "samples").iterdir() if p.is_file())
-    return real + sorted(Path(synth_index).parent.rglob("*.png"))[:4]
+    tiff = tmp_path_factory.mktemp("tiff") / "00000001_000.tif"
+    grey = cv2.imread(str(shared / "data" / "samples" / "00000001_000.png"), cv2.IMREAD_GRAYSCALE)
+    assert cv2.imwrite(str(tiff), grey.astype(np.uint16) * 257)
+    return real + [tiff] + sorted(Path(synth_index).parent.rglob("*.png"))[:4]
 
 
 def test_served_answers_equal_predict_and_classify_on_the_same_files(server, small_run, films):
