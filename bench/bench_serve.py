@@ -18,6 +18,9 @@ here -- the speed does not depend on the weights' values):
    their HTTP status and message, and served / offline rate.
 3. **Soak**: 16 clients with batching for ``--soak-seconds``; the resident memory (RSS) of the
    server's whole process group (Java frontend + workers) after the first minute and at the end.
+4. **Fault**: 16 clients with batching for ``--fault-seconds`` while the worker is killed with
+   SIGKILL 10 s in: how many requests fail (and what they get), how long until requests succeed
+   again, and the longest any client waited (MMS restarts the worker itself).
 
 The machine's load average is printed with the figures (other jobs share its 2 cores).
 """
@@ -103,6 +106,54 @@ def load(url, films, clients, seconds):
             **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) if len(lat) else None for q in (50, 95, 99)}}
 
 
+def worker_processes(server_pid):
+    """The processes that score: MMS starts a worker per model, which forks the child that
+    serves its socket."""
+    import psutil
+    workers = [p for p in psutil.Process(server_pid).children(recursive=True)
+               if "model_service_worker" in " ".join(p.cmdline())]
+    pids = {p.pid for p in workers}
+    return [p for p in workers if p.ppid() in pids]
+
+
+def fault(url, server_pid, films, clients=16, seconds=40.0, kill_at=10.0):
+    """Closed-loop clients while the worker is killed with SIGKILL ``kill_at`` s in: failed
+    requests (and their answers), the longest latency, and how long until requests succeed again."""
+    import signal
+    events, lock = [], threading.Lock()  # (start, end, ok, status)
+    stop_at = time.monotonic() + seconds
+
+    def client(k):
+        rng = random.Random(100 + k)
+        while time.monotonic() < stop_at:
+            tic = time.monotonic()
+            try:
+                ok, status = post(url, films[rng.randrange(len(films))]) == 200, 200
+            except urllib.error.HTTPError as err:
+                ok, status = False, f"HTTP {err.code}: {err.read()[:120].decode('utf-8', 'replace')}"
+            except (OSError, urllib.error.URLError) as err:
+                ok, status = False, f"{type(err).__name__}: {err}"
+            with lock:
+                events.append((tic, time.monotonic(), ok, status))
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        time.sleep(kill_at)
+        victims = worker_processes(server_pid)
+        killed = time.monotonic()
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        for f in futures:
+            f.result()
+    failed = [e for e in events if not e[2]]
+    recovered = min((e[1] for e in events if e[2] and e[0] > killed), default=None)
+    return {"clients": clients, "workers_killed": len(victims), "requests": len(events),
+            "failed": len(failed), "failure_kinds": sorted({str(e[3]) for e in failed}),
+            "longest_latency_s": round(max(e[1] - e[0] for e in events), 2),
+            "first_success_after_kill_s": None if recovered is None else round(recovered - killed, 2),
+            "last_failure_after_kill_s": round(max((e[1] for e in failed), default=killed) - killed, 2)}
+
+
 def offline_rate(run, paths, repeats=2):
     """Steady-state images/s of ``predict`` (decode + preprocess + forward, batches of 8) and its
     fixed cost per call (the network loaded from the run: ~1.5 s here). Timing ``len(paths)``
@@ -142,6 +193,8 @@ def main(argv=None):
     p.add_argument("--index", default=None, help="index CSV of the films (default: JSRT from ../shared)")
     p.add_argument("--seconds", type=float, default=60.0, help="per setting")
     p.add_argument("--soak-seconds", type=float, default=600.0)
+    p.add_argument("--fault-seconds", type=float, default=40.0,
+                   help="16 clients while the worker is killed (SIGKILL) 10 s in; 0: skip")
     p.add_argument("--films", type=int, default=64, help="distinct films the clients post")
     p.add_argument("--port", type=int, default=24080)
     p.add_argument("--work", default=None)
@@ -191,6 +244,9 @@ def main(argv=None):
                                       "rss_end_mb": round(last / 2 ** 20, 1),
                                       "rss_growth": round(last / first - 1, 4)}
                     print(json.dumps(result["soak"]), flush=True)
+                if args.fault_seconds and dtype == "float32" and batch > 1:
+                    result["fault"] = fault(url, server.process.pid, films, seconds=args.fault_seconds)
+                    print(json.dumps(result["fault"]), flush=True)
     result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     text = json.dumps(result, indent=1)
     print(text)

@@ -152,6 +152,24 @@ def test_gradcam_options_are_read_from_form_fields_and_refused_when_unclear(xrv_
         model.cam_target("Bogus")
 
 
+def test_the_handler_answers_through_mms_context_without_response_headers(xvision_mar, shared, tmp_path):
+    """MMS 1.1.11 drops the worker when a reply with response headers arrives in pieces
+    (CodecUtils.readMap): the handler must set none -- checked with MMS's own Context."""
+    from mms.context import Context, RequestProcessor
+
+    from mxvision.serve.handler import BATCH_FIELD, Service
+
+    folder = _unpack(xvision_mar["archive"], tmp_path / "x")
+    context = Context("xv", str(folder), {}, 4, None, "1.1.11")
+    film = (shared / "data" / "samples" / "00000001_000.png").read_bytes()
+    data = [{"body": bytearray(film)}, {"body": bytearray(b"not an image")}, {"data": bytearray(film)}]
+    context.request_processor = [RequestProcessor({}) for _ in data]
+    answers = Service(context).handle(data, context)
+    assert [json.loads(a).get(BATCH_FIELD) for a in answers] == [2, None, 2]
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+    assert all(context.get_response_headers(i) == {} for i in range(3))
+
+
 def test_a_request_without_an_image_is_a_bad_image():
     assert request_image({"body": bytearray(b"abc")}) == ("<upload>", b"abc")
     assert request_image({"film.dcm": bytearray(b"xyz")}) == ("film.dcm", b"xyz")
