@@ -11,7 +11,7 @@ here -- the speed does not depend on the weights' values):
    and one model archive per run (``mxvision export --mar``).
 2. For each precision: **offline** ``predict(run, films, batch_size=8)`` in this process (decode +
    preprocess + forward, images/s in the steady state: see :func:`offline_rate`), then the server
-   started with 1 worker (``OMP_NUM_THREADS`` threads) **without batching** (``batch_size=1``) and
+   started with ``--workers`` workers (default 1; ``OMP_NUM_THREADS`` threads each) **without batching** (``batch_size=1``) and
    **with** (``batch_size=8``, ``max_batch_delay=50`` ms), each hit by 1, 4 and 16 concurrent
    clients for ``--seconds`` each (closed loop: every client posts the next film as soon as it has
    its answer). Reported per setting: requests/s, p50/p95/p99 latency (client side), errors with
@@ -199,6 +199,7 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=24080)
     p.add_argument("--work", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--workers", type=int, default=1, help="worker processes of the model")
     p.add_argument("--dtypes", default="float32,int8", help="precisions to serve, comma-separated")
     p.add_argument("--clients", default="1,4,16", help="concurrent clients per setting, comma-separated")
     args = p.parse_args(argv)
@@ -216,7 +217,7 @@ def main(argv=None):
     runs = build(work, index_csv, args.dtypes.split(","))
     clients_list = [int(c) for c in args.clients.split(",")]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "films": len(films),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "workers": args.workers, "films": len(films),
               "film_bytes_mean": int(np.mean([len(f) for f in films])), "settings": []}
     for dtype, (run, archive) in runs.items():
         rate, fixed = offline_rate(run, paths)
@@ -225,7 +226,7 @@ def main(argv=None):
         print(f"{dtype}: offline predict {rate} images/s (steady state; {fixed} s per call to load "
               f"the network)", flush=True)
         for label, (batch, delay) in BATCHING.items():
-            with mms.start([archive], port=args.port, workers=1, batch_size=batch, max_batch_delay=delay,
+            with mms.start([archive], port=args.port, workers=args.workers, batch_size=batch, max_batch_delay=delay,
                            state_dir=work / f"state-{dtype}-{batch}", page=False) as server:
                 url = server.inference_url + archive.stem
                 load(url, films, 4, min(10.0, args.seconds))  # warm-up
