@@ -1,7 +1,7 @@
 """Train the Xvision head on a feature store larger than RAM, streaming shards; report peak RSS.
 
-    python bench/make_synthetic_store.py --out /work/bench-data/store50k      # ~20 GB, once
-    python bench/bench_train_stream.py --store /work/bench-data/store50k --epochs 1
+    python bench/make_synthetic_store.py --out ../bench-data/store50k      # ~20 GB, once
+    python bench/bench_train_stream.py --store ../bench-data/store50k --epochs 1
 
 Prints the epoch time, training samples/s (train rows / epoch seconds, the epoch including its
 validation pass), validation AUC and the peak resident memory of this process (ru_maxrss, which

@@ -5,7 +5,7 @@ the exact layout ``mxvision extract`` writes (manifest, shards with sha256), ReL
 features, and a learnable class signal (nodule rows are brighter in the first 64 channels), with a
 70/15/15 train/val/test split. Shards are generated one at a time, so memory stays ~3 shards.
 
-    python bench/make_synthetic_store.py --out /work/bench-data/store50k            # ~20 GB
+    python bench/make_synthetic_store.py --out ../bench-data/store50k            # ~20 GB
     python bench/make_synthetic_store.py --out /tmp/s --n 2000 --storage-dtype float16
 
 Check free disk first (``df -h``); delete the store after measuring.
