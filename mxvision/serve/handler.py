@@ -13,8 +13,9 @@ Bodies: the raw bytes of a PNG, JPEG, TIFF or DICOM file (``curl --data-binary @
 multipart form whose first file field holds them (``curl -F data=@film.dcm``; the file name is
 used in errors and lets a DICOM stream without preamble be recognised).
 
-Grad-CAM on request: ``?gradcam=1`` (query string or form field; ``&target=NAME`` picks the class
-or pathology, default as ``mxvision audit explain``: the positive class, or ``Nodule``) adds a
+Grad-CAM on request: the form field ``gradcam=1`` (``target=NAME`` picks the class or pathology,
+default as ``mxvision audit explain``: the positive class, or ``Nodule``; MMS hands form fields to
+the handler but not the query string, so ``?gradcam=1`` is not seen) adds a
 ``gradcam`` object to the answer: the target, its logit, the map at the feature resolution
 (``grid``) and an overlay PNG of the film (``overlay``, a data URL, at most 512 px a side), made by
 :func:`mxvision.audit.explain.grad_cam` on the archive's own graph (:mod:`mxvision.serve.cam`).
@@ -26,11 +27,10 @@ import os
 import warnings
 from pathlib import Path
 
+import cv2
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
-
-import cv2
 
 from mxvision.audit.explain import grad_cam, overlay, to_image_grid
 from mxvision.data import transforms, xrv_transforms
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 #: Request fields tried first for the image; then any field holding bytes.
 IMAGE_FIELDS = ("body", "data", "file", "image")
-#: Request options (query string or form fields), never taken for the image.
+#: Request options (multipart form fields), never taken for the image.
 OPTION_FIELDS = ("gradcam", "target")
 #: Longest side of the Grad-CAM overlay PNG returned (a 2048 px film would make a 4 MB answer).
 OVERLAY_SIDE = 512
@@ -229,7 +229,7 @@ def _text(value):
 
 
 def request_options(request: dict):
-    """``(gradcam wanted, target or None)`` from a request's query string or form fields."""
+    """``(gradcam wanted, target or None)`` from a request's form fields."""
     flag = (_text(request.get("gradcam")) or "").strip().lower()
     if flag not in ("", "0", "false", "no", "1", "true", "yes"):
         raise MxvisionError(f"gradcam={flag}", "give gradcam=1 (or true) to ask for a Grad-CAM overlay")
