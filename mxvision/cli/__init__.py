@@ -1,7 +1,8 @@
 """The ``mxvision`` command line: a thin layer that parses arguments and calls the Python API.
 
 Each group of commands lives in its own module with an ``add_parsers(subparsers)`` function:
-``pipeline`` (demo, extract, train, evaluate, predict, export, models), ``finetune``, ``data``,
+``pipeline`` (demo, extract, train, evaluate, predict, export, models), ``results`` (compare),
+``finetune``, ``data``,
 ``xrv`` (classify), ``audit`` (explain, audit, synth), ``detector`` and ``distributed``
 (``mxvision cluster``); options two groups share are in ``common``. A bad option value is refused
 while parsing, by the checked argparse types of ``common`` (every number, path and checksum
@@ -15,7 +16,7 @@ import importlib
 from mxvision.cli import common
 
 #: The command-group modules, in the order ``mxvision --help`` lists their commands.
-GROUP_MODULES = ("pipeline", "finetune", "data", "xrv", "audit", "detector", "distributed", "serve")
+GROUP_MODULES = ("pipeline", "results", "finetune", "data", "xrv", "audit", "detector", "distributed", "serve")
 
 
 def _command_groups():
