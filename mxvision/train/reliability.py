@@ -115,7 +115,11 @@ def youden_threshold(labels, scores):
     calls for the same J): ``roc_curve`` lists thresholds from high to low and ``argmax`` takes the
     first maximum."""
     fpr, tpr, thresholds = _roc(labels, scores)
-    return float(thresholds[int(np.argmax(tpr - fpr))])
+    n_pos = int(np.sum(np.asarray(labels) == 1))
+    n_neg = len(labels) - n_pos
+    # J x n_pos x n_neg in integers: equal J's must tie exactly (2/3 - 0 and 1 - 1/3 differ in floats)
+    scaled_j = np.rint(tpr * n_pos).astype(np.int64) * n_neg - np.rint(fpr * n_neg).astype(np.int64) * n_pos
+    return float(thresholds[int(np.argmax(scaled_j))])
 
 
 def sensitivity_threshold(labels, scores, target):
