@@ -6,20 +6,26 @@ the confusion matrix.
 """
 import csv
 import logging
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-from mxvision.train import metrics
-from mxvision.runtime import parse_ctx
+from mxvision.data.overlap import find_overlap, overlap_problem
 from mxvision.errors import BadRun, MxvisionError
-from mxvision.features.store import FeatureStore
+from mxvision.features.store import MANIFEST, FeatureStore
+from mxvision.runtime import parse_ctx
+from mxvision.train import intervals, metrics, reliability
+from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.loop import load_head, predict_probs
 from mxvision.train.runs import BEST, checkpoint_path, load_run
 from mxvision.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
+#: ``--sensitivity``: the target of the second operating point.
+DEFAULT_SENSITIVITY = 0.9
 # What must agree between the features a head was trained on and the ones it is evaluated on.
 _MUST_MATCH = ("backbone", "cut", "preprocessing", "feature_shape", "classes")
 
@@ -34,18 +40,144 @@ def _check_compatible(run_config, store):
         raise BadRun(store.path, "backbone weights differ from the ones the run was trained on")
 
 
-def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, epoch=None,
-                 audit=True):
-    """Evaluate the run's best head on ``split`` of ``features``; write and return the metrics.
+def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epoch=None,
+                 audit=True, allow_overlap=False, sensitivity=DEFAULT_SENSITIVITY):
+    """Evaluate the run's best head on ``features``; write and return the metrics.
 
-    With ``audit`` the report also carries trivial baselines (intensity histogram, 4x4 and 32x32
-    thumbnails) trained on the same split, and warns when the model does not clearly beat them.
+    ``features`` is the store the run was trained on (the default: then ``split`` defaults to
+    ``test``) or another one -- an **external** validation: then every image of it is scored
+    unless ``split`` selects, after checking that none of its patients and none of its images
+    (decoded pixels) occur in the training store; an overlap is refused unless ``allow_overlap``.
+
+    Next to accuracy and the confusion matrix (at the arg-max, as Xvision reported) a binary task
+    gets the AUC with a 95% interval by bootstrap over patients and DeLong's, Brier score,
+    expected calibration error and a reliability diagram, and two operating points chosen on the
+    run's validation split (Youden's J and the threshold reaching ``sensitivity``) applied
+    unchanged, with Wilson intervals on sensitivity, specificity, PPV and NPV. A probability
+    calibrator fitted by ``train --calibrate`` is applied first. With ``audit`` the report also
+    carries trivial baselines (intensity histogram, 4x4 and 32x32 thumbnails) trained on the
+    training split, and warns when the model does not clearly beat them.
     """
     run_dir = Path(run_dir)
     config, state = load_run(run_dir)
-    store = FeatureStore(features or config["features"]["features_dir"])
-    out_dir = Path(out_dir or run_dir / f"eval-{split}")
+    if config.get("task") == "multilabel":
+        from mxvision.evaluate_multilabel import evaluate_multilabel
+        return evaluate_multilabel(run_dir, config, state, features, out_dir, split, ctx, epoch, allow_overlap)
+    trained_dir = Path(config["features"]["features_dir"])
+    store = FeatureStore(features or trained_dir)
+    external = not _same_folder(store.path, trained_dir)
+    if split is None and not external:
+        split = "test"
+    name = split or "all"
+    out_dir = Path(out_dir or run_dir / f"eval-{name}")
     ctx = parse_ctx(ctx)
+    if not 0 < sensitivity < 1:
+        raise MxvisionError(f"sensitivity {sensitivity!r}", "must be between 0 and 1 (exclusive)")
+    items = [store.items[r] for r in _split_rows(store, split)]
+    overlap = None
+    if external:
+        overlap = _check_overlap(store, trained_dir, items, allow_overlap)
+    calibrator = load_run_calibrator(run_dir)
+    y, probs, ids = _probabilities(run_dir, config, store, split, ctx, epoch, calibrator)
+    if not np.isfinite(probs).all():  # finite parameters can still overflow
+        params = run_dir / BEST if epoch is None else checkpoint_path(run_dir, epoch, "params")
+        raise BadRun(params, f"gives non-finite probabilities (NaN or infinity) on split {name!r}; "
+                             "its parameters are corrupt")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = store.classes
+    report = metrics.classification_report(y, probs, classes)
+    patients = [store.items[i]["patient_id"] for i in _rows(store, ids)]
+    report.update({
+        "split": name,
+        "validation": "external" if external else "internal",
+        "epoch": epoch or state["best_epoch"],
+        "run_dir": str(run_dir.resolve()),
+        "features_dir": str(store.path.resolve()),
+        "training_features_dir": str(trained_dir),
+        "backbone": store.manifest["backbone"],
+        "cut": store.manifest["cut"],
+        # a fine-tuned run's backbone is its own, not the one the stored features came from
+        "weights": (config["features"]["weights"] if "finetune" in config
+                    else store.manifest["weights"])["description"],
+        "n_patients": len(set(patients)),
+        "calibration": calibrator and calibrator["kind"],
+        "confusion_matrix_png": str((out_dir / "confusion_matrix.png").resolve()),
+        "roc_curve_png": str((out_dir / "roc_curve.png").resolve()),
+    })
+    if overlap is not None:
+        report["overlap"] = {"training_patients_shared": len(overlap["patients"]),
+                             "training_images_shared": len(overlap["images"]),
+                             "n_training_images_checked": overlap["n_train"],
+                             "allowed": bool(allow_overlap)}
+    _write_predictions(out_dir / "predictions.csv", ids, y, probs, classes)
+    title = f"{name}: accuracy {report['accuracy']:.3f}, AUC {report['auc']:.3f}"
+    plot_confusion_matrix(report["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+                          title=title)
+    if len(classes) == 2 and len(np.unique(y)) == 2:
+        plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
+        report.update(_binary_figures(y, probs[:, 1], patients, out_dir, title))
+        val = _validation_scores(run_dir, config, ctx, epoch, calibrator)
+        report["operating_points"] = _operating_points(val, y, probs[:, 1], sensitivity)
+    else:
+        report["roc_curve_png"] = None
+    report["methods"] = METHODS
+    if audit:
+        report["shortcut_audit"] = _audit(store, items, report["auc"], name, config, external,
+                                          trained_dir)
+        if report["shortcut_audit"].get("warn"):
+            log.warning("%s", report["shortcut_audit"]["message"])
+    write_json(out_dir / "metrics.json", _json_safe(report))
+    return _json_safe(report)
+
+
+#: Where each figure of metrics.json comes from (cited in it).
+METHODS = {
+    "auc_ci_bootstrap": "percentile interval of 2,000 resamples of patients with replacement "
+                        "(all images of a drawn patient), seed 0",
+    "auc_ci_delong": "DeLong, DeLong & Clarke-Pearson, Biometrics 1988 (fast algorithm of Sun & "
+                     "Xu, IEEE SPL 2014)",
+    "proportion_ci": "Wilson score interval (scipy.stats.binomtest proportion_ci)",
+    "brier": "mean squared error of the positive-class probability (sklearn brier_score_loss)",
+    "ece": "expected calibration error, 10 equal-width bins, weighted by bin size",
+    "youden": "threshold maximising sensitivity + specificity - 1 on the validation split",
+    "target_sensitivity": "highest threshold reaching the target sensitivity on the validation split",
+}
+def _same_folder(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the training store moved or is gone: a store given by path is another one
+        return False
+
+
+def _split_rows(store, split):
+    rows = [k for k, it in enumerate(store.items) if split is None or it["split"] == split]
+    if not rows:
+        raise BadRun(store.path, f"no images in split {split!r}")
+    return rows
+
+
+def _check_overlap(store, trained_dir, items, allow_overlap):
+    """Refuse (unless ``allow_overlap``) an external store sharing patients or images with the
+    training store; return what was found."""
+    if not Path(trained_dir).is_dir():
+        if allow_overlap:
+            return {"patients": [], "images": [], "n_train": 0}
+        raise BadRun(trained_dir, "the run's training features are gone, so an external evaluation "
+                                  "cannot be checked for shared patients and images; pass "
+                                  "--allow-overlap to evaluate without the check")
+    trained = FeatureStore(trained_dir)
+    overlap = find_overlap(trained.items, items, pixels=not allow_overlap)
+    problem = overlap_problem(overlap)
+    if problem and not allow_overlap:
+        raise MxvisionError(store.path, f"shares data with the training store {trained_dir}: "
+                                        f"{problem}; pass --allow-overlap to evaluate anyway")
+    if problem:
+        log.warning("%s shares data with the training store %s: %s", store.path, trained_dir, problem)
+    return overlap
+
+
+def _probabilities(run_dir, config, store, split, ctx, epoch, calibrator):
+    """``(label ids, probability matrix, ids)`` of ``split`` of ``store`` (all rows if None)."""
     if "finetune" in config:
         # The backbone changed: stored features no longer apply, so run the images through it.
         y, probs, ids = _finetuned_probs(run_dir, config, store, split, ctx)
@@ -54,46 +186,80 @@ def evaluate_run(run_dir, features=None, out_dir=None, split="test", ctx=None, e
         head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
         x, y, ids = store.load(split)
         probs = predict_probs(head, x, ctx)
-    if not np.isfinite(probs).all():  # finite parameters can still overflow
-        params = run_dir / BEST if epoch is None else checkpoint_path(run_dir, epoch, "params")
-        raise BadRun(params, f"gives non-finite probabilities (NaN or infinity) on split {split!r}; "
-                             "its parameters are corrupt")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    classes = store.classes
-    report = metrics.classification_report(y, probs, classes)
-    report.update({
-        "split": split,
-        "epoch": epoch or state["best_epoch"],
-        "run_dir": str(run_dir.resolve()),
-        "features_dir": str(store.path.resolve()),
-        "backbone": store.manifest["backbone"],
-        "cut": store.manifest["cut"],
-        # a fine-tuned run's backbone is its own, not the one the stored features came from
-        "weights": (config["features"]["weights"] if "finetune" in config
-                    else store.manifest["weights"])["description"],
-        "n_patients": len({store.items[i]["patient_id"] for i in _rows(store, ids)}),
-        "confusion_matrix_png": str((out_dir / "confusion_matrix.png").resolve()),
-        "roc_curve_png": str((out_dir / "roc_curve.png").resolve()),
-    })
-    _write_predictions(out_dir / "predictions.csv", ids, y, probs, classes)
-    plot_confusion_matrix(report["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
-                          title=f"{split}: accuracy {report['accuracy']:.3f}, AUC {report['auc']:.3f}")
-    if len(classes) == 2 and len(np.unique(y)) == 2:
-        plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
-    else:
-        report["roc_curve_png"] = None
-    if audit:
-        report["shortcut_audit"] = _audit(store, report["auc"], split, config)
-        if report["shortcut_audit"].get("warn"):
-            log.warning("%s", report["shortcut_audit"]["message"])
-    write_json(out_dir / "metrics.json", report)
-    return report
+    if calibrator is not None and np.isfinite(probs).all():
+        probs = calibrate_probs(calibrator, probs)
+    return np.asarray(y), probs, ids
 
 
-def _audit(store, model_auc, split, config):
+def _validation_scores(run_dir, config, ctx, epoch, calibrator):
+    """Labels and positive-class scores of the run's validation split (where operating points
+    are chosen), or None when the training store or its validation split is not at hand."""
+    val = config["splits"].get("val")
+    trained_dir = Path(config["features"]["features_dir"])
+    if not val or not (trained_dir / MANIFEST).is_file():
+        return None
+    trained = FeatureStore(trained_dir)
+    if trained.count(val) == 0:
+        return None
+    y, probs, _ = _probabilities(run_dir, config, trained, val, ctx, epoch, calibrator)
+    if len(np.unique(y)) < 2 or not np.isfinite(probs).all():
+        return None
+    return y, probs[:, 1], val
+
+
+def _binary_figures(y, scores, patients, out_dir, title):
+    """AUC intervals and calibration of a binary task (and the reliability diagram PNG)."""
+    png = out_dir / "reliability_diagram.png"
+    reliability.plot_reliability_diagram(y, scores, png, title=title)
+    return {
+        "auc_intervals": intervals.auc_with_intervals(y, scores, groups=patients),
+        "calibration_metrics": {
+            "brier": reliability.brier_score(y, scores),
+            "ece": reliability.expected_calibration_error(y, scores),
+            "reliability_curve": reliability.reliability_curve(y, scores),
+        },
+        "reliability_diagram_png": str(png.resolve()),
+    }
+
+
+def _operating_points(val, y, scores, sensitivity):
+    """Thresholds chosen on the validation split, applied unchanged to ``scores``."""
+    if val is None:
+        return {"note": "no validation split with both classes at hand: no threshold chosen"}
+    y_val, s_val, val_split = val
+    chosen = {"youden": reliability.youden_threshold(y_val, s_val),
+              f"sensitivity_{sensitivity:g}": reliability.sensitivity_threshold(y_val, s_val, sensitivity)}
+    out = {"chosen_on": {"split": val_split, "n": int(len(y_val)), "positives": int(np.sum(y_val))}}
+    for key, threshold in chosen.items():
+        out[key] = {"on_validation": reliability.operating_point(y_val, s_val, threshold),
+                    "applied": reliability.operating_point(y, scores, threshold)}
+    return out
+
+
+def _json_safe(obj):
+    """NaN and infinities as null (JSON has no NaN); numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _audit(store, items, model_auc, split, config, external, trained_dir):
     from mxvision.audit.shortcuts import shortcut_audit
+    train_split = config["splits"]["train"]
     try:
-        return shortcut_audit(store, model_auc, split=split, train_split=config["splits"]["train"])
+        if not external:
+            return shortcut_audit(store, model_auc, split=split, train_split=train_split)
+        # Baselines learn on the training films and are scored on the external ones, like the model.
+        trained = FeatureStore(trained_dir)
+        rows = [dict(it) for it in trained.items if it["split"] == train_split]
+        rows += [dict(it, split=split) for it in items]
+        return shortcut_audit(rows, model_auc, split=split, train_split=train_split)
     except MxvisionError as err:  # e.g. the images moved since extraction: the metrics still stand
         return {"error": str(err), "warn": None}
 
@@ -102,7 +268,7 @@ def _finetuned_probs(run_dir, config, store, split, ctx):
     from mxvision.train.finetune import image_probs
     from mxvision.train.loop import load_classifier
 
-    items = [it for it in store.items if it["split"] == split]
+    items = [it for it in store.items if split is None or it["split"] == split]
     if not items:
         raise BadRun(store.path, f"no images in split {split!r}")
     net, _ = load_classifier(run_dir, ctx=ctx)

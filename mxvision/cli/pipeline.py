@@ -1,6 +1,7 @@
 """CLI commands of the Xvision pipeline: each parses its arguments and calls the Python API."""
 from mxvision.cli.common import (add_ctx, add_extract_options, add_train_options, best_epoch_summary,
-                                 extract_options, non_empty, positive_int, seed, train_options)
+                                 extract_options, non_empty, open_probability, positive_int, seed,
+                                 train_options)
 from mxvision.errors import MxvisionError
 from mxvision.cli.output import TSV_HELP, print_json, print_tsv
 
@@ -34,13 +35,46 @@ def _cmd_train(args):
 def _cmd_evaluate(args):
     from mxvision.evaluate import evaluate_run
     r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx,
-                     audit=not args.no_audit)
-    print(f"{r['split']}: n={r['n']} accuracy {r['accuracy']:.4f} AUC {r['auc']:.4f} "
-          f"confusion matrix {r['confusion_matrix']} (rows: true {r['classes']})")
+                     audit=not args.no_audit, allow_overlap=args.allow_overlap,
+                     sensitivity=args.sensitivity)
+    for line in evaluation_lines(r):
+        print(line)
     print(f"metrics: {args.out}/metrics.json  confusion matrix: {r['confusion_matrix_png']}")
+
+
+def _interval(ci):
+    return "[n/a]" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def evaluation_lines(r):
+    """What ``evaluate`` prints of a metrics.json body: the figures with their intervals."""
+    where = (f"external: {r['features_dir']}, trained on {r['training_features_dir']}"
+             if r.get("validation") == "external" else "internal")
+    auc = "n/a" if r["auc"] is None else f"{r['auc']:.4f}"
+    lines = [f"{r['split']} ({where}): n={r['n']} ({r['n_patients']} patients) accuracy "
+             f"{r['accuracy']:.4f} AUC {auc} confusion matrix {r['confusion_matrix']} "
+             f"(rows: true {r['classes']})"]
+    ci = r.get("auc_intervals")
+    if ci:
+        lines.append(f"AUC 95% CI: {_interval(ci.get('ci_bootstrap'))} bootstrap over patients, "
+                     f"{_interval(ci.get('ci_delong'))} DeLong")
+    cal = r.get("calibration_metrics")
+    if cal:
+        lines.append(f"calibration{' (' + r['calibration'] + ')' if r.get('calibration') else ''}: "
+                     f"Brier {cal['brier']:.4f}, ECE {cal['ece']:.4f}; reliability diagram: "
+                     f"{r['reliability_diagram_png']}")
+    for name, point in (r.get("operating_points") or {}).items():
+        if not isinstance(point, dict) or "applied" not in point:
+            continue
+        a = point["applied"]
+        figures = ", ".join(f"{k} {a[k]['value']:.3f} {_interval((a[k]['low'], a[k]['high']))}"
+                            for k in ("sensitivity", "specificity", "ppv", "npv")
+                            if a[k]["value"] is not None)
+        lines.append(f"threshold {name} = {a['threshold']:.6g} (chosen on validation): {figures}")
     audit = r.get("shortcut_audit") or {}
     if audit.get("message"):
-        print(f"shortcut audit: {audit['message']}")
+        lines.append(f"shortcut audit: {audit['message']}")
+    return lines
 
 
 def _cmd_predict(args):
@@ -115,15 +149,23 @@ def add_parsers(sub):
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("train", help="train the Xvision head on a feature store")
-    add_train_options(p)
+    add_train_options(p, calibrate=True)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and ROC curve on a held-out split")
     p.add_argument("--run", type=non_empty, required=True)
     p.add_argument("--features", type=non_empty, default=None,
-                   help="default: the feature store the run was trained on")
+                   help="default: the feature store the run was trained on; another store is an "
+                        "external validation (all its images, checked for shared patients/images)")
     p.add_argument("--out", type=non_empty, required=True)
-    p.add_argument("--split", type=non_empty, default="test")
+    p.add_argument("--split", type=non_empty, default=None,
+                   help="split to score (default: test of the training store, all of another store)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate an external store even if it shares patients or images with the "
+                        "training store (it is refused otherwise)")
+    p.add_argument("--sensitivity", type=open_probability, default=0.9,
+                   help="target sensitivity of the second operating point, chosen on the validation "
+                        "split (default 0.9)")
     p.add_argument("--no-audit", action="store_true",
                    help="skip the shortcut audit (trivial image baselines on the same split)")
     add_ctx(p)
