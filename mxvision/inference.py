@@ -33,6 +33,8 @@ from mxvision.errors import BadImage, BadRun
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
+from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
+from mxvision.train.calibrators import describe as describe_calibration
 from mxvision.train.loop import load_classifier
 
 __all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL"]
@@ -45,13 +47,17 @@ DEFAULT_MODEL = "densenet121-res224-all"
 def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     """Probabilities per class for each image (files or folders).
 
-    Returns one dict per image: ``{"path", "probabilities": {class: p}, "predicted"}``, or
-    ``{"path", "error"}`` for an unreadable image (``strict=True`` raises instead). A folder
-    without images, or no input at all, raises BadIndex (``no images found in DIR``).
+    Returns one dict per image: ``{"path", "probabilities": {class: p}, "predicted",
+    "calibration"}``, or ``{"path", "error"}`` for an unreadable image (``strict=True`` raises
+    instead). A folder without images, or no input at all, raises BadIndex (``no images found in
+    DIR``). A run trained with ``--calibrate`` gives calibrated probabilities (its calibrator
+    applied after the softmax, :mod:`mxvision.train.calibrators`) and ``"calibration":
+    "calibrated (platt)"``; otherwise ``"uncalibrated"``.
     """
     paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
     net, config = load_classifier(run_dir, ctx=ctx)
+    calibrator = load_run_calibrator(run_dir)
     classes = config["features"]["classes"]
     preset = transforms.get_preset(config["features"]["preprocessing"]["name"])
     net.hybridize()
@@ -63,9 +69,11 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
             if not np.isfinite(probs).all():  # finite parameters can still overflow
                 raise BadRun(Path(run_dir) / "best.params", "gives non-finite probabilities (NaN or "
                                                             "infinity); its parameters are corrupt")
+            probs = calibrate_probs(calibrator, probs)
             for (path, _), p in zip(batch, probs):
                 results.append({"path": str(path), "probabilities": dict(zip(classes, map(float, p))),
-                                "predicted": classes[int(p.argmax())]})
+                                "predicted": classes[int(p.argmax())],
+                                "calibration": describe_calibration(calibrator)})
             batch.clear()
 
     for path in paths:

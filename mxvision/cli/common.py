@@ -315,8 +315,9 @@ train_batch = Number(int, f"must be an integer of at least {MIN_TRAIN_BATCH} (Ba
                      low=MIN_TRAIN_BATCH, high=MAX_INT)
 
 
-def add_train_options(p, batch_size_help=None):
-    """The options of ``train`` and ``cluster train`` (whose batch is split over the workers)."""
+def add_train_options(p, batch_size_help=None, calibrate=False):
+    """The options of ``train`` and ``cluster train`` (whose batch is split over the workers);
+    ``calibrate``: also ``--calibrate`` (``train`` only: the distributed trainer does not fit one)."""
     p.add_argument("--features", type=non_empty, required=True)
     p.add_argument("--out", type=non_empty, required=True, help="run folder (checkpoints, logs, curves)")
     p.add_argument("--epochs", type=positive_int(), default=20)
@@ -328,6 +329,11 @@ def add_train_options(p, batch_size_help=None):
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
     p.add_argument("--keep-checkpoints", type=non_negative_int(), default=3,
                    help="epoch checkpoints to keep (~200 MB each for the ResNet-50 head; 0 = all)")
+    if calibrate:
+        p.add_argument("--calibrate", choices=["platt", "isotonic"], default=None,
+                       help="fit a probability calibrator on the validation split after training "
+                            "(Platt's sigmoid or isotonic regression); predict, evaluate, export and "
+                            "the served archive apply it")
     p.add_argument("--quiet", action="store_true")
     add_ctx(p)
 
@@ -337,7 +343,8 @@ def train_options(args):
     training) from :func:`add_train_options`' options; features and out aside."""
     return dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
                 seed=args.seed, ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
-                keep_checkpoints=args.keep_checkpoints)
+                keep_checkpoints=args.keep_checkpoints,
+                **({"calibrate": args.calibrate} if getattr(args, "calibrate", None) else {}))
 
 
 # ------------------------------------------------------------------------- finetune

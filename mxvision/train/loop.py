@@ -26,7 +26,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import metrics, runs
+from mxvision.train import calibrators, metrics, runs
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.quantize import load_extractor
@@ -105,7 +105,7 @@ def _predict_stream(head, store, split, ctx, batch_size=64):
 def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.0, wd=0.0,
                seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val",
                keep_checkpoints=KEEP_CHECKPOINTS, stream="auto", max_memory=DEFAULT_MAX_MEMORY,
-               window_shards=None):
+               window_shards=None, calibrate=None):
     """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch).
 
     A checkpoint is written every epoch; only the newest ``keep_checkpoints`` are kept (0: all),
@@ -119,9 +119,16 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     every batch trained on has at least two samples. Settings that cannot train (this, fewer than
     one epoch, a non-finite or non-positive ``lr``, a training split of one class) are refused
     by :func:`check_settings` before ``out_dir`` is created.
+
+    ``calibrate`` (``"platt"`` or ``"isotonic"``): after the last epoch, fit a probability
+    calibrator on the best head's ``val_split`` probabilities and keep it as ``calibration.json``
+    (:mod:`mxvision.train.calibrators`; ``config.json`` records it); None removes one an earlier
+    run left in ``out_dir``.
     """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     check_settings(store, epochs, lr, batch_size, train_split)
+    if calibrate is not None:  # refused before any epoch, not after them
+        calibrators.check_split_for_calibration(calibrate, store, val_split)
     run_dir = runs.prepare_run_dir(out_dir)
     ctx = parse_ctx(ctx)
     hyper = dict(DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, wd=wd,
@@ -195,7 +202,26 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
         runs.prune_checkpoints(run_dir, state["last_epoch"], keep_checkpoints)
         runs.write_log(run_dir, state["history"])
     plot_training_curve(state["history"], run_dir / runs.CURVE, state["best_epoch"])
+    _calibrate_best_head(run_dir, config, calibrate, store, val_split, state, ctx)
     return state
+
+
+def _calibrate_best_head(run_dir, config, kind, store, val_split, state, ctx):
+    """Fit ``kind`` on the best epoch's validation probabilities (the head in memory is the last
+    epoch's), write ``calibration.json`` and record it in ``config.json``."""
+    calibration = None
+    if kind is not None and state["best_epoch"]:
+        best, _ = load_head(run_dir, ctx=ctx)
+        probs, labels = _predict_stream(best, store, val_split, ctx)
+        fitted = calibrators.fit_run_calibrator(run_dir, kind, labels, probs, state["best_epoch"],
+                                                store.classes, split=val_split)
+        calibration = {"kind": kind, "file": calibrators.CALIBRATION, "epoch": fitted["epoch"],
+                       "fitted_on": fitted["fitted_on"]}
+    else:
+        calibrators.fit_run_calibrator(run_dir, None, None, None, None, store.classes)
+    if config.get("calibration") != calibration:
+        config["calibration"] = calibration
+        write_json(run_dir / runs.CONFIG, config)
 
 
 def _stream_epoch(head, trainer, loss_fn, stream, epoch, ctx):
