@@ -73,6 +73,8 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     ctx = parse_ctx(ctx)
     if not 0 < sensitivity < 1:
         raise MxvisionError(f"sensitivity {sensitivity!r}", "must be between 0 and 1 (exclusive)")
+    if "finetune" not in config:  # a fine-tuned run reads images, not the stored features
+        _check_compatible(config, store)
     items = [store.items[r] for r in _split_rows(store, split)]
     overlap = None
     if external:
@@ -182,7 +184,6 @@ def _probabilities(run_dir, config, store, split, ctx, epoch, calibrator):
         # The backbone changed: stored features no longer apply, so run the images through it.
         y, probs, ids = _finetuned_probs(run_dir, config, store, split, ctx)
     else:
-        _check_compatible(config, store)
         head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
         x, y, ids = store.load(split)
         probs = predict_probs(head, x, ctx)
