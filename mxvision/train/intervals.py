@@ -26,8 +26,9 @@ DELONG_METHOD = "DeLong 1988 (fast algorithm of Sun & Xu 2014)"
 DELONG_PAIRED_METHOD = ("DeLong 1988 paired test of two correlated AUCs (fast algorithm of Sun & "
                         "Xu 2014), two-sided normal p-value")
 WILSON_METHOD = "Wilson score interval (scipy.stats.binomtest)"
-#: Resamples drawn per block: bounds the (block, films) weight matrices to a few tens of MB.
-_BOOT_BLOCK = 250
+#: Weights held at once by the bootstrap (resamples x films, float64): about 8 MB per matrix,
+#: however many films, so 100,000 films take small blocks rather than gigabytes.
+_BOOT_CELLS = 1_000_000
 
 
 def _binary_labels(labels, *score_arrays):
@@ -181,8 +182,9 @@ def bootstrap_auc(labels, scores, groups=None, n_boot=2000, seed=0, level=0.95):
     n_groups = int(group_of.max()) + 1
     rng = np.random.default_rng(seed)
     aucs = []
-    for start in range(0, int(n_boot), _BOOT_BLOCK):
-        block = min(_BOOT_BLOCK, int(n_boot) - start)
+    step = int(np.clip(_BOOT_CELLS // max(labels.size, n_groups), 1, 500))
+    for start in range(0, int(n_boot), step):
+        block = min(step, int(n_boot) - start)
         drawn = rng.integers(0, n_groups, size=(block, n_groups))
         # times each group was drawn, per resample: one bincount over row-offset group numbers
         counts = np.bincount((drawn + n_groups * np.arange(block)[:, None]).ravel(),
@@ -202,6 +204,7 @@ def wilson_interval(successes, n, level=0.95):
     """The Wilson score interval of ``successes`` out of ``n`` (scipy's ``binomtest``);
     ``(nan, nan)`` when ``n`` is 0 (a proportion of nothing)."""
     successes, n = int(successes), int(n)
+    _z(level)
     if n == 0:
         return float("nan"), float("nan")
     if not 0 <= successes <= n:
