@@ -136,6 +136,9 @@ seed = Number(int, f"must be an integer from 0 to {MAX_SEED}", low=0, high=MAX_S
 fraction = Number(float, "must be a number >= 0 and below 1", low=0.0, high=1.0, high_open=True)
 #: ``[0, 1]``: a probability, an AUC, an opacity.
 probability = Number(float, "must be a number from 0 to 1", low=0.0, high=1.0)
+#: ``(0, 1)``: a target sensitivity (0 and 1 are met by any threshold at the extremes).
+open_probability = Number(float, "must be a number above 0 and below 1", low=0.0, high=1.0,
+                          low_open=True, high_open=True)
 
 
 def non_empty(text):
@@ -315,6 +318,28 @@ train_batch = Number(int, f"must be an integer of at least {MIN_TRAIN_BATCH} (Ba
                      low=MIN_TRAIN_BATCH, high=MAX_INT)
 
 
+def label_names(text):
+    """``--labels``: ``all`` or ``NAME,NAME,...`` (distinct names, none empty); whether the
+    feature store has them is checked when it is opened
+    (:func:`mxvision.train.multilabel.choose_labels`)."""
+    text = str(text).strip()
+    if text == "all":
+        return text
+    names = [n.strip() for n in text.split(",")]
+    if not text or not all(names):
+        raise OptionValueError(text, "expected all or pathology names separated by commas "
+                                     "(e.g. Nodule,Effusion)")
+    if len(set(names)) != len(names):
+        raise OptionValueError(text, "names a pathology twice")
+    return ",".join(names)
+
+
+def _labels_on_one_machine(args):
+    if getattr(args, "labels", None) is not None and args.command != "train":
+        return "--labels: multi-label training runs on one machine (`mxvision train`)"
+    return None
+
+
 def add_train_options(p, batch_size_help=None, calibrate=False):
     """The options of ``train`` and ``cluster train`` (whose batch is split over the workers);
     ``calibrate``: also ``--calibrate`` (``train`` only: the distributed trainer does not fit one)."""
@@ -334,6 +359,11 @@ def add_train_options(p, batch_size_help=None, calibrate=False):
                        help="fit a probability calibrator on the validation split after training "
                             "(Platt's sigmoid or isotonic regression); predict, evaluate, export and "
                             "the served archive apply it")
+    p.add_argument("--labels", type=label_names, default=None, metavar="all|NAME,NAME",
+                   help="train one sigmoid output per pathology target of the store (all: every one "
+                        "it has) with a binary cross-entropy that skips missing labels "
+                        "(default: the softmax task of the label column)")
+    add_check(p, _labels_on_one_machine)
     p.add_argument("--quiet", action="store_true")
     add_ctx(p)
 
@@ -344,7 +374,9 @@ def train_options(args):
     return dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
                 seed=args.seed, ctx=args.ctx, resume=not args.no_resume, progress=not args.quiet,
                 keep_checkpoints=args.keep_checkpoints,
-                **({"calibrate": args.calibrate} if getattr(args, "calibrate", None) else {}))
+                **({"calibrate": args.calibrate} if getattr(args, "calibrate", None) else {}),
+                # only when given: `cluster train` takes none (refused while parsing)
+                **({"labels": args.labels} if getattr(args, "labels", None) is not None else {}))
 
 
 # ------------------------------------------------------------------------- finetune

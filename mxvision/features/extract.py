@@ -66,16 +66,43 @@ def _ensure_splits(index):
     return assign_splits(index, seed=SPLIT_SEED), {"seed": SPLIT_SEED, "grouped_by": "patient_id"}
 
 
-def _items(index):
-    return [
+def _items(index, targets=()):
+    items = [
         {"id": i, "path": str(p), "label": lab, "label_id": int(lid), "patient_id": pid, "split": s}
         for i, p, lab, lid, pid, s in zip(index.ids, index.paths, index.labels, index.label_ids,
                                           index.patient_ids, index.splits)
     ]
+    if targets:  # only then: a plain index gives the same items as before (resume compares them)
+        for item, row in zip(items, targets):
+            item["targets"] = row
+    return items
+
+
+def pathology_targets(index):
+    """The index's torchxrayvision pathology columns (:data:`mxvision.data.labels.PATHOLOGIES`,
+    in the index's column order) and per row their values as JSON: 1, 0 or None (missing;
+    ``''`` and CheXpert's ``-1`` read as missing, :func:`mxvision.data.labels.parse_value`).
+    A value that is none of these is refused naming the index, the row and the column."""
+    from mxvision.data.labels import PATHOLOGIES, parse_value
+
+    names = [c for c in index.columns if c in PATHOLOGIES]
+    rows = []
+    for k, values in enumerate(zip(*(index.column(c) for c in names)) if names else ()):
+        row = []
+        for name, text in zip(names, values):
+            try:
+                value = parse_value(text)
+            except ValueError:
+                raise BadIndex(getattr(index, "source", "index"),
+                               f"row {k + 1}: pathology {name} is {str(text)[:40]!r}, expected 1, 0 "
+                               "or empty (unknown)") from None
+            row.append(None if value != value else int(value))
+        rows.append(row)
+    return names, rows
 
 
 def _config(index_items, backbone, cut, weights_info, preset, shard_size, classes, dtype="float32",
-            storage_dtype="float32", pooled=False):
+            storage_dtype="float32", pooled=False, pathologies=()):
     return {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
@@ -87,12 +114,13 @@ def _config(index_items, backbone, cut, weights_info, preset, shard_size, classe
         "dtype": dtype,
         "storage_dtype": storage_dtype,
         "pooled": bool(pooled),
+        "pathologies": list(pathologies),
         "items": index_items,
     }
 
 
 _SAME_RUN_KEYS = ("backbone", "cut", "preprocessing", "shard_size", "classes", "items", "dtype",
-                  "storage_dtype", "pooled")
+                  "storage_dtype", "pooled", "pathologies")
 
 
 def _resume_state(out_dir, config, overwrite):
@@ -206,9 +234,10 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         with atomic_path(params) as tmp:
             net.save_parameters(tmp)
         weights_info.update(file=params.name, sha1=file_digest(params, "sha1"))
-    items = _items(index)
+    pathologies, targets = pathology_targets(index)
+    items = _items(index, targets if pathologies else ())
     config = _config(items, backbone, cut, weights_info, preset, shard_size, list(index.classes),
-                     dtype, storage_dtype, pooled)
+                     dtype, storage_dtype, pooled, pathologies)
     shards, skipped, old_key = _resume_state(out_dir, config, overwrite)
     if strict and skipped:
         # An earlier run skipped images: extract their shards again, so this strict run fails on

@@ -4,7 +4,8 @@ Layout of a feature store directory::
 
     manifest.json          what the features are (backbone, weights, cut, preprocessing, compute
                            precision, storage dtype, pooling, calibration), the items (id, path,
-                           label, patient, split) and each finished shard with its rows, size, sha256
+                           label, patient, split; ``targets`` for the index's pathology columns,
+                           named in ``pathologies``) and each finished shard with its rows, size, sha256
     shard-00000.nd         mx.nd.save({"features": (rows, C, H, W) or (rows, C), float32 or float16})
     backbone.params        only for random weights: the exact backbone, so predict/export reproduce it
     backbone-int8-*        only for --dtype int8/bfloat16: the converted network (mxvision.features.quantize)
@@ -50,7 +51,7 @@ _REQUIRED = {"backbone": str, "cut": str, "weights": dict, "preprocessing": dict
              "classes": list, "items": list, "shards": list}
 _OPTIONAL = {"skipped": (list, []), "feature_shape": ((list, type(None)), None),
              "complete": (bool, False), "pooled": (bool, False), "precision": ((dict, type(None)), None),
-             "dtype": (str, "float32"), "storage_dtype": (str, "float32")}
+             "dtype": (str, "float32"), "storage_dtype": (str, "float32"), "pathologies": (list, [])}
 _ITEM_KEYS = {"id": str, "path": str, "label": str, "label_id": int, "patient_id": str, "split": str}
 _SHARD_KEYS = {"file": str, "start": int, "stop": int, "rows": list, "bytes": int, "sha256": str}
 
@@ -104,13 +105,28 @@ def shard_file_bytes(n_rows, feature_shape, storage_dtype):
     return 72 + 8 * ndim + n_rows * math.prod(feature_shape) * STORAGE_ITEMSIZE[storage_dtype]
 
 
+def _targets_problem(item, n_pathologies):
+    """What is wrong with an item's ``targets`` (one 1, 0 or null per pathology of the manifest;
+    absent when it has none), as a phrase, or None."""
+    if not n_pathologies:
+        return "targets are listed, but the manifest names no pathologies" if "targets" in item else None
+    targets = item.get("targets")
+    if not isinstance(targets, list) or len(targets) != n_pathologies:
+        return f"targets are not a list of {n_pathologies} values (one per pathology)"
+    if not all(t is None or (json_is(t, int) and t in (0, 1)) for t in targets):
+        return "targets hold a value other than 1, 0 or null"
+    return None
+
+
 def check_manifest(manifest, where):
     """Check a manifest's structure before anything is read through it; return it with the
     defaults of a version-1 store filled in, or raise BadRun naming ``where`` (the file) and the
     first problem.
 
     Checked: the JSON types of every key the readers use; the format version; classes (distinct
-    strings); every item (label id within the classes and matching its label); every shard (a
+    strings); pathologies (distinct strings, optional); every item (label id within the classes
+    and matching its label; ``targets``, when the manifest names pathologies, one 1, 0 or null
+    for each); every shard (a
     plain file name inside the store, rows within its start/stop, shards in order without
     overlap, a size that is exactly what its rows of ``feature_shape`` take in ``storage_dtype``);
     skipped rows within the items. A shard's file is checked against this when it is read
@@ -148,6 +164,8 @@ def check_manifest(manifest, where):
     classes = m["classes"]
     if not valid_classes(classes):
         raise bad("classes must be a non-empty list of distinct names")
+    if m["pathologies"] and not valid_classes(m["pathologies"]):
+        raise bad("pathologies must be a list of distinct names")
     shape = m["feature_shape"]
     if shape is not None and not valid_feature_shape(shape):
         raise bad(f"feature_shape {one_line(shape, 60)} is not 1 to 3 positive sizes of at most "
@@ -162,6 +180,9 @@ def check_manifest(manifest, where):
         if classes[item["label_id"]] != item["label"]:
             raise bad(f"item {k}'s label {one_line(item['label'], 40)!r} is not class {item['label_id']} "
                       f"({classes[item['label_id']]!r})")
+        problem = _targets_problem(item, len(m["pathologies"]))
+        if problem:
+            raise bad(f"item {k}'s {problem}")
     previous_stop = 0
     for k, shard in enumerate(m["shards"]):
         problem = check_json_keys(shard, _SHARD_KEYS, f"shard {k}")
@@ -214,6 +235,11 @@ class FeatureStore:
     @property
     def items(self):
         return self.manifest["items"]
+
+    @property
+    def pathologies(self):
+        """The pathology targets the items carry (``targets``, in this order); [] for none."""
+        return self.manifest["pathologies"]
 
     @property
     def feature_shape(self):

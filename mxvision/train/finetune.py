@@ -10,6 +10,9 @@ Per epoch it checkpoints the head, the backbone and the trainer state, and resum
 finished epoch with the same result, as ``train_head`` does (the run folder:
 :mod:`mxvision.train.runs`; the backbone goes to ``checkpoints/epoch-NNNN.backbone`` and, for the
 best epoch, ``backbone.params``).
+
+A multi-label run (:mod:`mxvision.train.multilabel`) is fine-tuned with its own loss, the masked
+binary cross-entropy, on the same labels; its epochs are scored by the mean per-label AUC.
 """
 import copy
 import time
@@ -21,7 +24,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import data_parallel, metrics, runs
+from mxvision.train import data_parallel, metrics, multilabel, runs
 from mxvision.data import transforms
 from mxvision.train.loop import epoch_batches, plot_training_curve
 from mxvision.runtime import parse_ctx
@@ -94,6 +97,11 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
     train_items, val_items = split_items(config, "train"), split_items(config, "val")
     y_train = np.array([it["label_id"] for it in train_items])
     y_val = np.array([it["label_id"] for it in val_items])
+    labels = config["labels"] if multilabel.is_multilabel(config) else None
+    if labels:  # a multi-label run: the same masked loss and metrics as its head's training
+        order = FeatureStore(config["features"]["features_dir"]).pathologies
+        y_train = multilabel.target_matrix(train_items, labels, order)
+        y_val = multilabel.target_matrix(val_items, labels, order)
 
     params = gluon.ParameterDict()
     for block in trainable:
@@ -117,8 +125,9 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
             x = block(x)
         return head(finish(x))
 
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    softmax_net = lambda x: mx.nd.softmax(run_trainable(run_frozen(x)))  # noqa: E731
+    loss_fn = multilabel.masked_bce_loss if labels else gluon.loss.SoftmaxCrossEntropyLoss()
+    output = mx.nd.sigmoid if labels else mx.nd.softmax
+    softmax_net = lambda x: output(run_trainable(run_frozen(x)))  # noqa: E731
     pool = ThreadPoolExecutor(max_workers=2)
     try:
         for epoch in tqdm(range(state["last_epoch"] + 1, epochs + 1), desc="finetune", unit="epoch",
@@ -144,13 +153,17 @@ def finetune_run(run_dir, out_dir, stages=1, epochs=5, lr=0.001, batch_size=8, m
             train_probs = image_probs(softmax_net, train_items, preset, ctx, pool=pool)
             val_probs = image_probs(softmax_net, val_items, preset, ctx, pool=pool)
             runs.check_finite(out_dir, epoch, lr, train_probs, val_probs)
-            row = {"epoch": epoch,
-                   "train_loss": metrics.cross_entropy(y_train, train_probs),
-                   "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),
-                   "val_loss": metrics.cross_entropy(y_val, val_probs),
-                   "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
-                   "val_auc": metrics.auc_score(y_val, val_probs),
-                   "seconds": round(time.time() - tic, 3)}
+            if labels:
+                row = multilabel.epoch_row(epoch, y_train, train_probs, y_val, val_probs,
+                                           round(time.time() - tic, 3))
+            else:
+                row = {"epoch": epoch,
+                       "train_loss": metrics.cross_entropy(y_train, train_probs),
+                       "train_accuracy": float((train_probs.argmax(1) == y_train).mean()),
+                       "val_loss": metrics.cross_entropy(y_val, val_probs),
+                       "val_accuracy": float((val_probs.argmax(1) == y_val).mean()),
+                       "val_auc": metrics.auc_score(y_val, val_probs),
+                       "seconds": round(time.time() - tic, 3)}
             runs.save_checkpoint(out_dir, epoch, {"params": head, "backbone": backbone}, trainer)
             runs.update_best(out_dir, state, row, BEST_COPIES)
             config["features"]["weights"] = dict(

@@ -26,7 +26,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxvision.train import calibrators, metrics, runs
+from mxvision.train import calibrators, metrics, multilabel, runs
 from mxvision.runtime import parse_ctx
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.features.quantize import load_extractor
@@ -48,12 +48,13 @@ KEEP_CHECKPOINTS = 3
 MIN_BATCH = 2
 
 
-def predict_probs(head, features, ctx, batch_size=64):
-    """Softmax probabilities of ``head`` for a float32 feature array, in inference mode."""
+def predict_probs(head, features, ctx, batch_size=64, sigmoid=False):
+    """Softmax probabilities of ``head`` for a float32 feature array, in inference mode
+    (``sigmoid``: one independent probability per output, for a multi-label head)."""
     out = []
     for start in range(0, len(features), batch_size):
         x = mx.nd.array(features[start:start + batch_size], ctx=ctx)
-        out.append(mx.nd.softmax(head(x)).asnumpy())
+        out.append(mx.nd.sigmoid(head(x)).asnumpy() if sigmoid else mx.nd.softmax(head(x)).asnumpy())
     return np.concatenate(out)
 
 
@@ -67,11 +68,13 @@ def epoch_batches(n, batch_size, seed, epoch):
     return [b for b in batches if len(b) > 1]
 
 
-def check_settings(store, epochs, lr, batch_size, train_split="train"):
+def check_settings(store, epochs, lr, batch_size, train_split="train", classes=True):
     """Refuse, before anything is written, settings a run could not learn from: fewer than one
     epoch, a learning rate that is not a finite positive number, batches of fewer than
     :data:`MIN_BATCH` samples, or a training split with fewer than two rows or only one class
-    (a model of one class reports accuracy 1 and AUC NaN having learnt nothing)."""
+    (a model of one class reports accuracy 1 and AUC NaN having learnt nothing; not checked when
+    ``classes`` is False: a multi-label head's labels are checked by
+    :func:`mxvision.train.multilabel.choose_labels`)."""
     if not (isinstance(epochs, numbers.Integral) and epochs >= 1):
         raise MxvisionError(f"epochs {epochs!r}", "must be an integer of at least 1")
     if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
@@ -86,7 +89,7 @@ def check_settings(store, epochs, lr, batch_size, train_split="train"):
         raise BadRun(store.path, f"split {train_split!r} has {len(rows)} feature row(s); training "
                                  f"needs at least {MIN_BATCH}")
     found = sorted({store.items[r]["label_id"] for r in rows})
-    if len(found) < 2:
+    if classes and len(found) < 2:
         raise BadRun(store.path, f"split {train_split!r} has only class {store.classes[found[0]]!r} "
                                  f"({len(rows)} rows); training needs at least two classes")
 
@@ -105,7 +108,7 @@ def _predict_stream(head, store, split, ctx, batch_size=64):
 def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.0, wd=0.0,
                seed=0, ctx=None, resume=True, progress=True, train_split="train", val_split="val",
                keep_checkpoints=KEEP_CHECKPOINTS, stream="auto", max_memory=DEFAULT_MAX_MEMORY,
-               window_shards=None, calibrate=None):
+               window_shards=None, calibrate=None, labels=None):
     """Train the Xvision head on ``features``; return the final ``state`` dict (log, best epoch).
 
     A checkpoint is written every epoch; only the newest ``keep_checkpoints`` are kept (0: all),
@@ -126,7 +129,12 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     run left in ``out_dir``.
     """
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
-    check_settings(store, epochs, lr, batch_size, train_split)
+    # labels: a multi-label head on these pathologies (mxvision.train.multilabel), else softmax
+    label_names = None if labels is None else multilabel.choose_labels(store, labels, train_split)
+    check_settings(store, epochs, lr, batch_size, train_split, classes=label_names is None)
+    if label_names and (calibrate is not None or stream is True):
+        raise MxvisionError("labels", "multi-label training has no --calibrate and loads the features "
+                                      "in memory (no streaming)")
     if calibrate is not None:  # refused before any epoch, not after them
         calibrators.check_split_for_calibration(calibrate, store, val_split)
     run_dir = runs.prepare_run_dir(out_dir)
@@ -135,11 +143,15 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
                  seed=seed)
     if stream not in ("auto", True, False):
         raise BadRun(run_dir, f"stream must be 'auto', True or False, not {stream!r}")
+    if stream == "auto" and label_names:
+        stream = False
     if stream == "auto":
         needed = (store.count(train_split) + store.count(val_split)) * store.row_bytes()
         stream = needed > max_memory
     config = {"features": runs.features_provenance(store), "hyper": hyper,
               "splits": {"train": train_split, "val": val_split}}
+    if label_names:
+        config.update(task=multilabel.TASK, labels=label_names)
     state = runs.load_or_start(run_dir, config, resume)
     if stream:
         train_stream = ShardStream(store, train_split, batch_size, seed=seed,
@@ -153,12 +165,15 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
         sample = first[0][:2]
         del first
     else:
-        x_train, y_train, _ = store.load(train_split)
-        x_val, y_val, _ = store.load(val_split)
+        x_train, y_train, ids_train = store.load(train_split)
+        x_val, y_val, ids_val = store.load(val_split)
+        if label_names:  # (N, L) targets, NaN where a label is missing
+            y_train = multilabel.store_targets(store, ids_train, label_names)
+            y_val = multilabel.store_targets(store, ids_val, label_names)
         sample = x_train[:2]
     write_json(run_dir / runs.CONFIG, config)
     mx.random.seed(seed)
-    head = XvisionHead(classes=len(store.classes), hidden=hyper["hidden"])
+    head = XvisionHead(classes=len(label_names or store.classes), hidden=hyper["hidden"])
     head.initialize(mx.init.Xavier(), ctx=ctx)
     head.hybridize()
     head(mx.nd.array(sample, ctx=ctx))  # materialise deferred shapes before loading/saving
@@ -168,7 +183,7 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
     if start:
         runs.load_checkpoint(run_dir, start, {"params": head}, trainer, ctx)
         log.info("resuming %s after epoch %d", run_dir, start)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss_fn = multilabel.masked_bce_loss if label_names else gluon.loss.SoftmaxCrossEntropyLoss()
 
     for epoch in tqdm(range(start + 1, epochs + 1), desc="train", unit="epoch",
                       initial=start, total=epochs, disable=not progress):
@@ -185,8 +200,14 @@ def train_head(features, out_dir, epochs=20, lr=0.01, batch_size=32, momentum=0.
                     loss = loss_fn(head(x), y)
                 loss.backward()
                 trainer.step(len(batch))
-            train_probs = predict_probs(head, x_train, ctx)
-            val_probs = predict_probs(head, x_val, ctx)
+            train_probs = predict_probs(head, x_train, ctx, sigmoid=bool(label_names))
+            val_probs = predict_probs(head, x_val, ctx, sigmoid=bool(label_names))
+            if label_names:
+                runs.check_finite(run_dir, epoch, lr, train_probs, val_probs)
+                runs.record_epoch(run_dir, state, multilabel.epoch_row(
+                    epoch, y_train, train_probs, y_val, val_probs, round(time.time() - tic, 3)),
+                    head, trainer, keep_checkpoints)
+                continue
             train_loss = metrics.cross_entropy(y_train, train_probs)
             train_accuracy = float((train_probs.argmax(1) == y_train).mean())
         runs.check_finite(run_dir, epoch, lr, train_loss, val_probs)
@@ -284,7 +305,7 @@ def load_head(run_dir, ctx=None, epoch=None):
     config, _ = runs.load_run(run_dir)
     ctx = parse_ctx(ctx)
     features = config["features"]
-    head = XvisionHead(classes=len(features["classes"]), hidden=config["hyper"]["hidden"])
+    head = XvisionHead(classes=len(multilabel.output_names(config)), hidden=config["hyper"]["hidden"])
     head.infer_shape(mx.nd.zeros((1,) + tuple(features["feature_shape"])))
     params = run_dir / runs.BEST if epoch is None else runs.checkpoint_path(run_dir, epoch, "params")
     runs.load_parameters(head, params, ctx)

@@ -6,7 +6,9 @@ layout, so ``evaluate``, ``predict`` and ``export`` read any of them::
 
     config.json            what was trained on what: ``features`` (the store's provenance,
                            :func:`features_provenance`), ``hyper`` (settings), ``splits``; plus
-                           ``streaming``, ``distributed`` or ``finetune`` for those runs
+                           ``streaming``, ``distributed`` or ``finetune`` for those runs, and
+                           ``task: "multilabel"`` with its ``labels`` for a multi-label head
+                           (:mod:`mxvision.train.multilabel`; softmax when absent)
     state.json             ``last_epoch`` (the last finished epoch), ``history`` (one row per
                            epoch: train/val loss and accuracy, val AUC, seconds), ``best_epoch``
     log.csv, log.json      the history as a table and as JSON
@@ -101,6 +103,8 @@ def settings_changed(old_config, config):
     changed = [k for k in FIXED_SETTINGS if old_hyper.get(k) != config["hyper"][k]]
     if old_config.get("features", {}).get("features_dir") != config["features"]["features_dir"]:
         changed.append("features")
+    if (old_config.get("task"), old_config.get("labels")) != (config.get("task"), config.get("labels")):
+        changed.append("labels")  # a softmax head and multi-label heads of other labels differ in shape
     return changed
 
 
@@ -179,7 +183,12 @@ def check_config(config, path, hint=""):
         tune = config.get("finetune", {"epochs": 1})
         if not valid_feature_shape(features["feature_shape"]):
             problem = "features' feature_shape is not 1 to 3 positive sizes"
-        elif not valid_classes(features["classes"]) or len(features["classes"]) < 2:
+        elif config.get("task", "softmax") not in ("softmax", "multilabel"):
+            problem = f"task {one_line(config.get('task'), 40)} is not softmax or multilabel"
+        elif config.get("task") == "multilabel" and not valid_classes(config.get("labels")):
+            problem = "a multilabel run's labels are not one or more distinct names"
+        elif not valid_classes(features["classes"]) or \
+                (len(features["classes"]) < 2 and config.get("task") != "multilabel"):
             problem = "features' classes are not two or more distinct names"
         elif not (1 <= hyper["hidden"] <= MAX_HIDDEN and hyper["epochs"] >= 1):
             problem = f"hyper's hidden (1 to {MAX_HIDDEN}) or epochs (at least 1) is out of range"
