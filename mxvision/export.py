@@ -2,7 +2,11 @@
 
 ``PREFIX-symbol.json`` + ``PREFIX-0000.params`` hold backbone + head + softmax, hybridized; they load
 with ``gluon.SymbolBlock.imports(symbol, ["data"], params)`` or the Module API, without mxvision.
-``PREFIX-meta.json`` says which classes the outputs are and how to preprocess an image.
+``PREFIX-meta.json`` says which classes the outputs are and how to preprocess an image, and, for a
+run trained with ``--calibrate``, holds its calibrator (``calibration``): the network's softmax is
+uncalibrated, the loader applies the calibrator to the positive column
+(:func:`mxvision.train.calibrators.calibrate_probs`, NumPy only; :func:`load_exported_calibrator`),
+as the served archive's handler does.
 """
 import os
 from pathlib import Path
@@ -12,8 +16,9 @@ from mxnet import gluon
 
 from mxvision.data import transforms
 from mxvision.runtime import parse_ctx
+from mxvision.train.calibrators import check_calibrator, describe, load_run_calibrator
 from mxvision.train.loop import load_classifier
-from mxvision.train.runs import load_run
+from mxvision.train.runs import load_run, read_run_json
 from mxvision.utils import write_json
 
 
@@ -30,6 +35,7 @@ def export_model(run_dir, prefix, ctx=None, dtype=None):
     if dtype is None and load_run(run_dir)[0]["features"].get("dtype") == "bfloat16":
         dtype = "float32"  # an exported AMP-bfloat16 graph reloads as float32 (MXNet 1.9.1): say so
     net, config = load_classifier(run_dir, ctx=ctx, dtype=dtype)
+    calibrator = load_run_calibrator(run_dir)
     features = config["features"]
     preset = transforms.get_preset(features["preprocessing"]["name"])
     net.hybridize()
@@ -48,7 +54,10 @@ def export_model(run_dir, prefix, ctx=None, dtype=None):
         "classes": features["classes"],
         "input_name": "data",
         "input_shape": list(input_shape),
-        "output": "class probabilities (softmax), in the order of classes",
+        "output": "class probabilities (softmax), in the order of classes" + (
+            f"; {describe(calibrator)}: apply calibration to the positive class (the last), the "
+            "other is 1 minus it (mxvision.train.calibrators.calibrate_probs)" if calibrator else ""),
+        "calibration": calibrator,
         "preprocessing": features["preprocessing"],
         "backbone": features["backbone"],
         "cut": features["cut"],
@@ -59,6 +68,15 @@ def export_model(run_dir, prefix, ctx=None, dtype=None):
         "run_dir": str(Path(run_dir).resolve()),
     })
     return {k: str(v) for k, v in paths.items()}
+
+
+def load_exported_calibrator(prefix):
+    """The calibrator ``PREFIX-meta.json`` carries (checked), or None for an uncalibrated export."""
+    path = Path(f"{prefix}-meta.json")
+    calibrator = read_run_json(path).get("calibration")
+    if calibrator is None:
+        return None
+    return check_calibrator(calibrator, path)
 
 
 def load_exported(prefix, ctx=None):

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
+import pytest
 
 from mxvision.data import transforms
-from mxvision.export import export_model, load_exported
+from mxvision.export import export_model, load_exported, load_exported_calibrator
 from mxvision.inference import predict
 from mxvision.train.loop import load_classifier
 
@@ -21,6 +23,7 @@ def test_exported_symbol_gives_the_same_probabilities(small_run, small_store, tm
     assert "stage4_unit2_relu1" in names  # the literal Xvision cut layer survives export
     meta = json.load(open(paths["meta"]))
     assert meta["classes"] == ["normal", "nodule"] and meta["input_shape"] == [1, 3, 224, 224]
+    assert meta["calibration"] is None and load_exported_calibrator(tmp_path / "model" / "xvision") is None
 
     x = mx.nd.array(np.stack([transforms.load_image(p, "imagenet224") for p in _images(small_store)]))
     python_model, _ = load_classifier(small_run, ctx="cpu")
@@ -57,3 +60,47 @@ def test_predict_accepts_a_folder(small_run, synth_index):
     results = predict(small_run, [folder], ctx="cpu")
     assert sorted(r["path"] for r in results) == sorted(os.path.join(folder, f) for f in os.listdir(folder))
     assert all(set(r["probabilities"]) == {"normal", "nodule"} for r in results)
+
+
+@pytest.fixture(scope="module")
+def isotonic_run(small_store, tmp_path_factory):
+    from mxvision.train.loop import train_head
+
+    out = tmp_path_factory.mktemp("isotonic-run")
+    # lr 0.001: at the default 0.01 this random-feature head saturates to probabilities of 0 and 1
+    train_head(small_store, out, epochs=3, batch_size=8, lr=0.001, ctx="cpu", progress=False,
+               calibrate="isotonic")
+    return out
+
+
+def test_export_carries_the_runs_calibrator_and_its_loader_gives_predicts_probabilities(isotonic_run, small_store, tmp_path):
+    from mxvision.train.calibrators import calibrate_probs
+
+    paths = export_model(isotonic_run, tmp_path / "xvision", ctx="cpu")
+    meta = json.load(open(paths["meta"]))
+    saved = json.loads((isotonic_run / "calibration.json").read_text())
+    assert meta["calibration"] == saved and saved["kind"] == "isotonic"
+    assert "calibrated (isotonic)" in meta["output"]
+    calibrator = load_exported_calibrator(tmp_path / "xvision")
+    assert calibrator == saved
+    images = _images(small_store, 6)
+    x = mx.nd.array(np.stack([transforms.load_image(p, "imagenet224") for p in images]))
+    raw = load_exported(tmp_path / "xvision", ctx="cpu")(x).asnumpy()
+    deployed = calibrate_probs(calibrator, raw)
+    offline = np.array([list(r["probabilities"].values()) for r in predict(isotonic_run, images, ctx="cpu")])
+    np.testing.assert_allclose(deployed, offline, atol=1e-5)
+    # the isotonic map written out: np.interp over the thresholds of calibration.json
+    np.testing.assert_allclose(offline[:, 1], np.interp(raw[:, 1], saved["x_thresholds"], saved["y_thresholds"]),
+                               atol=1e-5)
+    assert np.abs(offline - raw).max() > 1e-3  # the calibrator changed the probabilities
+
+
+def test_an_exported_calibrator_edited_afterwards_is_refused_in_one_line(isotonic_run, tmp_path):
+    from mxvision.errors import BadRun
+
+    paths = export_model(isotonic_run, tmp_path / "xvision", ctx="cpu")
+    meta = json.load(open(paths["meta"]))
+    meta["calibration"]["y_thresholds"] = [2.0] * len(meta["calibration"]["y_thresholds"])
+    Path(paths["meta"]).write_text(json.dumps(meta))
+    with pytest.raises(BadRun, match="xvision-meta.json.*not a valid calibrator"):
+        load_exported_calibrator(tmp_path / "xvision")

@@ -9,7 +9,9 @@ zip and one small JSON, and ``model-archiver`` is unmaintained -- and adds:
   softmax, as ``mxvision export``; torchxrayvision port: the network up to its logits, the
   calibration being applied by the handler as ``classify`` applies it);
 * ``mxvision-manifest.json``: the model family, classes or pathologies, which outputs are
-  unavailable and why, the preprocessing, the weights' provenance, the layer Grad-CAM is taken at
+  unavailable and why, the preprocessing, the weights' provenance, an Xvision run's probability
+  calibrator (``calibration``: ``train --calibrate``, applied by the handler after the softmax, as
+  ``predict`` applies it; null when the run has none), the layer Grad-CAM is taken at
   (:mod:`mxvision.serve.cam`), the SHA-256 of both network files (checked when the server loads the
   archive) and the mxvision version;
 * ``mxvision_handler.py``: two lines that hand each request to :mod:`mxvision.serve.handler`, so
@@ -60,6 +62,7 @@ def _xvision_network(run, work, dtype, ctx):
     info = {"family": "xvision", "classes": meta["classes"], "output": meta["output"],
             "preprocessing": meta["preprocessing"], "precision": meta["precision"],
             "weights": {"backbone": meta["backbone_weights"], "run": meta["run_dir"]},
+            "calibration": meta.get("calibration"),
             "random_weights": "RANDOM" in meta["backbone_weights"].upper()}
     return paths["symbol"], paths["params"], info
 

@@ -7,7 +7,10 @@ by the same functions ``predict`` and ``classify`` use (:func:`mxvision.io.image
 then :func:`mxvision.data.transforms.preprocess` or :func:`mxvision.data.xrv_transforms.preprocess`),
 the readable ones are scored in **one** forward pass, and every request gets its own answer, in
 order: a JSON result, or an HTTP 4xx with a one-line JSON error naming the problem (the other
-requests of the batch are answered normally and the worker stays up).
+requests of the batch are answered normally and the worker stays up). An Xvision run trained with
+``--calibrate`` carries its calibrator in the manifest; it is applied after the softmax with the
+arithmetic ``predict`` uses (:func:`mxvision.train.calibrators.calibrate_probs`, NumPy only) and
+the answer says ``"calibration": "calibrated (platt)"``.
 
 Bodies: the raw bytes of a PNG, JPEG, TIFF or DICOM file (``curl --data-binary @film.png``), or a
 multipart form whose first file field holds them (``curl -F data=@film.dcm``; the file name is
@@ -39,6 +42,7 @@ from mxvision.io.images import decode_image
 from mxvision.models.xrv.common import op_norm_nd
 from mxvision.serve.archive import MANIFEST, PARAMS, SYMBOL, sha256_file
 from mxvision.serve.cam import cam_blocks
+from mxvision.train.calibrators import calibrate_probs, check_calibrator, describe
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,10 @@ class ArchiveModel:
         if self.family == "xvision":
             self.preset = transforms.get_preset(self.manifest["preprocessing"]["name"])
             self.labels = self.manifest["classes"]
+            # a run trained with --calibrate: applied after the softmax, with predict's arithmetic
+            calibration = self.manifest.get("calibration")
+            self.calibrator = None if calibration is None else \
+                check_calibrator(calibration, f"{model_dir / MANIFEST} calibration")
         else:
             self.resolution = int(self.manifest["preprocessing"]["resolution"])
             self.labels = self.manifest["pathologies"]
@@ -138,6 +146,8 @@ class ArchiveModel:
         if not np.isfinite(rows).all():
             raise MxvisionError(self.manifest["name"], "the network gives non-finite outputs "
                                                        "(NaN or infinity); its parameters are corrupt")
+        if self.family == "xvision":
+            rows = calibrate_probs(self.calibrator, rows)
         return [self._result(row) for row in rows]
 
     def _result(self, row):
@@ -146,7 +156,8 @@ class ArchiveModel:
                 "random_weights": bool(m.get("random_weights"))}
         if self.family == "xvision":
             probs = {c: float(p) for c, p in zip(self.labels, row)}
-            return {**base, "probabilities": probs, "predicted": self.labels[int(row.argmax())]}
+            return {**base, "probabilities": probs, "predicted": self.labels[int(row.argmax())],
+                    "calibration": describe(self.calibrator)}
         unavailable = m.get("unavailable") or {}
         scores = {p: (None if p in unavailable else float(v)) for p, v in zip(self.labels, row)}
         return {**base, "scores": scores, "unavailable": unavailable,

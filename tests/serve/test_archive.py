@@ -187,3 +187,53 @@ def test_export_refuses_what_it_cannot_archive(small_run, tmp_path):
     code, _, err = run_cli("export", "--run", small_run, "--mar", tmp_path / "a.mar", "--dtype", "int8")
     one_line_error(code, err, "extracted in float32", "int8 backbone would not match")
     assert not (tmp_path / "a.mar").exists()
+
+
+@pytest.fixture(scope="module")
+def platt_mar(small_store, tmp_path_factory):
+    from mxvision.train.loop import train_head
+
+    run = tmp_path_factory.mktemp("platt-run")
+    # lr 0.001: at the default 0.01 this random-feature head saturates to probabilities of 0 and 1
+    train_head(small_store, run, epochs=3, batch_size=8, lr=0.001, ctx="cpu", progress=False, calibrate="platt")
+    return run, export_archive(tmp_path_factory.mktemp("mar") / "cal.mar", run=run)
+
+
+def test_a_calibrated_run_is_served_with_its_calibrator_exactly_as_predict_applies_it(platt_mar, synth_index, tmp_path):
+    import mxnet as mx
+
+    run, mar = platt_mar
+    saved = json.loads((run / "calibration.json").read_text())
+    assert read_manifest(mar["archive"])["calibration"] == saved and saved["kind"] == "platt"
+    assert "calibrated (platt)" in mar["manifest"]["output"]
+    model = ArchiveModel(_unpack(mar["archive"], tmp_path / "x"))
+    paths = sorted(Path(synth_index).parent.rglob("*.png"))[:6]
+    inputs = [model.prepare(p.read_bytes(), p.name) for p in paths]
+    served = model.score(inputs)
+    offline = predict(run, paths)
+    for got, want in zip(served, offline):
+        np.testing.assert_allclose(list(got["probabilities"].values()), list(want["probabilities"].values()),
+                                   atol=1e-5)
+        assert got["predicted"] == want["predicted"]
+        assert got["calibration"] == want["calibration"] == "calibrated (platt)"
+    raw = model.net(mx.nd.array(np.stack(inputs))).asnumpy()[:, 1]
+    served_positive = np.array([r["probabilities"]["nodule"] for r in served])
+    assert np.abs(served_positive - raw).max() > 1e-3  # the served scores are not the bare softmax
+
+
+def test_an_archive_whose_calibrator_was_edited_is_refused_when_loaded(platt_mar, tmp_path):
+    from mxvision.errors import BadRun
+
+    folder = _unpack(platt_mar[1]["archive"], tmp_path / "x")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["calibration"]["kind"] = "beta"
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BadRun, match="calibration: kind 'beta' is not one of platt, isotonic"):
+        ArchiveModel(folder)
+
+
+def test_an_uncalibrated_archive_says_so(xvision_mar, small_store, tmp_path):
+    assert xvision_mar["manifest"]["calibration"] is None
+    model = ArchiveModel(_unpack(xvision_mar["archive"], tmp_path / "x"))
+    path = Path(small_store.items[0]["path"])
+    assert model.score([model.prepare(path.read_bytes(), path.name)])[0]["calibration"] == "uncalibrated"
