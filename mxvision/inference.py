@@ -20,24 +20,33 @@ The torchxrayvision model card, and its MXNet equivalent (preprocessing in
 or, in one call that reads the files and marks outputs the weights cannot give,
 ``classify(paths, model=name)``.
 """
+import csv
 import logging
+import os
 from pathlib import Path
 
 import mxnet as mx
 import numpy as np
+from tqdm import tqdm
 
 from mxvision.data import transforms
+from mxvision.data.dataset import XrayDataset
 from mxvision.data.folder import expand_images
+from mxvision.data.index import read_index
 from mxvision.data.xrv_transforms import load_xray, preprocess
-from mxvision.errors import BadImage, BadRun
+from mxvision.errors import BadImage, BadIndex, BadRun, one_line
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
+from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES, fit_thresholds, thresholds_document
 from mxvision.runtime import parse_ctx
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.calibrators import describe as describe_calibration
+from mxvision.train.intervals import auc_with_intervals
 from mxvision.train.loop import load_classifier
+from mxvision.utils import atomic_path, write_json
 
-__all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL"]
+__all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL", "classify_index", "scores_table",
+           "write_scores_csv", "calibrate_xrv"]
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +99,20 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     return results
 
 
-def unavailable_outputs(spec, calibrated):
-    """Per-output reason why a score cannot be given (None when it can)."""
+def unavailable_outputs(spec, calibrated, op_threshs=None):
+    """Per-output reason why a score cannot be given (None when it can); ``op_threshs``: the
+    thresholds the model calibrates with when they are not the published ones (a thresholds file)."""
     reasons = {i: "untrained" for i in spec.untrained}
     if calibrated:
+        no_threshold = spec.no_threshold if op_threshs is None else [
+            i for i, t in enumerate(op_threshs) if np.isnan(t) and i not in reasons]
         reasons.update({i: "no operating point (calibrated output is the constant 0.5)"
-                        for i in spec.no_threshold})
+                        for i in no_threshold})
     return reasons
 
 
 def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=None, batch_size=1,
-             strict=False, root=None, progress=False):
+             strict=False, root=None, progress=False, thresholds=None):
     """Score chest X-ray files (or folders of them) for the 18 pathologies; one dict per image.
 
     Each result has ``path``, ``model``, ``weights`` (which weights were used), ``calibrated``,
@@ -110,14 +122,17 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
     have no operating point) and ``unavailable`` (pathology -> reason). Without calibration the
     outputs are sigmoid probabilities. An unreadable file gives ``{"path", "error"}`` (or raises
     BadImage with ``strict=True``); a folder without images, or no input, raises BadIndex.
+    ``thresholds``: a file of ``mxvision xrv calibrate`` whose op_threshs replace the published
+    ones (then each result's ``thresholds`` names it and the pathologies it recalibrated).
+    ``progress`` shows the download's and the scoring's progress bars.
     """
     spec = get_weights_spec(model)
     paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
     net = zoo.get_model(model, weights=weights, calibrated=calibrated, apply_sigmoid=not calibrated,
-                        ctx=ctx, root=root, progress=progress)
+                        ctx=ctx, root=root, progress=progress, thresholds=thresholds)
     net.hybridize(static_alloc=True, static_shape=True)
-    reasons = unavailable_outputs(spec, calibrated)
+    reasons = unavailable_outputs(spec, calibrated, net.op_threshs)
     results = [None] * len(paths)
     batch = []
 
@@ -133,10 +148,11 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
                 "calibrated": bool(calibrated and net.op_threshs is not None),
                 "outputs": [float(v) for v in row], "scores": scores,
                 "unavailable": {DEFAULT_PATHOLOGIES[k]: why for k, why in sorted(reasons.items())},
+                "thresholds": net.thresholds_info, "weights_sha1": net.weights_info.get("sha1"),
             }
         batch.clear()
 
-    for i, path in enumerate(paths):
+    for i, path in enumerate(tqdm(paths, desc="classify", unit="img", disable=not progress or len(paths) < 2)):
         try:
             img = preprocess(load_xray(path), spec.resolution)
         except BadImage as err:
@@ -149,3 +165,93 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
             flush()
     flush()
     return results
+
+
+# --------------------------------------------------------------------------- whole folders and indexes
+def classify_index(index_csv, **kwargs):
+    """:func:`classify` over the images of an index CSV, in its row order: ``(results, index)``."""
+    index = read_index(index_csv)
+    results = classify(index.paths, **kwargs)
+    if len(results) != len(index):  # a row naming a folder expanded into its images
+        raise BadIndex(index_csv, "a row names a folder, not an image file; list image files only")
+    return results, index
+
+
+def scores_table(results, index=None):
+    """``(header, rows)`` of the scores CSV: ``path``; the index's ``id`` and its ``label``,
+    ``patient_id``, ``split``, ``view`` columns; its pathology label columns as ``label:NAME``;
+    then one column per pathology (empty where the weights give no score), then ``error``."""
+    known = [c for c in ("label", "patient_id", "split", "view") if index is not None and c in index.columns]
+    truth = [c for c in DEFAULT_PATHOLOGIES if index is not None and c in index.columns]
+    header = ["path"] + (["id"] if index is not None else []) + known + ["label:" + c for c in truth] \
+        + list(DEFAULT_PATHOLOGIES) + ["error"]
+    records = index.records() if index is not None else [None] * len(results)
+    ids = index.ids if index is not None else [None] * len(results)
+    rows = []
+    for r, rec, image_id in zip(results, records, ids):
+        row = [r["path"]] + ([image_id] if index is not None else [])
+        row += [rec.get(c, "") for c in known] + [rec.get(c, "") for c in truth]
+        if "error" in r:
+            row += [""] * len(DEFAULT_PATHOLOGIES) + [r["error"]]
+        else:
+            row += ["" if r["scores"][p] is None else "%.8g" % r["scores"][p] for p in DEFAULT_PATHOLOGIES]
+            row.append("")
+        rows.append(row)
+    return header, rows
+
+
+def write_scores_csv(results, out_csv, index=None):
+    """Write :func:`scores_table` to ``out_csv`` atomically (complete or absent); returns its path."""
+    header, rows = scores_table(results, index)
+    with atomic_path(out_csv) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return os.path.abspath(out_csv)
+
+
+def calibrate_xrv(index_csv, out, model=DEFAULT_MODEL, weights=None, min_positives=DEFAULT_MIN_POSITIVES,
+                  ctx=None, batch_size=8, root=None, progress=False):
+    """Recompute torchxrayvision's op_threshs and PPV-80 thresholds on labelled films; write ``out``.
+
+    The labels are the index's pathology columns (named as :data:`DEFAULT_PATHOLOGIES`; ``1``,
+    ``0`` or empty for unknown), or else its ``label`` column read as findings (``nodule`` ->
+    Nodule, ``normal`` -> negative for all). The model's uncalibrated sigmoid outputs are scored
+    with :func:`classify`; :func:`mxvision.models.xrv.thresholds.fit_thresholds` fits each
+    pathology (AUC with DeLong and patient-bootstrap intervals). Returns the document written.
+    """
+    spec = get_weights_spec(model)
+    index = read_index(index_csv)
+    try:
+        data = XrayDataset.from_index(index)
+    except ValueError as err:  # a pathology cell that is not 1, 0 or empty
+        raise BadIndex(index_csv, one_line(err, 200)) from None
+    names = [p for p in data.pathologies if p in DEFAULT_PATHOLOGIES]
+    if not names:
+        raise BadIndex(index_csv, "no pathology labels: add columns named as torchxrayvision's pathologies "
+                                  "(%s, ...) holding 1, 0 or empty" % ", ".join(DEFAULT_PATHOLOGIES[:3]))
+    results = classify(index.paths, model=model, weights=weights, calibrated=False, ctx=ctx,
+                       batch_size=batch_size, root=root, progress=progress)
+    scored = [i for i, r in enumerate(results) if "error" not in r]
+    if not scored:
+        raise BadIndex(index_csv, "none of its %d images could be read; first: %s" % (len(results), results[0]["error"]))
+    columns = [data.pathologies.index(p) for p in names]
+    targets = np.asarray(data.labels, dtype=np.float64)[scored][:, columns]
+    probs = np.array([results[i]["outputs"] for i in scored], dtype=np.float64)
+    groups = np.asarray(index.patient_ids, dtype=object)[scored]
+
+    def auc(y, p, patients):
+        figures = auc_with_intervals(y, p, groups=patients)
+        figures.pop("method", None)
+        return figures
+
+    entries = fit_thresholds(targets, probs, names, untrained=[DEFAULT_PATHOLOGIES[k] for k in spec.untrained],
+                             min_positives=min_positives, auc=auc, groups=groups)
+    first = results[scored[0]]
+    doc = thresholds_document(model, {"description": first["weights"], "sha1": first["weights_sha1"]}, index_csv, entries, min_positives,
+                              len(scored), len(results) - len(scored),
+                              auc_method="Mann-Whitney AUC; 95% intervals: DeLong, and percentile bootstrap "
+                                         "over patients (mxvision.train.intervals.auc_with_intervals)")
+    write_json(out, doc)
+    return doc

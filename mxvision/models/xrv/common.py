@@ -265,6 +265,7 @@ class XRVModel(HybridBlock):
         self.targets = spec.targets if spec is not None else list(DEFAULT_PATHOLOGIES)
         self.pathologies = self.targets
         self.op_threshs = (np.array(spec.op_threshs, dtype=np.float32) if spec is not None else None)
+        self.thresholds_info = None  # set when a thresholds file replaces op_threshs (thresholds.py)
         self.resolution = spec.resolution if spec is not None else None
         self.calibrated = calibrated
         self.apply_sigmoid = apply_sigmoid

@@ -56,9 +56,11 @@ def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=Fa
 
 
 def load_model(name, weights="pretrained", output="scores", calibrated=True, apply_sigmoid=False,
-               ctx=None, root=None, progress=True):
+               ctx=None, root=None, progress=True, thresholds=None):
     """A ready network: ``weights`` is ``"pretrained"`` (download + convert + cache
-    torchxrayvision's release file), ``"none"`` (random, seeded), or a path (``.pt`` or ``.params``)."""
+    torchxrayvision's release file), ``"none"`` (random, seeded), or a path (``.pt`` or ``.params``);
+    ``thresholds``: a file of ``mxvision xrv calibrate`` whose op_threshs replace the published ones
+    (:func:`mxvision.models.xrv.thresholds.apply_thresholds`)."""
     ctx = ctx or mx.cpu()
     net = build_model(name, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
     spec_text = "pretrained" if weights is None else str(weights)
@@ -70,6 +72,9 @@ def load_model(name, weights="pretrained", output="scores", calibrated=True, app
         net.init_random(ctx=ctx)
     else:
         net.load_weights_file(spec_text, ctx=ctx)
+    if thresholds is not None:
+        from mxvision.models.xrv.thresholds import apply_thresholds
+        apply_thresholds(net, thresholds)
     return net
 
 
@@ -80,12 +85,13 @@ def make_factory(name, cuts):
       torchxrayvision's ``get_model``); ``weights``: None (those published weights), ``"none"``
       (random, seeded) or the path of a ``.pt``/``.params`` file (``weights_file=PATH`` and
       ``pretrained=False`` say the same); ``calibrated``, ``apply_sigmoid``; ``output``:
-      ``"scores"`` or one of the architecture's feature outputs; ``ctx`` as ``--ctx`` takes it.
+      ``"scores"`` or one of the architecture's feature outputs; ``ctx`` as ``--ctx`` takes it;
+      ``thresholds``: a thresholds JSON of ``mxvision xrv calibrate`` (recalibrated op_threshs).
     * backbone (``cut`` given, as :func:`~mxvision.models.zoo.build_backbone` does): weights only
       from ``weights_file`` (else random, seeded by the caller), hybridized, on ``ctx``.
     """
     def factory(cut=None, weights_file=None, ctx=None, pretrained=True, weights=None, calibrated=True,
-                apply_sigmoid=False, root=None, progress=True, output="scores"):
+                apply_sigmoid=False, root=None, progress=True, output="scores", thresholds=None):
         if cut is not None:
             ctx = mx.cpu() if ctx is None else ctx
             if cut not in cuts:
@@ -101,7 +107,8 @@ def make_factory(name, cuts):
         if weights is None:
             weights = weights_file if weights_file is not None else ("pretrained" if pretrained else "none")
         return load_model(name, weights=weights, output=output, calibrated=calibrated,
-                          apply_sigmoid=apply_sigmoid, ctx=parse_ctx(ctx), root=root, progress=progress)
+                          apply_sigmoid=apply_sigmoid, ctx=parse_ctx(ctx), root=root, progress=progress,
+                          thresholds=thresholds)
     factory.__name__ = "xrv_" + name.replace("-", "_")
     return factory
 
