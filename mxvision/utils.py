@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and checksums.
+"""Small file helpers shared by every stage: atomic writes, checksums and PNG figures.
 
 Every output of mxvision is written to a temporary file in the destination folder and renamed into
 place, so a crash never leaves a half-written file under a final name.
@@ -98,3 +98,24 @@ def file_kind(mode):
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
+
+
+def new_figure(figsize):
+    """A matplotlib Figure on its own Agg canvas, not pyplot's: library code must not touch pyplot
+    or ``matplotlib.use()``, which would switch a running Jupyter kernel's backend and make the
+    notebook's own plots vanish."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out ``fig`` and write it as a PNG at ``path`` atomically; return the Figure (a notebook
+    displays it as it is)."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return fig

@@ -22,7 +22,7 @@ from sklearn.metrics import brier_score_loss, roc_curve
 
 from mxvision.errors import MxvisionError
 from mxvision.train.intervals import WILSON_METHOD, wilson_interval
-from mxvision.utils import atomic_path
+from mxvision.utils import new_figure, save_png
 
 
 def _labels_probs(labels, probs, what="probs"):
@@ -160,18 +160,6 @@ def operating_point(labels, scores, threshold, level=0.95):
     }
 
 
-def _figure(figsize):
-    """A figure of its own (Agg canvas), not pyplot's: library code must not touch pyplot or
-    ``matplotlib.use()``, which would switch a running Jupyter kernel's backend and make the
-    notebook's own plots vanish."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_reliability_diagram(labels, probs, path, n_bins=10, title=""):
     """The reliability diagram as a PNG at ``path``: the fraction of positive films against the
     mean probability per bin (each point labelled with its film count) beside the diagonal of
@@ -179,7 +167,7 @@ def plot_reliability_diagram(labels, probs, path, n_bins=10, title=""):
     says little). Returns the matplotlib Figure."""
     curve = reliability_curve(labels, probs, n_bins)
     labels, probs = _checked_probs(labels, probs)
-    fig = _figure((4.5, 5.2))
+    fig = new_figure((4.5, 5.2))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
     shown = [k for k, c in enumerate(curve["count"]) if c]
@@ -198,7 +186,4 @@ def plot_reliability_diagram(labels, probs, path, n_bins=10, title=""):
     bottom.hist(probs, bins=curve["bin_edges"], color="tab:grey")
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("films")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return fig
+    return save_png(fig, path)
