@@ -20,7 +20,7 @@ from mxvision.train import intervals, metrics, reliability
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.loop import load_head, predict_probs
 from mxvision.train.runs import BEST, checkpoint_path, load_run
-from mxvision.utils import atomic_path, write_json
+from mxvision.utils import atomic_path, new_figure, save_png, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
                           title=title)
     if len(classes) == 2 and len(np.unique(y)) == 2:
         plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
-        report.update(_binary_figures(y, probs[:, 1], patients, out_dir, title))
+        report.update(_binary_figures(y, probs[:, 1], patients, out_dir))
         val = _validation_scores(run_dir, config, ctx, epoch, calibrator)
         report["operating_points"] = _operating_points(val, y, probs[:, 1], sensitivity)
     else:
@@ -208,10 +208,10 @@ def _validation_scores(run_dir, config, ctx, epoch, calibrator):
     return y, probs[:, 1], val
 
 
-def _binary_figures(y, scores, patients, out_dir, title):
+def _binary_figures(y, scores, patients, out_dir):
     """AUC intervals and calibration of a binary task (and the reliability diagram PNG)."""
     png = out_dir / "reliability_diagram.png"
-    reliability.plot_reliability_diagram(y, scores, png, title=title)
+    reliability.plot_reliability_diagram(y, scores, png)
     return {
         "auc_intervals": intervals.auc_with_intervals(y, scores, groups=patients),
         "calibration_metrics": {
@@ -292,44 +292,25 @@ def _write_predictions(path, ids, labels, probs, classes):
                 writer.writerow([i, classes[label], classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
 
 
-def _figure(figsize):
-    """A figure of its own (Agg canvas), not pyplot's: library code must not touch pyplot or
-    ``matplotlib.use()``, which would switch a running Jupyter kernel's backend and make the
-    notebook's own plots vanish."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, path):
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return fig
-
-
 def plot_confusion_matrix(matrix, classes, path, title=""):
     """The confusion matrix as counts in a labelled grid, like the original Xvision figure.
     Writes the PNG and returns the matplotlib Figure (a notebook displays it as it is)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig = _figure((4.5, 4))
+    fig = new_figure((4.5, 4))
     ax = fig.add_subplot()
     ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues",
                                                                           colorbar=False)
     ax.set_title(title, fontsize=9)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_roc_curve(labels, scores, path, positive="positive"):
     """The ROC curve with the chance diagonal; writes the PNG and returns the Figure."""
     from sklearn.metrics import RocCurveDisplay
 
-    fig = _figure((4.5, 4))
+    fig = new_figure((4.5, 4))
     ax = fig.add_subplot()
     RocCurveDisplay.from_predictions(labels, scores, name=positive, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    return _save_png(fig, path)
+    return save_png(fig, path)
