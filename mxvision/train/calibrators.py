@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mxvision.errors import BadRun, MxvisionError, one_line
+from mxvision.features.store import json_is
 
 KINDS = ("platt", "isotonic")
 #: The calibrator's file in a run folder.
@@ -83,7 +84,7 @@ def fit_calibrator(kind, labels, scores, split="val"):
     (probabilities) against binary ``labels`` (1 = positive); return it as a JSON-serialisable dict.
     Refuses (BadRun, one line) labels without both classes."""
     check_kind(kind)
-    labels = np.asarray(labels).astype(np.int64).ravel()
+    labels = np.asarray(labels).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if len(labels) != len(scores):
         raise MxvisionError("calibration", f"{len(labels)} labels but {len(scores)} scores")
@@ -91,6 +92,7 @@ def fit_calibrator(kind, labels, scores, split="val"):
         raise MxvisionError("calibration", "scores must be probabilities in [0, 1]")
     if not np.isin(labels, (0, 1)).all():
         raise MxvisionError("calibration", "labels must be 0 (negative) or 1 (positive)")
+    labels = labels.astype(np.int64)
     _check_both_classes(labels, "calibration", split, kind)
     calibrator = {"format": FORMAT, "kind": kind, "method": METHODS[kind]}
     if kind == "platt":
@@ -154,7 +156,7 @@ def describe(calibrator):
 
 
 def _finite_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return json_is(value, (int, float)) and math.isfinite(value)
 
 
 def calibrator_problem(calibrator):
@@ -179,8 +181,8 @@ def calibrator_problem(calibrator):
         if (np.diff(x) < 0).any() or (np.diff(y) < 0).any() or (y < 0).any() or (y > 1).any():
             return "isotonic thresholds are not non-decreasing with y in [0, 1]"
     fitted = calibrator.get("fitted_on")
-    if not (isinstance(fitted, dict) and all(isinstance(fitted.get(k), int) and not isinstance(fitted.get(k), bool)
-                                             and fitted[k] >= 0 for k in ("n", "positives"))
+    if not (isinstance(fitted, dict) and all(json_is(fitted.get(k), int) and fitted[k] >= 0
+                                             for k in ("n", "positives"))
             and isinstance(fitted.get("split"), str)):
         return "fitted_on is not an object with split, n and positives"
     return None
@@ -205,7 +207,8 @@ def load_run_calibrator(run_dir):
         return None
     calibrator = check_calibrator(runs.read_run_json(path), path)
     _, state = runs.load_run(run_dir)
-    if calibrator.get("epoch") != state["best_epoch"]:
+    epoch = calibrator.get("epoch")
+    if not (json_is(epoch, int) and epoch == state["best_epoch"]):  # true is not epoch 1
         raise BadRun(path, f"was fitted on epoch {one_line(repr(calibrator.get('epoch')), 20)}'s head, but the "
                            f"run's best epoch is {state['best_epoch']}; retrain with --calibrate")
     return calibrator

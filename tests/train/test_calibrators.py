@@ -165,6 +165,7 @@ HOSTILE = {
     "uneven thresholds": {"kind": "isotonic", "x_thresholds": [0.1, 0.9], "y_thresholds": [0.5]},
     "no fitted_on": {"fitted_on": None},
     "another epoch": {"epoch": 99},
+    "a boolean epoch": {"epoch": True},
 }
 
 
