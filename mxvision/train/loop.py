@@ -331,10 +331,17 @@ def load_classifier(run_dir, ctx=None, softmax=True, dtype=None):
     The backbone runs in the precision the features were extracted with (bfloat16/INT8 features:
     the converted network kept in the feature store; pooled features: plus the pooling), so
     predictions match the features the head was trained on. ``dtype="float32"`` forces the
-    float32 backbone (portable, e.g. for a GPU or for export without oneDNN).
+    float32 backbone (portable, e.g. for a GPU or for export without oneDNN). A multi-label run
+    (:mod:`mxvision.train.multilabel`) loads with ``softmax=False`` only (logits; its
+    probabilities are their sigmoid).
     """
     ctx = parse_ctx(ctx)
     head, config = load_head(run_dir, ctx=ctx)
+    if softmax and multilabel.is_multilabel(config):
+        # a softmax across independent labels would be a wrong model, silently (export, serve)
+        raise BadRun(run_dir, "is a multi-label run: its outputs are one sigmoid probability per "
+                              "label, not softmax class probabilities (export and serve take softmax "
+                              "runs only for now)")
     features_info = dict(config["features"])
     if dtype == "float32":
         features_info["dtype"] = "float32"

@@ -260,6 +260,13 @@ def test_the_cli_trains_with_labels_and_refuses_bad_ones(multi_store, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_export_refuses_a_multilabel_run_in_one_line(multi_run, tmp_path):
+    run, _ = multi_run
+    code, out, err = run_cli("export", "--run", run, "--out", tmp_path / "model" / "x", "--ctx", "cpu")
+    one_line_error(code, err, "is a multi-label run")
+    assert not (tmp_path / "model").exists()
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 def test_finetune_of_a_multilabel_run_uses_the_masked_loss_and_its_labels(multi_store, multi_run, tmp_path):
     run, _ = multi_run
