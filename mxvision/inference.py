@@ -39,10 +39,12 @@ from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES, fit_thresholds, thresholds_document
 from mxvision.runtime import parse_ctx
+from mxvision.train import multilabel
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.calibrators import describe as describe_calibration
 from mxvision.train.intervals import auc_with_intervals
 from mxvision.train.loop import load_classifier
+from mxvision.train.runs import load_run
 from mxvision.utils import atomic_path, write_json
 
 __all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL", "classify_index", "scores_table",
@@ -57,7 +59,9 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     """Probabilities per class for each image (files or folders).
 
     Returns one dict per image: ``{"path", "probabilities": {class: p}, "predicted",
-    "calibration"}``, or ``{"path", "error"}`` for an unreadable image (``strict=True`` raises
+    "calibration"}`` (a multi-label run, :mod:`mxvision.train.multilabel`: ``{label: p}``, one
+    sigmoid probability per label, and ``predicted`` the labels at 0.5 or above joined by ``|``,
+    empty for none), or ``{"path", "error"}`` for an unreadable image (``strict=True`` raises
     instead). A folder without images, or no input at all, raises BadIndex (``no images found in
     DIR``). A run trained with ``--calibrate`` gives calibrated probabilities (its calibrator
     applied after the softmax, :mod:`mxvision.train.calibrators`) and ``"calibration":
@@ -65,9 +69,10 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
     """
     paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
-    net, config = load_classifier(run_dir, ctx=ctx)
+    multi = multilabel.is_multilabel(load_run(run_dir)[0])
+    net, config = load_classifier(run_dir, ctx=ctx, softmax=not multi)
     calibrator = load_run_calibrator(run_dir)
-    classes = config["features"]["classes"]
+    classes = multilabel.output_names(config)
     preset = transforms.get_preset(config["features"]["preprocessing"]["name"])
     net.hybridize()
     results, batch = [], []
@@ -78,10 +83,12 @@ def predict(run_dir, images, ctx=None, batch_size=8, strict=False):
             if not np.isfinite(probs).all():  # finite parameters can still overflow
                 raise BadRun(Path(run_dir) / "best.params", "gives non-finite probabilities (NaN or "
                                                             "infinity); its parameters are corrupt")
-            probs = calibrate_probs(calibrator, probs)
+            probs = multilabel.sigmoid(probs) if multi else calibrate_probs(calibrator, probs)
             for (path, _), p in zip(batch, probs):
+                predicted = "|".join(c for c, v in zip(classes, p) if v >= 0.5) if multi else \
+                    classes[int(p.argmax())]
                 results.append({"path": str(path), "probabilities": dict(zip(classes, map(float, p))),
-                                "predicted": classes[int(p.argmax())],
+                                "predicted": predicted,
                                 "calibration": describe_calibration(calibrator)})
             batch.clear()
 
