@@ -1,25 +1,43 @@
-"""``mxvision classify``: torchxrayvision's 18 pathology scores for chest X-ray files.
+"""``mxvision classify`` and ``mxvision xrv calibrate``: torchxrayvision's 18 pathology scores.
 
-The MXNet counterpart of torchxrayvision's ``scripts/process_image.py``: one table (pathologies
-down, images across) or JSON. Outputs the chosen weights were not trained on, and -- with
-calibration -- trained outputs without an operating point (torchxrayvision returns a constant
-0.5 for both), are marked instead of printed as if they were scores.
+``classify`` is the MXNet counterpart of torchxrayvision's ``scripts/process_image.py``: one table
+(pathologies down, images across) or JSON; with ``--out CSV`` (or ``--index CSV``) that of
+``scripts/process_batch.py``: one CSV row per film. Outputs the chosen weights were not trained
+on, and -- with calibration -- trained outputs without an operating point (torchxrayvision
+returns a constant 0.5 for both), are marked instead of printed as if they were scores.
+``xrv calibrate`` recomputes op_threshs (and PPV-80 thresholds) on the user's labelled films
+(``scripts/model_calibrate.py``) into a JSON that ``classify --thresholds`` loads.
 """
 from pathlib import Path
 
 from mxvision.cli.common import add_ctx, non_empty, positive_int
 from mxvision.cli.output import TSV_HELP, print_json, tsv_field
+from mxvision.errors import MxvisionError
 
 NAME_WIDTH = 28
 
 
 def _cmd_classify(args):
-    from mxvision.inference import classify
+    from mxvision.inference import classify, classify_index, write_scores_csv
     from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
-    results = classify(args.images, model=args.model, weights=args.weights,
-                       calibrated=not args.no_calibration, ctx=args.ctx, batch_size=args.batch_size,
-                       strict=args.strict, root=args.cache, progress=not args.quiet)
-    if args.json:
+    if bool(args.images) == bool(args.index):
+        raise MxvisionError("mxvision classify", "give IMAGE files or folders, or --index CSV (one of the two)")
+    options = dict(model=args.model, weights=args.weights, calibrated=not args.no_calibration, ctx=args.ctx,
+                   batch_size=args.batch_size, strict=args.strict, root=args.cache, progress=not args.quiet,
+                   thresholds=args.thresholds)
+    index = None
+    if args.index:
+        results, index = classify_index(args.index, **options)
+    else:
+        results = classify(args.images, **options)
+    if args.out:
+        path = write_scores_csv(results, args.out, index=index)
+        ok = [r for r in results if "error" not in r]
+        kind = ("calibrated (op_threshs%s)" % (" from " + args.thresholds if args.thresholds else "")
+                if ok and ok[0]["calibrated"] else "uncalibrated (sigmoid)")
+        print(f"{len(results)} films scored with {args.model}, {kind}: {len(ok)} scored, "
+              f"{len(results) - len(ok)} unreadable (error column); wrote {tsv_field(path)}")
+    elif args.json:
         print_json(results)
     else:
         _print_table(results, DEFAULT_PATHOLOGIES)
@@ -35,6 +53,9 @@ def _print_table(results, pathologies):
         return
     first = ok[0]
     kind = "calibrated (op_threshs)" if first["calibrated"] else "uncalibrated (sigmoid)"
+    if first["calibrated"] and first.get("thresholds"):
+        kind = "calibrated (op_threshs of %s for %s)" % (tsv_field(first["thresholds"]["file"]),
+                                                         ", ".join(first["thresholds"]["recalibrated"]))
     print(f"model {first['model']}, {kind}; weights: {first['weights']}")
     names = [tsv_field(Path(r["path"]).name) for r in ok]  # one table line whatever the names hold
     width = max(12, *(len(n) for n in names))
@@ -60,15 +81,24 @@ def _print_table(results, pathologies):
 
 
 def add_parsers(sub):
-    """The torchxrayvision commands: classify."""
+    """The torchxrayvision commands: classify, xrv calibrate."""
     from mxvision.models.xrv.common import list_weights
+    from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES
     p = sub.add_parser("classify", help="18 pathology scores with a torchxrayvision model (like process_image.py)",
                        description="18 pathology scores with a torchxrayvision model: a table "
                                    "(pathologies down, images across; an 'ERROR<tab>message' line "
                                    "per unreadable file first) or --json. File names and messages "
                                    f"are escaped as in a TSV: {TSV_HELP.split('; ', 1)[1]}.")
-    p.add_argument("images", type=non_empty, nargs="+", metavar="IMAGE",
-                   help="PNG/JPEG/DICOM files or folders of them")
+    p.add_argument("images", type=non_empty, nargs="*", metavar="IMAGE",
+                   help="PNG/JPEG/DICOM files or folders of them (or --index)")
+    p.add_argument("--index", type=non_empty, default=None, metavar="CSV",
+                   help="score the images of an index CSV instead (in its row order)")
+    p.add_argument("--out", type=non_empty, default=None, metavar="CSV",
+                   help="write one CSV (path, the index's id/label/patient_id/split/view and pathology "
+                        "columns as label:NAME, one column per pathology, error) instead of printing")
+    p.add_argument("--thresholds", type=non_empty, default=None, metavar="JSON",
+                   help="op_threshs recomputed by 'mxvision xrv calibrate' (for the same model and "
+                        "weights) instead of the published ones")
     p.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
                    help="torchxrayvision weights name (default: densenet121-res224-all)")
     p.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
@@ -84,3 +114,54 @@ def add_parsers(sub):
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     add_ctx(p)
     p.set_defaults(func=_cmd_classify)
+
+    x = sub.add_parser("xrv", help="torchxrayvision models: recalibrate their thresholds on your films",
+                       description="torchxrayvision models: recalibrate their thresholds on your films.")
+    xsub = x.add_subparsers(dest="xrv_command", metavar="ACTION")
+    xsub.required = True
+    c = xsub.add_parser(
+        "calibrate", help="recompute op_threshs and PPV-80 thresholds on labelled films (a JSON classify loads)",
+        description="Score the index's films with the model's uncalibrated sigmoid outputs and, per "
+                    "pathology the index labels (columns named as torchxrayvision's pathologies, "
+                    "1/0/empty; else the label column, e.g. nodule/normal), recompute op_threshs as "
+                    "torchxrayvision did (ROC point of largest tpr - fpr) and its PPV-80 threshold, "
+                    "with the AUC and its 95% intervals. Thresholds fitted on fewer than "
+                    "--min-positives positive films are left null, with the reason.")
+    c.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
+                   help="torchxrayvision weights name (default: densenet121-res224-all)")
+    c.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
+                   help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
+    c.add_argument("--index", type=non_empty, required=True, metavar="CSV", help="index CSV of labelled films")
+    c.add_argument("--out", type=non_empty, required=True, metavar="JSON", help="thresholds file to write")
+    c.add_argument("--min-positives", type=positive_int(), default=DEFAULT_MIN_POSITIVES, metavar="N",
+                   help="fewest positive films a threshold is fitted on (default %d)" % DEFAULT_MIN_POSITIVES)
+    c.add_argument("--batch-size", type=positive_int(), default=8)
+    c.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
+                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ctx(c)
+    c.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args):
+    from mxvision.inference import calibrate_xrv
+    doc = calibrate_xrv(args.index, args.out, model=args.model, weights=args.weights,
+                        min_positives=args.min_positives, ctx=args.ctx, batch_size=args.batch_size,
+                        root=args.cache, progress=not args.quiet)
+    images = doc["images"]
+    print(f"{doc['model']} on {images['scored']} films ({images['unreadable']} unreadable); "
+          f"weights: {doc['weights']['description']}")
+    print("pathology".ljust(NAME_WIDTH) + "n".rjust(6) + "pos".rjust(6) + "AUC".rjust(8) + "  95% CI (DeLong)".ljust(18)
+          + "op_thresh".rjust(12) + "ppv80".rjust(12) + "  note")
+    for name, e in doc["pathologies"].items():
+        auc = e.get("auc")
+        ci = e.get("ci_delong")
+        fmt = lambda v: "-" if v is None else "%.4g" % v  # noqa: E731
+        print(name.ljust(NAME_WIDTH) + str(e["n"]).rjust(6) + str(e["positives"]).rjust(6)
+              + ("-" if auc is None else "%.3f" % auc).rjust(8)
+              + ("  [%.3f, %.3f]" % tuple(ci) if ci else "  -").ljust(18)
+              + fmt(e["op_thresh"]).rjust(12) + fmt(e["ppv80_thresh"]).rjust(12)
+              + ("  refused: " + e["refused"] if e["refused"] else ""))
+    fitted = sum(e["op_thresh"] is not None for e in doc["pathologies"].values())
+    print(f"{fitted} thresholds fitted (min {doc['min_positives']} positives); wrote {tsv_field(str(Path(args.out).resolve()))}")
+    return 0

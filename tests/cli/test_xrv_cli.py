@@ -115,3 +115,129 @@ def test_models_command_lists_the_xrv_names(capsys):
     assert cli.main(["models"]) == 0
     names = capsys.readouterr().out.split()
     assert all(name in names for name in WEIGHTS)
+
+
+# --------------------------------------------------------------------------- whole indexes, recalibration
+@pytest.fixture(scope="module")
+def labelled(shared, tmp_path_factory):
+    """Soft random weights, and an index of 12 NIH films with an effusion and 20 normal ones."""
+    from support.xrv_labelled import nih_pathology_index, soft_weights
+    folder = tmp_path_factory.mktemp("labelled")
+    index = nih_pathology_index(shared, folder / "nih.csv", [("Effusion", 12), ("No Finding", 20)])
+    return {"folder": folder, "weights": soft_weights(folder), "index": index}
+
+
+def _with_broken_row(index_csv, folder):
+    """The index plus one row naming an unreadable PNG (its other cells copied from row 1)."""
+    import csv as csv_module
+    with open(index_csv, newline="") as f:
+        rows = list(csv_module.reader(f))
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    extra = list(rows[1])
+    extra[rows[0].index("path")] = str(broken)
+    extra[rows[0].index("patient_id")] = "broken-patient"
+    out = folder / "with_broken.csv"
+    with open(out, "w", newline="") as f:
+        csv_module.writer(f).writerows(rows + [extra])
+    return out, len(rows) - 1 + 1
+
+
+def test_classify_index_writes_one_row_per_film(labelled, tmp_path, capsys):
+    import csv as csv_module
+    from mxvision.data.index import read_index
+    index_csv, n = _with_broken_row(labelled["index"], tmp_path)
+    out = tmp_path / "scores" / "scores.csv"
+    assert cli.main(["classify", "--index", str(index_csv), "--out", str(out), "--model", DENSE,
+                     "--weights", labelled["weights"], "--batch-size", "8", "--quiet"]) == 1  # one unreadable
+    said = capsys.readouterr().out
+    assert "%d films scored" % n in said and "1 unreadable" in said and str(out) in said
+    assert os.listdir(out.parent) == ["scores.csv"]  # written atomically: no temporary file left
+    with open(out, newline="") as f:
+        rows = list(csv_module.DictReader(f))
+    index = read_index(index_csv)
+    assert len(rows) == n == len(index)
+    assert [r["path"] for r in rows] == index.paths and [r["id"] for r in rows] == index.ids
+    assert [r["patient_id"] for r in rows] == index.column("patient_id")
+    assert [r["label:Effusion"] for r in rows] == index.column("Effusion")
+    broken = rows[-1]
+    assert "broken.png" in broken["error"] and broken["Effusion"] == "" and broken["patient_id"] == "broken-patient"
+    api = classify(index.paths[:-1], model=DENSE, weights=labelled["weights"], batch_size=8)
+    for row, result in zip(rows[:-1], api):
+        assert row["error"] == ""
+        for name in DEFAULT_PATHOLOGIES:
+            value = result["scores"][name]
+            assert (row[name] == "") if value is None else float(row[name]) == pytest.approx(value, abs=1e-7)
+    assert all(r["Infiltration"] == "" for r in rows)  # untrained by mimic_nb: no score, not a number
+
+
+def test_classify_files_to_csv_and_exactly_one_input(samples, labelled, tmp_path, capsys):
+    import csv as csv_module
+    out = tmp_path / "s.csv"
+    assert cli.main(["classify", *samples, "--out", str(out), "--model", DENSE, "--weights",
+                     labelled["weights"], "--no-calibration", "--quiet"]) == 0
+    capsys.readouterr()
+    with open(out, newline="") as f:
+        rows = list(csv_module.DictReader(f))
+    assert [r["path"] for r in rows] == samples and "id" not in rows[0]
+    raw = classify(samples, model=DENSE, weights=labelled["weights"], calibrated=False)
+    assert float(rows[1]["Effusion"]) == pytest.approx(raw[1]["scores"]["Effusion"], abs=1e-7)
+    for argv in (["classify", "--model", DENSE], ["classify", samples[0], "--index", str(labelled["index"])]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "mxvision: error: mxvision classify: give IMAGE files or folders, or --index CSV (one of the two)"
+
+
+def test_xrv_calibrate_then_classify_with_the_thresholds(labelled, tmp_path, capsys):
+    out = tmp_path / "thresholds.json"
+    assert cli.main(["xrv", "calibrate", "--model", DENSE, "--weights", labelled["weights"], "--index",
+                     str(labelled["index"]), "--out", str(out), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    effusion = doc["pathologies"]["Effusion"]
+    assert effusion["positives"] == 12 and effusion["op_thresh"] is not None and doc["min_positives"] == 10
+    line = next(x for x in said.splitlines() if x.startswith("Effusion"))
+    assert "%.3f" % effusion["auc"] in line and "%.4g" % effusion["op_thresh"] in line
+    assert "refused: these weights have no trained output" in next(
+        x for x in said.splitlines() if x.startswith("Infiltration"))
+    sample = str(labelled["index"].parent / "one.png")
+    shutil.copy(read_index_first(labelled["index"]), sample)
+    assert cli.main(["classify", sample, "--model", DENSE, "--weights", labelled["weights"], "--thresholds",
+                     str(out), "--json", "--quiet"]) == 0
+    recal = json.loads(capsys.readouterr().out)[0]
+    raw = classify([sample], model=DENSE, weights=labelled["weights"], calibrated=False)[0]["outputs"]
+    thresholds = np.array(WEIGHTS[DENSE].op_threshs, dtype=np.float32)
+    thresholds[DEFAULT_PATHOLOGIES.index("Effusion")] = effusion["op_thresh"]
+    assert np.allclose(recal["outputs"], xrv_common.op_norm(np.array(raw)[None], thresholds)[0], atol=2e-6)
+    assert recal["thresholds"]["recalibrated"] == ["Effusion"]
+    # the same file for other weights, or with min-positives beyond any pathology: one line
+    assert cli.main(["classify", sample, "--model", DENSE, "--weights", weights_pt_path(tmp_path),
+                     "--thresholds", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fitted on the outputs of weights with sha1" in err and "\n" not in err
+    assert cli.main(["xrv", "calibrate", "--model", DENSE, "--weights", labelled["weights"], "--index",
+                     str(labelled["index"]), "--out", str(tmp_path / "none.json"), "--min-positives", "13",
+                     "--quiet"]) == 0
+    assert "0 thresholds fitted (min 13 positives)" in capsys.readouterr().out
+    assert cli.main(["classify", sample, "--model", DENSE, "--weights", labelled["weights"], "--thresholds",
+                     str(tmp_path / "none.json"), "--quiet"]) == 2
+    assert "holds no op_thresh" in capsys.readouterr().err
+
+
+def read_index_first(index_csv):
+    from mxvision.data.index import read_index
+    return read_index(index_csv).paths[0]
+
+
+def weights_pt_path(folder):
+    return str(write_release_file(DENSE, folder / "other.pt", seed=1)[0])
+
+
+def test_calibrate_without_labels_is_one_line(labelled, tmp_path, capsys):
+    index = tmp_path / "plain.csv"
+    index.write_text("path,label\n%s,x\n" % read_index_first(labelled["index"]))
+    assert cli.main(["xrv", "calibrate", "--model", DENSE, "--weights", labelled["weights"], "--index",
+                     str(index), "--out", str(tmp_path / "t.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mxvision: error: %s: no pathology labels" % index) and "\n" not in err
+    assert not (tmp_path / "t.json").exists()
