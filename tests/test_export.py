@@ -88,10 +88,13 @@ def test_export_carries_the_runs_calibrator_and_its_loader_gives_predicts_probab
     raw = load_exported(tmp_path / "xvision", ctx="cpu")(x).asnumpy()
     deployed = calibrate_probs(calibrator, raw)
     offline = np.array([list(r["probabilities"].values()) for r in predict(isotonic_run, images, ctx="cpu")])
-    np.testing.assert_allclose(deployed, offline, atol=1e-5)
+    # the exported graph and predict's network differ by float32 rounding (within 1e-5, the test
+    # above); the isotonic map multiplies a difference by at most its steepest slope
+    x, y = np.array(saved["x_thresholds"]), np.array(saved["y_thresholds"])
+    slope = max(1.0, float(np.max(np.diff(y) / np.maximum(np.diff(x), 1e-12), initial=0.0)))
+    np.testing.assert_allclose(deployed, offline, atol=1e-5 * slope)
     # the isotonic map written out: np.interp over the thresholds of calibration.json
-    np.testing.assert_allclose(offline[:, 1], np.interp(raw[:, 1], saved["x_thresholds"], saved["y_thresholds"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(offline[:, 1], np.interp(raw[:, 1], x, y), atol=1e-5 * slope)
     assert np.abs(offline - raw).max() > 1e-3  # the calibrator changed the probabilities
 
 
