@@ -141,6 +141,7 @@ def add_parsers(sub):
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     add_ctx(c)
     c.set_defaults(func=_cmd_calibrate)
+    add_finetune_parser(xsub)
 
 
 def _cmd_calibrate(args):
@@ -164,4 +165,50 @@ def _cmd_calibrate(args):
               + ("  refused: " + e["refused"] if e["refused"] else ""))
     fitted = sum(e["op_thresh"] is not None for e in doc["pathologies"].values())
     print(f"{fitted} thresholds fitted (min {doc['min_positives']} positives); wrote {tsv_field(str(Path(args.out).resolve()))}")
+    return 0
+
+
+def add_finetune_parser(xsub):
+    """``mxvision xrv finetune``: the port's classifier on the user's labels (masked BCE)."""
+    from mxvision.cli.common import MAX_SEED, non_negative_int, positive_float
+    from mxvision.models.xrv.common import list_weights
+    f = xsub.add_parser(
+        "finetune", help="fine-tune a torchxrayvision model's classifier on your labelled films (missing labels masked)",
+        description="Train the model's last layer on the pooled features of the frozen network, for the "
+                    "chosen pathologies, with a binary cross-entropy that empty (unknown) labels do not "
+                    "enter; the other outputs keep their published weights. Keeps the epoch of best mean "
+                    "validation AUC (epoch 0: the model as it came). Recompute thresholds afterwards "
+                    "with 'mxvision xrv calibrate --weights RUN/xrv.params'.")
+    f.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
+                   help="torchxrayvision weights name (default: densenet121-res224-all)")
+    f.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
+                   help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
+    f.add_argument("--index", type=non_empty, required=True, metavar="CSV",
+                   help="index CSV with a split column and pathology columns (1, 0 or empty)")
+    f.add_argument("--out", type=non_empty, required=True, metavar="RUN", help="run folder to write")
+    f.add_argument("--labels", type=non_empty, default="all", metavar="all|NAME,NAME",
+                   help="pathologies to train (default: every pathology column of the index)")
+    f.add_argument("--epochs", type=positive_int(), default=20)
+    f.add_argument("--lr", type=positive_float(10.0), default=0.01, help="SGD learning rate on standardized features")
+    f.add_argument("--batch-size", type=positive_int(), default=32)
+    f.add_argument("--seed", type=non_negative_int(MAX_SEED), default=0, help="shuffling seed (default 0)")
+    f.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
+                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ctx(f)
+    f.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args):
+    from mxvision.train.xrv_finetune import finetune_xrv
+    config = finetune_xrv(args.index, args.out, model=args.model, weights=args.weights, labels=args.labels,
+                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                          ctx=args.ctx, root=args.cache, progress=not args.quiet)
+    films = config["films"]
+    print(f"{config['model']} fine-tuned on {films['train']} films ({films['val']} validation, "
+          f"{films['unreadable']} unreadable) for {', '.join(config['labels'])}; best epoch {config['best_epoch']}")
+    for name in config["labels"]:
+        before, after = config["val_label_auc_before"][name], config["val_label_auc_after"][name]
+        print(f"{name.ljust(NAME_WIDTH)}validation AUC {before:.3f} -> {after:.3f}")
+    print(f"run in {tsv_field(args.out)}; {config['note']}")
     return 0
