@@ -198,3 +198,17 @@ def test_one_class_and_worse_than_chance_are_refused():
     assert out["Consolidation"]["auc"] == pytest.approx(0.0)
     assert out["Infiltration"]["refused"] is None and out["Infiltration"]["youden_j"] == pytest.approx(1.0)
     assert out["Infiltration"]["op_thresh"] == pytest.approx(probs[y == 1, 2].min())
+
+
+def test_document_is_strict_json_with_its_provenance(setup):
+    from mxvision.models.xrv.thresholds import thresholds_document
+    from mxvision.utils import file_digest
+    doc = setup["doc"]
+    assert doc["index_sha256"] == file_digest(setup["index"], "sha256")
+    assert doc["weights"]["sha1"] == file_digest(setup["weights"], "sha1")
+    assert doc["images"] == {"scored": 70, "unreadable": 0} and doc["created"].endswith("+00:00")
+    odd = thresholds_document(DENSE, {}, setup["index"], {"Edema": {"auc": float("nan"), "ci": [np.float32(0.5),
+                                                                                             float("inf")]}},
+                              10, 1, 0)
+    assert odd["pathologies"]["Edema"] == {"auc": None, "ci": [0.5, None]}
+    json.loads(json.dumps(odd, allow_nan=False))
