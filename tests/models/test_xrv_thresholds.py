@@ -212,3 +212,24 @@ def test_document_is_strict_json_with_its_provenance(setup):
                               10, 1, 0)
     assert odd["pathologies"]["Edema"] == {"auc": None, "ci": [0.5, None]}
     json.loads(json.dumps(odd, allow_nan=False))
+
+
+def test_jsrt_labels_column_gives_the_nodule_threshold(shared, setup, tmp_path):
+    """An index without pathology columns: its label column (JSRT's nodule/normal) is read as findings."""
+    from mxvision.data.jsrt import jsrt_index
+    csv_path = tmp_path / "jsrt.csv"
+    jsrt_index(shared / "data" / "jsrt", csv_path)
+    doc = calibrate_xrv(csv_path, tmp_path / "jsrt.json", model="densenet121-res224-all", weights=setup["weights"])
+    assert list(doc["pathologies"]) == ["Nodule"]
+    nodule = doc["pathologies"]["Nodule"]
+    films = sorted((shared / "data" / "jsrt" / "images").glob("*.png"))
+    assert nodule["n"] == len(films) and nodule["positives"] == sum(f.name.startswith("JPCLN") for f in films)
+    raw = classify(read_index(csv_path).paths, model="densenet121-res224-all", weights=setup["weights"],
+                   calibrated=False, batch_size=16)
+    y = np.array([r["path"].rsplit("/", 1)[-1].startswith("JPCLN") for r in raw], dtype=int)
+    p = np.array([r["outputs"][DEFAULT_PATHOLOGIES.index("Nodule")] for r in raw])
+    expected, j = brute_force_youden(y, p)
+    if j > 0:
+        assert nodule["op_thresh"] == pytest.approx(expected, rel=1e-12)
+    else:  # random weights may rank the films worse than chance: no operating point to give
+        assert nodule["op_thresh"] is None and "no ROC point better than chance" in nodule["refused"]
