@@ -34,7 +34,7 @@ from mxvision.data.dataset import XrayDataset
 from mxvision.data.folder import expand_images
 from mxvision.data.index import read_index
 from mxvision.data.xrv_transforms import load_xray, preprocess
-from mxvision.errors import BadImage, BadIndex, BadRun, one_line
+from mxvision.errors import BadImage, BadIndex, BadRun, MxvisionError, one_line
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES, fit_thresholds, thresholds_document
@@ -48,7 +48,7 @@ from mxvision.train.runs import load_run
 from mxvision.utils import atomic_path, write_json
 
 __all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL", "classify_index", "scores_table",
-           "write_scores_csv", "calibrate_xrv"]
+           "write_scores_csv", "calibrate_xrv", "check_output_file"]
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,15 @@ def scores_table(results, index=None):
     return header, rows
 
 
+def check_output_file(path, what):
+    """Refuse, before any work, an output path that names a folder (one line naming it)."""
+    if os.path.isdir(path):
+        raise MxvisionError(path, "is a folder; give the file name of the %s to write" % what)
+
+
 def write_scores_csv(results, out_csv, index=None):
     """Write :func:`scores_table` to ``out_csv`` atomically (complete or absent); returns its path."""
+    check_output_file(out_csv, "scores CSV")
     header, rows = scores_table(results, index)
     with atomic_path(out_csv) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -229,6 +236,7 @@ def calibrate_xrv(index_csv, out, model=DEFAULT_MODEL, weights=None, min_positiv
     pathology (AUC with DeLong and patient-bootstrap intervals). Returns the document written.
     """
     spec = get_weights_spec(model)
+    check_output_file(out, "thresholds JSON")
     index = read_index(index_csv)
     try:
         data = XrayDataset.from_index(index)

@@ -18,10 +18,12 @@ NAME_WIDTH = 28
 
 
 def _cmd_classify(args):
-    from mxvision.inference import classify, classify_index, write_scores_csv
+    from mxvision.inference import check_output_file, classify, classify_index, write_scores_csv
     from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
     if bool(args.images) == bool(args.index):
         raise MxvisionError("mxvision classify", "give IMAGE files or folders, or --index CSV (one of the two)")
+    if args.out:
+        check_output_file(args.out, "scores CSV")
     options = dict(model=args.model, weights=args.weights, calibrated=not args.no_calibration, ctx=args.ctx,
                    batch_size=args.batch_size, strict=args.strict, root=args.cache, progress=not args.quiet,
                    thresholds=args.thresholds)

@@ -241,3 +241,12 @@ def test_calibrate_without_labels_is_one_line(labelled, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mxvision: error: %s: no pathology labels" % index) and "\n" not in err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_output_that_is_a_folder_is_refused_first(labelled, tmp_path, capsys):
+    for argv in (["classify", "--index", str(labelled["index"]), "--out", str(tmp_path)],
+                 ["xrv", "calibrate", "--index", str(labelled["index"]), "--out", str(tmp_path)]):
+        assert cli.main(argv + ["--model", DENSE, "--weights", labelled["weights"], "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mxvision: error: %s: is a folder; give the file name of the" % tmp_path)
+        assert "\n" not in err
