@@ -6,6 +6,7 @@ place, so a crash never leaves a half-written file under a final name.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -119,3 +120,17 @@ def save_png(fig, path, dpi=100):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return fig
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as null (JSON has none) and numpy scalars as Python numbers,
+    through dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # a numpy scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -37,9 +37,14 @@ def _cmd_evaluate(args):
     r = evaluate_run(args.run, args.features, args.out, split=args.split, ctx=args.ctx,
                      audit=not args.no_audit, allow_overlap=args.allow_overlap,
                      sensitivity=args.sensitivity)
-    for line in evaluation_lines(r):
+    if r.get("task") == "multilabel":
+        from mxvision.evaluate.multilabel import report_lines
+        lines = report_lines(r)
+    else:
+        lines = evaluation_lines(r) + [f"confusion matrix: {r['confusion_matrix_png']}"]
+    for line in lines:
         print(line)
-    print(f"metrics: {args.out}/metrics.json  confusion matrix: {r['confusion_matrix_png']}")
+    print(f"metrics: {args.out}/metrics.json")
 
 
 def _interval(ci):

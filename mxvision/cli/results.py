@@ -4,7 +4,7 @@ from mxvision.cli.output import print_json, safe_text
 
 
 def _cmd_compare(args):
-    from mxvision.compare import compare_evaluations
+    from mxvision.evaluate.compare import compare_evaluations
     r = compare_evaluations(args.eval_a, args.eval_b, out=args.out)
     if args.json:
         print_json(r)

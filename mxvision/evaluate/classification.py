@@ -6,21 +6,19 @@ the confusion matrix.
 """
 import csv
 import logging
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from mxvision.data.overlap import find_overlap, overlap_problem
 from mxvision.errors import BadRun, MxvisionError
+from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, scored_store
 from mxvision.features.store import MANIFEST, FeatureStore
 from mxvision.runtime import parse_ctx
 from mxvision.train import intervals, metrics, reliability
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.loop import load_head, predict_probs
 from mxvision.train.runs import BEST, checkpoint_path, load_run
-from mxvision.utils import atomic_path, new_figure, save_png, write_json
+from mxvision.utils import atomic_path, json_safe, new_figure, save_png, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +59,9 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     run_dir = Path(run_dir)
     config, state = load_run(run_dir)
     if config.get("task") == "multilabel":
-        from mxvision.evaluate_multilabel import evaluate_multilabel
+        from mxvision.evaluate.multilabel import evaluate_multilabel
         return evaluate_multilabel(run_dir, config, state, features, out_dir, split, ctx, epoch, allow_overlap)
-    trained_dir = Path(config["features"]["features_dir"])
-    store = FeatureStore(features or trained_dir)
-    external = not _same_folder(store.path, trained_dir)
-    if split is None and not external:
-        split = "test"
+    store, trained_dir, external, split = scored_store(config, features, split)
     name = split or "all"
     out_dir = Path(out_dir or run_dir / f"eval-{name}")
     ctx = parse_ctx(ctx)
@@ -76,9 +70,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     if "finetune" not in config:  # a fine-tuned run reads images, not the stored features
         _check_compatible(config, store)
     items = [store.items[r] for r in _split_rows(store, split)]
-    overlap = None
-    if external:
-        overlap = _check_overlap(store, trained_dir, items, allow_overlap)
+    overlap = check_overlap(store, trained_dir, items, allow_overlap) if external else None
     calibrator = load_run_calibrator(run_dir)
     y, probs, ids = _probabilities(run_dir, config, store, split, ctx, epoch, calibrator)
     if not np.isfinite(probs).all():  # finite parameters can still overflow
@@ -107,10 +99,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
         "roc_curve_png": str((out_dir / "roc_curve.png").resolve()),
     })
     if overlap is not None:
-        report["overlap"] = {"training_patients_shared": len(overlap["patients"]),
-                             "training_images_shared": len(overlap["images"]),
-                             "n_training_images_checked": overlap["n_train"],
-                             "allowed": bool(allow_overlap)}
+        report["overlap"] = overlap
     _write_predictions(out_dir / "predictions.csv", ids, y, probs, classes)
     title = f"{name}: accuracy {report['accuracy']:.3f}, AUC {report['auc']:.3f}"
     plot_confusion_matrix(report["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
@@ -128,54 +117,24 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
                                           trained_dir)
         if report["shortcut_audit"].get("warn"):
             log.warning("%s", report["shortcut_audit"]["message"])
-    write_json(out_dir / "metrics.json", _json_safe(report))
-    return _json_safe(report)
+    write_json(out_dir / "metrics.json", json_safe(report))
+    return json_safe(report)
 
 
 #: Where each figure of metrics.json comes from (cited in it).
 METHODS = {
-    "auc_ci_bootstrap": "percentile interval of 2,000 resamples of patients with replacement "
-                        "(all images of a drawn patient), seed 0",
-    "auc_ci_delong": "DeLong, DeLong & Clarke-Pearson, Biometrics 1988 (fast algorithm of Sun & "
-                     "Xu, IEEE SPL 2014)",
+    **AUC_INTERVAL_METHODS,
     "proportion_ci": "Wilson score interval (scipy.stats.binomtest proportion_ci)",
     "brier": "mean squared error of the positive-class probability (sklearn brier_score_loss)",
     "ece": "expected calibration error, 10 equal-width bins, weighted by bin size",
     "youden": "threshold maximising sensitivity + specificity - 1 on the validation split",
     "target_sensitivity": "highest threshold reaching the target sensitivity on the validation split",
 }
-def _same_folder(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # the training store moved or is gone: a store given by path is another one
-        return False
-
-
 def _split_rows(store, split):
     rows = [k for k, it in enumerate(store.items) if split is None or it["split"] == split]
     if not rows:
         raise BadRun(store.path, f"no images in split {split!r}")
     return rows
-
-
-def _check_overlap(store, trained_dir, items, allow_overlap):
-    """Refuse (unless ``allow_overlap``) an external store sharing patients or images with the
-    training store; return what was found."""
-    if not Path(trained_dir).is_dir():
-        if allow_overlap:
-            return {"patients": [], "images": [], "n_train": 0}
-        raise BadRun(trained_dir, "the run's training features are gone, so an external evaluation "
-                                  "cannot be checked for shared patients and images; pass "
-                                  "--allow-overlap to evaluate without the check")
-    trained = FeatureStore(trained_dir)
-    overlap = find_overlap(trained.items, items, pixels=not allow_overlap)
-    problem = overlap_problem(overlap)
-    if problem and not allow_overlap:
-        raise MxvisionError(store.path, f"shares data with the training store {trained_dir}: "
-                                        f"{problem}; pass --allow-overlap to evaluate anyway")
-    if problem:
-        log.warning("%s shares data with the training store %s: %s", store.path, trained_dir, problem)
-    return overlap
 
 
 def _probabilities(run_dir, config, store, split, ctx, epoch, calibrator):
@@ -235,19 +194,6 @@ def _operating_points(val, y, scores, sensitivity):
         out[key] = {"on_validation": reliability.operating_point(y_val, s_val, threshold),
                     "applied": reliability.operating_point(y, scores, threshold)}
     return out
-
-
-def _json_safe(obj):
-    """NaN and infinities as null (JSON has no NaN); numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _audit(store, items, model_auc, split, config, external, trained_dir):

@@ -10,30 +10,25 @@ validation. ``predictions.csv`` has per label the truth (empty where missing) an
 """
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from mxvision.data.overlap import find_overlap, overlap_problem
-from mxvision.errors import BadRun, MxvisionError
-from mxvision.features.store import FeatureStore
+from mxvision.errors import BadRun
+from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, scored_store
 from mxvision.runtime import parse_ctx
 from mxvision.train import multilabel
 from mxvision.train.intervals import auc_with_intervals
 from mxvision.train.loop import load_classifier, load_head, predict_probs
 from mxvision.train.runs import BEST, checkpoint_path
-from mxvision.utils import atomic_path, write_json
+from mxvision.utils import atomic_path, json_safe, write_json
 
 #: What must agree between the features a head was trained on and the ones it is scored on.
 MUST_MATCH = ("backbone", "cut", "preprocessing", "feature_shape")
 METHODS = {
     "auc": "Mann-Whitney (area under the empirical ROC curve), per label on the films whose label "
            "is known",
-    "auc_ci_bootstrap": "percentile interval of 2,000 resamples of patients with replacement "
-                        "(all images of a drawn patient), seed 0",
-    "auc_ci_delong": "DeLong, DeLong & Clarke-Pearson, Biometrics 1988 (fast algorithm of Sun & "
-                     "Xu, IEEE SPL 2014)",
+    **AUC_INTERVAL_METHODS,
     "mean_auc": "mean of the per-label AUCs that exist (both classes known)",
     "missing_labels": "empty, NaN or -1 in the index: left out of that label's figures",
 }
@@ -55,30 +50,6 @@ def check_store(config, store, labels):
                                  "trained on; extract from an index with those columns")
 
 
-def _same_folder(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # the training store moved or is gone: a store given by path is another one
-        return False
-
-
-def _check_overlap(store, trained_dir, items, allow_overlap):
-    """An external store may share no patient and no image with the training store."""
-    if not Path(trained_dir).is_dir():
-        if allow_overlap:
-            return None
-        raise BadRun(trained_dir, "the run's training features are gone, so an external evaluation "
-                                  "cannot be checked for shared patients and images; pass "
-                                  "--allow-overlap to evaluate without the check")
-    overlap = find_overlap(FeatureStore(trained_dir).items, items, pixels=not allow_overlap)
-    problem = overlap_problem(overlap)
-    if problem and not allow_overlap:
-        raise MxvisionError(store.path, f"shares data with the training store {trained_dir}: "
-                                        f"{problem}; pass --allow-overlap to evaluate anyway")
-    return {"training_patients_shared": len(overlap["patients"]),
-            "training_images_shared": len(overlap["images"]), "allowed": bool(allow_overlap)}
-
-
 def _probabilities(run_dir, config, store, split, items, ctx, epoch):
     """Per-label probabilities of ``items``: from the stored features, or for a fine-tuned run
     (whose backbone changed) from the images through its own backbone."""
@@ -90,19 +61,6 @@ def _probabilities(run_dir, config, store, split, items, ctx, epoch):
     head, _ = load_head(run_dir, ctx=ctx, epoch=epoch)
     x, _, ids = store.load(split)
     return predict_probs(head, x, ctx, sigmoid=True), ids
-
-
-def json_safe(obj):
-    """NaN and infinities as null (JSON has none); numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def label_report(truth, scores, patients, seed=0):
@@ -127,12 +85,8 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
     write ``metrics.json`` and ``predictions.csv`` to ``out_dir`` and return the metrics."""
     run_dir = Path(run_dir)
     labels = list(config["labels"])
-    trained_dir = Path(config["features"]["features_dir"])
-    store = FeatureStore(features or trained_dir)
+    store, trained_dir, external, split = scored_store(config, features, split)
     store.check_complete()
-    external = not _same_folder(store.path, trained_dir)
-    if split is None and not external:
-        split = "test"
     name = split or "all"
     out_dir = Path(out_dir or run_dir / f"eval-{name}")
     ctx = parse_ctx(ctx)
@@ -140,7 +94,7 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
     items = [it for it in store.items if split is None or it["split"] == split]
     if not items:
         raise BadRun(store.path, f"no images in split {name!r}")
-    overlap = _check_overlap(store, trained_dir, items, allow_overlap) if external else None
+    overlap = check_overlap(store, trained_dir, items, allow_overlap) if external else None
     probs, ids = _probabilities(run_dir, config, store, split, items, ctx, epoch)
     if not np.isfinite(probs).all():  # finite parameters can still overflow
         params = run_dir / BEST if epoch is None else checkpoint_path(run_dir, epoch, "params")

@@ -74,7 +74,6 @@ def expected_calibration_error(labels, probs, n_bins=10):
     if not labels.size:
         return float("nan")
     _, ids = _bin_ids(probs, n_bins)
-    count = np.bincount(ids, minlength=n_bins)
     prob_sum = np.bincount(ids, weights=probs, minlength=n_bins)
     pos_sum = np.bincount(ids, weights=labels, minlength=n_bins)
     return float(np.abs(prob_sum - pos_sum).sum() / labels.size)  # = sum (n_b/N)|mean p - frac|

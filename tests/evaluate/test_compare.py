@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from support.cli import one_line_error, run_cli
-from mxvision.compare import compare_evaluations
+from mxvision.evaluate.compare import compare_evaluations
 from mxvision.errors import MxvisionError
 from mxvision.evaluate import evaluate_run
 from mxvision.train.intervals import delong_paired

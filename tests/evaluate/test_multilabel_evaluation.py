@@ -21,6 +21,7 @@ from mxvision.data.index import read_index, write_index
 from mxvision.data.labels import PATHOLOGIES
 from mxvision.errors import BadRun
 from mxvision.evaluate import evaluate_run
+from mxvision.evaluate.multilabel import report_lines
 from mxvision.features.extract import extract_features
 from mxvision.inference import predict
 from mxvision.train.loop import load_head, train_head
@@ -149,20 +150,16 @@ def test_a_store_without_the_runs_labels_is_refused(nih_multi, small_store, tmp_
 
 
 def test_report_lines_name_every_label_with_its_intervals(nih_multi):
-    from mxvision.evaluate_multilabel import report_lines
-
     lines = report_lines(nih_multi["report"])
     assert f"mean AUC {nih_multi['report']['mean_auc']:.4f}" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == nih_multi["report"]["labels"]
     assert any("DeLong" in line and "bootstrap" in line and "[n/a]" not in line for line in lines[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="mxvision/cli/pipeline.py's evaluation_lines reads the softmax "
-                                       "keys (auc, accuracy); it must print "
-                                       "mxvision.evaluate_multilabel.report_lines for task multilabel")
 def test_evaluate_on_the_cli(nih_multi, tmp_path):
     code, out, err = run_cli("evaluate", "--run", nih_multi["run"], "--out", tmp_path / "e", "--ctx", "cpu")
     assert code == 0, err
+    assert out.splitlines()[1:1 + len(nih_multi["report"]["labels"])] == report_lines(nih_multi["report"])[1:]
     saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert math.isclose(saved["mean_auc"], nih_multi["report"]["mean_auc"])
     code, out, err = run_cli("evaluate", "--run", nih_multi["run"], "--out", tmp_path / "f",

@@ -1,0 +1,62 @@
+"""What both evaluators share: which store is scored, whether that is an external validation, and
+the refusal of an "external" store that shares patients or images with the training store."""
+import logging
+import os
+from pathlib import Path
+
+from mxvision.data.overlap import find_overlap, overlap_problem
+from mxvision.errors import BadRun, MxvisionError
+from mxvision.features.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+#: How the AUC intervals of every evaluation are computed (cited in metrics.json).
+AUC_INTERVAL_METHODS = {
+    "auc_ci_bootstrap": "percentile interval of 2,000 resamples of patients with replacement "
+                        "(all images of a drawn patient), seed 0",
+    "auc_ci_delong": "DeLong, DeLong & Clarke-Pearson, Biometrics 1988 (fast algorithm of Sun & "
+                     "Xu, IEEE SPL 2014)",
+}
+
+
+def same_folder(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the training store moved or is gone: a store given by path is another one
+        return False
+
+
+def scored_store(config, features, split):
+    """``(store, trained_dir, external, split)``: the store to score (``features``, default the
+    run's own), whether it is another one than the run was trained on, and the split to score --
+    ``test`` of the run's own store, all (None) of another store, unless ``split`` is given."""
+    trained_dir = Path(config["features"]["features_dir"])
+    store = FeatureStore(features or trained_dir)
+    external = not same_folder(store.path, trained_dir)
+    if split is None and not external:
+        split = "test"
+    return store, trained_dir, external, split
+
+
+def check_overlap(store, trained_dir, items, allow_overlap):
+    """Refuse (unless ``allow_overlap``) an external ``store`` whose ``items`` share patient ids or
+    decoded pixels with the training store; return a summary for metrics.json."""
+    if not Path(trained_dir).is_dir():
+        if not allow_overlap:
+            raise BadRun(trained_dir, "the run's training features are gone, so an external "
+                                      "evaluation cannot be checked for shared patients and images; "
+                                      "pass --allow-overlap to evaluate without the check")
+        return {"training_patients_shared": None, "training_images_shared": None,
+                "n_training_images_checked": 0, "allowed": True}
+    trained = FeatureStore(trained_dir)
+    overlap = find_overlap(trained.items, items, pixels=not allow_overlap)
+    problem = overlap_problem(overlap)
+    if problem and not allow_overlap:
+        raise MxvisionError(store.path, f"shares data with the training store {trained_dir}: "
+                                        f"{problem}; pass --allow-overlap to evaluate anyway")
+    if problem:
+        log.warning("%s shares data with the training store %s: %s", store.path, trained_dir, problem)
+    return {"training_patients_shared": len(overlap["patients"]),
+            "training_images_shared": len(overlap["images"]) if overlap["pixels_checked"] else None,
+            "n_training_images_checked": overlap["n_train"] if overlap["pixels_checked"] else 0,
+            "allowed": bool(allow_overlap)}
