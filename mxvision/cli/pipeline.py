@@ -30,6 +30,13 @@ def _cmd_train(args):
     from mxvision.train.loop import train_head
     state = train_head(args.features, args.out, **train_options(args))
     print(f"{best_epoch_summary(state)}; run in {args.out}")
+    if args.calibrate:
+        from mxvision.train.calibrators import CALIBRATION, describe, load_run_calibrator
+        calibrator = load_run_calibrator(args.out)
+        fitted = calibrator["fitted_on"]
+        print(f"{describe(calibrator)} on split {fitted['split']!r} ({fitted['n']} images, "
+              f"{fitted['positives']} positive): {args.out}/{CALIBRATION}; predict, evaluate, "
+              "export and the served archive apply it")
 
 
 def _cmd_evaluate(args):

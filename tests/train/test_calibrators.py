@@ -203,6 +203,9 @@ def test_train_calibrate_from_the_command_line_and_a_rerun_without_it(small_stor
     assert code == 0, err
     saved = json.loads((run / CALIBRATION).read_text())
     assert saved["kind"] == "isotonic" and saved["fitted_on"]["split"] == "val"
+    fitted = saved["fitted_on"]
+    assert (f"calibrated (isotonic) on split 'val' ({fitted['n']} images, {fitted['positives']} positive): "
+            f"{run}/{CALIBRATION}") in out
     code, out, err = run_cli("predict", "--run", run, "--json", small_store.items[0]["path"])
     assert code == 0 and json.loads(out)[0]["calibration"] == "calibrated (isotonic)"
     # resumed without --calibrate: the calibrator of a head that may no longer be the best goes
