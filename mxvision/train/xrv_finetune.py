@@ -104,7 +104,7 @@ def finetune_xrv(index_csv, out_dir, model="densenet121-res224-all", weights=Non
                  train_split="train", val_split="val"):
     """Fine-tune ``model``'s classifier on the ``train_split`` films of ``index_csv`` for ``labels``
     (masked BCE), keep the epoch of best mean ``val_split`` AUC; write ``out_dir``; return the config."""
-    spec = get_weights_spec(model)
+    get_weights_spec(model)  # an unknown name: one line before the index is read
     index = read_index(index_csv)
     try:
         data = XrayDataset.from_index(index)
