@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from mxvision.errors import WeightsError, one_line
-from mxvision.utils import file_digest
+from mxvision.utils import file_digest, json_safe
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
 
 __all__ = ["DEFAULT_MIN_POSITIVES", "PPV_TARGET", "FORMAT", "youden_threshold", "ppv_threshold",
@@ -134,27 +134,14 @@ def fit_thresholds(targets, probs, pathologies, untrained=(), min_positives=DEFA
     return out
 
 
-def _json_safe(value):
-    """``value`` with every non-finite float as None: the file must stay strict JSON, which
-    :func:`load_thresholds` reads (it refuses NaN and Infinity)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def thresholds_document(model, weights_info, index, entries, min_positives, n_images, failed,
                         auc_method=None):
     """The thresholds JSON as a dict (``weights_info``: the model's ``weights_info``)."""
     method = dict(METHOD)
     if auc_method:
         method["auc"] = auc_method
-    return _json_safe({
+    # strict JSON (no NaN/Infinity): load_thresholds refuses those
+    return json_safe({
         "format": FORMAT, "version": VERSION, "model": model,
         "weights": {"description": weights_info.get("description"), "sha1": weights_info.get("sha1")},
         "index": os.path.abspath(os.fspath(index)), "index_sha256": file_digest(index, "sha256"),
