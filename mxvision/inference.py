@@ -226,7 +226,7 @@ def write_scores_csv(results, out_csv, index=None):
 
 
 def calibrate_xrv(index_csv, out, model=DEFAULT_MODEL, weights=None, min_positives=DEFAULT_MIN_POSITIVES,
-                  ctx=None, batch_size=8, root=None, progress=False):
+                  ctx=None, batch_size=8, root=None, progress=False, split=None):
     """Recompute torchxrayvision's op_threshs and PPV-80 thresholds on labelled films; write ``out``.
 
     The labels are the index's pathology columns (named as :data:`DEFAULT_PATHOLOGIES`; ``1``,
@@ -234,10 +234,17 @@ def calibrate_xrv(index_csv, out, model=DEFAULT_MODEL, weights=None, min_positiv
     Nodule, ``normal`` -> negative for all). The model's uncalibrated sigmoid outputs are scored
     with :func:`classify`; :func:`mxvision.models.xrv.thresholds.fit_thresholds` fits each
     pathology (AUC with DeLong and patient-bootstrap intervals). Returns the document written.
+    ``split``: only the index's films of that split (e.g. ``test``, films a fine-tuning never saw).
     """
     spec = get_weights_spec(model)
     check_output_file(out, "thresholds JSON")
     index = read_index(index_csv)
+    if split is not None:
+        rows = [i for i, s in enumerate(index.splits) if s == split]
+        if not rows:
+            raise BadIndex(index_csv, "no film in split %r (splits: %s)"
+                           % (split, ", ".join(sorted(set(index.splits) - {""})) or "none"))
+        index = index.select(rows)
     try:
         data = XrayDataset.from_index(index)
     except ValueError as err:  # a pathology cell that is not 1, 0 or empty
@@ -268,5 +275,6 @@ def calibrate_xrv(index_csv, out, model=DEFAULT_MODEL, weights=None, min_positiv
                               len(scored), len(results) - len(scored),
                               auc_method="Mann-Whitney AUC; 95% intervals: DeLong, and percentile bootstrap "
                                          "over patients (mxvision.train.intervals.auc_with_intervals)")
+    doc["split"] = split
     write_json(out, doc)
     return doc

@@ -135,6 +135,8 @@ def add_parsers(sub):
                    help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
     c.add_argument("--index", type=non_empty, required=True, metavar="CSV", help="index CSV of labelled films")
     c.add_argument("--out", type=non_empty, required=True, metavar="JSON", help="thresholds file to write")
+    c.add_argument("--split", type=non_empty, default=None, metavar="NAME",
+                   help="only the index's films of this split (e.g. test: films a fine-tuning never saw)")
     c.add_argument("--min-positives", type=positive_int(), default=DEFAULT_MIN_POSITIVES, metavar="N",
                    help="fewest positive films a threshold is fitted on (default %d)" % DEFAULT_MIN_POSITIVES)
     c.add_argument("--batch-size", type=positive_int(), default=8)
@@ -150,9 +152,10 @@ def _cmd_calibrate(args):
     from mxvision.inference import calibrate_xrv
     doc = calibrate_xrv(args.index, args.out, model=args.model, weights=args.weights,
                         min_positives=args.min_positives, ctx=args.ctx, batch_size=args.batch_size,
-                        root=args.cache, progress=not args.quiet)
+                        root=args.cache, progress=not args.quiet, split=args.split)
     images = doc["images"]
-    print(f"{doc['model']} on {images['scored']} films ({images['unreadable']} unreadable); "
+    where = f" of split {args.split}" if args.split else ""
+    print(f"{doc['model']} on {images['scored']} films{where} ({images['unreadable']} unreadable); "
           f"weights: {doc['weights']['description']}")
     print("pathology".ljust(NAME_WIDTH) + "n".rjust(6) + "pos".rjust(6) + "AUC".rjust(8) + "  95% CI (DeLong)".ljust(18)
           + "op_thresh".rjust(12) + "ppv80".rjust(12) + "  note")

@@ -250,3 +250,18 @@ def test_output_that_is_a_folder_is_refused_first(labelled, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("mxvision: error: %s: is a folder; give the file name of the" % tmp_path)
         assert "\n" not in err
+
+
+def test_calibrate_one_split(labelled, tmp_path, capsys):
+    from mxvision.data.index import read_index
+    index = read_index(labelled["index"])
+    split = index.splits[0]
+    out = tmp_path / "split.json"
+    assert cli.main(["xrv", "calibrate", "--model", DENSE, "--weights", labelled["weights"], "--index",
+                     str(labelled["index"]), "--out", str(out), "--split", split, "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["split"] == split and doc["images"]["scored"] == index.splits.count(split) < len(index)
+    assert "films of split %s" % split in capsys.readouterr().out
+    assert cli.main(["xrv", "calibrate", "--model", DENSE, "--weights", labelled["weights"], "--index",
+                     str(labelled["index"]), "--out", str(out), "--split", "nosuch", "--quiet"]) == 2
+    assert "no film in split 'nosuch'" in capsys.readouterr().err
