@@ -200,6 +200,21 @@ def test_one_class_and_worse_than_chance_are_refused():
     assert out["Infiltration"]["op_thresh"] == pytest.approx(probs[y == 1, 2].min())
 
 
+def test_saturated_best_point_is_refused_and_a_saturated_ppv_threshold_loads(setup, tmp_path):
+    y = np.array([1] * 10 + [0] * 30, dtype=float)
+    probs = np.full((40, 18), 0.3)
+    probs[:10, 0] = 1.0  # the positives saturate the float32 sigmoid
+    probs[10:, 0] = np.linspace(0.1, 0.9, 30)
+    out = fit_thresholds(y[:, None], probs, ["Atelectasis"])
+    assert out["Atelectasis"]["op_thresh"] is None and "saturated output 1" in out["Atelectasis"]["refused"]
+    doc = _doc(setup)
+    doc["pathologies"]["Effusion"]["ppv80_thresh"] = 1.0  # what a saturated output gives, and allowed
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    loaded = load_thresholds(path, DENSE, setup["doc"]["weights"]["sha1"])
+    assert loaded["ppv80_threshs"][EFFUSION] == 1.0
+
+
 def test_document_is_strict_json_with_its_provenance(setup):
     from mxvision.models.xrv.thresholds import thresholds_document
     from mxvision.utils import file_digest

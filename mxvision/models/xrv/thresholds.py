@@ -119,11 +119,15 @@ def fit_thresholds(targets, probs, pathologies, untrained=(), min_positives=DEFA
         else:
             entry.update(auc(y, p, None if groups is None else np.asarray(groups)[labelled]))
             if pos < min_positives:
-                entry["refused"] = "only %d positive films (minimum %d)" % (pos, min_positives)
+                entry["refused"] = "only %d positive film%s (minimum %d)" % (pos, "" if pos == 1 else "s",
+                                                                            min_positives)
             else:
                 threshold, j_best = youden_threshold(y, p)
                 if not (j_best > 0 and math.isfinite(threshold)):
                     entry["refused"] = "no ROC point better than chance (max tpr - fpr = %.3g)" % j_best
+                elif not 0.0 < threshold < 1.0:  # float32 sigmoids saturate; op_norm divides by 1 - t
+                    entry["refused"] = ("the best ROC point is at the saturated output %g, where op_norm "
+                                        "is undefined" % threshold)
                 else:
                     entry["op_thresh"] = threshold
                     entry["youden_j"] = j_best
@@ -157,12 +161,15 @@ def _refuse_constant(name):
     raise ValueError("%s is not a number JSON allows" % name)
 
 
-def _threshold_value(path, name, key, value):
+def _threshold_value(path, name, key, value, closed=False):
+    """A threshold from the file: op_thresh in (0, 1) (op_norm divides by t and by 1 - t), the
+    PPV threshold in [0, 1] (a saturated float32 sigmoid can be exactly 0 or 1)."""
     if value is None:
         return float("nan")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise WeightsError(path, "pathology %s: %s must be a number between 0 and 1 (exclusive) or "
-                                 "null, not %s" % (name, key, one_line(repr(value), 40)))
+    inside = isinstance(value, (int, float)) and (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)
+    if isinstance(value, bool) or not inside:
+        raise WeightsError(path, "pathology %s: %s must be a number between 0 and 1 (%s) or null, not %s"
+                           % (name, key, "inclusive" if closed else "exclusive", one_line(repr(value), 40)))
     return float(value)
 
 
@@ -213,7 +220,7 @@ def load_thresholds(path, model, weights_sha1=None):
             raise WeightsError(path, "pathology %s: expected an object" % name)
         k = DEFAULT_PATHOLOGIES.index(name)
         op[k] = _threshold_value(path, name, "op_thresh", entry.get("op_thresh"))
-        ppv[k] = _threshold_value(path, name, "ppv80_thresh", entry.get("ppv80_thresh"))
+        ppv[k] = _threshold_value(path, name, "ppv80_thresh", entry.get("ppv80_thresh"), closed=True)
     if np.isnan(op).all():
         raise WeightsError(path, "holds no op_thresh (every pathology was refused); nothing to load")
     return {"op_threshs": op, "ppv80_threshs": ppv, "document": doc}
