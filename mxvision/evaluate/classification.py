@@ -230,12 +230,14 @@ def _rows(store, ids):
 
 
 def _write_predictions(path, ids, labels, probs, classes):
+    # 9 significant digits give float32 back exactly: with fewer, probabilities near 0 or 1 tie
+    # in the file, and an AUC recomputed from it (mxvision compare) differs from metrics.json's.
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "label", "predicted"] + [f"p_{c}" for c in classes])
             for i, label, p in zip(ids, labels, probs):
-                writer.writerow([i, classes[label], classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+                writer.writerow([i, classes[label], classes[int(p.argmax())]] + [f"{v:.9g}" for v in p])
 
 
 def plot_confusion_matrix(matrix, classes, path, title=""):

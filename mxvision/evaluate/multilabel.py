@@ -139,14 +139,15 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
 
 
 def write_predictions(path, rows, labels, truth, probs):
-    """``id, patient_id``, then per label its truth (1, 0, empty when missing), then ``p_<label>``."""
+    """``id, patient_id``, then per label its truth (1, 0, empty when missing), then ``p_<label>``
+    (9 significant digits: float32 exactly, so an AUC recomputed from the file is the same)."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "patient_id"] + labels + [f"p_{label}" for label in labels])
             for item, t, p in zip(rows, truth, probs):
                 writer.writerow([item["id"], item["patient_id"]] +
-                                ["" if math.isnan(v) else int(v) for v in t] + [f"{v:.6f}" for v in p])
+                                ["" if math.isnan(v) else int(v) for v in t] + [f"{v:.9g}" for v in p])
 
 
 def report_lines(report):

@@ -136,3 +136,17 @@ def test_cli_says_external_and_prints_intervals(jsrt_run, nih_store, tmp_path, c
     assert f"all (external: {nih_store.path.resolve()}" in out and "n=40" in out
     assert "bootstrap over patients" in out and "DeLong" in out and "ECE" in out
     assert "threshold sensitivity_0.85" in out
+
+
+def test_predictions_csv_holds_the_probabilities_exactly(jsrt_run, nih_store, tmp_path):
+    import mxnet as mx
+    from mxvision.train.loop import load_head, predict_probs
+    run, _ = jsrt_run
+    report = evaluate_run(run, nih_store.path, tmp_path / "eval", ctx="cpu", audit=False)
+    head, _ = load_head(run, ctx=mx.cpu())
+    x, y, ids = nih_store.load(None)
+    probs = predict_probs(head, x, mx.cpu())
+    rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "eval" / "predictions.csv"))}
+    written = np.array([float(rows[i]["p_nodule"]) for i in ids], np.float32)
+    assert np.array_equal(written, probs[:, 1].astype(np.float32))  # float32 survives the text
+    assert roc_auc_score(y, written) == report["auc"]  # so `mxvision compare` gets the same AUC
