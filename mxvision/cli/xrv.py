@@ -117,8 +117,8 @@ def add_parsers(sub):
     add_ctx(p)
     p.set_defaults(func=_cmd_classify)
 
-    x = sub.add_parser("xrv", help="torchxrayvision models: recalibrate their thresholds on your films",
-                       description="torchxrayvision models: recalibrate their thresholds on your films.")
+    x = sub.add_parser("xrv", help="torchxrayvision models: recalibrate their thresholds or fine-tune them on your labelled films",
+                       description="torchxrayvision models: recalibrate their thresholds or fine-tune them on your labelled films.")
     xsub = x.add_subparsers(dest="xrv_command", metavar="ACTION")
     xsub.required = True
     c = xsub.add_parser(
