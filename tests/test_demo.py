@@ -49,10 +49,23 @@ def test_default_demo_runs_end_to_end_within_five_minutes(tmp_path):
     measured = figures.table_row(row, out / "data" / "index.csv", metrics)
     assert measured == stated, f"README's demo row {stated[1:]} but the demo gives {measured[1:]}"
     assert json.loads(readme["test AUC"]) == round(metrics["auc"], 3)
-    assert json.loads(readme[figures.HEADER[4]]) == metrics["confusion_matrix"]
-    warns = "the audit warns" in readme[figures.HEADER[5]]
+    matrix_column = next(h for h in figures.HEADER if h.startswith("confusion matrix"))
+    assert json.loads(readme[matrix_column]) == metrics["confusion_matrix"]
+    warns = "the audit warns" in readme[figures.HEADER[-1]]
     printed = "WARNING: model AUC" in result.stdout + result.stderr
     assert printed == warns == metrics["shortcut_audit"]["warn"], (printed, warns)
+    # the demo prints the audit: every baseline's test AUC beside the model's, and the verdict,
+    # which is a warning exactly when some baseline comes within the margin of the model
+    audit = metrics["shortcut_audit"]
+    assert f"  {'model':<10} AUC {metrics['auc']:.3f}" in text
+    assert set(audit["baselines"]) >= {"histogram", "thumb4", "thumb32"}
+    for name, baseline in audit["baselines"].items():
+        assert f"  {name:<10} AUC {baseline['auc']:.3f}" in text
+    assert audit["message"] in text
+    close = [b for b, r in audit["baselines"].items() if metrics["auc"] - r["auc"] < audit["margin"]]
+    assert audit["warn"] == bool(close), close
+    # at least 40 test films, as pairs: both films of a test patient are in the test split
+    assert metrics["n"] >= 40 and metrics["n_patients"] * 2 == metrics["n"]
     symbol, params = out / "model" / "xvision-symbol.json", out / "model" / "xvision-0000.params"
     assert f"{symbol} + {params}" in text
     net = gluon.SymbolBlock.imports(str(symbol), ["data"], str(params))
@@ -60,5 +73,27 @@ def test_default_demo_runs_end_to_end_within_five_minutes(tmp_path):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # the demo's data are generated deterministically: a second generation is byte-identical
     from mxvision.data.synth import make_synthetic_dataset
-    again = make_synthetic_dataset(tmp_path / "again", n_per_class=40, size=256, seed=0)
+    from mxvision.demo import DEMO_PAIRS, DEMO_TEST, DEMO_VAL
+    again = make_synthetic_dataset(tmp_path / "again", n_per_class=DEMO_PAIRS, size=256, seed=0,
+                                   val=DEMO_VAL, test=DEMO_TEST, paired=True)
     assert open(again).read() == (out / "data" / "index.csv").read_text()
+
+
+def test_fewest_pairs_give_every_split_a_pair(tmp_path):
+    from mxvision.cli import pipeline
+    from mxvision.data.index import read_index
+    from mxvision.data.splits import split_counts
+    from mxvision.data.synth import make_synthetic_dataset
+    from mxvision import demo
+
+    # the CLI keeps copies (it must not import MXNet to parse a command line)
+    assert (pipeline.DEMO_MIN_PER_CLASS, pipeline.DEMO_PAIRS) == (demo.MIN_PER_CLASS, demo.DEMO_PAIRS)
+    for pairs, complete in ((demo.MIN_PER_CLASS - 1, False), (demo.MIN_PER_CLASS, True)):
+        for seed in range(3):
+            csv_path = make_synthetic_dataset(tmp_path / f"{pairs}-{seed}", n_per_class=pairs, size=32,
+                                              seed=seed, val=demo.DEMO_VAL, test=demo.DEMO_TEST,
+                                              paired=True)
+            counts = split_counts(read_index(csv_path))
+            has_all = set(counts) == {"train", "val", "test"} and all(
+                per.get("normal", 0) == per.get("nodule", 0) > 0 for per in counts.values())
+            assert has_all == complete, (pairs, seed, counts)

@@ -5,8 +5,10 @@ from mxvision.cli.common import (add_ctx, add_extract_options, add_train_options
 from mxvision.errors import MxvisionError
 from mxvision.cli.output import TSV_HELP, print_json, print_tsv
 
-#: :data:`mxvision.demo.MIN_PER_CLASS` (not imported: that would import MXNet to parse a command line).
-DEMO_MIN_PER_CLASS = 3
+#: :data:`mxvision.demo.MIN_PER_CLASS` and ``DEMO_PAIRS`` (not imported: that would import MXNet to
+#: parse a command line; tests/test_demo.py checks they agree).
+DEMO_MIN_PER_CLASS = 4
+DEMO_PAIRS = 160
 
 
 def _cmd_demo(args):
@@ -146,8 +148,9 @@ def add_parsers(sub):
     """The pipeline commands: demo, extract, train, evaluate, predict, export, models."""
     p = sub.add_parser("demo", help="run the whole pipeline on generated radiographs (no downloads)")
     p.add_argument("--out", type=non_empty, default="mxvision-demo", help="output folder (default: mxvision-demo)")
-    p.add_argument("--n-per-class", type=positive_int(low=DEMO_MIN_PER_CLASS), default=40,
-                   help="generated images per class, at least 3 so every split has both (default 40)")
+    p.add_argument("--n-per-class", type=positive_int(low=DEMO_MIN_PER_CLASS), default=DEMO_PAIRS,
+                   help="generated pairs (one patient filmed without and with a nodule), at least "
+                        f"{DEMO_MIN_PER_CLASS} so train, val and test each get one (default {DEMO_PAIRS})")
     p.add_argument("--epochs", type=positive_int(), default=20)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--weights", choices=["imagenet", "none"], default=None,

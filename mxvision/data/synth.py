@@ -1,21 +1,47 @@
-"""Synthetic chest radiographs with and without a nodule, for a demo that needs no downloads.
+"""Synthetic chest radiographs in pairs, without and with a nodule, for a demo that needs no downloads.
 
-The images are cartoons of a PA chest film: a body outline of soft tissue, two dark lung fields,
-a bright mediastinum, heart and spine, faint ribs, and quantum noise. A nodule is a projected
-sphere (a uniform ball seen in projection has thickness proportional to sqrt(1 - r^2/R^2)) added
-inside a lung, away from the heart. Nodules are large (radius 18-32 px at 256) and as dense as soft
-tissue, and patients vary only moderately (``VARIABILITY``), on purpose: the demo must separate the
-classes with *random-weight* ResNet-50 features (smaller, fainter nodules with full jitter were
-not separated by them). The price: the classes also differ in overall intensity, so the shortcut
-audit's grey-level histogram or thumbnail baseline separates them too and the demo warns so; the
-demo shows that the pipeline runs, not that it finds nodules. Measured on the demo's 80 images at
-256 px (2026-12-05, 2 cores, 2 OpenMP threads, ``python bench/figures.py --synth 0 2``, which runs ``mxvision demo
---seed S``): a 5-fold logistic regression on the stored features (stage4_unit2_relu1, random
-weights) reaches AUC 0.978 and 0.972, the Xvision head 0.861 and 1.000 on the test split, the
-best trivial baseline 1.000 for both seeds (histogram, thumb4). They are not a benchmark.
+The images are cartoons of a PA chest film: a body outline of soft tissue, two dark lung fields
+with soft lung markings, a bright mediastinum, heart and spine, faint ribs, and quantum noise. A
+nodule is a projected sphere (a uniform ball seen in projection has thickness proportional to
+sqrt(1 - r^2/R^2)) added inside a lung, away from the heart, before the film's exposure.
 
-Everything is drawn from numpy ``Generator`` streams seeded per (seed, class, patient, image), so a
-dataset is byte-for-byte reproducible and adding images does not change the existing ones.
+The films come in pairs (:func:`synthetic_image`): one patient's anatomy (lungs, heart, ribs,
+tissue levels, markings) filmed once without and once with the nodule, the two films sharing
+``patient_id`` so the patient-grouped split keeps them together; each film's exposure (gain,
+offset and gamma of its grey levels, and its noise, :data:`EXPOSURE`) is drawn from its own stream,
+the same way whatever its label. So the classes differ only by the nodule: a grey-level histogram
+or overall brightness says nothing about the label (tests/data/test_synth.py: mean and standard
+deviation of a film separate the classes with AUC 0.35-0.65 over 100 pairs). Nodules are large
+(radius 18-32 px at 256) because the demo's features come from *random-weight* ResNet-50; the
+markings (8 soft blobs of +-40 grey levels, :data:`MARKINGS`) vary the lungs' overall density far
+more than a nodule adds to it, and nodule positions thin out smoothly towards the lung's edge
+(:func:`spread_lung_position`), so a linear model on a coarse thumbnail cannot read the nodule off
+the lungs' total brightness or off where nodules may be.
+
+What that does and does not buy, measured on the demo (``mxvision demo``: 160 pairs, 40 test
+films, 232 training films) on 2026-12-05, 2 cores (AMD EPYC, load average 1-1.5), OMP_NUM_THREADS
+unset and, with the same figures, ``python bench/figures.py --synth 0 2`` (2 OpenMP threads):
+at seed 0 the Xvision head reaches test AUC 0.742 (accuracy 0.800); the shortcut audit's
+histogram baseline 0.473, thumb4 0.745 and thumb32 0.865, so the audit still warns. The 32x32
+thumbnail keeps the nodule itself (4-8 thumbnail pixels across, bright on dark lung), and
+random-weight features see it no better: over 160-400 films, 5-fold CV, a logistic regression on the
+stored features and the audit's thumb32 regression stayed within 0.06 AUC of each other in every
+variant tried (nodule radius 3-32 px, contrast 60-200, 0-24 markings of +-25-50 grey levels,
+speckled nodules, per-film shifts and rotations; smaller or fainter nodules take both to chance).
+Beating thumb32 by the audit's margin takes features that know what a nodule looks like
+(pretrained weights), which these machines do not have. At seed 2: head 0.675, histogram 0.567, thumb4
+0.643, thumb32 0.785. A 5-fold logistic regression on the stored features (all 320 films, folds
+grouped by patient) reaches 0.919 and 0.900: the head's 20 epochs of plain SGD use less of the
+features than a tuned linear model does.
+
+:func:`make_synthetic_dataset` writes pairs with ``paired=True`` (``mxvision demo``); without, it
+writes the earlier unpaired films (:func:`unpaired_image`: each class its own patients, the films
+with a nodule brighter overall, which a histogram separates), kept byte for byte for the small
+fixtures of the unit tests that need a dozen films a few epochs can learn.
+
+Everything is drawn from numpy ``Generator`` streams seeded per (seed, pair) for the anatomy,
+(seed, pair, 2) for the nodule and (seed, pair, image, 1) for each film's exposure and noise, so a
+dataset is byte-for-byte reproducible and adding pairs does not change the existing ones.
 """
 import os
 
@@ -31,19 +57,27 @@ CLASSES = ("normal", "nodule")
 # Image left is the patient's right lung, which is a little larger (the heart sits on the other).
 LUNGS = ((0.32, 0.45, 0.155, 0.30), (0.68, 0.47, 0.145, 0.28))
 HEART = (0.57, 0.66, 0.125)  # nominal centre x, y and radius, fractions of the size
-VARIABILITY = 0.3  # scale of the patient-to-patient jitter (see the module docstring)
+VARIABILITY = 0.3  # scale of the patient-to-patient jitter of the anatomy (random_anatomy)
 NODULE_RADIUS = (18 / 256, 32 / 256)  # fractions of the image size
 NODULE_CONTRAST = (80, 120)  # grey levels added at the centre: lung + this ~ soft tissue
+#: Lung markings of the paired films (:func:`random_anatomy`): how many soft Gaussian blobs, their
+#: sigma (fraction of the size) and amplitude (grey levels, either sign).
+MARKINGS = {"count": 8, "sigma": (0.12, 0.3), "amplitude": (-40.0, 40.0)}
+#: Ranges of each film's exposure, drawn independently of its label (:func:`random_exposure`):
+#: grey-level gain and offset, gamma of the film's response, sigma of the quantum noise.
+EXPOSURE = {"gain": (0.75, 1.25), "offset": (-20.0, 20.0), "gamma": (0.8, 1.25), "noise": (3.0, 5.0)}
 
 
-def random_anatomy(rng, variability=None):
+def random_anatomy(rng, variability=None, markings=0):
     """The per-patient shape of the chest: jitter of lungs, heart, ribs and exposure levels.
-    ``variability`` scales every jitter (0 gives the same chest for every patient)."""
+    ``variability`` scales every jitter (0 gives the same chest for every patient). ``markings``:
+    that many soft blobs of denser or lighter lung (vessels, overlying soft tissue), see
+    :data:`MARKINGS`; drawn after everything else, so 0 leaves the other draws as they were."""
     variability = VARIABILITY if variability is None else variability
 
     def around(centre, half):
         return centre + variability * rng.uniform(-half, half, size=np.shape(centre))
-    return {
+    anatomy = {
         "lung_scale": around(np.ones(2), 0.08),
         "lung_shift": around(np.zeros((2, 2)), 0.02),
         "heart": tuple(around(np.array(HEART), np.array([0.02, 0.02, 0.015]))),
@@ -52,6 +86,15 @@ def random_anatomy(rng, variability=None):
         "levels": tuple(around(np.array([57.0, 150.0, 197.0]), np.array([12.0, 15.0, 17.0]))),
         "body_width": around(0.435, 0.025),
     }
+    if markings:
+        lungs = rng.integers(2, size=markings)
+        centre = np.array([LUNGS[k][:2] for k in lungs])
+        half = np.array([LUNGS[k][2:] for k in lungs])
+        anatomy["markings"] = np.column_stack([
+            centre + half * rng.uniform(-1, 1, size=(markings, 2)),  # x, y
+            rng.uniform(*MARKINGS["sigma"], size=markings),
+            rng.uniform(*MARKINGS["amplitude"], size=markings)])
+    return anatomy
 
 
 def _ellipse(canvas, centre, axes, value, size, angle=0.0):
@@ -100,9 +143,22 @@ def _trunk(size, half_width):
     return body
 
 
-def make_radiograph(rng, size=256, anatomy=None):
+def random_exposure(rng):
+    """One film's exposure, drawn from ``rng`` and nothing else: the gain, offset and gamma of
+    its grey levels and the sigma of its quantum noise (see :data:`EXPOSURE`)."""
+    return {name: float(rng.uniform(*EXPOSURE[name])) for name in ("gain", "offset", "gamma", "noise")}
+
+
+def make_radiograph(rng, size=256, anatomy=None, exposure=None, nodule=None):
     """A CXR-like uint8 image ``(size, size)``; ``anatomy`` (from :func:`random_anatomy`) fixes the
-    patient so several images of one patient differ only in exposure and noise."""
+    patient so several images of one patient differ only in exposure and noise.
+
+    ``exposure`` (:func:`random_exposure`'s dict) sets the film's grey-level gain, offset, gamma and
+    noise; without it a mild exposure is drawn from ``rng`` (gain 0.92-1.08, offset +-8, noise 4).
+    Either way ``rng`` draws the noise. ``nodule`` = ``(x, y, radius, contrast, ratio, angle)``
+    (pixels, grey levels, :func:`nodule_profile`'s outline) adds a nodule to the body before the
+    exposure, blur and noise, as a real one is part of what the film records.
+    """
     if anatomy is None:
         anatomy = random_anatomy(rng)
     lung_level, tissue_level, bone_level = anatomy["levels"]
@@ -127,11 +183,53 @@ def make_radiograph(rng, size=256, anatomy=None):
     ribs = _ribs(size, anatomy, lungs)
     ribs = cv2.GaussianBlur(ribs, (0, 0), 0.006 * size) * np.maximum(lung_mask, 0.3 * body)
     img += 0.15 * (bone_level - lung_level) * ribs
+    if len(anatomy.get("markings", ())):
+        grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+        blobs = np.zeros((size, size), np.float32)
+        for x, y, sigma, amplitude in anatomy["markings"]:
+            blobs += amplitude * np.outer(np.exp(-0.5 * ((grid - y) / sigma) ** 2),
+                                          np.exp(-0.5 * ((grid - x) / sigma) ** 2))
+        img += blobs * lung_mask
+    if nodule is not None:
+        x, y, radius, contrast, ratio, angle = nodule
+        found = nodule_profile(img.shape, (x, y), radius, ratio, angle)
+        if found is not None:
+            (y0, y1, x0, x1), profile = found
+            img[y0:y1, x0:x1] += contrast * profile
     # exposure, then blur (unsharp film) and quantum noise
-    img = img * rng.uniform(0.92, 1.08) + rng.uniform(-8, 8)
-    img = cv2.GaussianBlur(img, (0, 0), 0.004 * size + 0.5)
-    img += rng.normal(0.0, 4.0, size=img.shape).astype(np.float32)
+    if exposure is None:
+        img = img * rng.uniform(0.92, 1.08) + rng.uniform(-8, 8)
+        noise = 4.0
+    else:
+        img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** exposure["gamma"]
+        img = img * exposure["gain"] + exposure["offset"]
+        noise = exposure["noise"]
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.004 * size + 0.5)
+    img += rng.normal(0.0, noise, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def nodule_profile(shape, center, radius_px, ratio, angle):
+    """The nodule's thickness profile ``sqrt(1 - r^2/R^2)`` (outline stretched by ``ratio``,
+    turned by ``angle``, soft-edged), computed on a window around ``center`` = (x, y) pixels of an
+    image of ``shape``; returns ``((y0, y1, x0, x1), profile)`` or None when the nodule lies wholly
+    outside the image. The window reaches past the ellipse by twice the blur's kernel radius, so
+    the blur sees only zeros beyond it and the result is bit-identical to computing the profile
+    over the whole image (about 0.1 ms instead of 6 ms on a 512 px film; tests/data/test_synth.py
+    keeps that reference)."""
+    h, w = shape
+    sigma = max(0.5, 0.08 * radius_px)
+    reach = int(np.ceil(1.15 * radius_px + 8 * sigma)) + 2
+    x0, y0 = max(0, int(center[0]) - reach), max(0, int(center[1]) - reach)
+    x1, y1 = min(w, int(center[0]) + reach + 1), min(h, int(center[1]) + reach + 1)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx - center[0], yy - center[1]
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / (radius_px * ratio)
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / (radius_px / ratio)
+    profile = cv2.GaussianBlur(np.sqrt(np.clip(1.0 - u * u - v * v, 0, None)), (0, 0), sigma)
+    return (y0, y1, x0, x1), profile
 
 
 def insert_nodule(img, center, radius_px, contrast, rng):
@@ -139,27 +237,16 @@ def insert_nodule(img, center, radius_px, contrast, rng):
     whose brightness is ``contrast * sqrt(1 - r^2/R^2)``, slightly elliptical and soft-edged,
     clipped to uint8. Draws two numbers from ``rng`` (the outline's aspect ratio and angle).
 
-    The one nodule renderer: the synthetic films, the lesion-insertion pairs and the detector's
-    training (a nodule per sample) all use it. Only a window around the nodule is computed (about
-    0.1 ms instead of 6 ms on a 512 px film); it reaches past the ellipse by twice the blur's
-    kernel radius, so the blur sees only zeros beyond it, and the result is bit-identical to
-    computing the profile over the whole film (tests/data/test_synth.py keeps that reference).
+    The one nodule renderer (:func:`nodule_profile`): the synthetic films, the lesion-insertion
+    pairs and the detector's training (a nodule per sample) all use it.
     """
-    h, w = img.shape
     ratio = rng.uniform(0.85, 1.15)  # lobulated, not a perfect circle
     angle = rng.uniform(0, np.pi)
-    sigma = max(0.5, 0.08 * radius_px)
-    reach = int(np.ceil(1.15 * radius_px + 8 * sigma)) + 2
-    x0, y0 = max(0, int(center[0]) - reach), max(0, int(center[1]) - reach)
-    x1, y1 = min(w, int(center[0]) + reach + 1), min(h, int(center[1]) + reach + 1)
     out = img.copy()
-    if x0 >= x1 or y0 >= y1:  # the nodule lies wholly outside the film
+    found = nodule_profile(img.shape, center, radius_px, ratio, angle)
+    if found is None:  # the nodule lies wholly outside the film
         return out
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - center[0], yy - center[1]
-    u = (dx * np.cos(angle) + dy * np.sin(angle)) / (radius_px * ratio)
-    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / (radius_px / ratio)
-    profile = cv2.GaussianBlur(np.sqrt(np.clip(1.0 - u * u - v * v, 0, None)), (0, 0), sigma)
+    (y0, y1, x0, x1), profile = found
     window = img[y0:y1, x0:x1].astype(np.float32) + contrast * profile
     out[y0:y1, x0:x1] = np.clip(window, 0, 255).round()
     return out
@@ -179,6 +266,22 @@ def random_lung_position(rng, size=256):
             return float(x * size), float(y * size)
 
 
+def spread_lung_position(rng, size=256, spread=0.4):
+    """A random (x, y) pixel position in one of the nominal lung fields, clear of the heart,
+    whose density falls off smoothly from the lung's centre (a Gaussian of ``spread`` lung
+    half-axes, cut at 0.8): unlike a uniform draw over a region it has no edge that a linear
+    model on a thumbnail could find (the edge of where nodules may be is itself a signal)."""
+    hx, hy, hr = HEART
+    while True:
+        cx, cy, ax, ay = LUNGS[int(rng.integers(2))]
+        u, v = rng.normal(0.0, spread, size=2)
+        if u * u + v * v > 0.8 ** 2:
+            continue
+        x, y = cx + u * ax, cy + v * ay
+        if np.hypot(x - hx, (y - hy) / 0.8) > hr + 0.05:
+            return float(x * size), float(y * size)
+
+
 def write_png(path, img):
     """Encode ``img`` as PNG and write it atomically (a crash never leaves half a file); the one
     PNG writer of the synthetic films and of both members of a lesion-insertion pair."""
@@ -190,10 +293,45 @@ def write_png(path, img):
             f.write(buf.tobytes())
 
 
-def synthetic_image(seed, label, patient, shot=0, size=256, with_nodule=True):
-    """Image ``shot`` of synthetic patient ``patient`` of class ``label`` as in
-    :func:`make_synthetic_dataset`; returns ``(image, nodule)`` with nodule ``(x, y, radius,
-    contrast)`` or None. ``with_nodule=False`` renders the same film without its nodule."""
+def pair_nodule(seed, pair, size=256):
+    """The nodule of pair ``pair``: ``(x, y, radius, contrast, ratio, angle)`` in pixels of a
+    ``size`` film, from the pair's own stream (so it does not depend on any film's draws)."""
+    rng = np.random.default_rng([seed, pair, 2])
+    x, y = spread_lung_position(rng, size)
+    radius = rng.uniform(*NODULE_RADIUS) * size
+    contrast = rng.uniform(*NODULE_CONTRAST)
+    return (x, y, radius, contrast, rng.uniform(0.85, 1.15), rng.uniform(0, np.pi))
+
+
+def synthetic_image(seed, label, pair, size=256, with_nodule=True):
+    """The ``label`` film of synthetic pair ``pair`` as :func:`make_synthetic_dataset` writes it;
+    returns ``(image, nodule)``, nodule ``(x, y, radius, contrast, ratio, angle)`` or None.
+
+    Both films of a pair are one patient: the anatomy comes from the stream (seed, pair), the
+    nodule from (seed, pair, 2), and each film's exposure and noise from (seed, pair, image, 1)
+    with image 0 for the normal film and 1 for the nodule film, so the films differ only by the
+    nodule and by an exposure drawn the same way whatever the label. ``with_nodule=False``
+    renders the nodule film (same exposure, same noise) without its nodule.
+    """
+    image = CLASSES.index(label)
+    anatomy = random_anatomy(np.random.default_rng([seed, pair]), markings=MARKINGS["count"])
+    film_rng = np.random.default_rng([seed, pair, image, 1])
+    exposure = random_exposure(film_rng)
+    nodule = pair_nodule(seed, pair, size) if label == "nodule" else None
+    img = make_radiograph(film_rng, size, anatomy=anatomy, exposure=exposure,
+                          nodule=nodule if with_nodule else None)
+    return img, nodule
+
+
+def unpaired_image(seed, label, patient, shot=0, size=256, with_nodule=True):
+    """Image ``shot`` of unpaired patient ``patient`` of class ``label`` (each class its own
+    patients, a mild exposure), as :func:`make_synthetic_dataset` writes with ``paired=False``;
+    returns ``(image, nodule)`` with nodule ``(x, y, radius, contrast)`` or None.
+    ``with_nodule=False`` renders the same film without its nodule.
+
+    These classes differ in more than the nodule (the films with one are brighter overall, and a
+    grey-level histogram separates them): the small fixtures of the unit tests use them because
+    a few epochs on a dozen films learn them; a demo or a figure uses the pairs."""
     class_id = CLASSES.index(label)
     rng = np.random.default_rng([seed, class_id, patient])
     anatomy = random_anatomy(rng)
@@ -210,31 +348,55 @@ def synthetic_image(seed, label, patient, shot=0, size=256, with_nodule=True):
 
 
 def make_synthetic_dataset(out_dir, n_per_class=40, size=256, seed=0, images_per_patient=1,
-                           val=0.15, test=0.15):
+                           val=0.15, test=0.15, paired=False):
     """Write ``out_dir/images/{normal,nodule}/*.png`` and ``out_dir/index.csv``; return the CSV
     path.
 
-    Each patient has ``images_per_patient`` images (same anatomy and nodule, new exposure and
-    noise), so the patient-grouped split has something to group. The index has path, label,
-    patient_id, split, view and, for nodule rows, nodule_x, nodule_y, nodule_radius (pixels).
-    Same arguments, same bytes (with the same numpy and OpenCV builds).
+    ``paired=True`` (the demo): ``n_per_class`` pairs, each one patient filmed without and with a
+    nodule (:func:`synthetic_image`), so both films share ``patient_id`` (and ``pair_id``) and the
+    patient-grouped split keeps a pair together; ``images_per_patient`` must be 1.
+    ``paired=False``: ``n_per_class`` films per class from separate patients (:func:`unpaired_image`),
+    ``images_per_patient`` images each (same anatomy and nodule, new exposure and noise) -- classes
+    a trivial baseline separates, for small test fixtures.
+
+    The index has path, label, patient_id, split, view (paired: pair_id) and, for nodule rows,
+    nodule_x, nodule_y, nodule_radius (pixels). Same arguments, same bytes (with the same numpy
+    and OpenCV builds); more pairs or patients leave the existing films as they were.
     """
     if n_per_class < 1 or images_per_patient < 1:
         raise ValueError("n_per_class and images_per_patient must be at least 1")
+    if paired and images_per_patient != 1:
+        raise ValueError("paired films are one pair per patient: images_per_patient must be 1")
     out_dir = os.path.abspath(os.fspath(out_dir))
     records = []
-    for label in CLASSES:
-        for k in range(n_per_class):
-            patient, shot = divmod(k, images_per_patient)
-            img, nodule = synthetic_image(seed, label, patient, shot, size)
-            rec = {"label": label, "patient_id": f"syn-{label}-{patient:04d}", "view": "PA"}
-            if nodule is not None:
-                x, y, radius, _ = nodule
-                rec.update(nodule_x=f"{x:.1f}", nodule_y=f"{y:.1f}", nodule_radius=f"{radius:.1f}")
-            rec["path"] = os.path.join(out_dir, "images", label, f"{rec['patient_id']}_{shot}.png")
-            write_png(rec["path"], img)
-            records.append(rec)
-    columns = ("patient_id", "split", "view", "nodule_x", "nodule_y", "nodule_radius")
+    if paired:
+        for pair in range(n_per_class):
+            for label in CLASSES:
+                img, nodule = synthetic_image(seed, label, pair, size)
+                pid = f"syn-{pair:04d}"
+                rec = {"label": label, "patient_id": pid, "pair_id": pid, "view": "PA",
+                       "path": os.path.join(out_dir, "images", label, f"{pid}.png")}
+                records.append(_with_nodule_columns(rec, nodule))
+                write_png(rec["path"], img)
+        columns = ("patient_id", "pair_id", "split", "view", "nodule_x", "nodule_y", "nodule_radius")
+    else:
+        for label in CLASSES:
+            for k in range(n_per_class):
+                patient, shot = divmod(k, images_per_patient)
+                img, nodule = unpaired_image(seed, label, patient, shot, size)
+                pid = f"syn-{label}-{patient:04d}"
+                rec = {"label": label, "patient_id": pid, "view": "PA",
+                       "path": os.path.join(out_dir, "images", label, f"{pid}_{shot}.png")}
+                records.append(_with_nodule_columns(rec, nodule))
+                write_png(rec["path"], img)
+        columns = ("patient_id", "split", "view", "nodule_x", "nodule_y", "nodule_radius")
     index = assign_splits(Index(records, out_dir, columns=columns, source=out_dir),
                           val=val, test=test, seed=seed)
     return write_index(index, os.path.join(out_dir, "index.csv"))
+
+
+def _with_nodule_columns(rec, nodule):
+    if nodule is not None:
+        x, y, radius = nodule[:3]
+        rec.update(nodule_x=f"{x:.1f}", nodule_y=f"{y:.1f}", nodule_radius=f"{radius:.1f}")
+    return rec

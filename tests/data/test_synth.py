@@ -31,7 +31,7 @@ def _region(img, frac_x, frac_y, half=0.03):
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    return synth.make_synthetic_dataset(out, n_per_class=10, size=128, seed=0, images_per_patient=2)
+    return synth.make_synthetic_dataset(out, n_per_class=10, size=128, seed=0, paired=True)
 
 
 def test_radiograph_looks_like_a_chest_film():
@@ -126,8 +126,11 @@ def test_dataset_layout_and_index(small_set):
     assert all(i.startswith(f"images/{lab}/") and i.endswith(".png")
                for i, lab in zip(index.ids, index.labels))
     assert set(index.views) == {"PA"}
-    # two images per patient, grouped by the split
+    # pairs: each patient has one normal and one nodule film, and the split keeps them together
     assert len(set(index.patient_ids)) == 10
+    for pid in set(index.patient_ids):
+        assert sorted(lab for p, lab in zip(index.patient_ids, index.labels) if p == pid) == ["nodule", "normal"]
+    assert index.column("pair_id") == list(index.patient_ids)
     check_no_patient_leak(index)
     assert set(split_counts(index)) == {"train", "val", "test"}
     for lab, x, r in zip(index.labels, index.column("nodule_x"), index.column("nodule_radius")):
@@ -144,48 +147,107 @@ def test_nodules_are_visible_where_the_index_says(small_set):
             index.paths, index.labels, index.patient_ids, index.column("nodule_x"),
             index.column("nodule_y"), index.column("nodule_radius")):
         img = cv2.imread(path, cv2.IMREAD_GRAYSCALE).astype(float)
-        patient, shot = int(pid.rsplit("-", 1)[1]), int(path[-5])
-        again, nodule = synth.synthetic_image(0, lab, patient, shot, size=128)
+        pair = int(pid.rsplit("-", 1)[1])
+        again, nodule = synth.synthetic_image(0, lab, pair, size=128)
         assert np.array_equal(img, again)  # the file is exactly what the generator draws
         if lab != "nodule":
             assert nodule is None
             continue
-        plain, _ = synth.synthetic_image(0, lab, patient, shot, size=128, with_nodule=False)
+        plain, _ = synth.synthetic_image(0, lab, pair, size=128, with_nodule=False)
         r = np.hypot(xx - float(x), yy - float(y)) / float(radius)
         added = img - plain
-        assert added[r < 0.5].mean() > 0.8 * synth.NODULE_CONTRAST[0], path
-        assert added[r > 1.5].max() == 0, path
+        # the film's exposure acts on the nodule too: gain >= 0.75 and gamma's slope (>= 0.8 over
+        # the lung's grey levels) leave at least 0.6 of its contrast, 0.87 of it within half a
+        # radius -- unless a bright exposure leaves less headroom below white (255)
+        headroom = 255 - plain[r < 0.5]
+        wanted = np.minimum(0.45 * synth.NODULE_CONTRAST[0], headroom).mean()
+        assert wanted > 10 and added[r < 0.5].mean() > 0.9 * wanted, path
+        assert added[r > 1.5 + 5 / float(radius)].max() == 0, path  # + the film's blur, 5 px
         seen += 1
     assert seen == 10
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
-    a = synth.make_synthetic_dataset(tmp_path / "a", n_per_class=4, size=96, seed=5)
-    b = synth.make_synthetic_dataset(tmp_path / "b", n_per_class=4, size=96, seed=5)
-    c = synth.make_synthetic_dataset(tmp_path / "c", n_per_class=4, size=96, seed=6)
+    a = synth.make_synthetic_dataset(tmp_path / "a", n_per_class=4, size=96, seed=5, paired=True)
+    b = synth.make_synthetic_dataset(tmp_path / "b", n_per_class=4, size=96, seed=5, paired=True)
+    c = synth.make_synthetic_dataset(tmp_path / "c", n_per_class=4, size=96, seed=6, paired=True)
     da, db, dc = (_digests(os.path.dirname(p)) for p in (a, b, c))
-    assert len(da) == 9 and da == db
+    assert len(da) == 9 and da == db  # 8 films + the index
     images = [k for k in da if k.endswith(".png")]
     assert all(da[k] != dc[k] for k in images)
 
 
 def test_more_images_leave_existing_ones_unchanged(tmp_path):
-    few = synth.make_synthetic_dataset(tmp_path / "few", n_per_class=2, size=64, seed=1)
-    more = synth.make_synthetic_dataset(tmp_path / "more", n_per_class=3, size=64, seed=1)
-    d_few, d_more = _digests(os.path.dirname(few)), _digests(os.path.dirname(more))
-    assert all(d_more[k] == v for k, v in d_few.items() if k.endswith(".png"))
+    for paired in (True, False):
+        few = synth.make_synthetic_dataset(tmp_path / f"few{paired}", n_per_class=2, size=64, seed=1,
+                                           paired=paired)
+        more = synth.make_synthetic_dataset(tmp_path / f"more{paired}", n_per_class=3, size=64, seed=1,
+                                            paired=paired)
+        d_few, d_more = _digests(os.path.dirname(few)), _digests(os.path.dirname(more))
+        assert all(d_more[k] == v for k, v in d_few.items() if k.endswith(".png"))
 
 
-def test_images_of_one_patient_share_anatomy_but_not_noise(tmp_path):
+def test_unpaired_films_keep_one_anatomy_per_patient(tmp_path):
+    """The unpaired films (the small fixtures of other tests): several images of one patient
+    share anatomy, not noise."""
     csv_path = synth.make_synthetic_dataset(tmp_path, n_per_class=2, size=128, seed=0,
                                             images_per_patient=2)
     index = read_index(csv_path)
     first, second = (cv2.imread(p, cv2.IMREAD_GRAYSCALE).astype(float) for p in index.paths[2:4])
     assert index.patient_ids[2] == index.patient_ids[3]
     assert not np.array_equal(first, second)
-    other = cv2.imread(synth.make_synthetic_dataset(
-        tmp_path / "o", n_per_class=4, size=128, seed=0, images_per_patient=1).replace(
-        "index.csv", "images/nodule/syn-nodule-0003_0.png"), cv2.IMREAD_GRAYSCALE).astype(float)
+    other, _ = synth.unpaired_image(0, "nodule", 3, size=128)
     same_patient = np.corrcoef(first.ravel(), second.ravel())[0, 1]
-    other_patient = np.corrcoef(first.ravel(), other.ravel())[0, 1]
+    other_patient = np.corrcoef(first.ravel(), other.astype(float).ravel())[0, 1]
     assert same_patient > other_patient
+    with pytest.raises(ValueError, match="images_per_patient"):
+        synth.make_synthetic_dataset(tmp_path / "x", n_per_class=2, images_per_patient=2, paired=True)
+
+
+def _outside_fit_residual(film, reference, keep):
+    """Grey-level residual of ``film`` after the best cubic map from ``reference`` over the pixels
+    ``keep``: a different exposure (gain, offset, gamma) of the same anatomy leaves only the two
+    films' noise; another patient's anatomy leaves much more."""
+    x, y = reference[keep].astype(float), film[keep].astype(float)
+    return float(np.std(y - np.polyval(np.polyfit(x, y, 3), x)))
+
+
+def test_a_pair_is_one_anatomy_with_and_without_the_nodule():
+    size = 128
+    yy, xx = np.mgrid[0:size, 0:size]
+    for pair in range(6):
+        normal, none = synth.synthetic_image(0, "normal", pair, size)
+        nodule_film, nodule = synth.synthetic_image(0, "nodule", pair, size)
+        assert none is None
+        x, y, radius = nodule[:3]
+        dist = np.hypot(xx - x, yy - y)
+        # the nodule film against itself rendered without the nodule (same exposure and noise):
+        # the difference is the nodule and nothing else (its soft edge and the film's blur reach
+        # 1.5 radii + 5 px)
+        plain, _ = synth.synthetic_image(0, "nodule", pair, size, with_nodule=False)
+        added = nodule_film.astype(int) - plain
+        assert added[dist > 1.5 * radius + 5].max() == 0 == added[dist > 1.5 * radius + 5].min()
+        assert added[dist < 0.5 * radius].mean() > 40
+        # the pair's normal film has its own exposure and noise but the same anatomy: a grey-level
+        # map from the nodule film explains it up to noise, unlike the next patient's nodule film
+        keep = dist > 1.5 * radius + 5
+        other, _ = synth.synthetic_image(0, "nodule", pair + 1, size)
+        same = _outside_fit_residual(normal, nodule_film, keep)
+        different = _outside_fit_residual(normal, other, keep)
+        assert same < 9 and same < 0.6 * different, (pair, same, different)
+        assert not np.array_equal(normal[keep], plain[keep])  # exposure and noise are the film's own
+
+
+def test_exposure_is_drawn_independently_of_the_label():
+    from sklearn.metrics import roc_auc_score
+
+    # a film's mean grey level and contrast come from its exposure; the nodule adds a few grey
+    # levels at most, so over 100 pairs neither separates the classes (the old generator: AUC 1)
+    films = {label: [synth.synthetic_image(1, label, pair, 64)[0].astype(float) for pair in range(100)]
+             for label in synth.CLASSES}
+    y = [0] * 100 + [1] * 100
+    means = [f.mean() for label in synth.CLASSES for f in films[label]]
+    contrasts = [f.std() for label in synth.CLASSES for f in films[label]]
+    assert 0.35 < roc_auc_score(y, means) < 0.65
+    assert 0.35 < roc_auc_score(y, contrasts) < 0.65
+    assert np.std(means[:100]) > 10  # and the exposures do vary: brightness is no constant
