@@ -7,11 +7,14 @@
 
 Rows (each produced by running the real CLI in a subprocess, as a user would):
 
-* **synthetic demo**: ``mxvision demo --out WORK/demo --quiet`` (80 generated images, seed 0,
-  random backbone weights unless ImageNet weights are cached) -- about 40 s on 2 cores;
+* **synthetic demo**: ``mxvision demo --out WORK/demo --quiet`` (160 generated pairs, 320 films,
+  seed 0, random backbone weights unless ImageNet weights are cached) -- about 1 min on 2 cores;
 * **JSRT**: ``mxvision data index jsrt`` on ``../shared/data/jsrt`` (or ``MXVISION_SHARED``),
-  ``mxvision extract --weights none``, ``mxvision train``, ``mxvision evaluate`` -- about 1 min.
-  Without the shared folder the JSRT row is skipped (README keeps its row, and this says so).
+  ``mxvision extract --weights none``, ``mxvision train``, ``mxvision evaluate`` -- about 1 min;
+* **NIH, external**: ``mxvision data index nih --views frontal`` on ``../shared/data/nih``,
+  ``mxvision extract``, and ``mxvision evaluate --run <the JSRT run> --features <NIH store>``: an
+  external validation of the JSRT head on every one of the 538 films -- about 40 s.
+  Without the shared folder both rows are skipped (README keeps them, and this says so).
 
 The table sits in README.md between ``<!-- figures:results start -->`` and
 ``<!-- figures:results end -->``; ``--write`` replaces what is between them (the table and a line
@@ -41,13 +44,17 @@ README = REPO / "README.md"
 START = "<!-- figures:results start -->"
 END = "<!-- figures:results end -->"
 HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
+          "AUC 95% CI (bootstrap over patients; DeLong)",
           "confusion matrix (rows: true normal, nodule)", "best trivial baseline, test AUC")
-DEMO_ROW = "synthetic demo (80 images, `mxvision demo`)"
+DEMO_ROW = "synthetic demo (160 pairs, `mxvision demo`)"
 #: NumPy 2 (Python 3.13's only NumPy) rounds the demo's float64 steps differently (image synthesis
 #: and feature statistics), so the demo's figures there are a row of their own; NumPy 1.23 (3.8-3.11)
 #: and 1.26 (3.12) give the first row exactly.
 DEMO_ROW_NUMPY2 = "the same demo on NumPy 2 (Python 3.13)"
 JSRT_ROW = "JSRT development set (154 real radiographs)"
+#: External validation: the JSRT row's run scored on every frontal NIH film of ../shared with a
+#: Normal or Nodule label (another hospital and country; no shared patients or pixels).
+EXTERNAL_ROW = "NIH, 538 frontal films: external, head trained on JSRT"
 SPLITS = ("train", "val", "test")
 #: The OpenMP threads every command runs with. The count sets the float rounding of oneDNN's
 #: reductions in head training, hence the figures: fixed, they reproduce on any core count (2 is
@@ -85,15 +92,20 @@ def split_counts(index_csv):
     return " / ".join(str(splits.count(s)) for s in SPLITS)
 
 
-def table_row(name, index_csv, metrics):
+def table_row(name, index_csv, metrics, split=None):
     audit = metrics.get("shortcut_audit") or {}
     if audit.get("best_baseline"):
         baseline = f"{audit['best_baseline']} {audit['best_baseline_auc']:.3f}"
         baseline += ": the audit warns" if audit.get("warn") else ""
     else:
         baseline = "not audited"
-    return (name, split_counts(index_csv), f"{metrics['accuracy']:.3f}", f"{metrics['auc']:.3f}",
-            json.dumps(metrics["confusion_matrix"]), baseline)
+    intervals = metrics.get("auc_intervals") or {}
+    if intervals.get("ci_bootstrap"):
+        ci = "[{:.3f}, {:.3f}]; [{:.3f}, {:.3f}]".format(*intervals["ci_bootstrap"], *intervals["ci_delong"])
+    else:
+        ci = "not measured"
+    return (name, split or split_counts(index_csv), f"{metrics['accuracy']:.3f}",
+            f"{metrics['auc']:.3f}", ci, json.dumps(metrics["confusion_matrix"]), baseline)
 
 
 def demo_row_name():
@@ -121,6 +133,20 @@ def jsrt_figures(work, shared):
     mxvision("evaluate", "--run", "run_r50", "--out", "run_r50/eval-test", "--ctx", "cpu", cwd=work)
     metrics = json.loads((work / "run_r50" / "eval-test" / "metrics.json").read_text())
     return table_row(JSRT_ROW, work / "jsrt.csv", metrics), extract_seconds
+
+
+def external_figures(work, shared):
+    """The JSRT run (:func:`jsrt_figures` first) evaluated on NIH's frontal Normal/Nodule films."""
+    nih = shared / "data" / "nih"
+    mxvision("data", "index", "nih", "--csv", nih / "Data_Entry_2017_v2020.csv.gz", "--images",
+             nih / "images", "--views", "frontal", "--out", "nih.csv", cwd=work)
+    mxvision("extract", "--index", "nih.csv", "--out", "feat_nih", "--weights", "none", "--ctx", "cpu",
+             "--quiet", cwd=work)
+    printed = mxvision("evaluate", "--run", "run_r50", "--features", "feat_nih", "--out",
+                       "run_r50/eval-nih", "--ctx", "cpu", cwd=work)
+    print(f"mxvision evaluate --run run_r50 --features feat_nih printed:\n{printed}", file=sys.stderr)
+    metrics = json.loads((work / "run_r50" / "eval-nih" / "metrics.json").read_text())
+    return table_row(EXTERNAL_ROW, None, metrics, split=f"all {metrics['n']} (external)")
 
 
 def synth_figures(work, seed):
@@ -213,19 +239,22 @@ def main(argv=None):
         rows, notes = [demo], [f"demo {demo_seconds:.0f} s"]
         other = DEMO_ROW_NUMPY2 if demo[0] == DEMO_ROW else DEMO_ROW
         if other in old:  # measured by `make figures` on the other NumPy (PYTHON=python3.13)
-            rows.insert(0 if other == DEMO_ROW else 1, tuple(old[other].get(h) for h in HEADER))
+            rows.insert(0 if other == DEMO_ROW else 1,
+                        tuple(old[other].get(h, "not measured") for h in HEADER))
             notes.append(f"the row \"{other}\" kept from the previous table")
         if args.skip_jsrt or shared is None or not (shared / "data" / "jsrt").is_dir():
             why = "--skip-jsrt" if args.skip_jsrt else "no ../shared/data/jsrt (set MXVISION_SHARED)"
             print(f"JSRT row skipped ({why}); README keeps its row", file=sys.stderr)
-            if JSRT_ROW in old:
-                rows.append(tuple(old[JSRT_ROW].get(h, "not measured") for h in HEADER))
-            notes.append("JSRT row kept from the previous table (not re-measured here)")
+            for kept in (JSRT_ROW, EXTERNAL_ROW):
+                if kept in old:
+                    rows.append(tuple(old[kept].get(h, "not measured") for h in HEADER))
+            notes.append("JSRT rows kept from the previous table (not re-measured here)")
         else:
             jsrt, extract_seconds = jsrt_figures(work, shared.resolve())
             rows.append(jsrt)
             notes.append(f"JSRT extraction 154 images in {extract_seconds:.0f} s end to end "
                          f"({154 / extract_seconds:.1f} images/s, process start included)")
+            rows.append(external_figures(work, shared.resolve()))
     note = (f"Measured {started} by `make figures` (`bench/figures.py`: the commands below, run "
             f"through the CLI) on {where}: {'; '.join(notes)}.")
     block = markdown(rows, note)

@@ -1,38 +1,34 @@
-"""Synthetic chest radiographs in pairs, without and with a nodule, for a demo that needs no downloads.
+"""Synthetic chest radiographs in pairs, without and with a lesion, for a demo that needs no downloads.
 
 The images are cartoons of a PA chest film: a body outline of soft tissue, two dark lung fields
-with soft lung markings, a bright mediastinum, heart and spine, faint ribs, and quantum noise. A
-nodule is a projected sphere (a uniform ball seen in projection has thickness proportional to
-sqrt(1 - r^2/R^2)) added inside a lung, away from the heart, before the film's exposure.
+with soft lung markings, a bright mediastinum, heart and spine, faint ribs, and quantum noise.
 
 The films come in pairs (:func:`synthetic_image`): one patient's anatomy (lungs, heart, ribs,
-tissue levels, markings) filmed once without and once with the nodule, the two films sharing
+tissue levels, markings) filmed once without and once with a lesion, the two films sharing
 ``patient_id`` so the patient-grouped split keeps them together; each film's exposure (gain,
 offset and gamma of its grey levels, and its noise, :data:`EXPOSURE`) is drawn from its own stream,
-the same way whatever its label. So the classes differ only by the nodule: a grey-level histogram
+the same way whatever its label. So the classes differ only by the lesion: a grey-level histogram
 or overall brightness says nothing about the label (tests/data/test_synth.py: mean and standard
-deviation of a film separate the classes with AUC 0.35-0.65 over 100 pairs). Nodules are large
-(radius 18-32 px at 256) because the demo's features come from *random-weight* ResNet-50; the
-markings (8 soft blobs of +-40 grey levels, :data:`MARKINGS`) vary the lungs' overall density far
-more than a nodule adds to it, and nodule positions thin out smoothly towards the lung's edge
-(:func:`spread_lung_position`), so a linear model on a coarse thumbnail cannot read the nodule off
-the lungs' total brightness or off where nodules may be.
+deviation of a film separate the classes with AUC 0.35-0.65 over 100 pairs).
 
-What that does and does not buy, measured on the demo (``mxvision demo``: 160 pairs, 40 test
-films, 232 training films) on 2026-12-05, 2 cores (AMD EPYC, load average 1-1.5), OMP_NUM_THREADS
-unset and, with the same figures, ``python bench/figures.py --synth 0 2`` (2 OpenMP threads):
-at seed 0 the Xvision head reaches test AUC 0.742 (accuracy 0.800); the shortcut audit's
-histogram baseline 0.473, thumb4 0.745 and thumb32 0.865, so the audit still warns. The 32x32
-thumbnail keeps the nodule itself (4-8 thumbnail pixels across, bright on dark lung), and
-random-weight features see it no better: over 160-400 films, 5-fold CV, a logistic regression on the
-stored features and the audit's thumb32 regression stayed within 0.06 AUC of each other in every
-variant tried (nodule radius 3-32 px, contrast 60-200, 0-24 markings of +-25-50 grey levels,
-speckled nodules, per-film shifts and rotations; smaller or fainter nodules take both to chance).
-Beating thumb32 by the audit's margin takes features that know what a nodule looks like
-(pretrained weights), which these machines do not have. At seed 2: head 0.675, histogram 0.567, thumb4
-0.643, thumb32 0.785. A 5-fold logistic regression on the stored features (all 320 films, folds
-grouped by patient) reaches 0.919 and 0.900: the head's 20 epochs of plain SGD use less of the
-features than a tuned linear model does.
+The lesion (:func:`add_textured_lesion`, :data:`LESION`) is a patch of speckle under a Gaussian
+envelope (sigma 19-25 px at 256, amplitude 60-80 grey levels) with no net density: texture, not
+brightness. That is on purpose, and not how a real nodule looks (a real one is an opacity). An
+earlier version drew a projected sphere as dense as soft tissue; with random backbone weights --
+the only ones these machines have -- a 32x32 thumbnail found such a nodule as well as the features
+did (in every variant of size, contrast, markings and position tried, a logistic regression on the
+features and the audit's thumb32 baseline stayed within 0.06 AUC), and the demo could only show
+its own shortcut warning. Texture without density is invisible to the shortcut audit's grey-level
+histogram and thumbnails, while a convolution followed by a ReLU -- random or trained -- responds to
+local energy, so the demo can show a head that sees something no trivial baseline sees.
+
+Measured with ``make figures`` (README's results table: ``mxvision demo``, 160 pairs, split
+232 / 48 / 40 by patient, 2 OpenMP threads, 2026-12-05, AMD EPYC 2 cores): the head with its Platt
+calibrator reaches the test AUC in the table, every baseline (histogram, thumb4, thumb32) at or
+below chance. Exploring the lesion on the same films (a logistic regression on the stored features
+and the baselines, seed 0): speckle amplitude 70 over sigma 22 px gave features 0.92, baselines
+0.52-0.56; amplitude 130 over 18 px let the histogram see the added spread (0.91); a density-free
+difference of Gaussians (amplitude 60-120, sigma 4-6 px) was too faint for the features (0.51-0.70).
 
 :func:`make_synthetic_dataset` writes pairs with ``paired=True`` (``mxvision demo``); without, it
 writes the earlier unpaired films (:func:`unpaired_image`: each class its own patients, the films
@@ -40,7 +36,8 @@ with a nodule brighter overall, which a histogram separates), kept byte for byte
 fixtures of the unit tests that need a dozen films a few epochs can learn.
 
 Everything is drawn from numpy ``Generator`` streams seeded per (seed, pair) for the anatomy,
-(seed, pair, 2) for the nodule and (seed, pair, image, 1) for each film's exposure and noise, so a
+(seed, pair, 2) and (seed, pair, 3) for the lesion's place and speckle and (seed, pair, image, 1)
+for each film's exposure and noise, so a
 dataset is byte-for-byte reproducible and adding pairs does not change the existing ones.
 """
 import os
@@ -62,6 +59,9 @@ NODULE_RADIUS = (18 / 256, 32 / 256)  # fractions of the image size
 NODULE_CONTRAST = (80, 120)  # grey levels added at the centre: lung + this ~ soft tissue
 #: Lung markings of the paired films (:func:`random_anatomy`): how many soft Gaussian blobs, their
 #: sigma (fraction of the size) and amplitude (grey levels, either sign).
+#: The paired films' lesion (:func:`add_textured_lesion`): envelope sigma (fraction of the size)
+#: and speckle amplitude (grey levels). Chosen on the demo's films (module docstring).
+LESION = {"sigma": (19 / 256, 25 / 256), "amplitude": (60.0, 80.0)}
 MARKINGS = {"count": 8, "sigma": (0.12, 0.3), "amplitude": (-40.0, 40.0)}
 #: Ranges of each film's exposure, drawn independently of its label (:func:`random_exposure`):
 #: grey-level gain and offset, gamma of the film's response, sigma of the quantum noise.
@@ -293,34 +293,61 @@ def write_png(path, img):
             f.write(buf.tobytes())
 
 
-def pair_nodule(seed, pair, size=256):
-    """The nodule of pair ``pair``: ``(x, y, radius, contrast, ratio, angle)`` in pixels of a
-    ``size`` film, from the pair's own stream (so it does not depend on any film's draws)."""
+def pair_lesion(seed, pair, size=256):
+    """The lesion of pair ``pair``: ``(x, y, radius, amplitude, sigma)`` in pixels and grey levels
+    of a ``size`` film (``radius`` = 2 ``sigma``, where its envelope has fallen to e^-2), from the
+    pair's own stream (so it does not depend on any film's draws)."""
     rng = np.random.default_rng([seed, pair, 2])
     x, y = spread_lung_position(rng, size)
-    radius = rng.uniform(*NODULE_RADIUS) * size
-    contrast = rng.uniform(*NODULE_CONTRAST)
-    return (x, y, radius, contrast, rng.uniform(0.85, 1.15), rng.uniform(0, np.pi))
+    sigma = rng.uniform(*LESION["sigma"]) * size
+    return (x, y, 2.0 * sigma, rng.uniform(*LESION["amplitude"]), sigma)
+
+
+def add_textured_lesion(img, center, sigma, amplitude, rng):
+    """A copy of ``img`` (uint8) with a textured lesion at ``center`` = (x, y) pixels: white
+    speckle of ``amplitude`` grey levels (standard deviation) under a Gaussian envelope of
+    ``sigma`` pixels, with no net density -- it adds texture, not brightness, so no grey-level
+    histogram or thumbnail finds it, while convolutions (even random ones: a ReLU of a random
+    filter responds to local energy) do. Drawn from ``rng`` on a window of 3 sigma; nothing changes
+    beyond 3 sigma (1.5 ``radius`` of :func:`pair_lesion`)."""
+    h, w = img.shape
+    reach = int(np.ceil(3 * sigma))
+    x0, y0 = max(0, int(center[0]) - reach), max(0, int(center[1]) - reach)
+    x1, y1 = min(w, int(center[0]) + reach + 1), min(h, int(center[1]) + reach + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dist2 = (xx - center[0]) ** 2 + (yy - center[1]) ** 2
+    envelope = np.exp(-dist2 / (2 * sigma * sigma)) * (dist2 <= 9 * sigma * sigma)  # cut at 3 sigma
+    speckle = rng.normal(0.0, 1.0, size=envelope.shape).astype(np.float32)
+    out = img.copy()
+    window = img[y0:y1, x0:x1].astype(np.float32) + amplitude * speckle * envelope
+    out[y0:y1, x0:x1] = np.clip(window, 0, 255).round()
+    return out
 
 
 def synthetic_image(seed, label, pair, size=256, with_nodule=True):
     """The ``label`` film of synthetic pair ``pair`` as :func:`make_synthetic_dataset` writes it;
-    returns ``(image, nodule)``, nodule ``(x, y, radius, contrast, ratio, angle)`` or None.
+    returns ``(image, lesion)``, lesion ``(x, y, radius, amplitude, sigma)`` (:func:`pair_lesion`)
+    or None.
 
     Both films of a pair are one patient: the anatomy comes from the stream (seed, pair), the
-    nodule from (seed, pair, 2), and each film's exposure and noise from (seed, pair, image, 1)
-    with image 0 for the normal film and 1 for the nodule film, so the films differ only by the
-    nodule and by an exposure drawn the same way whatever the label. ``with_nodule=False``
-    renders the nodule film (same exposure, same noise) without its nodule.
+    lesion's place and size from (seed, pair, 2) and its speckle from (seed, pair, 3), and each
+    film's exposure and noise from (seed, pair, image, 1) with image 0 for the normal film and 1
+    for the nodule film, so the films differ only by the lesion and by an exposure drawn the same
+    way whatever the label. ``with_nodule=False`` renders the nodule film (same exposure, same
+    noise) without its lesion.
     """
     image = CLASSES.index(label)
     anatomy = random_anatomy(np.random.default_rng([seed, pair]), markings=MARKINGS["count"])
     film_rng = np.random.default_rng([seed, pair, image, 1])
     exposure = random_exposure(film_rng)
-    nodule = pair_nodule(seed, pair, size) if label == "nodule" else None
-    img = make_radiograph(film_rng, size, anatomy=anatomy, exposure=exposure,
-                          nodule=nodule if with_nodule else None)
-    return img, nodule
+    img = make_radiograph(film_rng, size, anatomy=anatomy, exposure=exposure)
+    if label != "nodule":
+        return img, None
+    lesion = pair_lesion(seed, pair, size)
+    if with_nodule:
+        x, y, _, amplitude, sigma = lesion
+        img = add_textured_lesion(img, (x, y), sigma, amplitude, np.random.default_rng([seed, pair, 3]))
+    return img, lesion
 
 
 def unpaired_image(seed, label, patient, shot=0, size=256, with_nodule=True):
@@ -353,7 +380,7 @@ def make_synthetic_dataset(out_dir, n_per_class=40, size=256, seed=0, images_per
     path.
 
     ``paired=True`` (the demo): ``n_per_class`` pairs, each one patient filmed without and with a
-    nodule (:func:`synthetic_image`), so both films share ``patient_id`` (and ``pair_id``) and the
+    lesion (:func:`synthetic_image`), so both films share ``patient_id`` (and ``pair_id``) and the
     patient-grouped split keeps a pair together; ``images_per_patient`` must be 1.
     ``paired=False``: ``n_per_class`` films per class from separate patients (:func:`unpaired_image`),
     ``images_per_patient`` images each (same anatomy and nodule, new exposure and noise) -- classes
