@@ -83,8 +83,7 @@ def _print_table(results, pathologies):
 
 
 def add_parsers(sub):
-    """The torchxrayvision commands: classify, xrv calibrate."""
-    from mxvision.models.xrv.common import list_weights
+    """The torchxrayvision commands: classify, xrv calibrate, xrv finetune."""
     from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES
     p = sub.add_parser("classify", help="18 pathology scores with a torchxrayvision model (like process_image.py)",
                        description="18 pathology scores with a torchxrayvision model: a table "
@@ -101,19 +100,13 @@ def add_parsers(sub):
     p.add_argument("--thresholds", type=non_empty, default=None, metavar="JSON",
                    help="op_threshs recomputed by 'mxvision xrv calibrate' (for the same model and "
                         "weights) instead of the published ones")
-    p.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
-                   help="torchxrayvision weights name (default: densenet121-res224-all)")
-    p.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
-                   help="a local torchxrayvision .pt (or converted .params) for the chosen architecture "
-                        "instead of downloading the published weights")
+    add_model_options(p)
     p.add_argument("--no-calibration", action="store_true",
                    help="skip op_threshs: print sigmoid probabilities instead of calibrated scores")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.add_argument("--batch-size", type=positive_int(), default=1)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    p.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
-                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
-    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    add_cache_options(p)
     add_ctx(p)
     p.set_defaults(func=_cmd_classify)
 
@@ -129,10 +122,7 @@ def add_parsers(sub):
                     "torchxrayvision did (ROC point of largest tpr - fpr) and its PPV-80 threshold, "
                     "with the AUC and its 95% intervals. Thresholds fitted on fewer than "
                     "--min-positives positive films are left null, with the reason.")
-    c.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
-                   help="torchxrayvision weights name (default: densenet121-res224-all)")
-    c.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
-                   help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
+    add_model_options(c)
     c.add_argument("--index", type=non_empty, required=True, metavar="CSV", help="index CSV of labelled films")
     c.add_argument("--out", type=non_empty, required=True, metavar="JSON", help="thresholds file to write")
     c.add_argument("--split", type=non_empty, default=None, metavar="NAME",
@@ -140,9 +130,7 @@ def add_parsers(sub):
     c.add_argument("--min-positives", type=positive_int(), default=DEFAULT_MIN_POSITIVES, metavar="N",
                    help="fewest positive films a threshold is fitted on (default %d)" % DEFAULT_MIN_POSITIVES)
     c.add_argument("--batch-size", type=positive_int(), default=8)
-    c.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
-                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cache_options(c)
     add_ctx(c)
     c.set_defaults(func=_cmd_calibrate)
     add_finetune_parser(xsub)
@@ -175,8 +163,7 @@ def _cmd_calibrate(args):
 
 def add_finetune_parser(xsub):
     """``mxvision xrv finetune``: the port's classifier on the user's labels (masked BCE)."""
-    from mxvision.cli.common import MAX_SEED, non_negative_int, positive_float
-    from mxvision.models.xrv.common import list_weights
+    from mxvision.cli.common import MAX_SEED, label_names, non_negative_int, positive_float
     f = xsub.add_parser(
         "finetune", help="fine-tune a torchxrayvision model's classifier on your labelled films (missing labels masked)",
         description="Train the model's last layer on the pooled features of the frozen network, for the "
@@ -184,22 +171,17 @@ def add_finetune_parser(xsub):
                     "enter; the other outputs keep their published weights. Keeps the epoch of best mean "
                     "validation AUC (epoch 0: the model as it came). Recompute thresholds afterwards "
                     "with 'mxvision xrv calibrate --weights RUN/xrv.params'.")
-    f.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
-                   help="torchxrayvision weights name (default: densenet121-res224-all)")
-    f.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
-                   help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
+    add_model_options(f)
     f.add_argument("--index", type=non_empty, required=True, metavar="CSV",
                    help="index CSV with a split column and pathology columns (1, 0 or empty)")
     f.add_argument("--out", type=non_empty, required=True, metavar="RUN", help="run folder to write")
-    f.add_argument("--labels", type=non_empty, default="all", metavar="all|NAME,NAME",
+    f.add_argument("--labels", type=label_names, default="all", metavar="all|NAME,NAME",
                    help="pathologies to train (default: every pathology column of the index)")
     f.add_argument("--epochs", type=positive_int(), default=20)
     f.add_argument("--lr", type=positive_float(10.0), default=0.01, help="SGD learning rate on standardized features")
     f.add_argument("--batch-size", type=positive_int(), default=32)
     f.add_argument("--seed", type=non_negative_int(MAX_SEED), default=0, help="shuffling seed (default 0)")
-    f.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
-                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cache_options(f)
     add_ctx(f)
     f.set_defaults(func=_cmd_finetune)
 
@@ -217,3 +199,20 @@ def _cmd_finetune(args):
         print(f"{name.ljust(NAME_WIDTH)}validation AUC {before:.3f} -> {after:.3f}")
     print(f"run in {tsv_field(args.out)}; {config['note']}")
     return 0
+
+
+def add_model_options(p):
+    """``--model`` and ``--weights``: which torchxrayvision model, and a local weights file."""
+    from mxvision.models.xrv.common import list_weights
+    p.add_argument("--model", default="densenet121-res224-all", choices=list_weights(),
+                   help="torchxrayvision weights name (default: densenet121-res224-all)")
+    p.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
+                   help="a local torchxrayvision .pt (or converted .params) for the chosen architecture "
+                        "instead of downloading the published weights")
+
+
+def add_cache_options(p):
+    """``--cache`` and ``--quiet``: where weights are kept, and no progress bars."""
+    p.add_argument("--cache", type=non_empty, default=None, metavar="DIR",
+                   help="weights cache folder (default: $MXVISION_CACHE/models or ~/.mxnet/models)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

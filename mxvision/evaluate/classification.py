@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mxvision.errors import BadRun, MxvisionError
-from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, scored_store
+from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, provenance, scored_store
 from mxvision.features.store import MANIFEST, FeatureStore
 from mxvision.runtime import parse_ctx
 from mxvision.train import intervals, metrics, reliability
@@ -82,17 +82,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     report = metrics.classification_report(y, probs, classes)
     patients = [store.items[i]["patient_id"] for i in _rows(store, ids)]
     report.update({
-        "split": name,
-        "validation": "external" if external else "internal",
-        "epoch": epoch or state["best_epoch"],
-        "run_dir": str(run_dir.resolve()),
-        "features_dir": str(store.path.resolve()),
-        "training_features_dir": str(trained_dir),
-        "backbone": store.manifest["backbone"],
-        "cut": store.manifest["cut"],
-        # a fine-tuned run's backbone is its own, not the one the stored features came from
-        "weights": (config["features"]["weights"] if "finetune" in config
-                    else store.manifest["weights"])["description"],
+        **provenance(run_dir, config, state, store, trained_dir, external, name, epoch),
         "n_patients": len(set(patients)),
         "calibration": calibrator and calibrator["kind"],
         "confusion_matrix_png": str((out_dir / "confusion_matrix.png").resolve()),

@@ -60,3 +60,21 @@ def check_overlap(store, trained_dir, items, allow_overlap):
             "training_images_shared": len(overlap["images"]) if overlap["pixels_checked"] else None,
             "n_training_images_checked": overlap["n_train"] if overlap["pixels_checked"] else 0,
             "allowed": bool(allow_overlap)}
+
+
+def provenance(run_dir, config, state, store, trained_dir, external, split_name, epoch=None):
+    """Where an evaluation's figures came from: the split, internal or external, the run and
+    epoch, both stores, backbone, cut and weights (every metrics.json carries these)."""
+    return {
+        "split": split_name,
+        "validation": "external" if external else "internal",
+        "epoch": epoch or state["best_epoch"],
+        "run_dir": str(Path(run_dir).resolve()),
+        "features_dir": str(store.path.resolve()),
+        "training_features_dir": str(trained_dir),
+        "backbone": store.manifest["backbone"],
+        "cut": store.manifest["cut"],
+        # a fine-tuned run's backbone is its own, not the one the stored features came from
+        "weights": (config["features"]["weights"] if "finetune" in config
+                    else store.manifest["weights"])["description"],
+    }

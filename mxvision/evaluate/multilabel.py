@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mxvision.errors import BadRun
-from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, scored_store
+from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, provenance, scored_store
 from mxvision.runtime import parse_ctx
 from mxvision.train import multilabel
 from mxvision.train.intervals import auc_with_intervals
@@ -116,17 +116,7 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
         "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
         "n_labels_with_auc": len(aucs),
         "per_label": per_label,
-        "split": name,
-        "validation": "external" if external else "internal",
-        "epoch": epoch or state["best_epoch"],
-        "run_dir": str(run_dir.resolve()),
-        "features_dir": str(store.path.resolve()),
-        "training_features_dir": str(trained_dir),
-        "backbone": store.manifest["backbone"],
-        "cut": store.manifest["cut"],
-        # a fine-tuned run's backbone is its own, not the one the stored features came from
-        "weights": (config["features"]["weights"] if "finetune" in config
-                    else store.manifest["weights"])["description"],
+        **provenance(run_dir, config, state, store, trained_dir, external, name, epoch),
         "predictions_csv": str((out_dir / "predictions.csv").resolve()),
         "methods": METHODS,
     }
