@@ -128,7 +128,12 @@ def test_a_calibrated_run_keeps_a_calibrator_fitted_on_its_best_heads_validation
     x_val, y_val, _ = small_store.load("val")
     refit = fit_calibrator("platt", y_val, predict_probs(head, x_val, mx.cpu())[:, 1])
     assert saved["fitted_on"] == refit["fitted_on"] and saved["fitted_on"]["n"] == len(y_val)
-    assert abs(saved["a"] - refit["a"]) < 1e-6 and abs(saved["b"] - refit["b"]) < 1e-6
+    # the optimiser stops within its tolerance, and the probabilities it saw in training can differ
+    # from these in the last float32 bit (another thread count): the fits agree to 1e-4, their
+    # calibrated probabilities to 1e-5
+    assert saved["a"] == pytest.approx(refit["a"], rel=1e-4) and saved["b"] == pytest.approx(refit["b"], rel=1e-4, abs=1e-5)
+    grid = np.linspace(0.01, 0.99, 50)
+    assert np.abs(apply_calibrator(saved, grid) - apply_calibrator(refit, grid)).max() < 1e-5
     assert load_run_calibrator(platt_run) == saved
 
 
