@@ -49,7 +49,7 @@ HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
 DEMO_ROW = "synthetic demo (160 pairs, `mxvision demo`)"
 #: NumPy 2 (Python 3.13's only NumPy) rounds the demo's float64 steps differently (image synthesis
 #: and feature statistics), so the demo's figures there are a row of their own; NumPy 1.23 (3.8-3.11)
-#: and 1.26 (3.12) give the first row exactly.
+#: gives the first row exactly (NumPy 1.26 on 3.12 differs too, by the README's Python-versions note).
 DEMO_ROW_NUMPY2 = "the same demo on NumPy 2 (Python 3.13)"
 JSRT_ROW = "JSRT development set (154 real radiographs)"
 #: External validation: the JSRT row's run scored on every frontal NIH film of ../shared with a
