@@ -12,7 +12,6 @@ import numpy as np
 
 from mxvision.errors import BadRun, MxvisionError
 from mxvision.evaluate.external import AUC_INTERVAL_METHODS, check_overlap, provenance, scored_store
-from mxvision.features.store import MANIFEST, FeatureStore
 from mxvision.runtime import parse_ctx
 from mxvision.train import intervals, metrics, reliability
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
@@ -61,7 +60,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     if config.get("task") == "multilabel":
         from mxvision.evaluate.multilabel import evaluate_multilabel
         return evaluate_multilabel(run_dir, config, state, features, out_dir, split, ctx, epoch, allow_overlap)
-    store, trained_dir, external, split = scored_store(config, features, split)
+    store, trained, trained_dir, external, split = scored_store(config, features, split)
     name = split or "all"
     out_dir = Path(out_dir or run_dir / f"eval-{name}")
     ctx = parse_ctx(ctx)
@@ -70,7 +69,7 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     if "finetune" not in config:  # a fine-tuned run reads images, not the stored features
         _check_compatible(config, store)
     items = [store.items[r] for r in _split_rows(store, split)]
-    overlap = check_overlap(store, trained_dir, items, allow_overlap) if external else None
+    overlap = check_overlap(store, trained, trained_dir, items, allow_overlap) if external else None
     calibrator = load_run_calibrator(run_dir)
     y, probs, ids = _probabilities(run_dir, config, store, split, ctx, epoch, calibrator)
     if not np.isfinite(probs).all():  # finite parameters can still overflow
@@ -97,14 +96,14 @@ def evaluate_run(run_dir, features=None, out_dir=None, split=None, ctx=None, epo
     if len(classes) == 2 and len(np.unique(y)) == 2:
         plot_roc_curve(y, probs[:, 1], out_dir / "roc_curve.png", positive=classes[1])
         report.update(_binary_figures(y, probs[:, 1], patients, out_dir))
-        val = _validation_scores(run_dir, config, ctx, epoch, calibrator)
+        val = _validation_scores(run_dir, config, trained, ctx, epoch, calibrator)
         report["operating_points"] = _operating_points(val, y, probs[:, 1], sensitivity)
     else:
         report["roc_curve_png"] = None
     report["methods"] = METHODS
     if audit:
         report["shortcut_audit"] = _audit(store, items, report["auc"], name, config, external,
-                                          trained_dir)
+                                          trained)
         if report["shortcut_audit"].get("warn"):
             log.warning("%s", report["shortcut_audit"]["message"])
     write_json(out_dir / "metrics.json", json_safe(report))
@@ -141,15 +140,12 @@ def _probabilities(run_dir, config, store, split, ctx, epoch, calibrator):
     return np.asarray(y), probs, ids
 
 
-def _validation_scores(run_dir, config, ctx, epoch, calibrator):
-    """Labels and positive-class scores of the run's validation split (where operating points
-    are chosen), or None when the training store or its validation split is not at hand."""
+def _validation_scores(run_dir, config, trained, ctx, epoch, calibrator):
+    """Labels and positive-class scores of the run's validation split of the training store
+    ``trained`` (where operating points are chosen), or None when the store (None: gone) or its
+    validation split is not at hand."""
     val = config["splits"].get("val")
-    trained_dir = Path(config["features"]["features_dir"])
-    if not val or not (trained_dir / MANIFEST).is_file():
-        return None
-    trained = FeatureStore(trained_dir)
-    if trained.count(val) == 0:
+    if not val or trained is None or trained.count(val) == 0:
         return None
     y, probs, _ = _probabilities(run_dir, config, trained, val, ctx, epoch, calibrator)
     if len(np.unique(y)) < 2 or not np.isfinite(probs).all():
@@ -186,14 +182,15 @@ def _operating_points(val, y, scores, sensitivity):
     return out
 
 
-def _audit(store, items, model_auc, split, config, external, trained_dir):
+def _audit(store, items, model_auc, split, config, external, trained):
     from mxvision.audit.shortcuts import shortcut_audit
     train_split = config["splits"]["train"]
     try:
         if not external:
             return shortcut_audit(store, model_auc, split=split, train_split=train_split)
         # Baselines learn on the training films and are scored on the external ones, like the model.
-        trained = FeatureStore(trained_dir)
+        if trained is None:
+            raise BadRun(config["features"]["features_dir"], "the run's training features are gone")
         rows = [dict(it) for it in trained.items if it["split"] == train_split]
         rows += [dict(it, split=split) for it in items]
         return shortcut_audit(rows, model_auc, split=split, train_split=train_split)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mxvision.data.overlap import find_overlap, overlap_problem
 from mxvision.errors import BadRun, MxvisionError
-from mxvision.features.store import FeatureStore
+from mxvision.features.store import MANIFEST, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -27,28 +27,34 @@ def same_folder(a, b):
 
 
 def scored_store(config, features, split):
-    """``(store, trained_dir, external, split)``: the store to score (``features``, default the
-    run's own), whether it is another one than the run was trained on, and the split to score --
-    ``test`` of the run's own store, all (None) of another store, unless ``split`` is given."""
+    """``(store, trained, trained_dir, external, split)``: the store to score (``features``,
+    default the run's own), the training store opened once (``store`` itself when they are the
+    same; None when it is gone), its folder, whether the scored store is another one than the run
+    was trained on, and the split to score -- ``test`` of the run's own store, all (None) of
+    another store, unless ``split`` is given."""
     trained_dir = Path(config["features"]["features_dir"])
     store = FeatureStore(features or trained_dir)
     external = not same_folder(store.path, trained_dir)
+    if not external:
+        trained = store
+    else:
+        trained = FeatureStore(trained_dir) if (trained_dir / MANIFEST).is_file() else None
     if split is None and not external:
         split = "test"
-    return store, trained_dir, external, split
+    return store, trained, trained_dir, external, split
 
 
-def check_overlap(store, trained_dir, items, allow_overlap):
+def check_overlap(store, trained, trained_dir, items, allow_overlap):
     """Refuse (unless ``allow_overlap``) an external ``store`` whose ``items`` share patient ids or
-    decoded pixels with the training store; return a summary for metrics.json."""
-    if not Path(trained_dir).is_dir():
+    decoded pixels with the training store ``trained`` (None: gone); return a summary for
+    metrics.json."""
+    if trained is None:
         if not allow_overlap:
             raise BadRun(trained_dir, "the run's training features are gone, so an external "
                                       "evaluation cannot be checked for shared patients and images; "
                                       "pass --allow-overlap to evaluate without the check")
         return {"training_patients_shared": None, "training_images_shared": None,
                 "n_training_images_checked": 0, "allowed": True}
-    trained = FeatureStore(trained_dir)
     overlap = find_overlap(trained.items, items, pixels=not allow_overlap)
     problem = overlap_problem(overlap)
     if problem and not allow_overlap:

@@ -85,7 +85,7 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
     write ``metrics.json`` and ``predictions.csv`` to ``out_dir`` and return the metrics."""
     run_dir = Path(run_dir)
     labels = list(config["labels"])
-    store, trained_dir, external, split = scored_store(config, features, split)
+    store, trained, trained_dir, external, split = scored_store(config, features, split)
     store.check_complete()
     name = split or "all"
     out_dir = Path(out_dir or run_dir / f"eval-{name}")
@@ -94,7 +94,7 @@ def evaluate_multilabel(run_dir, config, state, features=None, out_dir=None, spl
     items = [it for it in store.items if split is None or it["split"] == split]
     if not items:
         raise BadRun(store.path, f"no images in split {name!r}")
-    overlap = check_overlap(store, trained_dir, items, allow_overlap) if external else None
+    overlap = check_overlap(store, trained, trained_dir, items, allow_overlap) if external else None
     probs, ids = _probabilities(run_dir, config, store, split, items, ctx, epoch)
     if not np.isfinite(probs).all():  # finite parameters can still overflow
         params = run_dir / BEST if epoch is None else checkpoint_path(run_dir, epoch, "params")
