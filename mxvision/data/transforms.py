@@ -81,6 +81,8 @@ PRESETS = {
     # torchxrayvision DenseNet (224) and ResNet-50 (512) input: 1 channel in [-1024, 1024].
     "xrv224": Preset("xrv224", 224, 1, XRV_MEAN, XRV_STD),
     "xrv512": Preset("xrv512", 512, 1, XRV_MEAN, XRV_STD),
+    # torchxrayvision's other models at their own sizes (the Stanford ensemble, the race model)
+    "xrv320": Preset("xrv320", 320, 1, XRV_MEAN, XRV_STD),
 }
 
 

@@ -31,7 +31,8 @@ class ModelConfig:
     :mod:`mxvision.models.store`; ``weights_sha1``, when given, returns the full sha1 its family's
     own store pins for them -- a callable, so that a slow import waits until weights are needed.
     ``network`` is the network class when several names share one (torchxrayvision: one class
-    per architecture, one name per set of weights).
+    per architecture, one name per set of weights). ``licence`` and ``source`` say under what
+    terms the pretrained weights come and from where (printed once by ``get_model``).
     """
 
     name: str
@@ -45,6 +46,8 @@ class ModelConfig:
     weights_sha1: Optional[Callable[[], str]] = field(default=None, compare=False)
     network: Optional[type] = field(default=None, compare=False)
     description: str = ""
+    licence: str = ""
+    source: str = ""
 
     @property
     def is_backbone(self):
@@ -56,7 +59,7 @@ _CONFIGS = {}
 
 
 def register_model(name, *, family, preset=None, cuts=(), default_cut=None, outputs=(), weights=None,
-                   weights_sha1=None, network=None, description=""):
+                   weights_sha1=None, network=None, description="", licence="", source=""):
     """Decorator registering ``factory`` under ``name``; returns the factory unchanged.
 
     ``weights`` defaults to ``name``. Two families claiming one name is a programming error and
@@ -74,7 +77,8 @@ def register_model(name, *, family, preset=None, cuts=(), default_cut=None, outp
         _CONFIGS[name] = ModelConfig(
             name=name, family=family, factory=factory, preset=preset, cuts=cuts,
             default_cut=default_cut, outputs=tuple(outputs), weights=weights or name,
-            weights_sha1=weights_sha1, network=network, description=description)
+            weights_sha1=weights_sha1, network=network, description=description, licence=licence,
+            source=source)
         return factory
 
     return decorator

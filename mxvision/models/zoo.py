@@ -12,7 +12,9 @@ classification networks (:mod:`.gluoncv_zoo`), the torchxrayvision ports (:mod:`
 Xvision head (:mod:`.head`) and the nodule detector's network (:mod:`.nodule_net`).
 """
 import functools
+import importlib
 import logging
+import sys
 
 from mxvision.errors import WeightsError
 from mxvision.models import registry
@@ -39,10 +41,19 @@ def family_modules():
     Deferred to the first lookup because the families import MXNet (about a second), which a
     lookup of ``mxv.get_model`` or the CLI's ``--help`` should not pay for.
     """
-    from mxvision.models import gluoncv_zoo, head, nodule_net, resnet_trunk
-    from mxvision.models.xrv import densenet as xrv_densenet
-    from mxvision.models.xrv import resnet as xrv_resnet
-    return (resnet_trunk, gluoncv_zoo, xrv_densenet, xrv_resnet, head, nodule_net)
+    return tuple(importlib.import_module(module) for module in FAMILY_MODULES)
+
+
+#: every module that registers models, one per line (a new family adds its line here)
+FAMILY_MODULES = (
+    "mxvision.models.resnet_trunk",
+    "mxvision.models.gluoncv_zoo",
+    "mxvision.models.xrv.densenet",
+    "mxvision.models.xrv.resnet",
+    "mxvision.models.xrv.baseline",
+    "mxvision.models.head",
+    "mxvision.models.nodule_net",
+)
 
 
 def get_model_config(name):
@@ -75,8 +86,22 @@ def get_model(name, **kwargs):
     Backbones take ``cut``, ``weights_file`` and ``ctx``; a torchxrayvision name without ``cut``
     gives the ready classifier (``weights``, ``calibrated``, ``apply_sigmoid``, ``output``,
     ``ctx``, ``root``, ``progress``: see :func:`mxvision.models.xrv.weights.make_factory`).
+    The first build of a model whose weights carry licence terms prints them once (stderr), so
+    nobody deploys non-commercial weights without having been told.
     """
-    return get_model_config(name).factory(**kwargs)
+    config = get_model_config(name)
+    _tell_licence(config)
+    return config.factory(**kwargs)
+
+
+_LICENCES_TOLD = set()
+
+
+def _tell_licence(config):
+    if config.licence and config.name not in _LICENCES_TOLD:
+        _LICENCES_TOLD.add(config.name)
+        print("mxvision: %s weights -- licence: %s; source: %s" % (config.name, config.licence, config.source),
+              file=sys.stderr)
 
 
 def check_backbone(name):

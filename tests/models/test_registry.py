@@ -35,7 +35,7 @@ def test_registry_is_a_leaf_and_no_family_imports_the_zoo():
 
 
 def test_every_family_is_registered_with_what_the_pipeline_asks():
-    assert zoo.list_families() == ["gluoncv", "head", "nodule_net", "resnet_trunk", "xrv"]
+    assert zoo.list_families() == ["gluoncv", "head", "nodule_net", "resnet_trunk", "xrv", "xrv-other"]
     resnet = zoo.get_model_config("resnet50_v2")
     assert (resnet.family, resnet.preset, resnet.default_cut) == ("resnet_trunk", "imagenet224",
                                                                   "stage4_unit2_relu1")
@@ -50,7 +50,23 @@ def test_every_family_is_registered_with_what_the_pipeline_asks():
         assert name in zoo.list_models() and name not in zoo.list_backbones()
         assert not zoo.get_model_config(name).is_backbone
     assert zoo.list_models(family="head") == ["xvision_head"]
-    assert set(zoo.list_backbones()) == set(zoo.list_models()) - {"xvision_head", "nodule_net"}
+    not_backbones = {n for n in zoo.list_models(family="xrv-other") if not zoo.get_model_config(n).cuts}
+    assert "riken-age" in not_backbones
+    assert set(zoo.list_backbones()) == set(zoo.list_models()) - {"xvision_head", "nodule_net"} - not_backbones
+
+
+def test_every_pretrained_xrv_model_states_its_licence_and_get_model_tells_it_once(capsys):
+    for name in zoo.list_models(family="xrv") + zoo.list_models(family="xrv-other"):
+        config = zoo.get_model_config(name)
+        assert config.licence and config.source.startswith("https://"), name
+    assert "non-commercial" in zoo.get_model_config("densenet121-res224-chex").licence
+    assert "Apache-2.0" in zoo.get_model_config("jfhealthcare-densenet121").licence \
+        if registry.is_registered("jfhealthcare-densenet121") else True
+    for _ in range(2):
+        with pytest.raises(WeightsError, match="TorchScript"):
+            zoo.get_model("riken-age")
+    told = capsys.readouterr().err
+    assert told.count("riken-age weights -- licence: not stated by torchxrayvision") == 1
 
 
 def test_features_learn_the_preset_from_the_registry():

@@ -36,70 +36,15 @@ instead of skipping it: a broken install cannot pass CI silently. On other Pytho
 without torch (the CPU wheel on the machine's disk is for 3.11), and the suite skips.
 """
 import copy
-import importlib
 import os
 import shutil
-import sys
 import warnings
 
 import numpy as np
 import pytest
 
-from mxvision.runtime import shared_dir
-
-#: CI installs the parity suite's torch (the CPU wheel of 2.13.0 on this machine kind's disk) on
-#: Python 3.11 only; elsewhere any torch from PyPI is a CUDA build of several GB, so the suite skips.
-PARITY_PYTHON = (3, 11)
-IN_CI = os.environ.get("CI", "").lower() == "true" and sys.version_info[:2] == PARITY_PYTHON
-INSTALL = "`make setup-parity` (part of `make test`) installs it (README: Two commands)"
-
-
-def _unavailable(problem, fix=INSTALL, module_level=True):
-    """Skip (a developer without the extra), or fail under CI=true (a broken install)."""
-    message = "parity suite: %s; %s" % (problem, fix)
-    if IN_CI:
-        pytest.fail(message + " -- CI=true, so this fails instead of skipping", pytrace=False)
-    pytest.skip(message, allow_module_level=module_level)
-
-
-def _import(name):
-    """The module, or None with the reason (so the skip or failure is not a chained traceback)."""
-    try:
-        return importlib.import_module(name), None
-    except ImportError as err:
-        return None, str(err)
-
-
-torch, _why = _import("torch")
-if torch is None:
-    _unavailable("torch is not installed (%s)" % _why)
-
-
-def _import_torchvision():
-    """The real torchvision if it imports (with the schemas if needed), else the stand-in."""
-    try:
-        import torchvision  # noqa: F401
-        return "torchvision %s" % torchvision.__version__
-    except ImportError:
-        import torchvision_stand_in
-        return torchvision_stand_in.install().__version__
-    except RuntimeError as err:  # a CUDA wheel without its ops: "operator torchvision::nms does not exist"
-        if "torchvision::" not in str(err):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    global _TV_SCHEMAS
-    _TV_SCHEMAS = torch.library.Library("torchvision", "DEF")  # kept alive for the process
-    _TV_SCHEMAS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TV_SCHEMAS.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401,F811
-    return "torchvision %s (operator schemas defined for the CPU torch)" % torchvision.__version__
-
-
-TORCHVISION = _import_torchvision()
-xrv_torch, _why = _import("torchxrayvision")
-if xrv_torch is None:
-    _unavailable("torchxrayvision is not installed (%s)" % _why)
+from reference import (DICOM, RASTER, TORCHVISION, _realistic, sample_paths, torch,  # noqa: F401
+                       torchxrayvision_input, xrv_torch)
 
 import mxnet as mx  # noqa: E402
 
@@ -115,51 +60,11 @@ SCORE_ATOL = 1e-5  # the calibrated outputs, float32
 EXACT_ATOL = 1e-9  # float64: the same function
 ROUNDING_FACTOR = 2.0  # mxvision's float32 error vs torch's own (measured: at most 1.43)
 DENSENETS = [n for n, s in WEIGHTS.items() if s.arch == "densenet121"]
-RASTER = ["16747_3_1.jpg", "00000001_000.png", "00027426_000.png"]
-DICOM = ["Fake_MONOHR1.dcm", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"]
-
-
-def torchxrayvision_input(path, size):
-    """The model card's preprocessing, with torchxrayvision's own functions."""
-    import skimage.io
-    if path.endswith(".dcm"):
-        img = xrv_torch.utils.read_xray_dcm(path)
-    else:
-        img = xrv_torch.datasets.normalize(skimage.io.imread(path), 255)
-        if img.ndim == 3:
-            img = img.mean(2)
-    img = xrv_torch.datasets.XRayCenterCrop()(img[None, ...])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return xrv_torch.datasets.XRayResizer(size)(img)
 
 
 @pytest.fixture(scope="module")
 def samples():
-    root = shared_dir()
-    if root is None:
-        _unavailable("../shared (the real sample images) is absent", "set MXVISION_SHARED to its path",
-                     module_level=False)
-    return {n: str(root / "data" / "samples" / n) for n in RASTER + DICOM}
-
-
-def _realistic(model, head, batch, seed):
-    """BatchNorm statistics from real images, then a classifier giving O(1) logits."""
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the pass
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        model(batch)
-        model.eval()
-        logits = model(batch)
-        head.weight.mul_(2.0 / float(logits.std()))
-        torch.nn.init.uniform_(head.bias, -1.0, 1.0)
-    return model
+    return sample_paths()
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,30 @@ WEIGHTS = {w.name: w for w in (
            "trained on pc-nih-rsna-siim-vin at 512x512"),
 )}
 
+_TERMS = {
+    "chex": "CheXpert: Stanford research use agreement, non-commercial",
+    "mimic": "MIMIC-CXR: PhysioNet Credentialed Health Data License, no commercial use without agreement",
+}
+_TRAINED_ON = {
+    "densenet121-res224-all": "NIH, PadChest, CheXpert (%s), MIMIC-CXR (%s), Google, OpenI and RSNA"
+                              % (_TERMS["chex"], _TERMS["mimic"]),
+    "densenet121-res224-nih": "NIH ChestX-ray14",
+    "densenet121-res224-pc": "PadChest",
+    "densenet121-res224-chex": "CheXpert (%s)" % _TERMS["chex"],
+    "densenet121-res224-rsna": "the RSNA Pneumonia Challenge data",
+    "densenet121-res224-mimic_nb": "MIMIC-CXR (%s)" % _TERMS["mimic"],
+    "densenet121-res224-mimic_ch": "MIMIC-CXR (%s)" % _TERMS["mimic"],
+    "resnet50-res512-all": "PadChest, NIH, RSNA, SIIM and VinDr-CXR",
+}
+
+
+def weights_licence(name):
+    """What torchxrayvision documents about the licence of weights ``name``: nothing beyond its
+    Apache-2.0 code licence, so the training data (whose terms bind a user) is named instead."""
+    return ("not stated by torchxrayvision (its code is Apache-2.0); trained on %s -- see each dataset's terms"
+            % _TRAINED_ON[name])
+
+
 def get_weights_spec(name):
     """The :class:`XRVWeights` for a name like ``densenet121-res224-mimic_nb``."""
     try:
@@ -264,7 +288,8 @@ class XRVModel(HybridBlock):
         self.weights = spec.name if spec is not None else None
         self.targets = spec.targets if spec is not None else list(DEFAULT_PATHOLOGIES)
         self.pathologies = self.targets
-        self.op_threshs = (np.array(spec.op_threshs, dtype=np.float32) if spec is not None else None)
+        self.op_threshs = (np.array(spec.op_threshs, dtype=np.float32)
+                           if spec is not None and spec.op_threshs is not None else None)
         self.thresholds_info = None  # set when a thresholds file replaces op_threshs (thresholds.py)
         self.resolution = spec.resolution if spec is not None else None
         self.calibrated = calibrated

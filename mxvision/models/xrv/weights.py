@@ -31,7 +31,8 @@ from mxvision.utils import file_digest, read_json, write_json
 from mxvision.models import store
 from mxvision.io.torchfile.reader import byte_limit_for, load_torch_file
 from mxvision.models.registry import get_model_config, is_registered, register_model
-from mxvision.models.xrv.common import BASE_URL_ENV, WEIGHTS, XRVWeights, get_weights_spec
+from mxvision.models.xrv.baseline_specs import BASELINES, BaselineWeights
+from mxvision.models.xrv.common import BASE_URL_ENV, WEIGHTS, XRVWeights
 from mxvision.runtime import parse_ctx
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,26 @@ SIDECAR_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- building
+def get_any_spec(name):
+    """The weights entry of ``name``: an 18-pathology classifier (:class:`XRVWeights`) or one of the
+    other torchxrayvision models (:class:`BaselineWeights`); WeightsError naming all known ones."""
+    spec = WEIGHTS.get(name) or BASELINES.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise WeightsError(name, "unknown torchxrayvision weights; known: %s"
+                           % ", ".join(sorted(list(WEIGHTS) + list(BASELINES))))
+    return spec
+
+
 def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=False):
     """An uninitialised network for a weights name (architecture, targets, op_threshs from the table).
 
     The architecture is the network class the name's registry entry holds: :mod:`.densenet` and
     :mod:`.resnet` register their weights names (:mod:`mxvision.models.zoo` imports both).
     """
-    spec = name_or_spec if isinstance(name_or_spec, XRVWeights) else get_weights_spec(name_or_spec)
+    spec = (name_or_spec if isinstance(name_or_spec, (XRVWeights, BaselineWeights))
+            else get_any_spec(name_or_spec))
+    if getattr(spec, "refused", None):
+        raise WeightsError(spec.name, spec.refused)
     if not is_registered(spec.name):
         raise WeightsError(spec.name, "no network is registered for these weights yet; build it "
                            "through mxvision.models.zoo.get_model")
@@ -65,6 +79,9 @@ def load_model(name, weights="pretrained", output="scores", calibrated=True, app
     net = build_model(name, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
     spec_text = "pretrained" if weights is None else str(weights)
     if spec_text.lower() in ("pretrained", "default", "xrv"):
+        supplied = getattr(net.spec, "supplied_by_user", None)
+        if supplied:
+            raise WeightsError(name, supplied)
         path, info = fetch_weights(name, root=root, progress=progress)
         net.load_parameters(path, ctx=ctx, ignore_extra=output != "scores")
         net.weights_info = info
@@ -155,7 +172,7 @@ def register_cached(root=None):
     folder = store.cache_dir(root)
     for side in glob.glob(os.path.join(folder, "*" + SIDECAR_SUFFIX)):
         name = os.path.basename(side)[:-len(SIDECAR_SUFFIX)]
-        if name not in WEIGHTS:
+        if name not in WEIGHTS and name not in BASELINES:
             continue
         try:
             meta = read_json(side)
@@ -175,7 +192,7 @@ def fetch_weights(name, root=None, progress=True, retries=5, timeout=30, backoff
     converts it with the restricted reader, and installs ``{name}-{sha1[:8]}.params`` plus its
     sidecar atomically. Concurrent first uses download once. Raises WeightsError naming the URL.
     """
-    spec = get_weights_spec(name)
+    spec = get_any_spec(name)
     cached = _verified_cached(name, root)
     if cached is not None:
         store.register_weights(name, cached[1]["params"]["sha1"])
@@ -269,11 +286,25 @@ def register_weights_of(network, backbone_cuts):
     """Register one model per torchxrayvision weights name whose architecture is ``network``'s:
     the same network class, each with its own preset and outputs (``backbone_cuts``: cut name ->
     model output; the pipeline's default ResNet cut name maps to ``features``)."""
-    from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
+    from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, weights_licence
 
     for name, spec in WEIGHTS.items():
         if spec.arch == network.ARCH:
             register_model(
                 name, family="xrv", preset=spec.preset, network=network, outputs=DEFAULT_PATHOLOGIES,
                 cuts=tuple(k for k in backbone_cuts if not k.startswith("stage")), default_cut="features",
+                licence=weights_licence(name), source="https://github.com/mlmed/torchxrayvision",
                 description="torchxrayvision %s: %s" % (name, spec.description))(make_factory(name, backbone_cuts))
+
+
+def register_baselines_of(network, backbone_cuts=None):
+    """Register each of torchxrayvision's other models (:data:`.baseline_specs.BASELINES`) whose
+    architecture is ``network``'s, with its own preset, outputs, licence and source. ``backbone_cuts``
+    (cut name -> model output) makes it a backbone of the feature pipeline, as for the classifiers."""
+    cuts = dict(backbone_cuts or {})
+    for name, spec in BASELINES.items():
+        if spec.arch == network.ARCH:
+            register_model(
+                name, family="xrv-other", preset=spec.preset, network=network, outputs=spec.targets,
+                cuts=tuple(cuts), default_cut=next(iter(cuts), None), licence=spec.licence, source=spec.source,
+                description="torchxrayvision %s: %s" % (spec.xrv_class, spec.description))(make_factory(name, cuts))
