@@ -140,8 +140,18 @@ def _export_problem(args):
 
 def _cmd_models(args):
     from mxvision.models import zoo
-    for name in zoo.list_models():
-        print(name)
+    if args.family is not None and args.family not in zoo.list_families():
+        raise MxvisionError("--family %s" % args.family, "unknown; known: %s" % ", ".join(zoo.list_families()))
+    names = zoo.list_models(family=args.family)
+    if args.names:
+        print("\n".join(names))
+        return
+    rows = [(n, c.family, c.preset or "-", str(len(c.outputs)) if c.outputs else "-", c.licence or "-")
+            for n, c in ((n, zoo.get_model_config(n)) for n in names)]
+    header = ("name", "family", "input", "outputs", "licence of the pretrained weights")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 def add_parsers(sub):
@@ -212,5 +222,7 @@ def add_parsers(sub):
     add_ctx(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("models", help="list the registered networks")
+    p = sub.add_parser("models", help="list the registered networks with their input, outputs and licence")
+    p.add_argument("--family", type=non_empty, default=None, help="only this family (e.g. xrv, xrv-other)")
+    p.add_argument("--names", action="store_true", help="only the names, one per line")
     p.set_defaults(func=_cmd_models)

@@ -112,9 +112,22 @@ def _fetch_no_retry(name, **kwargs):
 
 
 def test_models_command_lists_the_xrv_names(capsys):
-    assert cli.main(["models"]) == 0
+    assert cli.main(["models", "--names"]) == 0
     names = capsys.readouterr().out.split()
     assert all(name in names for name in WEIGHTS)
+
+
+def test_models_command_states_each_xrv_licence(capsys):
+    from mxvision.models import zoo
+    assert cli.main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    for name in zoo.list_models(family="xrv") + zoo.list_models(family="xrv-other"):
+        assert zoo.get_model_config(name).licence in rows[name], name
+    assert cli.main(["models", "--family", "xrv-other", "--names"]) == 0
+    assert "riken-age" in capsys.readouterr().out.split()
+    assert cli.main(["models", "--family", "nope"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--family nope: unknown" in err[0]
 
 
 # --------------------------------------------------------------------------- whole indexes, recalibration

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from mxvision.errors import WeightsError
-from mxvision.models.xrv.common import BASE_URL_ENV, RELEASE_URL  # one mirror variable for every xrv file
+from mxvision.models.xrv.common import BASE_URL_ENV, DATASET_TERMS, RELEASE_URL  # one mirror variable for every xrv file
 
 NOT_STATED = "not stated by torchxrayvision"
 
@@ -59,8 +59,8 @@ class BaselineWeights:
         return "xrv%d" % self.resolution
 
 
-_MIMIC = "MIMIC-CXR: PhysioNet Credentialed Health Data License, no commercial use without agreement"
-_CHEXPERT = "CheXpert: Stanford research use agreement, non-commercial"
+_MIMIC = DATASET_TERMS["mimic"]
+_CHEXPERT = DATASET_TERMS["chex"]
 
 BASELINES = {w.name: w for w in (
     BaselineWeights(

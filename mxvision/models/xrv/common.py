@@ -134,19 +134,20 @@ WEIGHTS = {w.name: w for w in (
            "trained on pc-nih-rsna-siim-vin at 512x512"),
 )}
 
-_TERMS = {
-    "chex": "CheXpert: Stanford research use agreement, non-commercial",
-    "mimic": "MIMIC-CXR: PhysioNet Credentialed Health Data License, no commercial use without agreement",
+#: the terms of the training data that bind a user of weights trained on it (as the datasets state them)
+DATASET_TERMS = {
+    "chex": "Stanford research use agreement, non-commercial",
+    "mimic": "PhysioNet credentialed licence",
 }
 _TRAINED_ON = {
     "densenet121-res224-all": "NIH, PadChest, CheXpert (%s), MIMIC-CXR (%s), Google, OpenI and RSNA"
-                              % (_TERMS["chex"], _TERMS["mimic"]),
+                              % (DATASET_TERMS["chex"], DATASET_TERMS["mimic"]),
     "densenet121-res224-nih": "NIH ChestX-ray14",
     "densenet121-res224-pc": "PadChest",
-    "densenet121-res224-chex": "CheXpert (%s)" % _TERMS["chex"],
+    "densenet121-res224-chex": "CheXpert (%s)" % DATASET_TERMS["chex"],
     "densenet121-res224-rsna": "the RSNA Pneumonia Challenge data",
-    "densenet121-res224-mimic_nb": "MIMIC-CXR (%s)" % _TERMS["mimic"],
-    "densenet121-res224-mimic_ch": "MIMIC-CXR (%s)" % _TERMS["mimic"],
+    "densenet121-res224-mimic_nb": "MIMIC-CXR (%s)" % DATASET_TERMS["mimic"],
+    "densenet121-res224-mimic_ch": "MIMIC-CXR (%s)" % DATASET_TERMS["mimic"],
     "resnet50-res512-all": "PadChest, NIH, RSNA, SIIM and VinDr-CXR",
 }
 
