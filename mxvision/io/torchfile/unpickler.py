@@ -20,6 +20,17 @@ build NumPy arrays and inert records:
   ``__setstate__``/``__init__`` of the file's choosing runs. Pass ``allow_modules=False`` to
   accept state dicts only.
 
+* PyTorch Lightning checkpoints (``trainer.save_checkpoint``, how torchxrayvision publishes the
+  MIRA sex model): Lightning before 1.5 keys each callback's saved state by the callback's
+  *class* (``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``), so the pickle names
+  that class -- as a dict key, never to call it. Classes under ``pytorch_lightning.callbacks.`` /
+  ``lightning.pytorch.callbacks.`` become a :class:`ClassReference`: an inert, hashable marker
+  that cannot be called or instantiated. Lightning's other globals -- the ``AttributeDict`` of
+  ``save_hyperparameters()``, pickled modules, loggers -- are refused like any other class: the
+  checkpoint torchxrayvision ships was trained by biomedia-mira/chexploration's
+  ``prediction/chexpert.sex.py``, whose LightningModule saves no hyper-parameters, and a file
+  that has them can still be read by saving its ``state_dict`` entry alone (the message says so).
+
 Anything else -- ``os.system``, ``builtins.eval``, ``numpy`` reconstructors, any other class --
 is refused with a :class:`~mxvision.errors.WeightsError` naming it, before it could be called.
 (Every way the pickle format has of reaching a callable -- the ``GLOBAL``/``STACK_GLOBAL``
@@ -63,6 +74,8 @@ _DTYPES = {
     "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
 }
 _MODULE_PREFIXES = ("torch.nn.modules.", "torchvision.models.", "torchxrayvision.")
+_LIGHTNING_CALLBACKS = ("pytorch_lightning.callbacks.", "lightning.pytorch.callbacks.")
+_LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 _MAX_DIMS = 16
 MAX_EXTENT = 1 << 48  # any size, stride, offset or element count beyond this is not a weight
 _CLASS_NAME = re.compile(r"_?[A-Z][A-Za-z0-9_]*")  # a class name (Conv2d, _DenseLayer), not a function
@@ -116,6 +129,17 @@ class _DType(_Inert):
 
     def __repr__(self):
         return "torch.%s" % self.torch_name
+
+
+class ClassReference(_Inert):
+    """A class the file names only to use it as a value or key (a Lightning callback's class
+    keying its saved state). Not callable, not instantiable: ``REDUCE`` or ``NEWOBJ`` on it fail."""
+
+    def __init__(self, dotted_name):
+        self.dotted_name = dotted_name
+
+    def __repr__(self):
+        return "<class %s>" % self.dotted_name
 
 
 class Storage(_Inert):
@@ -266,9 +290,15 @@ class RestrictedUnpickler(pickle.Unpickler):
             return {"set": set, "frozenset": frozenset}[name]
         elif self.allow_modules and module.startswith(_MODULE_PREFIXES) and _CLASS_NAME.fullmatch(name):
             return self._record_class(module, name)
+        elif module.startswith(_LIGHTNING_CALLBACKS) and _CLASS_NAME.fullmatch(name):
+            return ClassReference(module + "." + name)
+        hint = ""
+        if module.startswith(_LIGHTNING):
+            hint = ("; in a PyTorch Lightning checkpoint mxvision reads tensors, plain data and callback "
+                    "class names only -- save checkpoint['state_dict'] alone with torch.save and pass that file")
         raise WeightsError(self.source, "refusing to load %s.%s: a weights file may only contain "
                            "tensors, plain containers and model layers (this file would run code on "
-                           "load, or is not a weights file)" % (one_line(module, 80), one_line(name, 80)))
+                           "load, or is not a weights file)%s" % (one_line(module, 80), one_line(name, 80), hint))
 
     def _record_class(self, module, name):
         """One inert record class per name, per file (so no file changes another's classes)."""

@@ -204,6 +204,8 @@ def _build_tree(obj, storages, legacy):
     if isinstance(obj, dict):
         items = [(k, _build_tree(v, storages, legacy)) for k, v in obj.items()]
         return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+    if isinstance(obj, (list, tuple)):  # a checkpoint's optimizer states: lists of dicts of tensors
+        return type(obj)(_build_tree(v, storages, legacy) for v in obj)
     if isinstance(obj, np.ndarray):
         return _tensor_node(obj, storages, legacy)
     return obj

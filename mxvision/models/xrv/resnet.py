@@ -21,11 +21,14 @@ from mxvision.models.xrv.common import NUM_CLASSES, XRVModel
 BN_EPS = 1e-5  # PyTorch's BatchNorm2d default
 
 
-def _bn(channels):
+def batch_norm(channels):
+    """torch's ``BatchNorm2d(channels)``: its epsilon, its parameter names once mapped."""
     return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
 
 
-class _Bottleneck(HybridBlock):
+class Bottleneck(HybridBlock):
+    """torchvision's ``Bottleneck`` (v1.5: the stride on the 3x3 convolution), its names kept."""
+
     expansion = 4
 
     def __init__(self, in_channels, planes, stride=1, downsample=False, **kwargs):
@@ -33,16 +36,16 @@ class _Bottleneck(HybridBlock):
         out = planes * self.expansion
         with self.name_scope():
             self.conv1 = nn.Conv2D(planes, 1, use_bias=False, in_channels=in_channels)
-            self.bn1 = _bn(planes)
+            self.bn1 = batch_norm(planes)
             self.conv2 = nn.Conv2D(planes, 3, strides=stride, padding=1, use_bias=False, in_channels=planes)
-            self.bn2 = _bn(planes)
+            self.bn2 = batch_norm(planes)
             self.conv3 = nn.Conv2D(out, 1, use_bias=False, in_channels=planes)
-            self.bn3 = _bn(out)
+            self.bn3 = batch_norm(out)
             if downsample:
                 self.downsample = nn.HybridSequential(prefix="downsample_")
                 with self.downsample.name_scope():
                     self.downsample.add(nn.Conv2D(out, 1, strides=stride, use_bias=False, in_channels=in_channels))
-                    self.downsample.add(_bn(out))
+                    self.downsample.add(batch_norm(out))
             else:
                 self.downsample = None
 
@@ -66,7 +69,7 @@ class XRVResNet(XRVModel):
         super().__init__(spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid, **kwargs)
         with self.name_scope():
             self.conv1 = nn.Conv2D(64, 7, strides=2, padding=3, use_bias=False, in_channels=in_channels)
-            self.bn1 = _bn(64)
+            self.bn1 = batch_norm(64)
             self.maxpool = nn.MaxPool2D(3, 2, 1)
             channels = 64
             for i, (blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
@@ -74,8 +77,8 @@ class XRVResNet(XRVModel):
                 layer = nn.HybridSequential(prefix="layer%d_" % (i + 1))
                 with layer.name_scope():
                     for b in range(blocks):
-                        layer.add(_Bottleneck(channels, planes, stride if b == 0 else 1,
-                                              downsample=(b == 0 and (stride != 1 or channels != planes * 4))))
+                        layer.add(Bottleneck(channels, planes, stride if b == 0 else 1,
+                                             downsample=(b == 0 and (stride != 1 or channels != planes * 4))))
                         channels = planes * 4
                 setattr(self, "layer%d" % (i + 1), layer)
             # backbones ("features"/"layer4") have no fc: no unused parameters in their graph
