@@ -11,7 +11,7 @@ MXNET_NO_DEPS := $(shell [ $(PY_MINOR) -ge 13 ] && echo yes)
 # The parity suite's torch: the CPU wheel of 2.13.0 lies on this machine kind's disk for 3.11 only.
 PARITY := $(shell [ $(PY_MINOR) -eq 11 ] && echo yes)
 
-.PHONY: setup setup-parity demo test figures clean
+.PHONY: setup setup-parity parity-torchvision demo test figures clean
 
 $(BIN)/.mxvision-installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,25 @@ else
 	@echo "Python 3.$(PY_MINOR): no parity suite (its CPU torch 2.13.0 is on this machine kind for Python 3.11 only; tests/parity skips)"
 endif
 	touch $@
+
+# parity-torchvision (local only, not in CI): tests/parity in a second venv with the REAL torchvision
+# 0.29.1 instead of tests/parity/torchvision_stand_in.py, whose test_torchvision_stand_in.py then
+# checks the stand-in against it (same modules, bitwise weights from one seed, same outputs). The
+# torchvision wheel pins torch==2.14.1, of which this machine has only the CUDA build (it runs on the
+# CPU; the venv is about 6.5 GB), hence its own venv; the parity extra's other packages are named
+# here because the extra pins the CPU torch 2.13.0. Python 3.11: the local wheels are cp311.
+TV_PYTHON ?= python3.11
+TV_VENV ?= .venv-torchvision
+$(TV_VENV)/bin/.parity-torchvision-installed: setup.py pyproject.toml
+	$(TV_PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(TV_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(TV_VENV)/bin/python -m pip install --quiet -e '.[test]' 'scikit-image<0.25' imageio pandas requests
+	$(TV_VENV)/bin/python -m pip install --quiet --no-deps torchxrayvision==1.5.7
+	touch $@
+
+parity-torchvision: $(TV_VENV)/bin/.parity-torchvision-installed
+	$(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests/parity
 
 setup: $(BIN)/.mxvision-installed
 

@@ -294,8 +294,8 @@ def _module(name, **attributes):
     return module
 
 
-def install():
-    """Register the stand-in as ``torchvision`` (and the submodules torchxrayvision imports)."""
+def modules():
+    """The stand-in's modules by their torchvision names (not registered anywhere)."""
     resnet = _module("torchvision.models.resnet", ResNet=ResNet, BasicBlock=BasicBlock, Bottleneck=Bottleneck,
                      resnet34=resnet34, resnet50=resnet50)
     densenet = _module("torchvision.models.densenet", DenseNet=DenseNet, densenet121=densenet121)
@@ -304,10 +304,13 @@ def install():
     functional = _module("torchvision.transforms.functional", normalize=normalize)
     transforms = _module("torchvision.transforms", functional=functional, Normalize=Normalize,
                          Compose=Compose)
-    package = _module("torchvision", __version__=VERSION, __path__=[], models=models, transforms=transforms)
-    package.__doc__ = __doc__
-    sys.modules.update({"torchvision": package, "torchvision.models": models,
-                        "torchvision.models.resnet": resnet, "torchvision.models.densenet": densenet,
-                        "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
-    return package
+    package = _module("torchvision", __version__=VERSION, __path__=[], __doc__=__doc__, models=models,
+                      transforms=transforms)
+    return {m.__name__: m for m in (package, models, resnet, densenet, transforms, functional)}
+
+
+def install():
+    """Register the stand-in as ``torchvision`` (and the submodules torchxrayvision imports)."""
+    stand_ins = modules()
+    sys.modules.update(stand_ins)
+    return stand_ins["torchvision"]
