@@ -51,6 +51,7 @@ FAMILY_MODULES = (
     "mxvision.models.xrv.densenet",
     "mxvision.models.xrv.resnet",
     "mxvision.models.xrv.baseline",
+    "mxvision.models.xrv.jfhealthcare",
     "mxvision.models.xrv.autoencoder",
     "mxvision.models.xrv.covariates",
     "mxvision.models.head",

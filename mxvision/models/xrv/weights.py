@@ -52,7 +52,7 @@ def get_any_spec(name):
     return spec
 
 
-def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=False):
+def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=None):
     """An uninitialised network for a weights name (architecture, targets, op_threshs from the table).
 
     The architecture is the network class the name's registry entry holds: :mod:`.densenet` and
@@ -66,10 +66,12 @@ def build_model(name_or_spec, output="scores", calibrated=True, apply_sigmoid=Fa
         raise WeightsError(spec.name, "no network is registered for these weights yet; build it "
                            "through mxvision.models.zoo.get_model")
     network = get_model_config(spec.name).network
+    if apply_sigmoid is None:  # the network's own default: torchxrayvision's baseline classes differ
+        apply_sigmoid = getattr(network, "APPLY_SIGMOID", False)
     return network(spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
 
 
-def load_model(name, weights="pretrained", output="scores", calibrated=True, apply_sigmoid=False,
+def load_model(name, weights="pretrained", output="scores", calibrated=True, apply_sigmoid=None,
                ctx=None, root=None, progress=True, thresholds=None):
     """A ready network: ``weights`` is ``"pretrained"`` (download + convert + cache
     torchxrayvision's release file), ``"none"`` (random, seeded), or a path (``.pt`` or ``.params``);
@@ -101,14 +103,15 @@ def make_factory(name, cuts):
     * classifier: ``get_model(name)`` downloads/converts/caches the release weights (like
       torchxrayvision's ``get_model``); ``weights``: None (those published weights), ``"none"``
       (random, seeded) or the path of a ``.pt``/``.params`` file (``weights_file=PATH`` and
-      ``pretrained=False`` say the same); ``calibrated``, ``apply_sigmoid``; ``output``:
+      ``pretrained=False`` say the same); ``calibrated``, ``apply_sigmoid`` (None: the network's
+      ``APPLY_SIGMOID``, False unless its torchxrayvision class applies one by default); ``output``:
       ``"scores"`` or one of the architecture's feature outputs; ``ctx`` as ``--ctx`` takes it;
       ``thresholds``: a thresholds JSON of ``mxvision xrv calibrate`` (recalibrated op_threshs).
     * backbone (``cut`` given, as :func:`~mxvision.models.zoo.build_backbone` does): weights only
       from ``weights_file`` (else random, seeded by the caller), hybridized, on ``ctx``.
     """
     def factory(cut=None, weights_file=None, ctx=None, pretrained=True, weights=None, calibrated=True,
-                apply_sigmoid=False, root=None, progress=True, output="scores", thresholds=None):
+                apply_sigmoid=None, root=None, progress=True, output="scores", thresholds=None):
         if cut is not None:
             ctx = mx.cpu() if ctx is None else ctx
             if cut not in cuts:
