@@ -8,6 +8,7 @@
     mxvision data index nih --csv Data_Entry_2017_v2020.csv[.gz] --images DIR --out CSV
     mxvision data index folder --root DIR --out CSV
     mxvision data index merge A.csv B.csv ... --out CSV
+    mxvision data index ... --views frontal --view-model [WEIGHTS]   (predict unknown views first)
     mxvision data summary CSV
     mxvision data pack CSV --out NAME.rec [--preset imagenet224]
 
@@ -117,6 +118,35 @@ def _cmd_scrape_openi(args):
 
 
 # ----------------------------------------------------------------------------------- index
+def _add_view_model(p):
+    p.add_argument("--view-model", nargs="?", const="pretrained", default=None, metavar="WEIGHTS",
+                   help="before --views selects, predict the view of every film whose metadata has none "
+                        "with torchxrayvision's view model xinario-view-resnet50 (FRONTAL or LATERAL; "
+                        "recorded in a view_source column); WEIGHTS: a .pt/.params file (default: the "
+                        "published weights, downloaded once)")
+
+
+def _view_predictor(args):
+    """The view model of ``--view-model``, loaded (or refused) before any film is indexed."""
+    if args.view_model is None:
+        return None
+    from mxvision.data.views import parse_views
+    from mxvision.models.xrv.view_predictor import ViewPredictor
+
+    parse_views(args.views)  # a typo in --views fails before the model is downloaded or read
+    return ViewPredictor(weights=None if args.view_model == "pretrained" else args.view_model,
+                         progress=_progress(args))
+
+
+def _report_views(predictor):
+    if predictor is None:
+        return
+    counts = ", ".join(f"{view} {n}" for view, n in sorted(predictor.counts.items())) or "none was unknown"
+    unreadable = f"; {len(predictor.unreadable)} unreadable, left unknown" if predictor.unreadable else ""
+    print(f"  views predicted by {predictor.model} for films without one: {counts}{unreadable} "
+          f"(column view_source; {predictor.weights})")
+
+
 def _report(index, out, info=None, extra=""):
     counts = collections.Counter(index.labels)
     top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
@@ -133,12 +163,14 @@ def _report(index, out, info=None, extra=""):
 def _cmd_index_openi(args):
     from mxvision.data.openi import openi_index
 
+    predictor = _view_predictor(args)
     index, info = openi_index(args.reports, args.out, images=args.images,
                               metadata=args.metadata, task=args.task, views=args.views,
                               seed=args.seed, val=args.val, test=args.test,
-                              synonyms=args.synonyms, progress=_progress(args))
+                              synonyms=args.synonyms, progress=_progress(args), view_predictor=predictor)
     note = "" if args.images else "; images not checked (no --images)"
     _report(index, args.out, info, note)
+    _report_views(predictor)
 
 
 def _cmd_index_jsrt(args):
@@ -151,35 +183,42 @@ def _cmd_index_jsrt(args):
 def _cmd_index_nih(args):
     from mxvision.data.nih import nih_index
 
+    predictor = _view_predictor(args)
     index, info = nih_index(args.csv, args.images, args.out, task=args.task, views=args.views,
-                            bbox_csv=args.bbox, seed=args.seed, val=args.val, test=args.test)
+                            bbox_csv=args.bbox, seed=args.seed, val=args.val, test=args.test,
+                            view_predictor=predictor)
     _report(index, args.out, info)
+    _report_views(predictor)
 
 
 def _cmd_index_folder(args):
     from mxvision.data.dataset import folder_dataset
     from mxvision.data.index import write_index
 
+    predictor = _view_predictor(args)
     ds = folder_dataset(args.root)
     index = ds.to_index(task="pathologies" if args.task == "pathologies" else "nodule",
                         views=args.views, seed=args.seed, val=args.val, test=args.test,
-                        source=args.root) if args.task else \
+                        source=args.root, view_predictor=predictor) if args.task else \
         ds.folder_labels_index(views=args.views, seed=args.seed, val=args.val, test=args.test,
-                               source=args.root)
+                               source=args.root, view_predictor=predictor)
     write_index(index, args.out)
     _report(index, args.out)
+    _report_views(predictor)
 
 
 def _cmd_index_merge(args):
     from mxvision.data.dataset import XrayDataset, csv_dataset
     from mxvision.data.index import write_index
 
+    predictor = _view_predictor(args)
     ds = XrayDataset.merge([csv_dataset(c) for c in args.csvs])
     index = ds.to_index(task=args.task, views=args.views, seed=args.seed, val=args.val,
                         test=args.test, root=os.path.dirname(os.path.abspath(args.out)),
-                        source=", ".join(args.csvs))
+                        source=", ".join(args.csvs), view_predictor=predictor)
     write_index(index, args.out)
     _report(index, args.out)
+    _report_views(predictor)
 
 
 # ----------------------------------------------------------------------------------- summary
@@ -224,8 +263,8 @@ def add_parsers(sub):
                           description="Get chest X-ray datasets onto disk and into index CSVs.")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
-    views_help = ("views to keep: PA, AP, LATERAL, frontal (PA+AP), lateral, unknown, all; "
-                  "comma-separated (default PA)")
+    views_help = ("views to keep: PA, AP, LATERAL, frontal (PA, AP and FRONTAL, a predicted frontal "
+                  "view), lateral, unknown, all; comma-separated (default PA)")
 
     # download
     p = dsub.add_parser("download", help="download (and safely extract) dataset archives")
@@ -288,6 +327,7 @@ def add_parsers(sub):
     q.add_argument("--synonyms", type=non_empty, default=None, help="JSON synonym table replacing the built-in")
     q.add_argument("--out", type=non_empty, required=True)
     q.add_argument("--quiet", action="store_true")
+    _add_view_model(q)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_openi)
     q = psub.add_parser("jsrt", help="JSRT (labels.csv + images/)")
@@ -302,6 +342,7 @@ def add_parsers(sub):
     q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
     q.add_argument("--views", type=non_empty, default=None, help=views_help)
     q.add_argument("--out", type=non_empty, required=True)
+    _add_view_model(q)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_nih)
     q = psub.add_parser("folder", help="class sub-folders (ROOT/<label>/*.png|jpg|dcm)")
@@ -310,6 +351,7 @@ def add_parsers(sub):
                    help="default: the folder names as labels, as they are")
     q.add_argument("--views", type=non_empty, default="all", help=views_help.replace("PA)", "all)"))
     q.add_argument("--out", type=non_empty, required=True)
+    _add_view_model(q)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_folder)
     q = psub.add_parser("merge", help="merge index CSVs of several sources into one")
@@ -317,6 +359,7 @@ def add_parsers(sub):
     q.add_argument("--task", choices=("nodule", "pathologies"), default="nodule")
     q.add_argument("--views", type=non_empty, default="all", help=views_help.replace("PA)", "all)"))
     q.add_argument("--out", type=non_empty, required=True)
+    _add_view_model(q)
     _add_split_args(q)
     q.set_defaults(func=_cmd_index_merge)
 

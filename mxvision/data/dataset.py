@@ -25,7 +25,7 @@ from mxvision.errors import BadIndex
 from mxvision.data import labels as L
 from mxvision.data.index import Index
 from mxvision.data.splits import assign_splits, check_no_patient_leak
-from mxvision.data.views import normalize_view, view_mask
+from mxvision.data.views import normalize_view, parse_views, view_mask
 
 #: ``nodule``: Xvision's Normal vs Nodule; ``nodule-original``: the same with the original
 #: notebook's rule (OpenI only, for comparison); ``pathologies``: the multi-label task.
@@ -139,6 +139,27 @@ class XrayDataset:
         """Keep the rows whose view the selection admits (default: PA; see views.py)."""
         return self.select(np.array(view_mask(self.views, views), dtype=bool))
 
+    def with_predicted_views(self, predictor):
+        """The dataset with every unknown view (``""``) filled by ``predictor`` and a column
+        ``view_source`` saying which views were predicted, by what.
+
+        ``predictor(paths)`` returns one view per path (a spelling of :mod:`~.views`; ``""``
+        where it cannot tell, e.g. an unreadable file, which then stays unknown) and its
+        ``source`` attribute names it (``model:xinario-view-resnet50``): the ``view_source`` of
+        the rows it filled. Rows with a view keep it, and their ``view_source`` (``""`` unless
+        an earlier prediction set it). The predictor is passed in because it is a model, which
+        the data layer does not import (:class:`mxvision.models.xrv.view_predictor.ViewPredictor`).
+        """
+        records = [dict(r, view_source=r.get("view_source") or "") for r in self._records]
+        unknown = [i for i, r in enumerate(records) if not r["view"]]
+        views = list(predictor([records[i]["path"] for i in unknown])) if unknown else []
+        if len(views) != len(unknown):
+            raise ValueError(f"the view predictor gave {len(views)} views for {len(unknown)} films")
+        for i, view in zip(unknown, views):
+            if normalize_view(view):
+                records[i].update(view=normalize_view(view), view_source=predictor.source)
+        return self._derive(records, self._labels, self._normal)
+
     def relabel(self, pathologies=L.PATHOLOGIES):
         """Reorder the label columns to ``pathologies``; ones this source lacks become NaN,
         ones not asked for are dropped (torchxrayvision's ``relabel_dataset``)."""
@@ -217,30 +238,38 @@ class XrayDataset:
                 out.append(OTHER)
         return out
 
-    def folder_labels_index(self, views=None, seed=0, val=0.15, test=0.15, source=None):
+    def folder_labels_index(self, views=None, seed=0, val=0.15, test=0.15, source=None,
+                            view_predictor=None):
         """An :class:`Index` whose labels are the dataset's own (a class folder's name, any
         classes), over the rows of the selected ``views``, with a patient-grouped split.
+        ``view_predictor``: fills unknown views first (:meth:`with_predicted_views`).
         Raises BadIndex when no row is of those views."""
         source = source or self.name or "dataset"
-        keep = view_mask(self.views, views)
-        records = [dict(r, patient_id=p) for r, p, k in zip(self.table, self.patient_ids, keep) if k]
+        parse_views(views)  # a typo fails before any film's view is predicted
+        data = self.with_predicted_views(view_predictor) if view_predictor is not None else self
+        keep = view_mask(data.views, views)
+        records = [dict(r, patient_id=p) for r, p, k in zip(data.table, data.patient_ids, keep) if k]
         if not records:
             raise BadIndex(source, f"no image of view(s) {views}; try --views all")
-        index = Index(records, self.root, columns=["patient_id", "split", "view"], source=source)
+        columns = ["patient_id", "split", "view"] + (["view_source"] if view_predictor is not None else [])
+        index = Index(records, data.root, columns=columns, source=source)
         return assign_splits(index, val=val, test=test, seed=seed)
 
     def to_index(self, task="nodule", views=None, seed=0, val=0.15, test=0.15, root=None,
-                 source=None):
+                 source=None, view_predictor=None):
         """An :class:`Index` for ``task`` (see :data:`TASKS`) over the rows of the selected
         ``views``, with a patient-grouped split stratified by label (for ``pathologies``:
         by normal / other / any finding). Rows the task has no label for are left out; every
         source column is kept, and for ``pathologies`` one column per pathology (1, 0 or empty).
+        ``view_predictor``: fills unknown views before the selection (:meth:`with_predicted_views`).
         Raises BadIndex when nothing is left.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
         source = source or self.name or "dataset"
-        data = self.filter_views(views)
+        parse_views(views)  # a typo fails before any film's view is predicted
+        data = self.with_predicted_views(view_predictor) if view_predictor is not None else self
+        data = data.filter_views(views)
         if len(data) == 0:
             raise BadIndex(source, f"no image of view(s) {views or 'PA'} (of {len(self)}); "
                                    f"choose --views, e.g. frontal or all")
@@ -261,9 +290,8 @@ class XrayDataset:
                 rec.update({p: L.format_value(v) for p, v in zip(data._pathologies, row)})
             records.append(rec)
         extra = [k for r in data._records for k in r if k not in _INTERNAL]
-        columns = ["patient_id", "split", "view"] + [k for k in dict.fromkeys(extra)
-                                                    if k not in ("path", "label", "patient_id",
-                                                                 "split", "view")]
+        first = ["patient_id", "split", "view"] + (["view_source"] if "view_source" in extra else [])
+        columns = first + [k for k in dict.fromkeys(extra) if k not in ["path", "label"] + first]
         if task == "pathologies":
             columns += [p for p in data._pathologies if p not in columns]
         root = root or data.root

@@ -144,10 +144,11 @@ def default_bboxes(data_entry):
 
 
 def nih_index(data_entry, images, out_csv, task="nodule", views=None, bbox_csv=None, seed=0,
-              val=0.15, test=0.15):
+              val=0.15, test=0.15, view_predictor=None):
     """Write the index CSV of the NIH images under ``images``; return ``(index, info)``.
 
     ``bbox_csv`` defaults to ``BBox_List_2017.csv(.gz)`` beside the label table, if present.
+    ``view_predictor`` fills views the table does not give (see ``XrayDataset.with_predicted_views``).
     """
     if not os.path.isdir(images):
         raise BadIndex(images, "no such image folder")
@@ -156,7 +157,7 @@ def nih_index(data_entry, images, out_csv, task="nodule", views=None, bbox_csv=N
         raise BadIndex(images, f"none of the {ds.missing} images listed in {data_entry} is in "
                                f"this folder (expected e.g. 00000001_000.png)")
     index = ds.to_index(task=task, views=views, seed=seed, val=val, test=test,
-                        source=os.fspath(data_entry))
+                        source=os.fspath(data_entry), view_predictor=view_predictor)
     write_index(index, out_csv)
     info = {"listed": len(ds) + ds.missing, "images_found": len(ds), "indexed": len(index),
             "patients": len(set(index.patient_ids))}

@@ -343,20 +343,22 @@ def default_metadata(reports_path):
 
 
 def openi_index(reports, out_csv, images=None, metadata=None, task="nodule", views=None,
-                seed=0, val=0.15, test=0.15, synonyms=None, progress=False):
+                seed=0, val=0.15, test=0.15, synonyms=None, progress=False, view_predictor=None):
     """Write the index CSV of OpenI for ``task`` and return ``(index, info)``.
 
     ``reports``: anything :func:`load_reports` reads. ``images``: the PNG folder (rows without a
     PNG there are dropped); default ``NLMCXR_png/`` beside ``out_csv``, not checked. ``metadata``:
     the DICOM metadata CSV for views; default: the one beside ``reports``; needed unless
-    ``views`` is ``all``. ``info`` has the counts a user wants to see.
+    ``views`` is ``all`` or ``view_predictor`` predicts the views it does not give
+    (:meth:`~mxvision.data.dataset.XrayDataset.with_predicted_views`). ``info`` has the counts
+    a user wants to see.
     """
     out_csv = os.path.abspath(os.fspath(out_csv))
     metadata = metadata or default_metadata(reports)
-    if metadata is None and parse_views(views) is not None:
+    if metadata is None and parse_views(views) is not None and view_predictor is None:
         raise BadIndex(reports, f"views are needed for --views {views or 'PA'} but no "
                                 f"{METADATA_FILE} was given or found beside the reports; pass "
-                                f"--metadata FILE or --views all")
+                                f"--metadata FILE or --views all, or --view-model to predict them")
     report_list = load_reports(reports, progress=progress)
     meta = read_metadata(metadata) if metadata else {}
     if synonyms is not None and not isinstance(synonyms, dict):
@@ -369,7 +371,7 @@ def openi_index(reports, out_csv, images=None, metadata=None, task="nodule", vie
                                           f"this folder (expected <image id>.png, e.g. "
                                           f"CXR1_1_IM-0001-3001.png)")
     index = ds.to_index(task=task, views=views, seed=seed, val=val, test=test,
-                        source=os.fspath(reports))
+                        source=os.fspath(reports), view_predictor=view_predictor)
     write_index(index, out_csv)
     info = {"reports": len(report_list), "images": len(ds) + ds.missing,
             "images_missing": ds.missing, "indexed": len(index),

@@ -6,25 +6,32 @@ maps them to ``PA``, ``AP``, ``LATERAL`` or ``""`` (unknown); anything else is k
 It is defined in :mod:`mxvision.io.headers` (the DICOM header reader needs it, and ``io`` sits
 below ``data``) and re-exported here, where the rest of the view vocabulary lives.
 
+A fourth spelling, ``FRONTAL``, is a frontal film whose projection (PA or AP) is not known: what
+torchxrayvision's view model (``xinario-view-resnet50``, frontal vs lateral) predicts for a film
+whose metadata has no view (``mxvision data index ... --view-model``, which also records the
+prediction in a ``view_source`` column), and how CheXpert's ``Frontal/Lateral`` column reads.
+
 A ``views`` selection is a list (or comma-separated string) of tokens: a view (``PA``, ``AP``,
-``LATERAL``), a group (``frontal`` = PA + AP, ``lateral``), ``unknown`` (no view recorded) or
-``all``/``*`` (everything, unknown included). The default is :data:`DEFAULT_VIEWS` = PA only:
+``LATERAL``), a group (``frontal`` = PA + AP + FRONTAL, ``lateral``), ``unknown`` (no view
+recorded) or ``all``/``*`` (everything, unknown included). The default is :data:`DEFAULT_VIEWS` = PA only:
 frontal, and AP only when asked, since AP films are mostly bedside films of sicker patients.
 """
 from mxvision.errors import MxvisionError
 from mxvision.io.headers import normalize_view
 
 FRONTAL = ("PA", "AP")
+#: a frontal film of unknown projection: admitted by ``frontal``, not by ``PA`` or ``AP``
+FRONTAL_UNSPECIFIED = "FRONTAL"
 LATERAL = ("LATERAL",)
 DEFAULT_VIEWS = ("PA",)
-_GROUPS = {"frontal": FRONTAL, "lateral": LATERAL, "unknown": ("",)}
+_GROUPS = {"frontal": FRONTAL + (FRONTAL_UNSPECIFIED,), "lateral": LATERAL, "unknown": ("",)}
 _ALL = ("all", "*", "any")
 
 
 def view_group(view):
     """``'frontal'``, ``'lateral'`` or ``''`` (unknown/other) for a normalised view."""
     view = normalize_view(view)
-    if view in FRONTAL:
+    if view in _GROUPS["frontal"]:
         return "frontal"
     if view in LATERAL:
         return "lateral"
@@ -75,5 +82,5 @@ def describe_views(views=None):
     return ", ".join(sorted(v or "unknown" for v in allowed))
 
 
-__all__ = ["FRONTAL", "LATERAL", "DEFAULT_VIEWS", "normalize_view", "view_group", "parse_views",
+__all__ = ["FRONTAL", "FRONTAL_UNSPECIFIED", "LATERAL", "DEFAULT_VIEWS", "normalize_view", "view_group", "parse_views",
            "view_mask", "describe_views"]
