@@ -99,7 +99,7 @@ def sample_paths():
     return {n: str(root / "data" / "samples" / n) for n in RASTER + DICOM}
 
 
-def _realistic(model, head, batch, seed):
+def realistic(model, head, batch, seed):
     """BatchNorm statistics from real images, then a classifier giving O(1) logits."""
     torch.manual_seed(seed)
     for mod in model.modules():
@@ -116,8 +116,3 @@ def _realistic(model, head, batch, seed):
         head.weight.mul_(2.0 / float(logits.std()))
         torch.nn.init.uniform_(head.bias, -1.0, 1.0)
     return model
-
-
-def realistic(model, head, batch, seed):
-    """Public name of :func:`_realistic` for the family suites."""
-    return _realistic(model, head, batch, seed)

@@ -115,7 +115,7 @@ def test_normalize_refuses_what_torchvision_refuses(torchvision, bad, mean, std)
 
 def test_the_stand_in_refuses_what_it_does_not_restate():
     """Checked everywhere (no real torchvision needed): unknown names and pretrained weights fail loudly."""
-    module = stand_in._module("torchvision.models", resnet34=stand_in.resnet34)
+    module = stand_in.module_of("torchvision.models", resnet34=stand_in.resnet34)
     with pytest.raises(AttributeError, match="not in the parity suite's torchvision stand-in"):
         module.resnet101
     with pytest.raises(ValueError, match="no pretrained weights"):

@@ -26,7 +26,8 @@ Install: ``make setup-parity`` (part of ``make test``; setup.py extra ``parity``
 local CPU wheel torch==2.13.0, scikit-image<0.25, imageio, pandas, requests; then ``pip install --no-deps
 torchxrayvision==1.5.7``). ``--no-deps`` matters: as a dependency torchvision would pull a CUDA
 torch of several GB. torchvision is not installed: torchxrayvision needs only its ResNet-50, which
-``torchvision_stand_in`` restates (checked bitwise against torchvision 0.28.0). If a real
+``torchvision_stand_in`` restates (checked bitwise against torchvision 0.29.1 by
+``test_torchvision_stand_in`` under ``make parity-torchvision``). If a real
 torchvision is importable it is used instead; PyPI's CUDA wheel imports beside the CPU torch once
 the two operator *schemas* its fake-tensor registrations refer to exist, so this module defines
 them (schemas only) when, and only when, its plain import fails that way.
@@ -43,7 +44,7 @@ import warnings
 import numpy as np
 import pytest
 
-from reference import (DICOM, RASTER, TORCHVISION, _realistic, sample_paths, torch,  # noqa: F401
+from reference import (DICOM, RASTER, TORCHVISION, realistic, sample_paths, torch,  # noqa: F401
                        torchxrayvision_input, xrv_torch)
 
 import mxnet as mx  # noqa: E402
@@ -77,7 +78,7 @@ def setup(samples, tmp_path_factory):
         inputs[res] = np.stack([torchxrayvision_input(samples[n], res) for n in RASTER + DICOM])
     aug = lambda x: torch.from_numpy(np.concatenate([x, x[:, :, :, ::-1].copy()]))  # noqa: E731
     dense = xrv_torch.models.DenseNet()
-    _realistic(dense, dense.classifier, aug(inputs[224]), 0)
+    realistic(dense, dense.classifier, aug(inputs[224]), 0)
     first = os.path.join(cache, WEIGHTS[DENSENETS[0]].file)
     torch.save(dense, first)  # the whole model, as the DenseNet releases are published
     for name in DENSENETS[1:]:
@@ -85,7 +86,7 @@ def setup(samples, tmp_path_factory):
     import torchvision
     resnet = torchvision.models.resnet50(num_classes=18, weights=None)
     resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    _realistic(resnet, resnet.fc, aug(inputs[512][:3]), 1)
+    realistic(resnet, resnet.fc, aug(inputs[512][:3]), 1)
     torch.save(resnet.state_dict(), os.path.join(cache, WEIGHTS["resnet50-res512-all"].file))
     return {"cache": str(cache), "inputs": inputs, "dense": dense}
 

@@ -287,7 +287,7 @@ class _OnlyWhatIsDefined(types.ModuleType):
                              "(tests/parity/torchvision_stand_in.py); install torchvision to use it")
 
 
-def _module(name, **attributes):
+def module_of(name, **attributes):
     module = _OnlyWhatIsDefined(name)
     for key, value in attributes.items():
         setattr(module, key, value)
@@ -296,15 +296,15 @@ def _module(name, **attributes):
 
 def modules():
     """The stand-in's modules by their torchvision names (not registered anywhere)."""
-    resnet = _module("torchvision.models.resnet", ResNet=ResNet, BasicBlock=BasicBlock, Bottleneck=Bottleneck,
+    resnet = module_of("torchvision.models.resnet", ResNet=ResNet, BasicBlock=BasicBlock, Bottleneck=Bottleneck,
                      resnet34=resnet34, resnet50=resnet50)
-    densenet = _module("torchvision.models.densenet", DenseNet=DenseNet, densenet121=densenet121)
-    models = _module("torchvision.models", resnet=resnet, densenet=densenet, ResNet=ResNet, DenseNet=DenseNet,
+    densenet = module_of("torchvision.models.densenet", DenseNet=DenseNet, densenet121=densenet121)
+    models = module_of("torchvision.models", resnet=resnet, densenet=densenet, ResNet=ResNet, DenseNet=DenseNet,
                      resnet34=resnet34, resnet50=resnet50, densenet121=densenet121)
-    functional = _module("torchvision.transforms.functional", normalize=normalize)
-    transforms = _module("torchvision.transforms", functional=functional, Normalize=Normalize,
+    functional = module_of("torchvision.transforms.functional", normalize=normalize)
+    transforms = module_of("torchvision.transforms", functional=functional, Normalize=Normalize,
                          Compose=Compose)
-    package = _module("torchvision", __version__=VERSION, __path__=[], __doc__=__doc__, models=models,
+    package = module_of("torchvision", __version__=VERSION, __path__=[], __doc__=__doc__, models=models,
                       transforms=transforms)
     return {m.__name__: m for m in (package, models, resnet, densenet, transforms, functional)}
 
