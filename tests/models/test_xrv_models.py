@@ -24,6 +24,8 @@ from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
 from support.xrv_files import DENSE, RESNET, random_state_dict, write_release_file
 
+zoo.family_modules()  # build_model finds the network in the registry the families fill
+
 def _ramp(size):
     """A well-normalized input: every value of [-1024, 1024] once."""
     return mx.nd.array(np.linspace(-1024, 1024, size * size, dtype=np.float32).reshape(1, 1, size, size))
