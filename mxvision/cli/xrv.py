@@ -6,7 +6,9 @@
 on, and -- with calibration -- trained outputs without an operating point (torchxrayvision
 returns a constant 0.5 for both), are marked instead of printed as if they were scores.
 ``xrv calibrate`` recomputes op_threshs (and PPV-80 thresholds) on the user's labelled films
-(``scripts/model_calibrate.py``) into a JSON that ``classify --thresholds`` loads.
+(``scripts/model_calibrate.py``) into a JSON that ``classify --thresholds`` loads. ``xrv features``
+writes a model's features (the autoencoder's latent...) for transfer learning: a feature store of an
+index, or a ``.npz`` of image files (:mod:`mxvision.features.xrv`).
 """
 from pathlib import Path
 
@@ -110,8 +112,9 @@ def add_parsers(sub):
     add_ctx(p)
     p.set_defaults(func=_cmd_classify)
 
-    x = sub.add_parser("xrv", help="torchxrayvision models: recalibrate their thresholds or fine-tune them on your labelled films",
-                       description="torchxrayvision models: recalibrate their thresholds or fine-tune them on your labelled films.")
+    x = sub.add_parser("xrv", help="torchxrayvision models: recalibrate, fine-tune on your labelled films, or compute features",
+                       description="torchxrayvision models: recalibrate their thresholds, fine-tune them on your "
+                                   "labelled films, or compute their features for transfer learning.")
     xsub = x.add_subparsers(dest="xrv_command", metavar="ACTION")
     xsub.required = True
     c = xsub.add_parser(
@@ -134,6 +137,7 @@ def add_parsers(sub):
     add_ctx(c)
     c.set_defaults(func=_cmd_calibrate)
     add_finetune_parser(xsub)
+    add_features_parser(xsub)
 
 
 def _cmd_calibrate(args):
@@ -199,6 +203,58 @@ def _cmd_finetune(args):
         print(f"{name.ljust(NAME_WIDTH)}validation AUC {before:.3f} -> {after:.3f}")
     print(f"run in {tsv_field(args.out)}; {config['note']}")
     return 0
+
+
+def add_features_parser(xsub):
+    """``mxvision xrv features``: a model's features of an index (a feature store) or of image files (.npz)."""
+    from mxvision.features.xrv import DEFAULT_MODEL
+    f = xsub.add_parser(
+        "features", help="a torchxrayvision model's features (the autoencoder's latent...) for transfer learning",
+        description="The features of a torchxrayvision model (its 'features' backbone cut; for "
+                    "resnet_ae-101-elastic the (512, 3, 3) latent of its encoder). With --index: a "
+                    "feature store in --out, the same as 'mxvision extract --backbone MODEL --cut "
+                    "features', which 'mxvision train --features OUT' trains a head on. With IMAGE "
+                    "files or folders (no labels): one .npz (paths, features: one flattened row per "
+                    "film, feature_shape) that numpy.load reads without pickle.")
+    f.add_argument("images", type=non_empty, nargs="*", metavar="IMAGE",
+                   help="PNG/JPEG/DICOM files or folders of them (or --index)")
+    f.add_argument("--index", type=non_empty, default=None, metavar="CSV",
+                   help="index CSV (path,label[,patient_id,split,view]) or a folder per class")
+    f.add_argument("--out", type=non_empty, required=True, metavar="STORE|FILE.npz",
+                   help="feature store folder (--index), or the .npz to write (IMAGE...)")
+    f.add_argument("--model", type=non_empty, default=DEFAULT_MODEL,
+                   help="torchxrayvision model with a features cut (default: %s)" % DEFAULT_MODEL)
+    f.add_argument("--weights", type=non_empty, default=None, metavar="PATH",
+                   help="a local torchxrayvision .pt (or converted .params) instead of the published weights")
+    f.add_argument("--batch-size", type=positive_int(), default=16)
+    f.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    f.add_argument("--overwrite", action="store_true", help="--index: discard a store of another configuration in --out")
+    add_cache_options(f)
+    add_ctx(f)
+    f.set_defaults(func=_cmd_features)
+
+
+def _cmd_features(args):
+    from mxvision.features import xrv
+    if bool(args.images) == bool(args.index):
+        raise MxvisionError("mxvision xrv features", "give IMAGE files or folders, or --index CSV (one of the two)")
+    options = dict(model=args.model, weights=args.weights, ctx=args.ctx, batch_size=args.batch_size,
+                   strict=args.strict, root=args.cache, progress=not args.quiet)
+    if args.index:
+        m = xrv.extract_xrv_features(args.index, args.out, overwrite=args.overwrite, **options).manifest
+        print(f"{m['n_features']} feature maps {tuple(m['feature_shape'])} of {args.model} in {tsv_field(args.out)} "
+              f"({m['n_skipped']} skipped); weights: {m['weights']['description']}; "
+              f"train a head on them: mxvision train --features {tsv_field(args.out)}")
+        return 1 if m["n_skipped"] and args.strict else 0
+    results, info = xrv.encode_images(args.images, **options)
+    for r in results:
+        if "error" in r:
+            print(f"ERROR\t{tsv_field(r['error'])}")
+    path = xrv.write_features_npz(results, info, args.out)
+    ok = sum("error" not in r for r in results)
+    print(f"{ok} films' features {tuple(info['feature_shape'])} of {args.model} ({len(results) - ok} unreadable); "
+          f"weights: {info['weights']}; wrote {tsv_field(path)}")
+    return 1 if ok < len(results) else 0
 
 
 def add_model_options(p):
