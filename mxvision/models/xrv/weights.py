@@ -305,9 +305,10 @@ def register_baselines_of(network, backbone_cuts=None):
     architecture is ``network``'s, with its own preset, outputs, licence and source. ``backbone_cuts``
     (cut name -> model output) makes it a backbone of the feature pipeline, as for the classifiers."""
     cuts = dict(backbone_cuts or {})
+    listed = tuple(k for k in cuts if not k.startswith("stage"))  # the pipeline's default-cut alias stays hidden
     for name, spec in BASELINES.items():
         if spec.arch == network.ARCH:
             register_model(
                 name, family="xrv-other", preset=spec.preset, network=network, outputs=spec.targets,
-                cuts=tuple(cuts), default_cut=next(iter(cuts), None), licence=spec.licence, source=spec.source,
+                cuts=listed, default_cut=next(iter(listed), None), licence=spec.licence, source=spec.source,
                 description="torchxrayvision %s: %s" % (spec.xrv_class, spec.description))(make_factory(name, cuts))
