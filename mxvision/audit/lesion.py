@@ -19,6 +19,12 @@ centres (it misses dense hilar, retrocardiac and costophrenic lung) and it did n
 in the films looked at, which is what placing a nodule needs. Blank films get an empty mask. A nodule is placed where its whole disc lies inside the
 estimate; the nominal synth geometry is used only when no lung is found (recorded per row).
 
+The lungs can instead come from a segmentation model: :func:`make_lesion_pairs` takes a
+``lung_masks`` provider -- any callable giving a film's (H, W) boolean lung mask, with a ``name``
+the index records -- such as :func:`mxvision.segmentation.lung_mask_provider` (the ChestX-Det
+PSPNet's Left Lung + Right Lung, ``mxvision synth --lung-masks pspnet``). The caller builds it:
+this module does not load networks.
+
 Sizes are given for a 512 px film (JSRT's grid: 0.7 mm per pixel) and scaled to each image's
 shorter side; defaults are radius 7-20 px (10-28 mm diameter) and contrast 15-40 grey levels.
 
@@ -52,6 +58,8 @@ _ENVELOPE = ((0.29, 0.44, 0.21, 0.37), (0.71, 0.44, 0.21, 0.37))
 # Grey-level spread (1st-99th percentile of the central region) below which a film is treated as
 # blank. Three of the shared JSRT films (JPCLN037, 078, 094) span only 247-254 there.
 MIN_SPREAD = 25
+#: what the ``lung_mask`` column says of a nodule placed in :func:`lung_mask`'s estimate
+ESTIMATED = "estimated"
 COLUMNS = ("patient_id", "split", "view", "pair_id", "source", "nodule_x", "nodule_y",
            "nodule_radius", "nodule_contrast", "lung_mask")
 
@@ -135,46 +143,49 @@ def lung_depth(mask):
     return cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5) if inside.any() else None
 
 
-def random_position(rng, mask, radius, depth=None):
+def random_position(rng, mask, radius, depth=None, source=ESTIMATED):
     """A random (x, y) where a disc of ``radius`` lies inside ``mask`` (uniform over such points).
 
-    Returns ``(x, y, "estimated")``; when no such point exists, a point at the mask's deepest
-    spot; when the mask is empty, the nominal lung geometry of :mod:`~mxvision.data.synth`
-    scaled to the image (``"nominal"``). ``depth``: :func:`lung_depth` of ``mask``, if known.
+    Returns ``(x, y, source)`` (``source`` names where ``mask`` came from); when no such point
+    exists, a point at the mask's deepest spot; when the mask is empty, the nominal lung geometry
+    of :mod:`~mxvision.data.synth` scaled to the image (``"nominal"``). ``depth``:
+    :func:`lung_depth` of ``mask``, if known.
     """
     if depth is None:
         depth = lung_depth(mask)
     if depth is not None:
         ys, xs = np.nonzero(depth >= min(radius, depth.max()))
         k = int(rng.integers(len(xs)))
-        return float(xs[k]) + rng.uniform(-0.5, 0.5), float(ys[k]) + rng.uniform(-0.5, 0.5), "estimated"
+        return float(xs[k]) + rng.uniform(-0.5, 0.5), float(ys[k]) + rng.uniform(-0.5, 0.5), source
     h, w = mask.shape
     side = min(h, w)
     x, y = synth.random_lung_position(rng, side)
     return x + (w - side) / 2, y + (h - side) / 2, "nominal"
 
 
-def insert_random_nodule(img, mask, rng, radius=RADIUS_512, contrast=CONTRAST, depth=None):
+def insert_random_nodule(img, mask, rng, radius=RADIUS_512, contrast=CONTRAST, depth=None, source=ESTIMATED):
     """``img`` (uint8) with one simulated nodule in the lungs, drawn by
     :func:`mxvision.data.synth.insert_nodule`; returns ``(image, nodule)`` with nodule
     ``{"x", "y", "radius", "contrast", "lung_mask"}`` in pixels of ``img``. ``depth``: the
-    film's :func:`lung_depth`, if known."""
+    film's :func:`lung_depth`, if known; ``source``: what ``mask`` is (see :func:`random_position`)."""
     scale = min(img.shape) / REFERENCE_SIZE
     r = rng.uniform(*radius) * scale
     c = rng.uniform(*contrast)
-    x, y, where = random_position(rng, mask, r, depth)
+    x, y, where = random_position(rng, mask, r, depth, source)
     out = synth.insert_nodule(img, (x, y), r, c, rng)
     return out, {"x": x, "y": y, "radius": r, "contrast": c, "lung_mask": where}
 
 
-def nodule_versions(img, image_id, variants, seed=0, mask=None, radius=RADIUS_512, contrast=CONTRAST):
+def nodule_versions(img, image_id, variants, seed=0, mask=None, radius=RADIUS_512, contrast=CONTRAST,
+                    source=ESTIMATED):
     """The ``variants`` nodule versions of one film that :func:`make_lesion_pairs` writes, as a
     list of ``(image, nodule)``: draws depend only on (seed, image id, k), so a detector can
-    rebuild in memory exactly the pairs ``mxvision synth`` would write for its validation films."""
+    rebuild in memory exactly the pairs ``mxvision synth`` would write for its validation films.
+    ``mask``: the film's lung mask (default: :func:`lung_mask`), ``source`` what it is."""
     mask = lung_mask(img) if mask is None else mask
     depth = lung_depth(mask)
     return [insert_random_nodule(img, mask, np.random.default_rng([seed, zlib.crc32(image_id.encode()), k]),
-                                 radius, contrast, depth) for k in range(variants)]
+                                 radius, contrast, depth, source) for k in range(variants)]
 
 
 def _stem(path):
@@ -182,7 +193,7 @@ def _stem(path):
 
 
 def make_lesion_pairs(index, out_dir, variants=1, radius=RADIUS_512, contrast=CONTRAST, seed=0,
-                      label="normal", splits=None, progress=True):
+                      label="normal", splits=None, progress=True, lung_masks=None):
     """Write the with/without-nodule set made from the ``label`` rows of ``index``; return the
     written :class:`~mxvision.data.index.Index` (``out_dir/index.csv``).
 
@@ -190,6 +201,9 @@ def make_lesion_pairs(index, out_dir, variants=1, radius=RADIUS_512, contrast=CO
     film re-encoded) and ``variants`` files ``images/nodule/<stem>_n<k>.png``. ``splits`` keeps
     only sources of those splits; sources without a split get a patient-grouped one. The random
     draws of a film depend only on (seed, its id, k), so adding films changes no existing image.
+    ``lung_masks``: where the lungs are -- a callable giving a film's (H, W) boolean lung mask
+    (uint8 film in), whose ``name`` the ``lung_mask`` column records (e.g.
+    :func:`mxvision.segmentation.lung_mask_provider`); default: the estimate :func:`lung_mask`.
     """
     from mxvision.features.extract import load_index
 
@@ -204,11 +218,12 @@ def make_lesion_pairs(index, out_dir, variants=1, radius=RADIUS_512, contrast=CO
         raise BadIndex(index.source, f"no {label!r} images{' in split(s) ' + ', '.join(splits) if splits else ''} "
                                      "to insert nodules into")
     unique_stems = len(set(map(_stem, index.ids))) == len(index)
+    source = ESTIMATED if lung_masks is None else str(lung_masks.name)
     records = []
     for i in tqdm(rows, desc="synth", unit="img", disable=not progress):
         path, image_id = index.paths[i], index.ids[i]
         img = to_uint8(read_image(path))
-        mask = lung_mask(img)
+        mask = lung_mask(img) if lung_masks is None else np.asarray(lung_masks(img), bool)
         patient = index.patient_ids[i]
         base = {"patient_id": patient, "split": index.splits[i], "view": index.views[i] or "PA",
                 "pair_id": patient, "source": path}
@@ -217,7 +232,7 @@ def make_lesion_pairs(index, out_dir, variants=1, radius=RADIUS_512, contrast=CO
         synth.write_png(clean, img)  # the same writer for both members of a pair
         records.append(dict(base, path=clean, label="normal"))
         for k, (with_nodule, nodule) in enumerate(nodule_versions(img, image_id, variants, seed, mask,
-                                                                 radius, contrast)):
+                                                                 radius, contrast, source)):
             target = os.path.join(out_dir, "images", "nodule", f"{stem}_n{k}.png")
             synth.write_png(target, with_nodule)
             records.append(dict(base, path=target, label="nodule", nodule_x=f"{nodule['x']:.1f}",

@@ -94,9 +94,18 @@ def _cmd_audit(args):
 def _cmd_synth(args):
     from mxvision.audit.lesion import make_lesion_pairs
 
+    from mxvision.errors import MxvisionError
+
+    if args.segmenter_weights and args.lung_masks != "pspnet":
+        raise MxvisionError("--segmenter-weights", "only with --lung-masks pspnet (the estimated masks use no model)")
+    lung_masks = None
+    if args.lung_masks == "pspnet":
+        from mxvision.segmentation import lung_mask_provider
+        lung_masks = lung_mask_provider(weights=args.segmenter_weights, progress=not args.quiet)
+        print(f"lung masks: {lung_masks.description}")
     index = make_lesion_pairs(args.index, args.out, variants=args.variants, radius=tuple(args.radius),
                               contrast=tuple(args.contrast), seed=args.seed, label=args.label,
-                              splits=args.splits, progress=not args.quiet)
+                              splits=args.splits, progress=not args.quiet, lung_masks=lung_masks)
     counts = {}
     for split, label in zip(index.splits, index.labels):
         counts[(split, label)] = counts.get((split, label), 0) + 1
@@ -171,5 +180,11 @@ def add_parsers(sub):
     p.add_argument("--splits", nargs="+", choices=["train", "val", "test"], default=None,
                    help="only films of these splits (default: all; their split is kept)")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--lung-masks", choices=["estimated", "pspnet"], default="estimated",
+                   help="where nodules may go: each film's estimated lung mask (default), or the lungs "
+                        "(Left + Right Lung) segmented by torchxrayvision's ChestX-Det PSPNet")
+    p.add_argument("--segmenter-weights", type=non_empty, default=None, metavar="PATH|none",
+                   help="with --lung-masks pspnet: a local .pth/.params instead of the published weights "
+                        "(downloaded once); none: random weights (testing only)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_synth)
