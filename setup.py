@@ -53,7 +53,7 @@ setup(
     # 3.8 and 3.9 get pydicom 2.4 (mxvision.io.dicom_compat); 3.13 is the newest checked
     python_requires=">=3.8,<3.14",
     packages=find_packages(include=["mxvision", "mxvision.*"]),
-    package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"],
+    package_data={"mxvision": ["py.typed"], "mxvision.data.tables": ["*.json"], "mxvision.models.xrv": ["*.json"],
                   "mxvision.serve": ["page/*.html"]},
     install_requires=[
         # Python 3.13 has no NumPy < 2 wheel, which MXNet's metadata asks for: there the Makefile

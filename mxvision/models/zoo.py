@@ -52,6 +52,7 @@ FAMILY_MODULES = (
     "mxvision.models.xrv.resnet",
     "mxvision.models.xrv.baseline",
     "mxvision.models.xrv.jfhealthcare",
+    "mxvision.models.xrv.chexpert_ensemble",
     "mxvision.models.xrv.pspnet",
     "mxvision.models.xrv.autoencoder",
     "mxvision.models.xrv.covariates",

@@ -46,7 +46,7 @@ from mxvision.io.torchfile.files import (
 from mxvision.io.torchfile.unpickler import (
     LEGACY_MAGIC, LEGACY_PROTOCOL, ModuleRecord, RestrictedUnpickler, Storage, describe, size_text)
 
-__all__ = ["load_torch_file", "read_torch_pickle", "state_dict_from", "byte_limit_for",
+__all__ = ["load_torch_file", "read_torch_pickle", "read_torch_bytes", "state_dict_from", "byte_limit_for",
            "open_weights_file", "RestrictedUnpickler", "ModuleRecord", "LEGACY_MAGIC", "LEGACY_PROTOCOL",
            "DEFAULT_MAX_BYTES", "PICKLE_ALLOWANCE"]
 
@@ -201,17 +201,32 @@ def read_torch_pickle(path, allow_modules=True, max_bytes=None):
     limit = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
     with open_weights_file(source, limit + PICKLE_ALLOWANCE) as f:
         try:
-            size = os.fstat(f.fileno()).st_size
-            if not size:
-                raise WeightsError(source, "file is empty (0 bytes)")
-            head = f.read(512)
-            f.seek(0)
-            if head[:4] == b"PK\x03\x04":
-                return _read_zip(f, size, source, allow_modules, limit)
-            if head[:1] == b"\x80":
-                return _read_legacy(read_exactly(f, size, source), source, allow_modules, limit)
+            return _read_format(f, os.fstat(f.fileno()).st_size, source, allow_modules, limit)
         except OSError as err:  # a disk error mid-read
             raise WeightsError(source, "cannot read the weights file (%s)" % (err.strerror or err)) from None
+
+
+def read_torch_bytes(raw, source, allow_modules=True, max_bytes=None):
+    """The object the bytes of a ``.pt`` file hold, read as :func:`read_torch_pickle` reads a
+    file: for a ``torch.save``d file that is a member of an archive, read out of it in bounded
+    form (:func:`~mxvision.io.torchfile.files.read_zip_member`). ``source`` names it in messages."""
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
+    if len(raw) > limit + PICKLE_ALLOWANCE:
+        raise WeightsError(source, "it is %s, more than the %s expected of these weights (the wrong "
+                           "file, or a hostile one)" % (size_text(len(raw)), size_text(limit + PICKLE_ALLOWANCE)))
+    return _read_format(io.BytesIO(raw), len(raw), source, allow_modules, limit)
+
+
+def _read_format(f, size, source, allow_modules, limit):
+    """The object in binary file ``f`` of ``size`` bytes, told apart by its first bytes."""
+    if not size:
+        raise WeightsError(source, "file is empty (0 bytes)")
+    head = f.read(512)
+    f.seek(0)
+    if head[:4] == b"PK\x03\x04":
+        return _read_zip(f, size, source, allow_modules, limit)
+    if head[:1] == b"\x80":
+        return _read_legacy(read_exactly(f, size, source), source, allow_modules, limit)
     if len(head) > 262 and head[257:262] == b"ustar":
         raise WeightsError(source, "the tar format of PyTorch < 0.4 is not supported; re-save the "
                            "weights with a newer PyTorch")
