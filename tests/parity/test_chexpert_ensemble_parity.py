@@ -16,8 +16,10 @@ index would show.
 
 Asserted: the 5 probabilities within 1e-5 in float32 (all five films), and
 torchxrayvision's ``features`` (every member's pooled vector, group by group) within rounding; in
-float64 (two films) both within 1e-9: the same function. Also: the configuration mxvision ships is
-torchxrayvision's, unchanged.
+float64 (two films) both within 1e-9: the same function (measured: 7.8e-7 on the probabilities,
+2.3e-6 on features of up to 1.3; float64 1.7e-15). Also: the configuration mxvision ships is
+torchxrayvision's, unchanged. Cost: six training-mode passes and torchxrayvision's film-by-film,
+member-by-member forwards, 3 to 5 minutes on two shared cores.
 """
 import io
 import json
