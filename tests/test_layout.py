@@ -30,7 +30,7 @@ LAYERS = [
     ("models", ["mxvision.models"]),
     ("features", ["mxvision.features"]),
     ("train", ["mxvision.train"]),
-    ("verbs", ["mxvision.inference", "mxvision.segmentation", "mxvision.export"]),
+    ("verbs", ["mxvision.inference", "mxvision.segmentation", "mxvision.view_prediction", "mxvision.export"]),
     ("audit", ["mxvision.audit"]),
     ("evaluate", ["mxvision.evaluate"]),
     ("demo, distributed", ["mxvision.demo", "mxvision.distributed"]),

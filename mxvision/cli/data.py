@@ -131,7 +131,7 @@ def _view_predictor(args):
     if args.view_model is None:
         return None
     from mxvision.data.views import parse_views
-    from mxvision.models.xrv.view_predictor import ViewPredictor
+    from mxvision.view_prediction import ViewPredictor
 
     parse_views(args.views)  # a typo in --views fails before the model is downloaded or read
     return ViewPredictor(weights=None if args.view_model == "pretrained" else args.view_model,

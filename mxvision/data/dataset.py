@@ -148,7 +148,7 @@ class XrayDataset:
         ``source`` attribute names it (``model:xinario-view-resnet50``): the ``view_source`` of
         the rows it filled. Rows with a view keep it, and their ``view_source`` (``""`` unless
         an earlier prediction set it). The predictor is passed in because it is a model, which
-        the data layer does not import (:class:`mxvision.models.xrv.view_predictor.ViewPredictor`).
+        the data layer does not import (:class:`mxvision.view_prediction.ViewPredictor`).
         """
         records = [dict(r, view_source=r.get("view_source") or "") for r in self._records]
         unknown = [i for i, r in enumerate(records) if not r["view"]]

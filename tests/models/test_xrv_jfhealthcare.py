@@ -39,7 +39,8 @@ def release_state():
     for key, gname in net.expected_torch_keys().items():
         shape = params[gname].shape
         scale_like = key.endswith(("running_var", "weight")) and len(shape) == 1  # BatchNorm's
-        state[key] = (rng.uniform(0.5, 1.0, shape) if scale_like else rng.uniform(-0.05, 0.05, shape)).astype(np.float32)
+        value = rng.uniform(0.5, 1.0, shape) if scale_like else rng.uniform(-0.05, 0.05, shape)
+        state[key] = value.astype(np.float32)
         if key.endswith("running_var"):
             state[key[:-len("running_var")] + "num_batches_tracked"] = np.array(7, dtype=np.int64)
     for key, shape in UNUSED.items():

@@ -9,7 +9,7 @@ import numpy as np
 
 from mxvision.data.xrv_transforms import load_xray, preprocess
 from mxvision.models import zoo
-from mxvision.models.xrv.view_predictor import VIEW_MODEL
+from mxvision.view_prediction import VIEW_MODEL
 
 
 def split_view_weights(paths, out):

@@ -14,7 +14,7 @@ from support.view_model import split_view_weights
 from mxvision.data.xrv_transforms import load_xray, preprocess
 from mxvision.errors import WeightsError
 from mxvision.models import zoo
-from mxvision.models.xrv.view_predictor import VIEW_MODEL, ViewPredictor
+from mxvision.view_prediction import VIEW_MODEL, ViewPredictor
 
 FILMS = ["00000001_000.png", "00027426_000.png", "16747_3_1.jpg", "Fake_MONOHR1.dcm"]
 
