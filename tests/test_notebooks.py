@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-MIN_IMAGES = {"01_quickstart.ipynb": 2, "03_heatmaps.ipynb": 1, "04_classify_xrv.ipynb": 1}
+MIN_IMAGES = {"01_quickstart.ipynb": 2, "03_heatmaps.ipynb": 1, "04_classify_xrv.ipynb": 1, "06_anatomy_and_view.ipynb": 1}
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
