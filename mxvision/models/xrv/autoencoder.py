@@ -36,25 +36,12 @@ from mxnet.gluon import HybridBlock, nn
 from mxvision.errors import MxvisionError
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.baseline import BaselineModel
+from mxvision.models.xrv.resnet import Bottleneck, batch_norm, shortcut
 
-BN_EPS = 1e-5  # PyTorch's BatchNorm2d default
 LAYERS_101 = (3, 4, 23, 2)  # torchxrayvision's ResNetAE101
 LATENT_CHANNELS = 512
 #: the torch names of the decoder's modules: what an encoder-only model leaves out of a release file
 DECODER_MODULES = ("uplayer1", "uplayer2", "uplayer3", "uplayer4", "uplayer_top", "conv1_1")
-
-
-def _bn(channels):
-    return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
-
-
-def _shortcut(prefix, layer, channels):
-    """``nn.Sequential(conv, BatchNorm2d)``: the torch names ``<prefix>.0`` and ``<prefix>.1``."""
-    seq = nn.HybridSequential(prefix=prefix + "_")
-    with seq.name_scope():
-        seq.add(layer)
-        seq.add(_bn(channels))
-    return seq
 
 
 def _module_of(key):
@@ -63,31 +50,16 @@ def _module_of(key):
     return parts[1] if len(parts) > 2 and parts[0] in ("module", "model") else parts[0]
 
 
-class _Bottleneck(HybridBlock):
-    """torchxrayvision's encoder ``Bottleneck``: the ReLU after bn3 comes before the shortcut."""
-
-    expansion = 4
-
-    def __init__(self, in_channels, planes, stride=1, downsample=False, **kwargs):
-        super().__init__(**kwargs)
-        out = planes * self.expansion
-        with self.name_scope():
-            self.conv1 = nn.Conv2D(planes, 1, use_bias=False, in_channels=in_channels)
-            self.bn1 = _bn(planes)
-            self.conv2 = nn.Conv2D(planes, 3, strides=stride, padding=1, use_bias=False, in_channels=planes)
-            self.bn2 = _bn(planes)
-            self.conv3 = nn.Conv2D(out, 1, use_bias=False, in_channels=planes)
-            self.bn3 = _bn(out)
-            self.downsample = (_shortcut("downsample", nn.Conv2D(out, 1, strides=stride, use_bias=False,
-                                                                  in_channels=in_channels), out)
-                               if downsample else None)
+class _Bottleneck(Bottleneck):
+    """torchxrayvision's encoder ``Bottleneck``: torchvision's layers and names, but the ReLU after
+    bn3 comes before the shortcut is added."""
 
     def hybrid_forward(self, F, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = F.relu(self.bn3(self.conv3(out)))
-        shortcut = self.downsample(x) if self.downsample is not None else x
-        return F.relu(out + shortcut)
+        identity = self.downsample(x) if self.downsample is not None else x
+        return F.relu(out + identity)
 
 
 class _DeconvBottleneck(HybridBlock):
@@ -99,17 +71,17 @@ class _DeconvBottleneck(HybridBlock):
         out = planes * expansion
         with self.name_scope():
             self.conv1 = nn.Conv2D(planes, 1, use_bias=False, in_channels=in_channels)
-            self.bn1 = _bn(planes)
+            self.bn1 = batch_norm(planes)
             if stride == 1:
                 self.conv2 = nn.Conv2D(planes, 3, strides=1, padding=1, use_bias=False, in_channels=planes)
             else:
                 self.conv2 = nn.Conv2DTranspose(planes, 3, strides=stride, padding=1, output_padding=1,
                                                 use_bias=False, in_channels=planes)
-            self.bn2 = _bn(planes)
+            self.bn2 = batch_norm(planes)
             self.conv3 = nn.Conv2D(out, 1, use_bias=False, in_channels=planes)
-            self.bn3 = _bn(out)
+            self.bn3 = batch_norm(out)
             # torchxrayvision builds every upsample with output_padding=1 (and only strided ones here)
-            self.upsample = (_shortcut("upsample", nn.Conv2DTranspose(
+            self.upsample = (shortcut("upsample", nn.Conv2DTranspose(
                 out, 1, strides=stride, output_padding=1, use_bias=False, in_channels=in_channels), out)
                 if upsample else None)
 
@@ -142,7 +114,7 @@ class XRVResNetAE(BaselineModel):
         self.in_channels = 64
         with self.name_scope():
             self.conv1 = nn.Conv2D(64, 7, strides=2, padding=3, use_bias=False, in_channels=1)
-            self.bn1 = _bn(64)
+            self.bn1 = batch_norm(64)
             self.maxpool = nn.MaxPool2D(3, 2, 1)
             for i, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 128), layers, (1, 2, 2, 6))):
                 setattr(self, "layer%d" % (i + 1), self._make_downlayer("layer%d_" % (i + 1), planes, blocks, stride))

@@ -29,7 +29,7 @@ vector before ``fc``: 2048 for the ResNet-50, 512 for the ResNet-34s).
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.models.xrv.baseline import BaselineModel, imagenet_channels, three_channels, unit_range
-from mxvision.models.xrv.resnet import Bottleneck, batch_norm
+from mxvision.models.xrv.resnet import Bottleneck, batch_norm, shortcut
 from mxvision.models.xrv.weights import register_baselines_of
 
 
@@ -45,13 +45,9 @@ class _BasicBlock(HybridBlock):
             self.bn1 = batch_norm(planes)
             self.conv2 = nn.Conv2D(planes, 3, padding=1, use_bias=False, in_channels=planes)
             self.bn2 = batch_norm(planes)
-            if downsample:
-                self.downsample = nn.HybridSequential(prefix="downsample_")
-                with self.downsample.name_scope():
-                    self.downsample.add(nn.Conv2D(planes, 1, strides=stride, use_bias=False, in_channels=in_channels))
-                    self.downsample.add(batch_norm(planes))
-            else:
-                self.downsample = None
+            self.downsample = (shortcut("downsample", nn.Conv2D(planes, 1, strides=stride, use_bias=False,
+                                                                 in_channels=in_channels), planes)
+                               if downsample else None)
 
     def hybrid_forward(self, F, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -26,6 +26,15 @@ def batch_norm(channels):
     return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
 
 
+def shortcut(prefix, layer, channels):
+    """torch's ``nn.Sequential(layer, BatchNorm2d(channels))`` as ``<prefix>.0`` and ``<prefix>.1``."""
+    seq = nn.HybridSequential(prefix=prefix + "_")
+    with seq.name_scope():
+        seq.add(layer)
+        seq.add(batch_norm(channels))
+    return seq
+
+
 class Bottleneck(HybridBlock):
     """torchvision's ``Bottleneck`` (v1.5: the stride on the 3x3 convolution), its names kept."""
 
@@ -41,13 +50,9 @@ class Bottleneck(HybridBlock):
             self.bn2 = batch_norm(planes)
             self.conv3 = nn.Conv2D(out, 1, use_bias=False, in_channels=planes)
             self.bn3 = batch_norm(out)
-            if downsample:
-                self.downsample = nn.HybridSequential(prefix="downsample_")
-                with self.downsample.name_scope():
-                    self.downsample.add(nn.Conv2D(out, 1, strides=stride, use_bias=False, in_channels=in_channels))
-                    self.downsample.add(batch_norm(out))
-            else:
-                self.downsample = None
+            self.downsample = (shortcut("downsample", nn.Conv2D(out, 1, strides=stride, use_bias=False,
+                                                                 in_channels=in_channels), out)
+                               if downsample else None)
 
     def hybrid_forward(self, F, x):
         out = F.relu(self.bn1(self.conv1(x)))
