@@ -6,7 +6,6 @@ layout torchxrayvision's class reads (a state dict; a Lightning checkpoint; Data
 and its outputs are what torchxrayvision's ``forward`` returns, computed from the pooled features
 and the file's own ``fc``.
 """
-import math
 from collections import OrderedDict
 
 import mxnet as mx
@@ -19,30 +18,14 @@ from mxvision.errors import WeightsError
 from mxvision.io.torchfile.writer import save_torch_file
 from mxvision.models import zoo
 from mxvision.models.xrv.baseline_specs import BASELINES
+from support.xrv_files import random_state_dict
 
 VIEW, SEX, RACE = "xinario-view-resnet50", "mira-sex-resnet34", "emory_hiti-race-resnet34"
 
 
 def random_state(name, seed=0):
     """A state dict in torchvision's names and shapes for ``name``, random values."""
-    net = zoo.get_model_config(name).network(BASELINES[name])
-    params = net._collect_params_with_prefix()
-    rng = np.random.default_rng(seed)
-    state = OrderedDict()
-    for key, gname in net.expected_torch_keys().items():
-        shape = params[gname].shape
-        if key.endswith("running_var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif key.endswith(("running_mean", ".bias")):
-            value = rng.uniform(-0.1, 0.1, shape)
-        elif len(shape) == 1:
-            value = rng.uniform(0.8, 1.2, shape)
-        else:
-            value = rng.standard_normal(shape) * math.sqrt(2.0 / np.prod(shape[1:]))
-        state[key] = value.astype(np.float32)
-        if key.endswith("running_var"):
-            state[key[:-len("running_var")] + "num_batches_tracked"] = np.array(1000, dtype=np.int64)
-    return state
+    return random_state_dict(name, seed, head_scale=1.0)
 
 
 @pytest.fixture(scope="module")

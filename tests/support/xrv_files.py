@@ -7,6 +7,7 @@ import numpy as np
 from mxvision.io.torchfile.writer import TorchModule, save_torch_file
 from mxvision.models import zoo
 from mxvision.models.xrv.common import WEIGHTS
+from mxvision.models.xrv.weights import get_any_spec
 
 DENSE = "densenet121-res224-mimic_nb"
 RESNET = "resnet50-res512-all"
@@ -17,9 +18,10 @@ _CLASSES = {"conv": "torch.nn.modules.conv.Conv2d", "norm": "torch.nn.modules.ba
             "transition": "torchxrayvision.models._Transition"}
 
 
-def random_state_dict(name, seed=0):
-    """A state dict in PyTorch's names and shapes for ``name``'s architecture, random values."""
-    net = zoo.get_model_config(name).network(WEIGHTS[name])  # uninitialised: names and shapes only
+def random_state_dict(name, seed=0, head_scale=0.05):
+    """A state dict in PyTorch's names and shapes for ``name``'s architecture, random values
+    (any torchxrayvision port; its classifier ``classifier``/``fc`` scaled by ``head_scale``)."""
+    net = zoo.get_model_config(name).network(get_any_spec(name))  # uninitialised: names and shapes only
     params = net._collect_params_with_prefix()
     rng = np.random.default_rng(seed)
     state = OrderedDict()
@@ -34,7 +36,7 @@ def random_state_dict(name, seed=0):
         else:  # He-normal, as PyTorch's kaiming init; small classifier so logits stay moderate
             value = rng.standard_normal(shape) * math.sqrt(2.0 / np.prod(shape[1:]))
             if key.startswith(("classifier", "fc")):
-                value *= 0.05
+                value *= head_scale
         state[key] = value.astype(np.float32)
         if key.endswith("running_var"):
             state[key[:-len("running_var")] + "num_batches_tracked"] = np.array(1000, dtype=np.int64)

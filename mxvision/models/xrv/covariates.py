@@ -29,7 +29,7 @@ vector before ``fc``: 2048 for the ResNet-50, 512 for the ResNet-34s).
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.models.xrv.baseline import BaselineModel, imagenet_channels, three_channels, unit_range
-from mxvision.models.xrv.resnet import Bottleneck, batch_norm, shortcut
+from mxvision.models.xrv.resnet import Bottleneck, add_torchvision_trunk, batch_norm, shortcut
 from mxvision.models.xrv.weights import register_baselines_of
 
 
@@ -71,20 +71,7 @@ class CovariateResNet(BaselineModel):
         super().__init__(spec, output=output, **kwargs)
         block, layers = LAYOUTS[self.DEPTH]
         with self.name_scope():
-            self.conv1 = nn.Conv2D(64, 7, strides=2, padding=3, use_bias=False, in_channels=3)
-            self.bn1 = batch_norm(64)
-            self.maxpool = nn.MaxPool2D(3, 2, 1)
-            channels = 64
-            for i, (blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
-                stride = 1 if i == 0 else 2
-                layer = nn.HybridSequential(prefix="layer%d_" % (i + 1))
-                with layer.name_scope():
-                    for b in range(blocks):
-                        out = planes * block.expansion
-                        layer.add(block(channels, planes, stride if b == 0 else 1,
-                                        downsample=b == 0 and (stride != 1 or channels != out)))
-                        channels = out
-                setattr(self, "layer%d" % (i + 1), layer)
+            channels = add_torchvision_trunk(self, block, layers, in_channels=3)
             # "features" has no fc: no unused parameters in its graph, and a full file loads into it
             self.fc = self.make_fc(channels) if output == "scores" else None
         self.num_features = channels

@@ -62,6 +62,27 @@ class Bottleneck(HybridBlock):
         return F.relu(out + identity)
 
 
+def add_torchvision_trunk(net, block, layers, in_channels):
+    """Give ``net`` (inside its name scope) torchvision's ResNet trunk: ``conv1``, ``bn1``,
+    ``maxpool``, ``layer1``..``layer4`` of ``block``s (``layers`` per stage), with torchvision's
+    names; returns the channels of the last stage."""
+    net.conv1 = nn.Conv2D(64, 7, strides=2, padding=3, use_bias=False, in_channels=in_channels)
+    net.bn1 = batch_norm(64)
+    net.maxpool = nn.MaxPool2D(3, 2, 1)
+    channels = 64
+    for i, (blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+        stride = 1 if i == 0 else 2
+        layer = nn.HybridSequential(prefix="layer%d_" % (i + 1))
+        with layer.name_scope():
+            for b in range(blocks):
+                out = planes * block.expansion
+                layer.add(block(channels, planes, stride if b == 0 else 1,
+                                downsample=b == 0 and (stride != 1 or channels != out)))
+                channels = out
+        setattr(net, "layer%d" % (i + 1), layer)
+    return channels
+
+
 class XRVResNet(XRVModel):
     """torchxrayvision's ResNet-50. ``output``: ``"scores"`` (18 outputs), ``"features"``
     (pooled (N, 2048), = torchxrayvision's ``features``) or ``"layer4"`` (the last map)."""
@@ -73,19 +94,7 @@ class XRVResNet(XRVModel):
                  in_channels=1, num_classes=NUM_CLASSES, **kwargs):
         super().__init__(spec, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid, **kwargs)
         with self.name_scope():
-            self.conv1 = nn.Conv2D(64, 7, strides=2, padding=3, use_bias=False, in_channels=in_channels)
-            self.bn1 = batch_norm(64)
-            self.maxpool = nn.MaxPool2D(3, 2, 1)
-            channels = 64
-            for i, (blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
-                stride = 1 if i == 0 else 2
-                layer = nn.HybridSequential(prefix="layer%d_" % (i + 1))
-                with layer.name_scope():
-                    for b in range(blocks):
-                        layer.add(Bottleneck(channels, planes, stride if b == 0 else 1,
-                                             downsample=(b == 0 and (stride != 1 or channels != planes * 4))))
-                        channels = planes * 4
-                setattr(self, "layer%d" % (i + 1), layer)
+            channels = add_torchvision_trunk(self, Bottleneck, layers, in_channels)
             # backbones ("features"/"layer4") have no fc: no unused parameters in their graph
             self.fc = nn.Dense(num_classes, in_units=channels) if output == "scores" else None
         self.num_features = channels
