@@ -76,6 +76,7 @@ setup(
         "pydicom",  # 3.x from Python 3.10; 2.4 on 3.8/3.9 (mxvision.io.dicom_compat)
         "Pillow",  # pydicom decodes JPEG-compressed DICOM (both real samples) through Pillow
         "defusedxml",
+        "platformdirs",  # the user cache folder (~/.cache/mxvision on Linux): mxvision.runtime.user_cache_dir
     ],
     extras_require={
         # selenium drives Debian's chromium + chromium-driver in the page test (tests/serve)

@@ -5,6 +5,18 @@ from support.httpserver import http_server  # noqa: F401  (real HTTP server on 1
 from mxvision.runtime import shared_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory):
+    """The whole session writes its caches (calibrated INT8 networks, converted and downloaded
+    weights) into a temporary folder, never into the user's ~/.cache/mxvision or ~/.mxnet:
+    MXVISION_CACHE is set for every test and every process a test starts. Tests of the default
+    location unset it with monkeypatch."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MXVISION_CACHE", str(tmp_path_factory.mktemp("mxvision-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def shared():
     """The real-data folder ../shared; tests that need it skip with a reason when it is absent."""

@@ -17,8 +17,14 @@
 
 Both run on the CPU only (oneDNN operators). The INT8 network is kept as a plain symbol + params
 pair (``backbone-int8-symbol.json`` / ``backbone-int8.params``) in the feature store, so
-``predict`` and ``export`` rebuild exactly the network the features came from; with
-``MXVISION_CACHE`` set it is also cached in ``$MXVISION_CACHE/quantized/<key>/`` for other stores.
+``predict`` and ``export`` rebuild exactly the network the features came from. It is also cached
+for every other store in the user cache, ``quantized/<key>/`` under ``$MXVISION_CACHE`` or the
+platform's cache folder (``~/.cache/mxvision`` on Linux): a second extraction of the same data
+copies it (a second or so) instead of calibrating again. Concurrent extractions of one key
+calibrate once (a lock file beside the entry; the entry is renamed into place whole); an entry
+whose files no longer match their recorded sha1s is converted again; an unwritable cache is
+warned about once and extraction goes on without it. ``mxvision cache list|clear`` shows and
+frees it (:mod:`mxvision.features.cache`).
 
 :func:`load_extractor` rebuilds, for ``predict`` and ``export``, the network a store's features
 came from: float32, bfloat16 or INT8 backbone, plus :class:`Pooled` when the features were pooled.
@@ -31,6 +37,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import mxnet as mx
@@ -40,7 +47,8 @@ from mxnet.gluon import HybridBlock
 
 from mxvision.data import transforms
 from mxvision.data.folder import IMAGE_SUFFIXES
-from mxvision.runtime import parse_ctx
+from mxvision.io.download import locked_file
+from mxvision.runtime import parse_ctx, user_cache_dir
 from mxvision.errors import BadRun, MxvisionError, one_line
 from mxvision.models import zoo
 from mxvision.models.store import check_params_file, check_weight_values, mxnet_error_line
@@ -302,9 +310,124 @@ def load_block(folder, info, ctx):
 
 
 def cache_root():
-    """``$MXVISION_CACHE/quantized`` when MXVISION_CACHE is set, else None (the store caches)."""
-    base = os.environ.get("MXVISION_CACHE")
-    return Path(base).expanduser() / "quantized" if base else None
+    """Where calibrated networks are kept for every feature store: ``quantized/`` in the user cache
+    (:func:`mxvision.runtime.user_cache_dir`: ``$MXVISION_CACHE``, else e.g. ``~/.cache/mxvision``)."""
+    return user_cache_dir() / "quantized"
+
+
+def entry_folder(key):
+    """The cache entry of the converted network with this :func:`model_key`."""
+    return cache_root() / key
+
+
+#: Cache roots already warned about as unwritable in this process (warned once each).
+_UNWRITABLE = set()
+#: How the manifest's ``precision["cache"]`` says where the converted network came from.
+CACHE_STATES = {"hit": "copied from the user cache (converted earlier, by this or another process)",
+                "stored": "converted here and kept in the user cache",
+                "store": "already in this feature store (an earlier or interrupted run)",
+                "off": "converted here; the user cache could not be written"}
+
+
+def _reason(err):
+    return one_line(getattr(err, "problem", None) or getattr(err, "strerror", None) or err, 120)
+
+
+def _warn_unwritable(root, reason):
+    if str(root) not in _UNWRITABLE:
+        _UNWRITABLE.add(str(root))
+        log.warning("cannot write the cache folder %s (%s): the converted network is kept in the "
+                    "feature store only, and the next store converts it again; set MXVISION_CACHE "
+                    "to a writable folder", root, reason)
+
+
+def _copy_files(src, dst, dtype):
+    for name in file_names(dtype):
+        with atomic_path(Path(dst) / name) as tmp:
+            shutil.copyfile(Path(src) / name, tmp)
+
+
+def _from_cache(entry, store_dir, dtype, key):
+    """Copy the intact cache entry ``entry`` into the store; the store's info, or None (no
+    entry, a damaged one, or one that went away while being copied)."""
+    if find(entry, dtype, key) is None:
+        return None
+    try:
+        _copy_files(entry, store_dir, dtype)
+    except FileNotFoundError:  # removed meanwhile (mxvision cache clear)
+        return None
+    log.info("using the cached %s backbone %s", dtype, entry)
+    return find(store_dir, dtype, key)  # checked again: the copy is what the features come from
+
+
+def _install(store_dir, entry, dtype):
+    """Put the store's converted network into the cache as ``entry``, atomically: written into a
+    temporary folder beside it, then renamed (called with the entry's lock held)."""
+    root = entry.parent
+    for stale in root.glob(f".{entry.name}.*.tmp"):  # left by a killed writer of this key
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=root))
+    try:
+        os.chmod(tmp, 0o755)
+        _copy_files(store_dir, tmp, dtype)
+        if entry.exists():  # a damaged entry (find refused it): replaced
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib):
+    images = load_calibration(calib["paths"], preset) if calib else None
+    if calib:
+        calib["n_images"] = len(images)
+    sym, arg, aux = convert(net, dtype, ctx, preset, images)
+    record = {"key": key, "backbone": features_info["backbone"], "cut": features_info["cut"],
+              "weights_sha1": features_info["weights"]["sha1"], "calibration": calib,
+              "mxnet_version": mx.__version__, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return save(store_dir, dtype, sym, arg, aux, record)
+
+
+def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib):
+    """``(info, state)``: the network in the store, taken from the user cache or converted (and
+    then cached). One process converts a key at a time (a lock file beside the entry); another
+    waits for it and copies its result. An entry whose files do not match the sha1s its record
+    gives is converted again and replaced; an unwritable cache is warned about once, then
+    left out."""
+    entry = entry_folder(key)
+    info = _from_cache(entry, store_dir, dtype, key)
+    if info is not None:
+        return info, "hit"
+    with ExitStack() as held:
+        lock = entry.parent / f".{key}.lock"
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(locked_file(lock, holder=f"another process converting the {dtype} backbone"))
+        except (OSError, MxvisionError) as err:
+            _warn_unwritable(entry.parent, _reason(err))
+            return _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib), "off"
+        held.callback(_unlink_quietly, lock)  # while still holding it (see locked_file)
+        info = _from_cache(entry, store_dir, dtype, key)  # converted by another process meanwhile?
+        if info is not None:
+            return info, "hit"
+        if entry.exists():
+            log.warning("the cached %s backbone %s is damaged (its files do not match the sha1s its "
+                        "record gives, or are missing); converting again and replacing it", dtype, entry)
+        info = _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib)
+        try:
+            _install(store_dir, entry, dtype)
+        except OSError as err:  # e.g. a full disk: the store has the network, the cache does not
+            _warn_unwritable(entry.parent, _reason(err))
+            return info, "off"
+        return info, "stored"
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # removed by `mxvision cache clear` meanwhile
+        pass
 
 
 def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None, items=(),
@@ -312,9 +435,10 @@ def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None,
     """The ``dtype`` version of ``net`` for extraction, converted once and cached.
 
     Looks for a converted network with the same key in ``store_dir`` (an earlier or interrupted
-    run) and in ``$MXVISION_CACHE/quantized/<key>``; otherwise converts (calibrating INT8 on
-    ``calibration``), writes it to both, and returns ``(block, info)``. ``info`` is the
-    provenance the manifest records (key, files and their sha1, calibration set and method).
+    run), then in the user cache (:func:`entry_folder`); otherwise converts (calibrating INT8 on
+    ``calibration``) and writes it to both. Returns ``(block, info)``: ``info`` is the provenance
+    the manifest records (key, files and their sha1, calibration set and method, and ``cache``:
+    one of :data:`CACHE_STATES`, with ``cache_entry`` the cache folder).
     """
     dtype = check_dtype(dtype)
     check_cpu(dtype, ctx)
@@ -333,28 +457,10 @@ def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None,
                 "weights_sha1": features_info["weights"]["sha1"], "calibration": None,
                 "mxnet_version": mx.__version__}
         return to_bfloat16(net, ctx, preset), info
-    cache = cache_root() / key if cache_root() is not None else None
-    info = find(store_dir, dtype, key)
-    if info is None and cache is not None and find(cache, dtype, key) is not None:
-        log.info("using the cached %s backbone %s", dtype, cache)
-        for name in file_names(dtype):
-            with atomic_path(store_dir / name) as tmp:
-                shutil.copyfile(cache / name, tmp)
-        info = find(store_dir, dtype, key)
+    info, state = find(store_dir, dtype, key), "store"
     if info is None:
-        images = load_calibration(calib["paths"], preset) if calib else None
-        if calib:
-            calib["n_images"] = len(images)
-        sym, arg, aux = convert(net, dtype, ctx, preset, images)
-        record = {"key": key, "backbone": features_info["backbone"], "cut": features_info["cut"],
-                  "weights_sha1": features_info["weights"]["sha1"], "calibration": calib, "mxnet_version": mx.__version__,
-                  "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        info = save(store_dir, dtype, sym, arg, aux, record)
-        if cache is not None:
-            try:
-                save(cache, dtype, sym, arg, aux, record)
-            except OSError as err:  # a read-only cache must not stop the extraction
-                log.warning("could not cache the %s backbone in %s (%s)", dtype, cache, err)
+        info, state = _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib)
+    info = dict(info, cache=state, cache_entry=str(entry_folder(key)))
     return load_block(store_dir, info, ctx), info
 
 

@@ -261,8 +261,9 @@ def _attempt(url, f, state, timeout, user_agent, bar, cap):
 
 
 @contextmanager
-def locked_file(part):
-    """Open ``part`` for appending under an exclusive lock, waiting for any other holder.
+def locked_file(part, holder="another download"):
+    """Open ``part`` for appending under an exclusive lock, waiting for any other holder
+    (``holder`` says who, in the log line while waiting).
 
     Holders may rename the file into place or delete it while they hold the lock (that is how
     they release it without leaving lock files behind), so after waiting the lock only counts
@@ -279,7 +280,7 @@ def locked_file(part):
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another download into %s", part)
+            log.info("waiting for %s (%s)", holder, part)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             if os.stat(part).st_ino == os.fstat(f.fileno()).st_ino:

@@ -1,4 +1,4 @@
-"""Where mxvision runs: the MXNet device, the CPU threads, and the real-data folder.
+"""Where mxvision runs: the MXNet device, the CPU threads, the real-data folder and the user cache.
 
 Imports no MXNet at module level: ``use_every_core`` must run before MXNet is first imported,
 and ``import mxvision`` must stay light.
@@ -75,3 +75,15 @@ def shared_dir():
     """
     path = Path(os.environ.get("MXVISION_SHARED", _REPO_ROOT.parent / "shared"))
     return path if path.is_dir() else None
+
+
+def user_cache_dir():
+    """mxvision's cache folder as a Path: ``$MXVISION_CACHE`` when set, else the platform's user
+    cache folder from ``platformdirs`` -- ``$XDG_CACHE_HOME/mxvision`` or ``~/.cache/mxvision`` on
+    Linux, ``~/Library/Caches/mxvision`` on macOS, ``%LOCALAPPDATA%\\mxvision\\Cache`` on Windows.
+    Nothing is created here; callers make the subfolder they write (e.g. ``quantized/``)."""
+    base = os.environ.get("MXVISION_CACHE")
+    if base:
+        return Path(base).expanduser().absolute()
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("mxvision", appauthor=False)).absolute()
