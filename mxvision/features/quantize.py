@@ -333,7 +333,9 @@ def _reason(err):
     return one_line(getattr(err, "problem", None) or getattr(err, "strerror", None) or err, 120)
 
 
-def _warn_unwritable(root, reason):
+def warn_unwritable(root, reason):
+    """Warn that the cache folder ``root`` cannot be written, once per folder and process (a
+    long job extracting many stores hears it once)."""
     if str(root) not in _UNWRITABLE:
         _UNWRITABLE.add(str(root))
         log.warning("cannot write the cache folder %s (%s): the converted network is kept in the "
@@ -384,7 +386,8 @@ def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib)
         calib["n_images"] = len(images)
     sym, arg, aux = convert(net, dtype, ctx, preset, images)
     record = {"key": key, "backbone": features_info["backbone"], "cut": features_info["cut"],
-              "weights_sha1": features_info["weights"]["sha1"], "calibration": calib,
+              "weights_sha1": features_info["weights"]["sha1"],
+              "preprocessing": features_info["preprocessing"], "calibration": calib,
               "mxnet_version": mx.__version__, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return save(store_dir, dtype, sym, arg, aux, record)
 
@@ -405,7 +408,7 @@ def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key,
             entry.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(locked_file(lock, holder=f"another process converting the {dtype} backbone"))
         except (OSError, MxvisionError) as err:
-            _warn_unwritable(entry.parent, _reason(err))
+            warn_unwritable(entry.parent, _reason(err))
             return _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib), "off"
         held.callback(_unlink_quietly, lock)  # while still holding it (see locked_file)
         info = _from_cache(entry, store_dir, dtype, key)  # converted by another process meanwhile?
@@ -418,7 +421,7 @@ def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key,
         try:
             _install(store_dir, entry, dtype)
         except OSError as err:  # e.g. a full disk: the store has the network, the cache does not
-            _warn_unwritable(entry.parent, _reason(err))
+            warn_unwritable(entry.parent, _reason(err))
             return info, "off"
         return info, "stored"
 
