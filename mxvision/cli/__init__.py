@@ -16,7 +16,7 @@ import importlib
 from mxvision.cli import common
 
 #: The command-group modules, in the order ``mxvision --help`` lists their commands.
-GROUP_MODULES = ("pipeline", "results", "finetune", "data", "xrv", "segment", "audit", "detector", "distributed", "serve")
+GROUP_MODULES = ("pipeline", "results", "finetune", "data", "xrv", "segment", "audit", "detector", "distributed", "serve", "cache")
 
 
 def _command_groups():
