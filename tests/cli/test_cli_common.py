@@ -64,9 +64,11 @@ def test_every_ctx_option_is_the_same():
 
 
 def test_command_groups_are_the_group_modules_in_order():
-    from mxvision.cli import audit, data, detector, distributed, finetune, pipeline, results, serve, xrv
+    from mxvision.cli import (audit, cache, data, detector, distributed, finetune, pipeline, results, segment,
+                              serve, xrv)
 
-    assert cli.COMMAND_GROUPS == [pipeline, results, finetune, data, xrv, audit, detector, distributed, serve]
+    assert cli.COMMAND_GROUPS == [pipeline, results, finetune, data, xrv, segment, audit, detector, distributed,
+                                  serve, cache]
 
 
 def _group(func):
