@@ -295,7 +295,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="mxvision-bench-"))
     os.environ["MXVISION_CACHE"] = str(work / "cache")  # calibrate once, reuse in every run below
     ctx = mx.cpu()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "batch": args.batch,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "batch": args.batch,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "weights": "RANDOM (seed 0): no pretrained weights on this machine",
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
@@ -379,7 +379,7 @@ def main():
         Path(args.json).write_text(text + "\n")
 
 
-def _machine():
+def machine_info():
     model = ""
     try:
         for line in open("/proc/cpuinfo"):

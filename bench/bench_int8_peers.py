@@ -1,0 +1,726 @@
+"""mxvision INT8 against the quantized peers (issue #16): ONNX Runtime INT8 and OpenVINO INT8.
+
+    .venv/bin/python bench/bench_int8_peers.py                      # the peers table (~5-10 min)
+    .venv/bin/python bench/bench_int8_peers.py --levers batch calib tail fusion isa
+    .venv/bin/python bench/bench_int8_peers.py --wait-quiet 1800    # wait for load < 0.5 first
+
+The network is the Xvision trunk: model-zoo ResNet-50 v2 cut at ``stage4_unit2_relu1``, 224 px,
+RANDOM seeded weights (no pretrained weights exist on this machine; speed does not depend on the
+weight values, INT8 feature error may).
+
+How the peers get the same graph and the same films, as FILES:
+
+1. In the main venv (this process, MXNet 1.9.1): the trunk is exported with ``mx.onnx``
+   (``bench_extract.export_onnx``: weights made graph constants), the 64 JSRT calibration films
+   (the seeded sample ``bench_extract`` and ``mxvision extract`` use) and 32 held-out films are
+   written preprocessed as ``.npy``, and mxvision's own INT8 is made by
+   ``mxvision.features.quantize.prepare`` (oneDNN, entropy calibration on the same 64 films).
+2. The peers' tools need newer onnx/NumPy than ``mx.onnx`` accepts, so they run in their own venv,
+   ``.venv-peers``, which this bench builds (or reuses) from ``bench/requirements-peers.txt``; if it
+   cannot, the bench stops with one line. There the ONNX file gets a symbolic batch axis, and:
+   ONNX Runtime ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, QUInt8 activations /
+   QInt8 weights, no reduce_range: its docstring's advice for an x86 CPU with VNNI; MinMax, the
+   default calibration), and OpenVINO reads the same ONNX file for fp32 and for
+   ``nncf.quantize`` (default preset) on the same 64 films.
+
+Measuring: every engine lives in a worker process (MXNet ones in the main venv, the peers in
+``.venv-peers``) with ``--threads`` threads (OMP_NUM_THREADS, ORT intra-op threads, OpenVINO
+INFERENCE_NUM_THREADS with one stream); this process only sends "run N batches" and reads the time.
+Rounds are interleaved, the engine order rotated each round; each round records the load average
+before and after and the CPU the *other* processes of the machine used meanwhile (from
+/proc/stat, minus the bench's own processes). Rounds repeat from ``--min-rounds`` until, for every
+engine, the medians of the first and the second half of the rounds agree within ``--tolerance``,
+or ``--max-rounds``; whether they agreed is printed. Feature agreement: relative L1 (and cosine)
+of each engine's features on the 32 held-out films against mxvision float32.
+
+Levers (``--levers``), each its own interleaved run: ``batch`` (8/16/32 for the three INT8
+engines), ``calib`` (entropy vs naive calibration, tensor- vs channel-wise weights), ``tail``
+(the final BatchNorm+ReLU left fp32 -- ``smart`` -- or quantized too -- ``full``), ``fusion``
+(MXNet environment flags: MXNET_SUBGRAPH_BACKEND=MKLDNN, MXNET_ENGINE_TYPE=NaiveEngine),
+``isa`` (oneDNN's ISA cap raised to AMX: DNNL_MAX_CPU_ISA=AVX512_CORE_AMX, the worker asking Linux
+for the AMX state first, see request_amx -- oneDNN 2.4 in
+MXNet 1.9.1 does not use AMX by default).
+
+Prints a table and writes the JSON (``--out``, default ``bench/results/int8-peers-<date>.json``).
+"""
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+PEER_MODULES = ("openvino", "nncf", "onnxruntime", "onnx", "numpy", "sympy")
+HELD_OUT = 32
+AMX_ENV = {"DNNL_MAX_CPU_ISA": "AVX512_CORE_AMX"}
+AMX_ROW = "mxvision int8, DNNL_MAX_CPU_ISA=AVX512_CORE_AMX (lever, not shipped)"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def fail(text):
+    """One line on stderr and exit 2: the bench cannot go on."""
+    print(f"bench_int8_peers: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------- the peer venv
+def peer_python(venv, requirements):
+    """The peer venv's python, (re)built from ``requirements`` when it is missing or they changed."""
+    venv, requirements = Path(venv), Path(requirements)
+    if not requirements.is_file():
+        fail(f"cannot build the peer venv: no requirements file {requirements}")
+    want = hashlib.sha1(requirements.read_bytes()).hexdigest()
+    py, stamp = venv / "bin" / "python", venv / "requirements.sha1"
+    if py.is_file() and stamp.is_file() and stamp.read_text().strip() == want:
+        return py
+    log(f"building the peer venv {venv} from {requirements} (pip; a few minutes the first time)")
+    logfile = Path(tempfile.gettempdir()) / "bench_int8_peers-venv.log"
+    steps = ([] if py.is_file() else [[sys.executable, "-m", "venv", str(venv)]]) + [
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)],
+        [str(py), "-c", "import " + ", ".join(PEER_MODULES)]]
+    with open(logfile, "w") as out:
+        for cmd in steps:
+            try:
+                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+            except OSError as err:
+                rc, out_err = None, err
+            if rc != 0:
+                out.flush()
+                lines = [ln.strip() for ln in open(logfile, errors="replace") if ln.strip()
+                         and not ln.startswith("WARNING: Location")]
+                why = (lines[-1] if lines else f"exit {rc}") if rc is not None else str(out_err)
+                fail(f"cannot build the peer venv {venv} from {requirements}: "
+                     f"`{' '.join(cmd[1:4])} ...` failed: {why[:200]} (log: {logfile})")
+    stamp.write_text(want + "\n")
+    return py
+
+
+# --------------------------------------------------------------------------- workers
+class Worker:
+    """A process holding engines; JSON lines in, JSON lines out (its stdout is kept for replies)."""
+
+    def __init__(self, python, role, work, env, stderr=None):
+        self.role, self.env = role, env
+        full = dict(os.environ, **env)
+        self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", role,
+                                      "--work", str(work)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=stderr, env=full, text=True,
+                                     bufsize=1)
+
+    def call(self, **msg):
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            fail(f"the {self.role} worker {self.env or ''} died (exit {self.proc.poll()}) during "
+                 f"{msg.get('cmd')} {msg.get('name', '')}")
+        reply = json.loads(line)
+        if "error" in reply:
+            fail(f"{self.role} worker, {msg.get('cmd')} {msg.get('name', '')}: {reply['error']}")
+        return reply
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def worker_main(role, work):
+    """The loop of a worker process: ``role`` is ``mxnet`` (main venv) or ``peers``."""
+    reply_to = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr, never into the replies
+    sys.stdout = sys.stderr
+    if "AMX" in os.environ.get("DNNL_MAX_CPU_ISA", "").upper():
+        request_amx()
+    state = {"work": Path(work), "engines": {}, "held": None}
+    handlers = {"run": _run, "features": _features, "load": _load, "quantize": _quantize,
+                "info": lambda s, m: {"pid": os.getpid()}}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            reply = handlers[msg["cmd"]](state, msg)
+        except Exception as err:  # reported to the orchestrator, which stops with one line
+            text = " ".join(f"{type(err).__name__}: {err}".split())
+            reply = {"error": text[:400]}
+        reply_to.write(json.dumps(reply) + "\n")
+
+
+def request_amx():
+    """Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+
+    Since Linux 5.16 a process must request it before its first AMX instruction; oneDNN 2.4.4
+    (MXNet 1.9.1) does not, so with DNNL_MAX_CPU_ISA=AVX512_CORE_AMX its first AMX convolution
+    dies of SIGILL unless the process asked first (checked here: exit 132 without, runs with)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(158, 0x1023, 18) != 0:  # SYS_arch_prctl on x86-64
+        raise OSError(ctypes.get_errno(), "arch_prctl(ARCH_REQ_XCOMP_PERM) refused: no AMX here")
+
+
+def _batch(state, size):
+    import numpy as np
+    if state["held"] is None:
+        state["held"] = np.load(state["work"] / "held_out.npy")
+    held = state["held"]
+    return np.ascontiguousarray(held[np.arange(size) % len(held)])
+
+
+def _load(state, msg):
+    """Build the engine ``msg['name']`` for batch ``msg['batch']`` from its spec."""
+    spec, batch = msg["spec"], msg["batch"]
+    kind = spec["kind"]
+    if kind.startswith("mxnet"):
+        import mxvision  # noqa: F401  (before MXNet: mxvision.runtime.compat, OMP threads)
+        import bench_extract
+        import mxnet as mx
+        ctx = mx.cpu()
+        if kind == "mxnet-store":
+            from mxvision.features import quantize
+            block = quantize.load_block(Path(spec["folder"]), spec["info"], ctx)
+        else:
+            import warnings
+            from mxnet import gluon
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                block = gluon.SymbolBlock.imports(spec["symbol"], ["data"], spec["params"], ctx=ctx)
+        if spec.get("backend"):  # Gluon's own subgraph partitioning (hybridize(backend=...))
+            block.hybridize(static_alloc=True, static_shape=True, backend=spec["backend"])
+            fn = lambda x: block(mx.nd.array(x, ctx=ctx)).asnumpy()  # noqa: E731
+        else:
+            fn = bench_extract.mxnet_engine(block, ctx)
+    elif kind == "ort":
+        fn = _ort_engine(spec["model"], batch, spec["threads"])
+    elif kind == "openvino":
+        fn = _openvino_engine(spec["model"], batch, spec["config"])
+    else:
+        raise ValueError(f"unknown engine kind {kind}")
+    state["engines"][msg["name"]] = (fn, batch)
+    x = _batch(state, batch)
+    fn(x)
+    fn(x)  # warm-up: graph building, primitive caches
+    return {"ok": True, "info": getattr(fn, "info", None)}
+
+
+def _run(state, msg):
+    fn, batch = state["engines"][msg["name"]]
+    x = _batch(state, batch)
+    tic = time.perf_counter()
+    for _ in range(msg["iters"]):
+        fn(x)
+    return {"seconds": time.perf_counter() - tic}
+
+
+def _features(state, msg):
+    """The engine's features of the held-out films (batches padded to its batch size) to a .npy."""
+    import numpy as np
+    fn, batch = state["engines"][msg["name"]]
+    _batch(state, 1)
+    held = state["held"]
+    rows = []
+    for start in range(0, len(held), batch):
+        x = held[np.arange(start, start + batch) % len(held)]
+        rows.append(np.asarray(fn(np.ascontiguousarray(x)))[:len(held) - start])
+    out = np.concatenate(rows)[:len(held)].astype(np.float32)
+    np.save(msg["out"], out)
+    return {"shape": list(out.shape)}
+
+
+def _static_onnx(path, batch):
+    """The ONNX model's bytes with the batch axis of its input and output fixed to ``batch``."""
+    import onnx
+    model = onnx.load(str(path))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    return model.SerializeToString()
+
+
+def _ort_engine(path, batch, threads):
+    """An ONNX Runtime session as bench_extract.ort_engine makes it (that module needs MXNet,
+    which this venv lacks), on a static batch."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(_static_onnx(path, batch), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def fn(x):
+        return sess.run(None, {name: x})[0]
+    fn.info = {"onnxruntime": ort.__version__}
+    return fn
+
+
+def _openvino_engine(path, batch, config):
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape([batch, 3, 224, 224])
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def fn(x):
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()  # the request reuses its buffer
+    fn.info = {"openvino": ov.get_version(),
+               **{k: str(compiled.get_property(k)) for k in
+                  ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")}}
+    return fn
+
+
+def _quantize(state, msg):
+    """The peers' quantizers, on the exchanged files (runs in .venv-peers)."""
+    import numpy as np
+    work = state["work"]
+    calib = np.load(work / "calibration.npy")
+    src = work / "fp32-dyn.onnx"
+    if not src.is_file():
+        import onnx
+        model = onnx.load(str(work / "fp32-const.onnx"))
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
+        del model.graph.value_info[:]
+        onnx.save(model, str(src))
+    tic = time.perf_counter()
+    if msg["tool"] == "onnxruntime":
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                              QuantType, quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        pre = work / "fp32-pre.onnx"
+        quant_pre_process(str(src), str(pre))
+
+        class Films(CalibrationDataReader):
+            def __init__(self):
+                self.items = iter(calib[k:k + 1] for k in range(len(calib)))
+
+            def get_next(self):
+                x = next(self.items, None)
+                return None if x is None else {"data": x}
+        quantize_static(str(pre), msg["out"], Films(), quant_format=QuantFormat.QDQ,
+                        per_channel=msg.get("per_channel", True), reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        import onnxruntime
+        info = {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
+                "quant_format": "QDQ", "per_channel": msg.get("per_channel", True),
+                "activation_type": "QUInt8", "weight_type": "QInt8", "reduce_range": False,
+                "calibrate_method": "MinMax"}
+    else:
+        import nncf
+        import openvino as ov
+        model = ov.Core().read_model(str(src))
+        data = nncf.Dataset([calib[k:k + 1] for k in range(len(calib))])
+        quantized = nncf.quantize(model, data, subset_size=len(calib))
+        ov.save_model(quantized, msg["out"], compress_to_fp16=False)
+        info = {"tool": f"nncf {nncf.__version__} quantize (default preset, subset_size "
+                        f"{len(calib)}), openvino {ov.get_version()}"}
+    info.update(seconds=round(time.perf_counter() - tic, 1), calibration_films=len(calib))
+    return info
+
+
+# --------------------------------------------------------------------------- load of the machine
+def busy_ticks():
+    """(busy, steal) clock ticks of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(a) for a in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal, steal
+
+
+def own_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------- interleaved rounds
+def halves_agree(rates, tolerance):
+    """Do the medians of the first and the second half of the rounds agree within ±tolerance, for
+    every engine? Returns (agreed, {engine: second-half median / first-half median})."""
+    out = {}
+    for name, v in rates.items():
+        h = len(v) // 2
+        a, b = statistics.median(v[:h]), statistics.median(v[len(v) - h:])
+        out[name] = round(b / a, 3)
+    return all(abs(r - 1) <= tolerance for r in out.values()), out
+
+
+def interleaved(engines, workers, args, reference="mxvision int8"):
+    """Median images/s per engine over interleaved rounds (order rotated), with the load."""
+    names = list(engines)
+    pids = [os.getpid()] + [w.proc.pid for w in workers]
+    tck = os.sysconf("SC_CLK_TCK")
+    rates = {k: [] for k in names}
+    rounds = []
+    agreed, drift = False, {}
+    for r in range(args.max_rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        load_before = os.getloadavg()
+        (busy0, steal0), own0, t0 = busy_ticks(), own_ticks(pids), time.monotonic()
+        for name in order:
+            worker, batch = engines[name]
+            iters = max(1, round(args.images / batch))
+            seconds = worker.call(cmd="run", name=name, iters=iters)["seconds"]
+            rates[name].append(iters * batch / seconds)
+        (busy1, steal1), own1, wall = busy_ticks(), own_ticks(pids), time.monotonic() - t0
+        row = {"order": order, "images_per_s": {k: round(rates[k][-1], 2) for k in names},
+               "loadavg_before": [round(a, 2) for a in load_before],
+               "loadavg_after": [round(a, 2) for a in os.getloadavg()],
+               "seconds": round(wall, 1),
+               "other_processes_cores": round(max(0, (busy1 - busy0) - (own1 - own0)) / tck / wall, 2),
+               "steal_cores": round((steal1 - steal0) / tck / wall, 2)}
+        rounds.append(row)
+        log(f"  round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["images_per_s"].items())
+            + f" | load {row['loadavg_before'][0]}->{row['loadavg_after'][0]}, others "
+              f"{row['other_processes_cores']} cores")
+        if r + 1 >= args.min_rounds:
+            agreed, drift = halves_agree(rates, args.tolerance)
+            if agreed:
+                break
+    summary = {}
+    ref = statistics.median(rates[reference]) if reference in rates else None
+    for k, v in rates.items():
+        med = statistics.median(v)
+        summary[k] = {"median": round(med, 2), "min": round(min(v), 2), "max": round(max(v), 2),
+                      "batch": engines[k][1]}
+        if ref is not None:
+            summary[k]["reference_over_engine"] = round(ref / med, 2)
+            summary[k]["reference_over_engine_paired"] = round(statistics.median(
+                a / b for a, b in zip(rates[reference], v)), 2)
+    return {"engines": summary, "rounds": rounds, "n_rounds": len(rounds),
+            "agreed_within_tolerance": agreed, "tolerance": args.tolerance,
+            "half_median_ratio": drift, "reference": reference,
+            "loadavg_1min_range": [min(r["loadavg_before"][0] for r in rounds),
+                                   max(r["loadavg_after"][0] for r in rounds)],
+            "other_processes_cores_median": round(statistics.median(r["other_processes_cores"]
+                                                                    for r in rounds), 2)}
+
+
+# --------------------------------------------------------------------------- orchestration
+def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smart",
+                    granularity="tensor-wise"):
+    """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_model_mkldnn
+    sym_file, params_file = work / f"{name}-symbol.json", work / f"{name}.params"
+    if not sym_file.is_file():
+        sym, arg, aux = mx.model.load_checkpoint(str(work / "fp32"), 0)
+        data = mx.io.NDArrayIter(data=calib, batch_size=min(16, len(calib)), last_batch_handle="pad")
+        qsym, qarg, qaux = quantize_model_mkldnn(
+            sym, arg, aux, ctx=mx.cpu(), calib_mode=calib_mode, calib_data=data,
+            num_calib_examples=len(calib), quantized_dtype="auto", quantize_mode=quantize_mode,
+            quantize_granularity=granularity, label_names=None, logger=None)
+        qsym.save(str(sym_file))
+        mx.nd.save(str(params_file), {**{f"arg:{k}": v for k, v in qarg.items()},
+                                      **{f"aux:{k}": v for k, v in qaux.items()}})
+    return {"kind": "mxnet-symbol", "symbol": str(sym_file), "params": str(params_file)}
+
+
+def prepare_files(args, work):
+    """Everything the engines need, as files in ``work`` (kept and reused with ``--work``)."""
+    import numpy as np
+    import mxnet as mx
+    import bench_extract
+    from mxvision.data import transforms
+    from mxvision.features import quantize
+    from mxvision.models import zoo
+    from mxvision.runtime import shared_dir
+
+    shared = shared_dir()
+    if shared is None or not (shared / "data" / "jsrt" / "images").is_dir():
+        fail("needs the JSRT images in ../shared/data/jsrt (set MXVISION_SHARED)")
+    preset = transforms.get_preset("imagenet224")
+    paths = sorted(str(q) for q in (shared / "data" / "jsrt" / "images").glob("*.png"))
+    pick = set(np.random.RandomState(0).permutation(len(paths))[:args.calibration_images].tolist())
+    calib_paths = [paths[k] for k in sorted(pick)]  # the sample bench_extract calibrates on
+    held_paths = [p for k, p in enumerate(paths) if k not in pick][:HELD_OUT]
+    calib = np.stack([transforms.load_image(q, preset) for q in calib_paths])
+    same = quantize.load_calibration(calib_paths, preset)  # what mxvision's own INT8 calibrates on
+    if not np.array_equal(same, calib):
+        fail("the calibration films preprocess differently for mxvision and for the peers")
+    np.save(work / "calibration.npy", calib)
+    np.save(work / "held_out.npy", np.stack([transforms.load_image(q, preset) for q in held_paths]))
+    ctx = mx.cpu()
+    net, winfo = zoo.build_backbone(weights="none", ctx=ctx)
+    if not (work / "fp32-const.onnx").is_file():
+        log("exporting the trunk with mx.onnx")
+        bench_extract.export_onnx(net, args.batch, work)
+    features_info = {"backbone": zoo.DEFAULT_BACKBONE, "cut": zoo.DEFAULT_CUT, "weights": winfo,
+                     "preprocessing": preset.to_dict()}
+    log("mxvision INT8 (quantize.prepare: entropy calibration on the 64 films)")
+    tic = time.perf_counter()
+    _, int8_info = quantize.prepare(net, "int8", ctx, preset, features_info, work / "mx-int8",
+                                    calibration=calib_paths)
+    return {"calib": calib, "int8_info": int8_info, "int8_seconds": round(time.perf_counter() - tic, 1),
+            "calibration_films": [Path(p).name for p in calib_paths],
+            "held_out_films": [Path(p).name for p in held_paths]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2, help="threads of every engine")
+    p.add_argument("--images", type=int, default=64, help="images per engine per round")
+    p.add_argument("--min-rounds", type=int, default=6)
+    p.add_argument("--max-rounds", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--levers", nargs="*", default=[],
+                   choices=["batch", "calib", "tail", "fusion", "isa"])
+    p.add_argument("--skip-peers", action="store_true", help="only the levers")
+    p.add_argument("--onednn-profile", action="store_true",
+                   help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without AMX)")
+    p.add_argument("--amx-row", action="store_true",
+                   help="add mxvision INT8 with oneDNN's AMX kernels (the isa lever) to the peers table")
+    p.add_argument("--wait-quiet", type=float, default=0,
+                   help="first wait up to this many seconds for a 1-minute load average < 0.5")
+    p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"))
+    p.add_argument("--requirements", default=str(BENCH / "requirements-peers.txt"))
+    p.add_argument("--work", default=None, help="keep the exchanged files here (reused when present)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        sys.path.insert(0, str(BENCH))
+        sys.path.insert(0, str(REPO))
+        return worker_main(args.worker, args.work)
+    if args.batch < 1 or args.threads < 1 or args.min_rounds < 2 or args.max_rounds < args.min_rounds:
+        fail("--batch and --threads must be >= 1, 2 <= --min-rounds <= --max-rounds")
+    out = Path(args.out) if args.out else BENCH / "results" / time.strftime("int8-peers-%Y%m%d-%H%M.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"--out {out}: cannot create its folder ({err.strerror})")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before MXNet loads, here and in the workers
+    peers_py = peer_python(args.peer_venv, args.requirements) if not args.skip_peers or \
+        set(args.levers) & {"batch"} else None
+    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(REPO))
+    import bench_extract  # noqa: E402  (imports mxvision and MXNet)
+
+    if args.wait_quiet:
+        log(f"waiting up to {args.wait_quiet:.0f} s for a 1-minute load average < 0.5")
+        deadline = time.monotonic() + args.wait_quiet
+        while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+            time.sleep(10)
+    work_tmp = None
+    if args.work:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work_tmp = tempfile.TemporaryDirectory(prefix="bench-int8-peers-")
+        work = Path(work_tmp.name)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(
+        [".venv/bin/python", "bench/bench_int8_peers.py", *sys.argv[1:]]),
+        "machine": bench_extract.machine_info(), "threads": args.threads, "batch": args.batch,
+        "network": "model-zoo resnet50_v2 cut at stage4_unit2_relu1 (Xvision trunk), 224 px",
+        "weights": "RANDOM (seed 0): no pretrained weights on this machine",
+        "loadavg_at_start": [round(a, 2) for a in os.getloadavg()]}
+    workers = {}
+
+    def worker(role, env=None):
+        key = (role, tuple(sorted((env or {}).items())))
+        if key not in workers:
+            py = sys.executable if role == "mxnet" else peers_py
+            workers[key] = Worker(py, role, work, dict(env or {}, OMP_NUM_THREADS=str(args.threads)))
+        return workers[key]
+
+    try:
+        files = prepare_files(args, work)
+        result.update(mxvision_int8_calibration_seconds=files["int8_seconds"],
+                      calibration_films=files["calibration_films"], held_out_films=files["held_out_films"])
+        fp32_spec = {"kind": "mxnet-symbol", "symbol": str(work / "fp32-symbol.json"),
+                     "params": str(work / "fp32-0000.params")}
+        int8_spec = {"kind": "mxnet-store", "folder": str(work / "mx-int8"), "info": files["int8_info"]}
+        ov_threads = {"INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if peers_py is not None:
+            for tool, name in (("onnxruntime", "ort-int8.onnx"), ("nncf", "ov-int8.xml")):
+                if not (work / name).is_file():
+                    log(f"quantizing with {tool} in the peer venv")
+                    info = worker("peers").call(cmd="quantize", tool=tool, out=str(work / name))
+                    (work / f"{name}.json").write_text(json.dumps(info))
+                result.setdefault("peer_quantization", {})[tool] = json.loads((work / f"{name}.json").read_text())
+        specs = {
+            "mxvision fp32": ("mxnet", fp32_spec),
+            "mxvision int8": ("mxnet", int8_spec),
+            "onnxruntime fp32": ("peers", {"kind": "ort", "model": str(work / "fp32-dyn.onnx"),
+                                           "threads": args.threads}),
+            "onnxruntime int8": ("peers", {"kind": "ort", "model": str(work / "ort-int8.onnx"),
+                                           "threads": args.threads}),
+            "openvino fp32": ("peers", {"kind": "openvino", "model": str(work / "fp32-dyn.onnx"),
+                                        "config": dict(ov_threads, INFERENCE_PRECISION_HINT="f32")}),
+            "openvino int8": ("peers", {"kind": "openvino", "model": str(work / "ov-int8.xml"),
+                                        "config": ov_threads}),
+        }
+        runs = []
+        if not args.skip_peers:
+            peers = {k: (specs[k], args.batch, None) for k in specs}
+            if args.amx_row:  # the isa lever beside the peers: what mxvision INT8 gives with AMX
+                peers[AMX_ROW] = (specs["mxvision int8"], args.batch, AMX_ENV)
+            runs.append(("peers", peers))
+        for lever in args.levers:
+            runs.append((lever, lever_engines(lever, specs, files, work, args)))
+        for run_name, engine_specs in runs:
+            log(f"== {run_name}: loading {len(engine_specs)} engines")
+            engines, infos = {}, {}
+            for name, ((role, spec), batch, env) in engine_specs.items():
+                w = worker(role, env)
+                infos[name] = w.call(cmd="load", name=name, spec=spec, batch=batch).get("info")
+                engines[name] = (w, batch)
+            log(f"== {run_name}: feature agreement on {HELD_OUT} held-out films")
+            feats = {}
+            for name, (w, _) in engines.items():
+                w.call(cmd="features", name=name, out=str(work / "features.npy"))
+                feats[name] = __import__("numpy").load(work / "features.npy")
+            ref_name = next((k for k in feats if "fp32" in k), None)
+            ref = feats[ref_name] if ref_name else None
+            if ref is None:  # the levers without an fp32 engine: against mxvision fp32
+                w = worker("mxnet")
+                w.call(cmd="load", name="mxvision fp32", spec=fp32_spec, batch=args.batch)
+                w.call(cmd="features", name="mxvision fp32", out=str(work / "features.npy"))
+                ref_name, ref = "mxvision fp32", __import__("numpy").load(work / "features.npy")
+            log(f"== {run_name}: interleaved rounds (images/s)")
+            reference = next(k for k in engines if k.startswith("mxvision int8"))
+            section = interleaved(engines, list({id(w): w for w, _ in engines.values()}.values()),
+                                  args, reference)
+            if AMX_ROW in section["engines"]:
+                med = {k: v["median"] for k, v in section["engines"].items()}
+                section["ratios_with_amx"] = {f"{AMX_ROW} / {k}": round(med[AMX_ROW] / med[k], 2)
+                                              for k in med if k != AMX_ROW}
+            if run_name == "batch":  # mxvision INT8 / peer INT8 at the same batch size
+                med = {k: v["median"] for k, v in section["engines"].items()}
+                section["ratios_at_same_batch"] = {
+                    f"b{n}": {f"mxvision int8 / {peer}": round(med[f"mxvision int8 b{n}"] / med[f"{peer} b{n}"], 2)
+                              for peer in ("onnxruntime int8", "openvino int8")} for n in (8, 16, 32)}
+            for name, row in section["engines"].items():
+                row["features_vs_" + ref_name.replace(" ", "_")] = bench_extract.agreement(feats[name], ref)
+                if infos.get(name):
+                    row["engine_info"] = infos[name]
+                if engine_specs[name][2]:
+                    row["environment"] = engine_specs[name][2]
+            result[run_name] = section
+            print(table(run_name, section), flush=True)
+        if args.onednn_profile:
+            result["onednn_profile"] = {
+                label: onednn_profile(int8_spec, args, work, env)
+                for label, env in (("mxvision int8", {}), ("mxvision int8, AMX", AMX_ENV))}
+            for label, rows in result["onednn_profile"].items():
+                print(f"\noneDNN time by primitive, {label} (share of the summed primitive time):")
+                for key, row in rows.items():
+                    print(f"  {row['share']:6.1%}  {row['ms_per_batch']:8.1f} ms/batch  {key}")
+        result["loadavg_at_end"] = [round(a, 2) for a in os.getloadavg()]
+    finally:
+        for w in workers.values():
+            w.close()
+        if work_tmp is not None:
+            work_tmp.cleanup()
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+def lever_engines(lever, specs, files, work, args):
+    """{engine: ((role, spec), batch, env)} of one lever's interleaved run."""
+    b = args.batch
+    if lever == "batch":
+        return {f"{k} b{n}": (specs[k], n, None) for n in (8, 16, 32)
+                for k in ("mxvision int8", "onnxruntime int8", "openvino int8")}
+    calib = files["calib"]
+    if lever == "calib":
+        log("lever calib: converting the variants (entropy/naive, tensor-/channel-wise)")
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 entropy tensor-wise": (("mxnet", mx_int8_variant(work, "q-entropy", calib)), b, None),
+                "int8 naive tensor-wise": (("mxnet", mx_int8_variant(work, "q-naive", calib, "naive")), b, None),
+                "int8 entropy channel-wise": (("mxnet", mx_int8_variant(
+                    work, "q-entropy-ch", calib, granularity="channel-wise")), b, None)}
+    if lever == "tail":
+        log("lever tail: converting with quantize_mode=full")
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 full (tail quantized)": (("mxnet", mx_int8_variant(work, "q-full", calib,
+                                                                         quantize_mode="full")), b, None)}
+    if lever == "fusion":
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 MXNET_SUBGRAPH_BACKEND=MKLDNN": (specs["mxvision int8"], b,
+                                                       {"MXNET_SUBGRAPH_BACKEND": "MKLDNN"}),
+                "int8 MXNET_ENGINE_TYPE=NaiveEngine": (specs["mxvision int8"], b,
+                                                       {"MXNET_ENGINE_TYPE": "NaiveEngine"}),
+                "int8 hybridize(backend=MKLDNN)": (("mxnet", dict(specs["mxvision int8"][1],
+                                                                  backend="MKLDNN")), b, None),
+                "mxvision fp32": (specs["mxvision fp32"], b, None),
+                "fp32 MXNET_SUBGRAPH_BACKEND=MKLDNN": (specs["mxvision fp32"], b,
+                                                       {"MXNET_SUBGRAPH_BACKEND": "MKLDNN"}),
+                "fp32 hybridize(backend=MKLDNN)": (("mxnet", dict(specs["mxvision fp32"][1],
+                                                                  backend="MKLDNN")), b, None)}
+    if lever == "isa":
+        amx = AMX_ENV
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 DNNL_MAX_CPU_ISA=AVX512_CORE_AMX": (specs["mxvision int8"], b, amx),
+                "mxvision fp32": (specs["mxvision fp32"], b, None),
+                "fp32 DNNL_MAX_CPU_ISA=AVX512_CORE_AMX": (specs["mxvision fp32"], b, amx)}
+    raise ValueError(lever)
+
+
+def onednn_profile(spec, args, work, env, batches=4):
+    """oneDNN's own timing (DNNL_VERBOSE=1) of ``batches`` batches of an engine, summed by primitive
+    and implementation: where the INT8 network spends its time (shares hold under load too)."""
+    with tempfile.TemporaryFile("w+") as err:
+        w = Worker(sys.executable, "mxnet", work, dict(env, DNNL_VERBOSE="1", OMP_NUM_THREADS=str(args.threads)),
+                   stderr=err)
+        try:
+            w.call(cmd="load", name="profiled", spec=spec, batch=args.batch)
+            err.flush()
+            start = err.tell()
+            w.call(cmd="run", name="profiled", iters=batches)
+        finally:
+            w.close()
+        err.seek(start)
+        times = {}
+        for line in err:
+            f = line.rstrip().split(",")
+            if len(f) > 5 and f[0] == "dnnl_verbose" and f[1] == "exec":
+                key = f"{f[3]} {f[4]}"
+                times[key] = times.get(key, 0.0) + float(f[-1])
+    total = sum(times.values()) or 1.0
+    return {k: {"ms_per_batch": round(v / batches, 1), "share": round(v / total, 3)}
+            for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:10]}
+
+
+def table(run_name, section):
+    ref = section["reference"]
+    lines = [f"\n{run_name}: median images/s of {section['n_rounds']} interleaved rounds; halves "
+             f"{'agreed' if section['agreed_within_tolerance'] else 'did NOT agree'} within "
+             f"±{100 * section['tolerance']:.0f}%; 1-min load {section['loadavg_1min_range'][0]}-"
+             f"{section['loadavg_1min_range'][1]}, other processes {section['other_processes_cores_median']} cores",
+             f"| engine | batch | images/s (median) | min-max | {ref} ÷ engine (paired) | rel. L1 vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, row in section["engines"].items():
+        agree = next(v for k, v in row.items() if k.startswith("features_vs_"))
+        lines.append(f"| {name} | {row['batch']} | {row['median']} | {row['min']}-{row['max']} | "
+                     f"{row['reference_over_engine']} ({row['reference_over_engine_paired']}) | {agree['rel_l1']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
