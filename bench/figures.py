@@ -16,11 +16,18 @@ Rows (each produced by running the real CLI in a subprocess, as a user would):
   external validation of the JSRT head on every one of the 538 films -- about 40 s.
   Without the shared folder both rows are skipped (README keeps them, and this says so).
 
-The table sits in README.md between ``<!-- figures:results start -->`` and
-``<!-- figures:results end -->``; ``--write`` replaces what is between them (the table and a line
-saying when, where and how it was measured) and nothing else. ``tests/test_demo.py`` reads the
-demo row back (:func:`results_rows`) and asserts that ``mxvision demo`` gives exactly those
-figures, so README and the demo cannot drift apart unnoticed.
+The real-data table sits in README.md between ``<!-- figures:results start -->`` and
+``<!-- figures:results end -->``; the demo's table, one row per CPU model and NumPy version,
+between ``<!-- figures:demo start -->`` and ``<!-- figures:demo end -->``. ``--write`` replaces what
+is between them (the tables and a line saying when, where and how they were measured) and nothing
+else; in the demo table it replaces this machine's row and keeps the other platforms' rows.
+``tests/test_demo.py`` reads the demo rows back (:func:`demo_rows`) and asserts that ``mxvision
+demo`` gives exactly this platform's row, so README and the demo cannot drift apart unnoticed.
+
+Why a row per platform: the demo is deterministic on one machine, but the float rounding of
+oneDNN's convolutions, of OpenBLAS and of NumPy's own reductions depends on the CPU (measured: the
+same commit gives accuracy 0.625 / AUC 0.703 on an AMD EPYC and 0.575 / 0.688 on an Intel Xeon) and
+on the NumPy version (1.23, 1.26 and 2.x each give their own figures).
 
 ``--synth SEED...`` prints, per seed, the figures ``mxvision/data/synth.py`` quotes: the demo's
 test AUC (``mxvision demo --seed SEED``), a 5-fold logistic regression on its stored features
@@ -46,11 +53,11 @@ END = "<!-- figures:results end -->"
 HEADER = ("data", "split (by patient)", "test accuracy", "test AUC",
           "AUC 95% CI (bootstrap over patients; DeLong)",
           "confusion matrix (rows: true normal, nodule)", "best trivial baseline, test AUC")
-DEMO_ROW = "synthetic demo (160 pairs, `mxvision demo`)"
-#: NumPy 2 (Python 3.13's only NumPy) rounds the demo's float64 steps differently (image synthesis
-#: and feature statistics), so the demo's figures there are a row of their own; NumPy 1.23 (3.8-3.11)
-#: gives the first row exactly (NumPy 1.26 on 3.12 differs too, by the README's Python-versions note).
-DEMO_ROW_NUMPY2 = "the same demo on NumPy 2 (Python 3.13)"
+DEMO_START = "<!-- figures:demo start -->"
+DEMO_END = "<!-- figures:demo end -->"
+#: The demo table: the platform (CPU model as /proc/cpuinfo names it, NumPy major.minor), the
+#: figures in the columns of the results table after its first, and when and with what Python.
+DEMO_HEADER = ("CPU", "NumPy") + HEADER[1:] + ("measured",)
 JSRT_ROW = "JSRT development set (154 real radiographs)"
 #: External validation: the JSRT row's run scored on every frontal NIH film of ../shared with a
 #: Normal or Nodule label (another hospital and country; no shared patients or pixels).
@@ -62,16 +69,45 @@ SPLITS = ("train", "val", "test")
 FIGURE_THREADS = "2"
 
 
-def results_rows(readme_text):
-    """The rows of README's results table as ``{first cell: {column header: cell}}``."""
+def table_rows(readme_text, start=START, end=END):
+    """The rows of the markdown table between ``start`` and ``end``, as ``{column header: cell}``."""
     try:
-        block = readme_text.split(START, 1)[1].split(END, 1)[0]
+        block = readme_text.split(start, 1)[1].split(end, 1)[0]
     except IndexError:
-        raise ValueError(f"README has no {START} ... {END} block") from None
+        raise ValueError(f"README has no {start} ... {end} block") from None
     lines = [line.strip() for line in block.splitlines() if line.strip().startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     header, rows = cells[0], cells[2:]
-    return {row[0]: dict(zip(header, row)) for row in rows}
+    return [dict(zip(header, row)) for row in rows]
+
+
+def results_rows(readme_text):
+    """The rows of README's results table as ``{first cell: {column header: cell}}``."""
+    return {row[HEADER[0]]: row for row in table_rows(readme_text)}
+
+
+def demo_rows(readme_text):
+    """The rows of README's demo table as ``{(CPU, NumPy): {column header: cell}}``."""
+    return {(row["CPU"], row["NumPy"]): row for row in table_rows(readme_text, DEMO_START, DEMO_END)}
+
+
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def platform_key():
+    """(CPU model, NumPy major.minor): what the demo's float rounding depends on besides threads."""
+    import numpy
+
+    return cpu_model(), ".".join(numpy.__version__.split(".")[:2])
 
 
 def mxvision(*args, cwd):
@@ -108,18 +144,17 @@ def table_row(name, index_csv, metrics, split=None):
             f"{metrics['auc']:.3f}", ci, json.dumps(metrics["confusion_matrix"]), baseline)
 
 
-def demo_row_name():
-    """The demo row this interpreter's NumPy reproduces (the one the figures are run with)."""
-    import numpy
-
-    return DEMO_ROW_NUMPY2 if int(numpy.__version__.split(".")[0]) >= 2 else DEMO_ROW
+def demo_row(index_csv, metrics):
+    """This platform's row of the demo table from the demo's index and metrics, without the
+    "measured" cell (the figures a run of the demo can be compared on)."""
+    return platform_key() + table_row(None, index_csv, metrics)[1:]
 
 
 def demo_figures(work):
     tic = time.time()
     mxvision("demo", "--out", work / "demo", "--quiet", cwd=work)
     metrics = json.loads((work / "demo" / "eval" / "metrics.json").read_text())
-    return table_row(demo_row_name(), work / "demo" / "data" / "index.csv", metrics), time.time() - tic
+    return demo_row(work / "demo" / "data" / "index.csv", metrics), time.time() - tic
 
 
 def jsrt_figures(work, shared):
@@ -178,14 +213,7 @@ def synth_figures(work, seed):
 
 
 def machine():
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     threads = f"OMP_NUM_THREADS={FIGURE_THREADS}"
     import numpy
@@ -194,19 +222,18 @@ def machine():
     return f"{model}, {os.cpu_count()} cores ({python}, {threads}{load})"
 
 
-def markdown(rows, note):
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+def markdown(rows, note, header=HEADER):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines + [""] + textwrap.wrap(note, 100, break_on_hyphens=False))
 
 
-def rewrite_readme(block):
-    text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{README}: no {START} ... {END} block to rewrite")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    README.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+def replace_block(text, start, end, block):
+    if start not in text or end not in text:
+        raise SystemExit(f"{README}: no {start} ... {end} block to rewrite")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    return f"{head}{start}\n{block}\n{end}{tail}"
 
 
 def main(argv=None):
@@ -236,36 +263,41 @@ def main(argv=None):
                 print(synth_figures(work, seed))
             return
         demo, demo_seconds = demo_figures(work)
-        rows, notes = [demo], [f"demo {demo_seconds:.0f} s"]
-        other = DEMO_ROW_NUMPY2 if demo[0] == DEMO_ROW else DEMO_ROW
-        if other in old:  # measured by `make figures` on the other NumPy (PYTHON=python3.13)
-            rows.insert(0 if other == DEMO_ROW else 1,
-                        tuple(old[other].get(h, "not measured") for h in HEADER))
-            notes.append(f"the row \"{other}\" kept from the previous table")
+        demo += (f"{started[:10]}, Python {platform.python_version()}",)
+        rows, notes = [], []
         if args.skip_jsrt or shared is None or not (shared / "data" / "jsrt").is_dir():
             why = "--skip-jsrt" if args.skip_jsrt else "no ../shared/data/jsrt (set MXVISION_SHARED)"
-            print(f"JSRT row skipped ({why}); README keeps its row", file=sys.stderr)
-            for kept in (JSRT_ROW, EXTERNAL_ROW):
-                if kept in old:
-                    rows.append(tuple(old[kept].get(h, "not measured") for h in HEADER))
-            notes.append("JSRT rows kept from the previous table (not re-measured here)")
+            print(f"JSRT rows skipped ({why}); README keeps its results table", file=sys.stderr)
         else:
             jsrt, extract_seconds = jsrt_figures(work, shared.resolve())
             rows.append(jsrt)
             notes.append(f"JSRT extraction 154 images in {extract_seconds:.0f} s end to end "
                          f"({154 / extract_seconds:.1f} images/s, process start included)")
             rows.append(external_figures(work, shared.resolve()))
+    # without the JSRT rows the results table (and the note saying where it was measured) stays
     note = (f"Measured {started} by `make figures` (`bench/figures.py`: the commands below, run "
             f"through the CLI) on {where}: {'; '.join(notes)}.")
-    block = markdown(rows, note)
-    print(block)
+    old_demo = demo_rows(README.read_text())
+    platforms = {**old_demo, demo[:2]: dict(zip(DEMO_HEADER, demo))}
+    demo_table = [tuple(row.get(h, "not measured") for h in DEMO_HEADER)
+                  for _, row in sorted(platforms.items())]
+    demo_note = (f"This machine's row measured {started} by `make figures` (`mxvision demo --quiet`, "
+                 f"{demo_seconds:.0f} s) on {where}; the other rows kept from the runs they name.")
+    block, demo_block = markdown(rows, note), markdown(demo_table, demo_note, DEMO_HEADER)
+    print((block + "\n\n" if rows else "") + demo_block)
     for row in rows:
         before = old.get(row[0])
         if before and tuple(before.get(h) for h in HEADER) != row:
             print(f"changed: {row[0]}: README had {list(before.values())[1:]}", file=sys.stderr)
+    before = old_demo.get(demo[:2])
+    if before and tuple(before.get(h) for h in DEMO_HEADER[:-1]) != demo[:-1]:
+        print(f"changed: the demo on {demo[:2]}: README had {list(before.values())[2:-1]}", file=sys.stderr)
     if args.write:
-        rewrite_readme(block)
-        print(f"rewrote the results table in {README}", file=sys.stderr)
+        text = README.read_text()
+        if rows:
+            text = replace_block(text, START, END, block)
+        README.write_text(replace_block(text, DEMO_START, DEMO_END, demo_block))
+        print(f"rewrote the {'results and ' if rows else ''}demo tables in {README}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mxnet as mx
@@ -39,18 +40,32 @@ def test_default_demo_runs_end_to_end_within_five_minutes(tmp_path):
     assert str(out / "eval" / "metrics.json") in text
     assert metrics["confusion_matrix_png"] in text
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"] > 0
-    # the demo is deterministic at its seed: it gives exactly README's row (split, accuracy, AUC,
-    # confusion matrix, shortcut-audit baseline), and prints the audit's warning when README says so
+    # the demo is deterministic at its seed on one platform (CPU model, NumPy version): it gives
+    # exactly README's row for the platform (split, accuracy, AUC, intervals, confusion matrix,
+    # shortcut-audit baseline), and prints the audit's warning when README says so
     figures = _figures_script()
-    # (README has one row for NumPy 1.x, one for NumPy 2: they round differently)
-    row = figures.demo_row_name()
-    readme = figures.results_rows((REPO / "README.md").read_text())[row]
-    stated = tuple(readme[h] for h in figures.HEADER)
-    measured = figures.table_row(row, out / "data" / "index.csv", metrics)
-    assert measured == stated, f"README's demo row {stated[1:]} but the demo gives {measured[1:]}"
-    assert json.loads(readme["test AUC"]) == round(metrics["auc"], 3)
-    matrix_column = next(h for h in figures.HEADER if h.startswith("confusion matrix"))
-    assert json.loads(readme[matrix_column]) == metrics["confusion_matrix"]
+    rows = figures.demo_rows((REPO / "README.md").read_text())
+    assert rows, "README's demo table has no rows"
+    measured = figures.demo_row(out / "data" / "index.csv", metrics)
+    platform = measured[:2]
+    if platform in rows:
+        readme = rows[platform]
+        stated = tuple(readme[h] for h in figures.DEMO_HEADER[:-1])
+        assert measured == stated, f"README's demo row {stated[2:]} but the demo gives {measured[2:]}"
+        assert json.loads(readme["test AUC"]) == round(metrics["auc"], 3)
+        matrix_column = next(h for h in figures.HEADER if h.startswith("confusion matrix"))
+        assert json.loads(readme[matrix_column]) == metrics["confusion_matrix"]
+    else:
+        # a platform README has no row for rounds differently; what must hold on any platform:
+        # the same split and trivial baselines (no float-kernel dependence), and an AUC inside
+        # every stated row's bootstrap interval (40 test films cannot tell platforms apart)
+        warnings.warn(f"README's demo table has no row for {platform}: `make figures` adds it")
+        split, baseline = figures.DEMO_HEADER[2], figures.DEMO_HEADER[-2]
+        ci = figures.HEADER[4]
+        for readme in rows.values():
+            assert (measured[2], measured[-1]) == (readme[split], readme[baseline]), readme
+            low, high = (float(v) for v in readme[ci].split(";")[0].strip(" []").split(","))
+            assert low <= metrics["auc"] <= high, (metrics["auc"], readme[ci])
     warns = "the audit warns" in readme[figures.HEADER[-1]]
     printed = "WARNING: model AUC" in result.stdout + result.stderr
     assert printed == warns == metrics["shortcut_audit"]["warn"], (printed, warns)
