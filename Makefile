@@ -41,7 +41,8 @@ endif
 # checks the stand-in against it (same modules, bitwise weights from one seed, same outputs). The
 # torchvision wheel pins torch==2.14.1, of which this machine has only the CUDA build (it runs on the
 # CPU; the venv is about 6.5 GB), hence its own venv; the parity extra's other packages are named
-# here because the extra pins the CPU torch 2.13.0. Python 3.11: the local wheels are cp311.
+# here because the extra pins the CPU torch 2.13.0. Python 3.11: the local wheels are cp311. Each
+# suite in a process of its own, as in `make test` (MXNet's memory pool keeps what a process used).
 TV_PYTHON ?= python3.11
 TV_VENV ?= .venv-torchvision
 $(TV_VENV)/bin/.parity-torchvision-installed: setup.py pyproject.toml
@@ -53,7 +54,7 @@ $(TV_VENV)/bin/.parity-torchvision-installed: setup.py pyproject.toml
 	touch $@
 
 parity-torchvision: $(TV_VENV)/bin/.parity-torchvision-installed
-	$(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests/parity
+	for suite in tests/parity/test_*.py; do $(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $$suite || exit 1; done
 
 setup: $(BIN)/.mxvision-installed
 
