@@ -37,9 +37,9 @@ Levers (``--levers``), each its own interleaved run: ``batch`` (8/16/32 for the 
 engines), ``calib`` (entropy vs naive calibration, tensor- vs channel-wise weights), ``tail``
 (the final BatchNorm+ReLU left fp32 -- ``smart`` -- or quantized too -- ``full``), ``fusion``
 (MXNet environment flags: MXNET_SUBGRAPH_BACKEND=MKLDNN, MXNET_ENGINE_TYPE=NaiveEngine),
-``isa`` (oneDNN's ISA cap raised to AMX: DNNL_MAX_CPU_ISA=AVX512_CORE_AMX, the worker asking Linux
-for the AMX state first, see request_amx -- oneDNN 2.4 in
-MXNet 1.9.1 does not use AMX by default).
+``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
+``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
+``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels).
 
 Prints a table and writes the JSON (``--out``, default ``bench/results/int8-peers-<date>.json``).
 """
@@ -58,8 +58,9 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PEER_MODULES = ("openvino", "nncf", "onnxruntime", "onnx", "numpy", "sympy")
 HELD_OUT = 32
-AMX_ENV = {"DNNL_MAX_CPU_ISA": "AVX512_CORE_AMX"}
-AMX_ROW = "mxvision int8, DNNL_MAX_CPU_ISA=AVX512_CORE_AMX (lever, not shipped)"
+#: mxvision with oneDNN's default ISA cap (AVX-512 VNNI): what it ran before it enabled AMX itself
+NO_AMX_ENV = {"MXVISION_AMX": "0"}
+NO_AMX_ROW = "mxvision int8, MXVISION_AMX=0 (no AMX: oneDNN's default)"
 
 
 def log(*a):
@@ -144,8 +145,6 @@ def worker_main(role, work):
     reply_to = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, never into the replies
     sys.stdout = sys.stderr
-    if "AMX" in os.environ.get("DNNL_MAX_CPU_ISA", "").upper():
-        request_amx()
     state = {"work": Path(work), "engines": {}, "held": None}
     handlers = {"run": _run, "features": _features, "load": _load, "quantize": _quantize,
                 "info": lambda s, m: {"pid": os.getpid()}}
@@ -157,18 +156,6 @@ def worker_main(role, work):
             text = " ".join(f"{type(err).__name__}: {err}".split())
             reply = {"error": text[:400]}
         reply_to.write(json.dumps(reply) + "\n")
-
-
-def request_amx():
-    """Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
-
-    Since Linux 5.16 a process must request it before its first AMX instruction; oneDNN 2.4.4
-    (MXNet 1.9.1) does not, so with DNNL_MAX_CPU_ISA=AVX512_CORE_AMX its first AMX convolution
-    dies of SIGILL unless the process asked first (checked here: exit 132 without, runs with)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(158, 0x1023, 18) != 0:  # SYS_arch_prctl on x86-64
-        raise OSError(ctypes.get_errno(), "arch_prctl(ARCH_REQ_XCOMP_PERM) refused: no AMX here")
 
 
 def _batch(state, size):
@@ -184,7 +171,7 @@ def _load(state, msg):
     spec, batch = msg["spec"], msg["batch"]
     kind = spec["kind"]
     if kind.startswith("mxnet"):
-        import mxvision  # noqa: F401  (before MXNet: mxvision.runtime.compat, OMP threads)
+        import mxvision  # noqa: F401  (before MXNet: mxvision.runtime.compat, OMP threads, AMX)
         import bench_extract
         import mxnet as mx
         ctx = mx.cpu()
@@ -490,8 +477,8 @@ def main():
     p.add_argument("--skip-peers", action="store_true", help="only the levers")
     p.add_argument("--onednn-profile", action="store_true",
                    help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without AMX)")
-    p.add_argument("--amx-row", action="store_true",
-                   help="add mxvision INT8 with oneDNN's AMX kernels (the isa lever) to the peers table")
+    p.add_argument("--vnni-row", action="store_true",
+                   help="add mxvision INT8 with MXVISION_AMX=0 (the isa lever: no AMX) to the peers table")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for a 1-minute load average < 0.5")
     p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"))
@@ -576,8 +563,8 @@ def main():
         runs = []
         if not args.skip_peers:
             peers = {k: (specs[k], args.batch, None) for k in specs}
-            if args.amx_row:  # the isa lever beside the peers: what mxvision INT8 gives with AMX
-                peers[AMX_ROW] = (specs["mxvision int8"], args.batch, AMX_ENV)
+            if args.vnni_row:  # the isa lever beside the peers: mxvision INT8 without AMX
+                peers[NO_AMX_ROW] = (specs["mxvision int8"], args.batch, NO_AMX_ENV)
             runs.append(("peers", peers))
         for lever in args.levers:
             runs.append((lever, lever_engines(lever, specs, files, work, args)))
@@ -604,10 +591,10 @@ def main():
             reference = next(k for k in engines if k.startswith("mxvision int8"))
             section = interleaved(engines, list({id(w): w for w, _ in engines.values()}.values()),
                                   args, reference)
-            if AMX_ROW in section["engines"]:
+            if NO_AMX_ROW in section["engines"]:
                 med = {k: v["median"] for k, v in section["engines"].items()}
-                section["ratios_with_amx"] = {f"{AMX_ROW} / {k}": round(med[AMX_ROW] / med[k], 2)
-                                              for k in med if k != AMX_ROW}
+                section["ratios_without_amx"] = {f"{NO_AMX_ROW} / {k}": round(med[NO_AMX_ROW] / med[k], 2)
+                                                 for k in med if k != NO_AMX_ROW}
             if run_name == "batch":  # mxvision INT8 / peer INT8 at the same batch size
                 med = {k: v["median"] for k, v in section["engines"].items()}
                 section["ratios_at_same_batch"] = {
@@ -624,7 +611,7 @@ def main():
         if args.onednn_profile:
             result["onednn_profile"] = {
                 label: onednn_profile(int8_spec, args, work, env)
-                for label, env in (("mxvision int8", {}), ("mxvision int8, AMX", AMX_ENV))}
+                for label, env in (("mxvision int8", {}), ("mxvision int8, MXVISION_AMX=0", NO_AMX_ENV))}
             for label, rows in result["onednn_profile"].items():
                 print(f"\noneDNN time by primitive, {label} (share of the summed primitive time):")
                 for key, row in rows.items():
@@ -674,11 +661,10 @@ def lever_engines(lever, specs, files, work, args):
                 "fp32 hybridize(backend=MKLDNN)": (("mxnet", dict(specs["mxvision fp32"][1],
                                                                   backend="MKLDNN")), b, None)}
     if lever == "isa":
-        amx = AMX_ENV
         return {"mxvision int8": (specs["mxvision int8"], b, None),
-                "int8 DNNL_MAX_CPU_ISA=AVX512_CORE_AMX": (specs["mxvision int8"], b, amx),
+                "int8 MXVISION_AMX=0": (specs["mxvision int8"], b, NO_AMX_ENV),
                 "mxvision fp32": (specs["mxvision fp32"], b, None),
-                "fp32 DNNL_MAX_CPU_ISA=AVX512_CORE_AMX": (specs["mxvision fp32"], b, amx)}
+                "fp32 MXVISION_AMX=0": (specs["mxvision fp32"], b, NO_AMX_ENV)}
     raise ValueError(lever)
 
 

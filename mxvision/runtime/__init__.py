@@ -32,6 +32,66 @@ def use_every_core():
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores))
 
 
+#: oneDNN's ISA cap that lets MXNet 1.9.1's oneDNN 2.4 use AMX (off by default in that release)
+AMX_ISA = "AVX512_CORE_AMX"
+#: set beside DNNL_MAX_CPU_ISA when mxvision raised the cap, so child processes tell it from the user's
+AMX_MARK = "MXVISION_SET_DNNL_MAX_CPU_ISA"
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def request_amx_state():
+    """Ask Linux for the AMX tile state: ``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``.
+
+    Since Linux 5.16 a process must ask before its first AMX instruction, and oneDNN 2.4 in MXNet
+    1.9.1 does not: with AMX enabled and no request, the first INT8 convolution dies of SIGILL
+    (measured: exit 132). True when granted (the permission holds for the process and its forks).
+    """
+    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+
+
+def use_amx():
+    """Let oneDNN use AMX on CPUs that have it (INT8 1.4-1.6x faster; docs/BENCHMARKS.md).
+
+    MXNet 1.9.1's oneDNN 2.4 stops at AVX-512 VNNI unless ``DNNL_MAX_CPU_ISA`` names AMX, and then
+    needs the process to have asked Linux for the AMX state (:func:`request_amx_state`). Here,
+    before MXNet is imported: on a CPU with ``amx_tile`` and ``amx_int8`` whose kernel grants the
+    request, the cap is raised. ``MXVISION_AMX=0`` keeps oneDNN's default. A ``DNNL_MAX_CPU_ISA``
+    the user set is kept, and the request is made whenever it names AMX; one that an mxvision
+    parent process set (it says so in ``MXVISION_SET_DNNL_MAX_CPU_ISA``) is decided afresh, so a
+    child process can opt out, and can never meet AMX without the permission. fp32 has no AMX
+    path: fp32 results are unchanged (README's demo gives the same figures with and without).
+    Returns whether AMX is enabled for this process.
+    """
+    wanted = os.environ.get("DNNL_MAX_CPU_ISA")
+    if wanted is not None and os.environ.get(AMX_MARK) == wanted and "mxnet" not in sys.modules:
+        del os.environ["DNNL_MAX_CPU_ISA"], os.environ[AMX_MARK]  # inherited: decide afresh
+        wanted = None
+    if wanted is not None:
+        return "AMX" in wanted.upper() and request_amx_state()
+    if os.environ.get("MXVISION_AMX", "1").strip() == "0" or "mxnet" in sys.modules:
+        return False
+    if not {"amx_tile", "amx_int8"} <= cpu_flags() or not request_amx_state():
+        return False
+    os.environ["DNNL_MAX_CPU_ISA"] = os.environ[AMX_MARK] = AMX_ISA
+    return True
+
+
 def num_gpus():
     """How many GPUs this MXNet build can use (0 for the CPU wheel, or when CUDA is absent)."""
     import mxnet as mx

@@ -44,3 +44,93 @@ def test_a_thread_count_the_user_exported_is_kept():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+# --- AMX: oneDNN's ISA cap raised before MXNet loads, on CPUs that have it ------------------------
+from mxvision.runtime import AMX_ISA, AMX_MARK, cpu_flags  # noqa: E402
+
+HAS_AMX = {"amx_tile", "amx_int8"} <= cpu_flags()
+ISA_PROBE = PROBE.replace('os.environ.get("OMP_NUM_THREADS")', 'os.environ.get("DNNL_MAX_CPU_ISA")')
+
+
+def _isa_at_mxnet_import(entry, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in ("DNNL_MAX_CPU_ISA", "MXVISION_AMX", AMX_MARK)}
+    env.update(env_changes)
+    done = subprocess.run([sys.executable, "-c", ISA_PROBE % ENTRY_POINTS[entry]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("entry", ["api", "cli"])
+def test_amx_is_enabled_before_mxnet_loads_exactly_where_the_cpu_has_it(entry):
+    assert _isa_at_mxnet_import(entry) == (AMX_ISA if HAS_AMX else "None")
+
+
+def test_mxvision_amx_0_keeps_onednns_default_and_a_users_isa_is_kept():
+    assert _isa_at_mxnet_import("api", MXVISION_AMX="0") == "None"
+    assert _isa_at_mxnet_import("api", DNNL_MAX_CPU_ISA="AVX512_CORE") == "AVX512_CORE"
+    assert _isa_at_mxnet_import("api", DNNL_MAX_CPU_ISA=AMX_ISA) == AMX_ISA
+
+
+def test_a_cap_inherited_from_an_mxvision_parent_is_decided_afresh():
+    inherited = {"DNNL_MAX_CPU_ISA": AMX_ISA, AMX_MARK: AMX_ISA}
+    assert _isa_at_mxnet_import("api", MXVISION_AMX="0", **inherited) == "None"
+    assert _isa_at_mxnet_import("api", **inherited) == (AMX_ISA if HAS_AMX else "None")
+
+
+# A small INT8 network, calibrated and run; prints the oneDNN convolution kernels it ran and the output.
+INT8_PROBE = r"""
+import os, sys
+if sys.argv[1] == "mxvision":
+    import mxvision  # noqa: F401
+import mxnet as mx, numpy as np
+from mxnet.contrib.quantization import quantize_model_mkldnn
+data = mx.sym.var("data")
+sym = mx.sym.Activation(mx.sym.Convolution(data, num_filter=32, kernel=(3, 3), pad=(1, 1), name="conv"), act_type="relu")
+rng = np.random.RandomState(0)
+x = mx.nd.array(rng.rand(8, 64, 16, 16).astype("float32"))
+arg = {"conv_weight": mx.nd.array(rng.randn(32, 64, 3, 3).astype("float32")), "conv_bias": mx.nd.zeros(32)}
+calib = mx.io.NDArrayIter(data=x, batch_size=8)
+qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, {}, ctx=mx.cpu(), calib_mode="naive", calib_data=calib,
+                                         num_calib_examples=8, quantized_dtype="auto", label_names=None)
+exe = qsym.bind(mx.cpu(), dict(qarg, data=x), aux_states=qaux)
+np.save(sys.argv[2], exe.forward()[0].asnumpy())
+"""
+
+
+def _run_int8(tmp_path, first_import, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in ("DNNL_MAX_CPU_ISA", "MXVISION_AMX", AMX_MARK)}
+    env.update(env_changes, DNNL_VERBOSE="1")
+    out = tmp_path / f"{first_import}-{len(env_changes)}.npy"
+    done = subprocess.run([sys.executable, "-c", INT8_PROBE, first_import, str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done, out
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX (amx_tile, amx_int8 in /proc/cpuinfo)")
+def test_int8_convolutions_run_on_amx_with_the_same_outputs(tmp_path):
+    import numpy as np
+
+    amx, amx_out = _run_int8(tmp_path, "mxvision")
+    assert amx.returncode == 0, amx.stderr[-2000:]
+    assert "avx512_core_amx" in amx.stdout  # oneDNN's verbose names the kernel it ran
+    vnni, vnni_out = _run_int8(tmp_path, "mxvision", MXVISION_AMX="0")
+    assert vnni.returncode == 0, vnni.stderr[-2000:]
+    assert "amx" not in vnni.stdout
+    a, b = np.load(amx_out), np.load(vnni_out)
+    assert a.std() > 0 and np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), np.abs(a - b).max()
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX (amx_tile, amx_int8 in /proc/cpuinfo)")
+def test_a_child_that_inherits_the_amx_cap_is_granted_the_amx_state(tmp_path):
+    # a process started by mxvision inherits DNNL_MAX_CPU_ISA; importing mxvision asks Linux for
+    # the AMX state, without which the first AMX convolution dies of SIGILL (shown with bare MXNet,
+    # which imports by itself only on NumPy < 1.24)
+    child, _ = _run_int8(tmp_path, "mxvision", DNNL_MAX_CPU_ISA=AMX_ISA)
+    assert child.returncode == 0, child.stderr[-2000:]
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) == 1 and int(numpy.__version__.split(".")[1]) < 24:
+        bare, _ = _run_int8(tmp_path, "mxnet", DNNL_MAX_CPU_ISA=AMX_ISA)
+        assert bare.returncode in (-4, 132), (bare.returncode, bare.stderr[-2000:])  # SIGILL
