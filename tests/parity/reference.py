@@ -99,8 +99,10 @@ def sample_paths():
     return {n: str(root / "data" / "samples" / n) for n in RASTER + DICOM}
 
 
-def realistic(model, head, batch, seed):
-    """BatchNorm statistics from real images, then a classifier giving O(1) logits."""
+def realistic_batchnorm(model, batch, seed):
+    """Seed torch, give every BatchNorm random affine parameters and the statistics of a
+    training-mode pass over ``batch`` (real films); the model is left in eval mode and its
+    outputs on ``batch`` are returned, for the caller to scale its head to O(1) outputs."""
     torch.manual_seed(seed)
     for mod in model.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -112,7 +114,13 @@ def realistic(model, head, batch, seed):
     with torch.no_grad():
         model(batch)
         model.eval()
-        logits = model(batch)
+        return model(batch)
+
+
+def realistic(model, head, batch, seed):
+    """BatchNorm statistics from real images, then a classifier giving O(1) logits."""
+    logits = realistic_batchnorm(model, batch, seed)
+    with torch.no_grad():
         head.weight.mul_(2.0 / float(logits.std()))
         torch.nn.init.uniform_(head.bias, -1.0, 1.0)
     return model

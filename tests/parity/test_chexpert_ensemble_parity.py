@@ -30,7 +30,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from reference import DICOM, RASTER, TORCHVISION, sample_paths, torch, torchxrayvision_input, xrv_torch  # noqa: F401
+from reference import (DICOM, RASTER, TORCHVISION, realistic_batchnorm, sample_paths, torch,  # noqa: F401
+                       torchxrayvision_input, xrv_torch)
 
 import mxnet as mx  # noqa: E402
 
@@ -60,18 +61,8 @@ def _torchxrayvision_config():
 
 def _realistic_member(model, batch, seed):
     """BatchNorm statistics and affine parameters from real films; logits of std 2, centred."""
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the pass
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-    model.train()
+    logits = realistic_batchnorm(model, batch, seed)
     with torch.no_grad():
-        model(batch)
-        model.eval()
-        logits = model(batch)
         head = model.model.classifier
         scale = 2.0 / float(logits.std())
         head.weight.mul_(scale)

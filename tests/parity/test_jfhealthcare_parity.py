@@ -39,7 +39,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from reference import DICOM, RASTER, TORCHVISION, sample_paths, torch, torchxrayvision_input, xrv_torch  # noqa: F401
+from reference import (DICOM, RASTER, TORCHVISION, realistic_batchnorm, sample_paths, torch,  # noqa: F401
+                       torchxrayvision_input, xrv_torch)
 
 import mxnet as mx  # noqa: E402
 
@@ -60,18 +61,8 @@ def _jfhealthcare():
 
 def _realistic_classifier(model, batch, seed):
     """BatchNorm statistics and affine parameters from real films; each of the 5 logits O(1)."""
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the pass
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-    model.train()
+    logits, _ = realistic_batchnorm(model, batch, seed)
     with torch.no_grad():
-        model(batch)
-        model.eval()
-        logits, _ = model(batch)
         for index, logit in enumerate(logits):
             fc = getattr(model, "fc_%d" % index)
             scale = 2.0 / float(logit.std())

@@ -27,7 +27,8 @@ import copy
 import numpy as np
 import pytest
 
-from reference import DICOM, RASTER, TORCHVISION, sample_paths, torch, torchxrayvision_input, xrv_torch  # noqa: F401
+from reference import (DICOM, RASTER, TORCHVISION, realistic_batchnorm, sample_paths, torch,  # noqa: F401
+                       torchxrayvision_input, xrv_torch)
 
 import mxnet as mx  # noqa: E402
 
@@ -42,18 +43,8 @@ ROUNDING_FACTOR = 2.0  # mxvision's float32 error vs torch's own, as in test_xrv
 
 def _realistic_autoencoder(model, batch, seed):
     """BatchNorm statistics and affine parameters from real films; reconstruction of std 1."""
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the pass
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-    model.train()
+    out = realistic_batchnorm(model, batch, seed)["out"]
     with torch.no_grad():
-        model(batch)
-        model.eval()
-        out = model(batch)["out"]
         model.conv1_1.weight.mul_(1.0 / float(out.std()))
     return model
 
