@@ -1,7 +1,6 @@
 """The calibrated INT8 network is cached once for every feature store (mxvision.features.quantize):
 by default in the user's cache folder, one calibration for concurrent extractions of one key, a
 damaged entry converted again, an unwritable cache warned about and done without."""
-import csv
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from mxvision.features import quantize
 from mxvision.features.extract import FeatureStore, extract_features
 from mxvision.io.download import locked_file
 from mxvision.utils import file_digest
+from support.jsrt_films import small_jsrt_index
 
 SYMBOL, PARAMS, INFO = quantize.file_names("int8")
 #: The same extraction as the CLI line below (its default calibration: a seeded sample of the
@@ -167,25 +167,13 @@ def test_an_unwritable_cache_is_warned_about_once_and_extraction_goes_on(synth_i
     assert blocker.read_text() == "not a folder"
 
 
-def jsrt_index(shared, path, per_class=6):
-    images = shared / "data" / "jsrt" / "images"
-    splits = ["train"] * (per_class - 2) + ["val", "test"]
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["path", "label", "patient_id", "split"])
-        for label, stem in (("nodule", "JPCLN"), ("normal", "JPCNN")):
-            for film, split in zip(sorted(images.glob(stem + "*.png")), splits):
-                out.writerow([film, label, film.stem, split])
-    return path
-
-
 def test_a_second_int8_extract_of_real_films_reuses_the_calibration(shared, tmp_path):
     """The issue's check, on 12 JSRT films with the Xvision trunk (resnet50_v2 to
     stage4_unit2_relu1): the second `mxvision extract --dtype int8` into a new folder takes the
     calibrated network from the user cache (XDG_CACHE_HOME here) instead of calibrating again.
     setup_seconds is recorded and printed; that it is under 5 s is measured in
     docs/BENCHMARKS.md, not asserted (a loaded machine would make that flaky)."""
-    index = jsrt_index(shared, tmp_path / "jsrt.csv")
+    index = small_jsrt_index(shared, tmp_path / "jsrt.csv")
     env = {k: v for k, v in os.environ.items() if k != "MXVISION_CACHE"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     manifests = []

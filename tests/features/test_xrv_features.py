@@ -4,7 +4,6 @@ The autoencoder resnet_ae-101-elastic with random, realistic weights (support.xr
 written as its release file (a state dict in torch's names): an index of JSRT films gives a feature store that a training run
 consumes; image files give an .npz of flattened latents equal to the model's own ``encode``.
 """
-import csv
 
 import mxnet as mx
 import numpy as np
@@ -13,23 +12,11 @@ import pytest
 from mxvision.data.xrv_transforms import XRayCenterCrop, XRayResizer, load_xray, preprocess
 from mxvision.errors import MxvisionError, WeightsError
 from mxvision.features import xrv
+from support.jsrt_films import small_jsrt_index
 from support.xrv_autoencoder import NAME, RELEASE_FILE, write_autoencoder_release
 
 LATENT = (512, 3, 3)
 SAMPLES = ["00000001_000.png", "16747_3_1.jpg", "Fake_MONOHR1.dcm"]
-
-
-def jsrt_index(shared, path, per_class=6):
-    """An index CSV of ``per_class`` nodule and normal JSRT films, with train/val/test splits."""
-    images = shared / "data" / "jsrt" / "images"
-    splits = ["train"] * (per_class - 2) + ["val", "test"]
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["path", "label", "patient_id", "split"])
-        for label, stem in (("nodule", "JPCLN"), ("normal", "JPCNN")):
-            for film, split in zip(sorted(images.glob(stem + "*.png")), splits):
-                out.writerow([film, label, film.stem, split])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def release(shared, tmp_path_factory):
 def test_index_gives_a_feature_store_a_training_run_consumes(shared, release, tmp_path):
     from mxvision.train.loop import train_head
 
-    index = jsrt_index(shared, tmp_path / "jsrt.csv")
+    index = small_jsrt_index(shared, tmp_path / "jsrt.csv")
     store = xrv.extract_xrv_features(index, tmp_path / "store", weights=release["path"], batch_size=4,
                                      progress=False)
     m = store.manifest
