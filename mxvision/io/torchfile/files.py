@@ -22,6 +22,7 @@ import zipfile
 import zlib
 
 from mxvision.errors import WeightsError, one_line
+from mxvision.io.torchfile.unpickler import size_text
 from mxvision.utils import READ_FLAGS, file_kind
 
 _CHUNK = 1 << 20
@@ -96,6 +97,20 @@ def zip_directory_size(f, size):
             and tail[locator - 56:locator - 52] == b"PK\x06\x06":
         found = max(found, struct.unpack_from("<Q", tail, locator - 56 + 40)[0])
     return found
+
+
+def open_zip(f, size, source, max_directory, usual="a weights file's takes a few kB"):
+    """The ``zipfile.ZipFile`` of the open file ``f`` (``size`` bytes), once its central directory
+    is known to be at most ``max_directory`` bytes (``usual`` says what such a file's takes); a
+    corrupt or hostile zip is one :class:`WeightsError` line naming ``source``."""
+    directory = zip_directory_size(f, size)
+    if directory is not None and directory > max_directory:
+        raise WeightsError(source, "its zip directory claims %s; %s (corrupt or hostile file)"
+                           % (size_text(directory), usual))
+    try:
+        return zipfile.ZipFile(f)
+    except ZIP_READ_ERRORS as err:
+        raise WeightsError(source, "corrupt zip file (%s)" % one_line(err, 160)) from None
 
 
 def read_zip_member(zf, info, source, max_bytes):

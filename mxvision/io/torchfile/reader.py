@@ -35,14 +35,12 @@ by ``torch.save`` read back here.
 import io
 import os
 import struct
-import zipfile
 from collections import OrderedDict
 
 import numpy as np
 
-from mxvision.errors import WeightsError, one_line
-from mxvision.io.torchfile.files import (
-    ZIP_READ_ERRORS, open_weights_file, read_exactly, read_zip_member, zip_directory_size)
+from mxvision.errors import WeightsError
+from mxvision.io.torchfile.files import open_weights_file, open_zip, read_exactly, read_zip_member
 from mxvision.io.torchfile.unpickler import (
     LEGACY_MAGIC, LEGACY_PROTOCOL, ModuleRecord, RestrictedUnpickler, Storage, describe, size_text)
 
@@ -81,15 +79,7 @@ def _same_storage(source, known, dtype, numel):
 
 
 def _read_zip(f, size, source, allow_modules, limit):
-    directory = zip_directory_size(f, size)
-    if directory is not None and directory > MAX_ZIP_DIRECTORY:
-        raise WeightsError(source, "its zip directory claims %s; a weights file's takes a few kB "
-                           "(corrupt or hostile file)" % size_text(directory))
-    try:
-        zf = zipfile.ZipFile(f)
-    except ZIP_READ_ERRORS as err:
-        raise WeightsError(source, "corrupt zip container (%s)" % one_line(err, 160)) from None
-    with zf:
+    with open_zip(f, size, source, MAX_ZIP_DIRECTORY) as zf:
         members = OrderedDict((info.filename, info) for info in zf.infolist())
         pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pkl:

@@ -42,15 +42,14 @@ are read and not used.
 import json
 import os
 import pkgutil
-import zipfile
 
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.errors import MxvisionError, WeightsError, one_line
-from mxvision.io.torchfile.files import ZIP_READ_ERRORS, open_weights_file, read_zip_member, zip_directory_size
+from mxvision.io.torchfile.files import open_weights_file, open_zip, read_zip_member
 from mxvision.io.torchfile.reader import PICKLE_ALLOWANCE, byte_limit_for, read_torch_bytes, state_dict_from
-from mxvision.io.torchfile.unpickler import describe, size_text
+from mxvision.io.torchfile.unpickler import describe
 from mxvision.models.registry import register_model
 from mxvision.models.xrv.baseline import BaselineModel, three_channels
 from mxvision.models.xrv.baseline_specs import BASELINES
@@ -286,15 +285,7 @@ def read_ensemble_zip(path, ckpt_paths, max_bytes):
         if f.read(4) != b"PK\x03\x04":
             raise WeightsError(path, "not a zip file: the CheXpert ensemble's weights are the zip of "
                                      "checkpoints torchxrayvision reads (its weights_zip)")
-        directory = zip_directory_size(f, size)
-        if directory is not None and directory > MAX_ZIP_DIRECTORY:
-            raise WeightsError(path, "its zip directory claims %s; the ensemble's takes a few kB (corrupt "
-                                     "or hostile file)" % size_text(directory))
-        try:
-            zf = zipfile.ZipFile(f)
-        except ZIP_READ_ERRORS as err:
-            raise WeightsError(path, "corrupt zip file (%s)" % one_line(err, 160)) from None
-        with zf:
+        with open_zip(f, size, path, MAX_ZIP_DIRECTORY, usual="the ensemble's takes a few kB") as zf:
             by_name = {}
             for info in zf.infolist():
                 _check_member_name(path, info.filename)
