@@ -54,7 +54,8 @@ $(TV_VENV)/bin/.parity-torchvision-installed: setup.py pyproject.toml
 	touch $@
 
 parity-torchvision: $(TV_VENV)/bin/.parity-torchvision-installed
-	for suite in tests/parity/test_*.py; do $(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $$suite || exit 1; done
+	for suite in tests/parity/test_*.py; do $(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $$suite; \
+		status=$$?; if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi; done
 
 setup: $(BIN)/.mxvision-installed
 
@@ -68,7 +69,10 @@ demo: setup
 # 13 GB (OOM-killed in a CI rehearsal); a process per file bounds it by the largest suite.
 test: setup setup-parity
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider tests --ignore=tests/parity  # -rs: every skip and its reason
-	for suite in tests/parity/test_*.py; do $(BIN)/python -m pytest -q -rs -p no:cacheprovider $$suite || exit 1; done
+	# exit status 5 is pytest's "no tests collected": a suite that skips as a whole (no torch on this
+	# Python; under CI=true on 3.11 a missing torch fails instead, with status 2)
+	for suite in tests/parity/test_*.py; do $(BIN)/python -m pytest -q -rs -p no:cacheprovider $$suite; \
+		status=$$?; if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi; done
 
 # rerun the commands behind README's results table and rewrite it (JSRT row: needs ../shared)
 figures: setup
