@@ -380,16 +380,10 @@ def main():
 
 
 def machine_info():
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = open("/proc/cpuinfo").read()
-        isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    except OSError:
-        isa = []
+    from mxvision.runtime import cpu_info
+
+    model, flags = cpu_info()
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version(),
             "mxnet": mx.__version__, "onnxruntime": __import__("onnxruntime").__version__}
 

@@ -93,14 +93,10 @@ def demo_rows(readme_text):
 
 def cpu_model():
     """The CPU's model name as /proc/cpuinfo gives it (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    sys.path.insert(0, str(REPO))
+    from mxvision.runtime import cpu_info
+
+    return cpu_info()[0]
 
 
 def platform_key():

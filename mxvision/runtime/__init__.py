@@ -38,16 +38,31 @@ AMX_ISA = "AVX512_CORE_AMX"
 AMX_MARK = "MXVISION_SET_DNNL_MAX_CPU_ISA"
 
 
-def cpu_flags():
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def cpu_info():
+    """The first CPU's ``model name`` and ``flags`` as Linux lists them in /proc/cpuinfo, as
+    ``(model, set of flags)``; elsewhere ``platform.processor()`` and no flags."""
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
         pass
-    return set()
+    if model is None:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return model, flags
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    return cpu_info()[1]
 
 
 def request_amx_state():
