@@ -23,19 +23,11 @@ import numpy as np
 
 
 def _import_torch_stack():
+    """torch and torchxrayvision, with torchvision as the parity suite gets it: the real one when it
+    imports, else the verified stand-in (tests/parity/torchvision_stand_in.py; CI has no torchvision)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "parity"))
     import torch
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as err:  # CUDA torchvision wheel over CPU torch: see tests/parity/test_xrv_parity.py
-        if "torchvision::" not in str(err):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_torch_stack.keep = lib
-        import torchvision  # noqa: F401,F811
+    from reference import TORCHVISION  # noqa: F401  (imports torchvision or installs the stand-in)
     import torchxrayvision
     return torch, torchxrayvision
 
@@ -62,6 +54,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None, help="also write the markdown section here")
+    ap.add_argument("--two-op-bn-relu", action="store_true",
+                    help="lever off: DenseNet's BatchNorm + ReLU as two operators (as before issue #16)")
+    ap.add_argument("--backend", default=None, help="hybridize(backend=...), e.g. MKLDNN (oneDNN graph fusion)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -87,7 +82,10 @@ def main(argv=None):
             warnings.simplefilter("ignore")
             tm = xrv_torch.models.get_model(name, cache_dir=tmp).eval()
         nm = zoo.get_model(name, weights=os.path.join(tmp, WEIGHTS[name].file))
-        nm.hybridize(static_alloc=True, static_shape=True)
+        if args.two_op_bn_relu:
+            from mxvision.models.xrv.densenet import _BatchNormReLU
+            nm.apply(lambda b: setattr(b, "on_cpu", False) if isinstance(b, _BatchNormReLU) else None)
+        nm.hybridize(static_alloc=True, static_shape=True, **({"backend": args.backend} if args.backend else {}))
         nets[name] = (tm, nm, WEIGHTS[name].resolution)
 
     rows = []
@@ -124,8 +122,9 @@ def main(argv=None):
     lines = [
         "## torchxrayvision models: mxvision (MXNet) vs torchxrayvision (PyTorch), CPU inference",
         "",
-        "Command: `.venv/bin/python bench/bench_xrv.py --repeat %d --batch %s --threads %d`"
-        % (args.repeat, " ".join(map(str, args.batch)), args.threads),
+        "Command: `.venv/bin/python bench/bench_xrv.py --repeat %d --batch %s --threads %d%s%s`"
+        % (args.repeat, " ".join(map(str, args.batch)), args.threads,
+           " --two-op-bn-relu" if args.two_op_bn_relu else "", " --backend " + args.backend if args.backend else ""),
         "",
         "Machine: %s, %d CPU threads given to each framework; MXNet %s (oneDNN), PyTorch %s, torchxrayvision %s, "
         "Python %s. Same random weights and inputs in one process; median per call of the fastest of 3 "
