@@ -344,6 +344,11 @@ class XRVModel(HybridBlock):
         self._warned.add(kind)
         warnings.warn(message, XRVInputWarning, stacklevel=5)  # the caller of model(x)
 
+    def for_context(self, ctx):
+        """Choose the operators for ``ctx`` before the first forward (nothing to choose here;
+        DenseNet picks its fused BatchNorm + ReLU on a CPU)."""
+        return self
+
     # -- weights
     def init_random(self, ctx=None, seed=0):
         """He-normal convolutions, BatchNorm (1, 0, 0, 1), zero biases: like torchvision's init."""

@@ -14,6 +14,7 @@ pool: (N, 1024)); calling the model gives the 18 scores (see
 pipeline: ``cut="features"`` (the ReLU'd map) or ``"pooled"``).
 """
 import mxnet as mx
+import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.models.xrv import weights as xrv_weights
@@ -44,18 +45,48 @@ def _bn(channels):
     return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
 
 
+class _BatchNormReLU(nn.BatchNorm):
+    """BatchNorm then ReLU, as oneDNN's one fused operator (MXNet's ``contrib.BatchNormWithReLU``).
+
+    Why: DenseNet applies a BatchNorm + ReLU to every growing concatenation; as two operators
+    each is a pass over the whole tensor, and this port took 1.2-1.4x torchxrayvision's time. Fused,
+    it takes 0.55-0.65x (docs/BENCHMARKS_XRV.md), with bitwise the same outputs and the same
+    parameters (``gamma``, ``beta``, ``running_mean``, ``running_var``) and gradients.
+    The fused operator exists for float32 on the CPU only: :meth:`XRVDenseNet.for_context` says
+    whether the context is a CPU, :meth:`cast` whether the type is float32; otherwise the two
+    operators run. They run too with ``use_global_stats`` (how mxvision.audit.explain takes
+    gradients in inference mode), whose backward oneDNN's fused operator cannot create."""
+
+    on_cpu = True
+    float32 = True
+
+    def cast(self, dtype):
+        self.float32 = np.dtype(dtype) == np.float32
+        super().cast(dtype)
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        if self.on_cpu and self.float32 and not self._kwargs.get("use_global_stats"):
+            return F.contrib.BatchNormWithReLU(x, gamma, beta, running_mean, running_var, name="fwd",
+                                               **self._kwargs)
+        return F.relu(F.BatchNorm(x, gamma, beta, running_mean, running_var, name="fwd", **self._kwargs))
+
+
+def _bn_relu(channels):
+    return _BatchNormReLU(epsilon=BN_EPS, in_channels=channels)
+
+
 class _DenseLayer(HybridBlock):
     def __init__(self, in_channels, growth_rate, bn_size, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.norm1 = _bn(in_channels)
+            self.norm1 = _bn_relu(in_channels)
             self.conv1 = nn.Conv2D(bn_size * growth_rate, 1, use_bias=False, in_channels=in_channels)
-            self.norm2 = _bn(bn_size * growth_rate)
+            self.norm2 = _bn_relu(bn_size * growth_rate)
             self.conv2 = nn.Conv2D(growth_rate, 3, padding=1, use_bias=False, in_channels=bn_size * growth_rate)
 
     def hybrid_forward(self, F, x):
-        new = self.conv1(F.relu(self.norm1(x)))
-        new = self.conv2(F.relu(self.norm2(new)))
+        new = self.conv1(self.norm1(x))  # norm1, norm2: BatchNorm + ReLU
+        new = self.conv2(self.norm2(new))
         return F.concat(x, new, dim=1)
 
 
@@ -63,12 +94,12 @@ class _Transition(HybridBlock):
     def __init__(self, in_channels, out_channels, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.norm = _bn(in_channels)
+            self.norm = _bn_relu(in_channels)  # BatchNorm + ReLU
             self.conv = nn.Conv2D(out_channels, 1, use_bias=False, in_channels=in_channels)
             self.pool = nn.AvgPool2D(2, 2)
 
     def hybrid_forward(self, F, x):
-        return self.pool(self.conv(F.relu(self.norm(x))))
+        return self.pool(self.conv(self.norm(x)))
 
 
 class XRVDenseNet(XRVModel):
@@ -115,6 +146,13 @@ class XRVDenseNet(XRVModel):
         if self.output == "pooled":
             return pooled
         return self.classifier(pooled)
+
+    def for_context(self, ctx):
+        """Run on ``ctx``: the fused BatchNorm + ReLU on a CPU, the two operators elsewhere (the
+        fused one has no GPU kernel). Call before the first forward (hybridizing fixes the graph)."""
+        on_cpu = ctx.device_type == "cpu"
+        self.apply(lambda block: setattr(block, "on_cpu", on_cpu) if isinstance(block, _BatchNormReLU) else None)
+        return self
 
     def features2(self, x):
         """torchxrayvision's ``features2``: resize/check like ``forward``, then the pooled (N, 1024)."""

@@ -78,7 +78,7 @@ def load_model(name, weights="pretrained", output="scores", calibrated=True, app
     ``thresholds``: a file of ``mxvision xrv calibrate`` whose op_threshs replace the published ones
     (:func:`mxvision.models.xrv.thresholds.apply_thresholds`)."""
     ctx = ctx or mx.cpu()
-    net = build_model(name, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid)
+    net = build_model(name, output=output, calibrated=calibrated, apply_sigmoid=apply_sigmoid).for_context(ctx)
     spec_text = "pretrained" if weights is None else str(weights)
     if spec_text.lower() in ("pretrained", "default", "xrv"):
         supplied = getattr(net.spec, "supplied_by_user", None)
@@ -117,7 +117,7 @@ def make_factory(name, cuts):
             if cut not in cuts:
                 raise WeightsError(name, "unknown cut %r for a torchxrayvision backbone; use one of %s"
                                    % (cut, ", ".join(sorted(k for k in cuts if not k.startswith("stage")))))
-            net = build_model(name, output=cuts[cut])
+            net = build_model(name, output=cuts[cut]).for_context(ctx)
             if weights_file is not None:
                 net.load_weights_file(weights_file, ctx=ctx)
             else:
