@@ -25,16 +25,19 @@ def _cmd_serve(args):
                            batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
                            public=args.public, state_dir=args.state, page=not args.no_page,
                            max_image_bytes=args.max_image_mb << 20)
-    if args.public:
-        print("WARNING: the inference API listens on every interface and has no authentication; "
-              "put it behind a proxy that has")
-    for name in running.models:
-        print(f"model {name}: POST {running.inference_url}{name}")
-    if running.page_url:
-        print(f"web page: {running.page_url}")
-    print(f"logs: {running.state / 'logs'}; Ctrl-C (or `mxvision serve --stop --port {args.port}`) stops it")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server as Ctrl-C does
+    # Why the lines are printed inside the try: a Ctrl-C right after "logs:" (a script waiting for
+    # that line) must stop the server too, not escape as an interrupted command
     try:
+        if args.public:
+            print("WARNING: the inference API listens on every interface and has no authentication; "
+                  "put it behind a proxy that has")
+        for name in running.models:
+            print(f"model {name}: POST {running.inference_url}{name}")
+        if running.page_url:
+            print(f"web page: {running.page_url}")
+        print(f"logs: {running.state / 'logs'}; Ctrl-C (or `mxvision serve --stop --port {args.port}`) stops it",
+              flush=True)
         while running.process.poll() is None:
             time.sleep(0.5)
         print(f"the server stopped (exit status {running.process.returncode})")
