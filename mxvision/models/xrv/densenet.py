@@ -45,7 +45,7 @@ def _bn(channels):
     return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
 
 
-class _BatchNormReLU(nn.BatchNorm):
+class BatchNormReLU(nn.BatchNorm):
     """BatchNorm then ReLU, as oneDNN's one fused operator (MXNet's ``contrib.BatchNormWithReLU``).
 
     Why: DenseNet applies a BatchNorm + ReLU to every growing concatenation; as two operators
@@ -72,7 +72,7 @@ class _BatchNormReLU(nn.BatchNorm):
 
 
 def _bn_relu(channels):
-    return _BatchNormReLU(epsilon=BN_EPS, in_channels=channels)
+    return BatchNormReLU(epsilon=BN_EPS, in_channels=channels)
 
 
 class _DenseLayer(HybridBlock):
@@ -151,7 +151,7 @@ class XRVDenseNet(XRVModel):
         """Run on ``ctx``: the fused BatchNorm + ReLU on a CPU, the two operators elsewhere (the
         fused one has no GPU kernel). Call before the first forward (hybridizing fixes the graph)."""
         on_cpu = ctx.device_type == "cpu"
-        self.apply(lambda block: setattr(block, "on_cpu", on_cpu) if isinstance(block, _BatchNormReLU) else None)
+        self.apply(lambda block: setattr(block, "on_cpu", on_cpu) if isinstance(block, BatchNormReLU) else None)
         return self
 
     def features2(self, x):
