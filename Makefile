@@ -54,8 +54,7 @@ $(TV_VENV)/bin/.parity-torchvision-installed: setup.py pyproject.toml
 	touch $@
 
 parity-torchvision: $(TV_VENV)/bin/.parity-torchvision-installed
-	for suite in tests/parity/test_*.py; do $(TV_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $$suite; \
-		status=$$?; if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi; done
+	$(call parity_suites,$(TV_VENV)/bin/python)
 
 setup: $(BIN)/.mxvision-installed
 
@@ -67,12 +66,17 @@ demo: setup
 # The parity suites run one file per process: MXNet's memory pool keeps what a process once
 # used, and the segmentation, autoencoder and ensemble suites together grew one pytest past
 # 13 GB (OOM-killed in a CI rehearsal); a process per file bounds it by the largest suite.
+# Exit status 5 is pytest's "no tests collected": a suite that skips as a whole (no torch on this
+# Python; under CI=true on 3.11 a missing torch fails instead, with status 2).
+parity_suites = for suite in tests/parity/test_*.py; do $(1) -m pytest -q -rs -p no:cacheprovider $$suite; \
+	status=$$?; if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi; done
+
+# -rs: every skip and its reason; --durations: the slowest tests, for CI's time budget;
+# PYTEST_ARGS: more pytest arguments (CI leaves two suites out on its second Python: .ci/run)
+PYTEST_ARGS ?=
 test: setup setup-parity
-	$(BIN)/python -m pytest -q -rs -p no:cacheprovider tests --ignore=tests/parity  # -rs: every skip and its reason
-	# exit status 5 is pytest's "no tests collected": a suite that skips as a whole (no torch on this
-	# Python; under CI=true on 3.11 a missing torch fails instead, with status 2)
-	for suite in tests/parity/test_*.py; do $(BIN)/python -m pytest -q -rs -p no:cacheprovider $$suite; \
-		status=$$?; if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi; done
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider --durations=30 tests --ignore=tests/parity $(PYTEST_ARGS)
+	$(call parity_suites,$(BIN)/python)
 
 # rerun the commands behind README's results table and rewrite it (JSRT row: needs ../shared)
 figures: setup
