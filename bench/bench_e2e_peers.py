@@ -22,6 +22,7 @@ of the same films (same trunk, same weights). Prints the table and writes the JS
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def main():
         tic = time.perf_counter()
         for name in order:
             folder = runs / f"{name.split()[0]}-{r}"
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh folder: mxvision would resume a finished store
             row["seconds"][name], reported = timed(commands[name](folder), env)
             if reported:
                 row.setdefault("peer_report", {})[name] = reported
