@@ -83,11 +83,7 @@ def main():
     shared = shared_dir()
     if shared is None or not (shared / "data" / "jsrt" / "images").is_dir():
         peers.fail("needs the JSRT images in ../shared/data/jsrt (set MXVISION_SHARED)")
-    if args.wait_quiet:
-        peers.log(f"waiting up to {args.wait_quiet:.0f} s for a 1-minute load average < 0.5")
-        deadline = time.monotonic() + args.wait_quiet
-        while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
-            time.sleep(10)
+    peers.wait_quiet(args.wait_quiet)
     work_tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench-e2e-peers-")
     work = Path(args.work or work_tmp.name)
     work.mkdir(parents=True, exist_ok=True)

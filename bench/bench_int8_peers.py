@@ -74,6 +74,16 @@ def fail(text):
 
 
 # --------------------------------------------------------------------------- the peer venv
+def wait_quiet(seconds):
+    """Wait up to ``seconds`` for a 1-minute load average under 0.5 (0: do not wait)."""
+    if not seconds:
+        return
+    log(f"waiting up to {seconds:.0f} s for a 1-minute load average < 0.5")
+    deadline = time.monotonic() + seconds
+    while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+        time.sleep(10)
+
+
 def peer_python(venv, requirements):
     """The peer venv's python, (re)built from ``requirements`` when it is missing or they changed."""
     venv, requirements = Path(venv), Path(requirements)
@@ -506,11 +516,7 @@ def main():
     sys.path.insert(0, str(REPO))
     import bench_extract  # noqa: E402  (imports mxvision and MXNet)
 
-    if args.wait_quiet:
-        log(f"waiting up to {args.wait_quiet:.0f} s for a 1-minute load average < 0.5")
-        deadline = time.monotonic() + args.wait_quiet
-        while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
-            time.sleep(10)
+    wait_quiet(args.wait_quiet)
     work_tmp = None
     if args.work:
         work = Path(args.work)

@@ -82,9 +82,8 @@ def main(argv=None):
             warnings.simplefilter("ignore")
             tm = xrv_torch.models.get_model(name, cache_dir=tmp).eval()
         nm = zoo.get_model(name, weights=os.path.join(tmp, WEIGHTS[name].file))
-        if args.two_op_bn_relu:
-            from mxvision.models.xrv.densenet import BatchNormReLU
-            nm.apply(lambda b: setattr(b, "on_cpu", False) if isinstance(b, BatchNormReLU) else None)
+        if args.two_op_bn_relu and hasattr(nm, "fuse_bn_relu"):
+            nm.fuse_bn_relu(False)
         nm.hybridize(static_alloc=True, static_shape=True, **({"backend": args.backend} if args.backend else {}))
         nets[name] = (tm, nm, WEIGHTS[name].resolution)
 

@@ -150,8 +150,11 @@ class XRVDenseNet(XRVModel):
     def for_context(self, ctx):
         """Run on ``ctx``: the fused BatchNorm + ReLU on a CPU, the two operators elsewhere (the
         fused one has no GPU kernel). Call before the first forward (hybridizing fixes the graph)."""
-        on_cpu = ctx.device_type == "cpu"
-        self.apply(lambda block: setattr(block, "on_cpu", on_cpu) if isinstance(block, BatchNormReLU) else None)
+        return self.fuse_bn_relu(ctx.device_type == "cpu")
+
+    def fuse_bn_relu(self, on=True):
+        """Fused BatchNorm + ReLU (where float32 allows it) or the two operators; before hybridizing."""
+        self.apply(lambda block: setattr(block, "on_cpu", on) if isinstance(block, BatchNormReLU) else None)
         return self
 
     def features2(self, x):
