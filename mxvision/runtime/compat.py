@@ -18,6 +18,7 @@ and onnx are not imported until something imports MXNet, so ``import mxvision`` 
 Importing MXNet before mxvision (``import mxnet; import mxvision``) works where MXNet imports
 by itself, i.e. with NumPy < 1.24; elsewhere import mxvision first.
 """
+import contextlib
 import importlib.abc
 import importlib.util
 import math
@@ -199,6 +200,21 @@ class _OnnxMapping(importlib.abc.MetaPathFinder):
 _ABSENT = object()
 
 
+@contextlib.contextmanager
+def _hidden(name):
+    """While inside, ``import name`` raises ImportError; afterwards ``sys.modules`` holds for it
+    what it held before (nothing, or the module already imported)."""
+    saved = sys.modules.get(name, _ABSENT)
+    sys.modules[name] = None  # `import name` raises ImportError while this is set
+    try:
+        yield
+    finally:
+        if saved is _ABSENT:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved
+
+
 def import_gluoncv():
     """GluonCV, imported even where torch >= 2 is installed (the parity suite's venv, or a user's).
 
@@ -208,15 +224,8 @@ def import_gluoncv():
     ``import torch`` fails. So torch is hidden for that one import and put back after."""
     if "gluoncv" in sys.modules:
         return sys.modules["gluoncv"]
-    saved = sys.modules.get("torch", _ABSENT)
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
-    try:
+    with _hidden("torch"):
         import gluoncv
-    finally:
-        if saved is _ABSENT:
-            sys.modules.pop("torch", None)
-        else:
-            sys.modules["torch"] = saved
     return gluoncv
 
 
@@ -228,7 +237,15 @@ class _PatchingLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        self.loader.exec_module(module)
+        if "sklearn" in sys.modules:
+            self.loader.exec_module(module)
+        else:
+            # mxnet/model.py:45 imports sklearn.base only to derive the legacy FeedForward API
+            # (unused by mxvision) from BaseEstimator: that import pulls in scikit-learn, SciPy and
+            # pandas, 0.5-0.7 s of every command's start-up. Hidden, MXNet takes its own fallback
+            # (`BASE_ESTIMATOR = object`); sklearn imports normally afterwards.
+            with _hidden("sklearn"):
+                self.loader.exec_module(module)
         patch_recordio(module.recordio)
         patch_quantization(module.contrib.quantization)
 
