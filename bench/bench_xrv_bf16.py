@@ -1,0 +1,126 @@
+"""bfloat16 for torchxrayvision's ports: speed against float32 and torchxrayvision, and how far the
+calibrated scores move (issue #16, item 3: a reduced-precision option must stay within 0.02).
+
+    .venv/bin/python bench/bench_xrv_bf16.py [--films 27] [--repeat 7] [--threads 2]
+
+Weights: torchxrayvision's own DenseNet-121 and ResNet-50 (512) classes with RANDOM weights made
+realistic as in the parity suite (tests/parity/reference.py: BatchNorm statistics from the real
+sample films, a head scaled to O(1) logits); no released weights can be downloaded here. Inputs:
+the 5 sample films of ../shared/data/samples and the first ``--films`` JSRT films, read and
+preprocessed by mxvision (xrv224 / xrv512). bfloat16 is MXNet AMP's ``convert_hybrid_block`` of
+the port's graph (oneDNN bf16 kernels; needs AVX512-BF16 or AMX to be fast), followed by the same
+float32 op_norm calibration. Speed: median per call of the fastest of 3 interleaved rounds, after
+warm-up, torchxrayvision float32 vs mxvision float32 vs mxvision bfloat16, same process and
+threads. Needs the parity extras (torch 2.13 CPU, torchxrayvision), as bench_xrv.py does.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+MODELS = {"densenet121-res224-all": (224, (1, 8)), "resnet50-res512-all": (512, (1, 4))}
+
+
+def median_call(fn, repeat):
+    fn()
+    fn()  # warm-up: graph building, oneDNN primitive caches
+    times = []
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--films", type=int, default=27, help="JSRT films besides the 5 samples")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import mxvision  # noqa: F401  (first: restores what MXNet reads)
+    import mxnet as mx
+    from mxnet.contrib import amp
+    sys.path.insert(0, str(BENCH.parent / "tests" / "parity"))
+    from reference import DICOM, RASTER, realistic, sample_paths, torch, torchxrayvision_input, xrv_torch
+    from mxvision.data.xrv_transforms import load_xray, preprocess
+    from mxvision.models import zoo
+    from mxvision.models.xrv.common import WEIGHTS
+    from mxvision.runtime import shared_dir
+
+    torch.set_num_threads(args.threads)
+    samples = sample_paths()
+    jsrt = sorted((shared_dir() / "data" / "jsrt" / "images").glob("*.png"))[:args.films]
+    files = [samples[n] for n in RASTER + DICOM] + [str(p) for p in jsrt]
+    aug = lambda x: torch.from_numpy(np.concatenate([x, x[:, :, :, ::-1].copy()]))  # noqa: E731
+    tmp = tempfile.mkdtemp(prefix="bench-xrv-bf16-")
+    torch.manual_seed(0)
+    x224 = np.stack([torchxrayvision_input(samples[n], 224) for n in RASTER + DICOM])
+    dense = xrv_torch.models.DenseNet()
+    realistic(dense, dense.classifier, aug(x224), 0)
+    torch.save(dense, os.path.join(tmp, WEIGHTS["densenet121-res224-all"].file))
+    import torchvision
+    resnet = torchvision.models.resnet50(num_classes=18, weights=None)
+    resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    x512 = np.stack([torchxrayvision_input(samples[n], 512) for n in RASTER])
+    realistic(resnet, resnet.fc, aug(x512), 1)
+    torch.save(resnet.state_dict(), os.path.join(tmp, WEIGHTS["resnet50-res512-all"].file))
+    print("load average at start: %s; %d films; weights RANDOM (realistic BatchNorm, seed 0/1)"
+          % (" / ".join("%.2f" % v for v in os.getloadavg()), len(files)), flush=True)
+    print("| model | batch | torchxrayvision fp32 ms | mxvision fp32 ms | mxvision bf16 ms | bf16 speed-up "
+          "over fp32 | torchxrayvision fp32 / mxvision bf16 |")
+    agreement = []
+    for name, (res, batches) in MODELS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tm = xrv_torch.models.get_model(name, cache_dir=tmp).eval()
+        net = zoo.get_model(name, weights=os.path.join(tmp, WEIGHTS[name].file))
+        net.hybridize(static_alloc=True, static_shape=True)
+        X = np.stack([preprocess(load_xray(f), res) for f in files]).astype(np.float32)
+        step = max(batches)
+        fp = np.concatenate([net(mx.nd.array(X[i:i + step])).asnumpy() for i in range(0, len(X), step)])
+        with warnings.catch_warnings():  # after a forward: AMP converts the traced graph
+            warnings.simplefilter("ignore")
+            bnet = amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=mx.cpu())
+        bf = np.concatenate([net.postprocess(bnet(mx.nd.array(X[i:i + step]))).asnumpy()
+                             for i in range(0, len(X), step)])
+        diff = np.abs(bf - fp)[~np.isnan(fp)]
+        agreement.append((name, float(np.nanstd(fp)), float(diff.max()), float(np.percentile(diff, 99)),
+                          float(diff.mean()), float(np.mean(diff > 0.02))))
+        for batch in batches:
+            xm, xt = mx.nd.array(X[:batch]), torch.from_numpy(X[:batch])
+
+            def run_torch():
+                with torch.no_grad():
+                    return tm(xt).numpy()
+            runs = {"torch": run_torch, "fp32": lambda: net(xm).asnumpy(),
+                    "bf16": lambda: net.postprocess(bnet(xm)).asnumpy()}
+            best = _interleaved(runs, args.repeat)
+            print("| %s | %d | %.1f | %.1f | %.1f | %.2f | %.2f |" % (
+                name, batch, best["torch"] * 1e3, best["fp32"] * 1e3, best["bf16"] * 1e3,
+                best["fp32"] / best["bf16"], best["torch"] / best["bf16"]), flush=True)
+    print("\ncalibrated scores, bfloat16 vs float32, %d films x 18 outputs (NaN outputs left out):" % len(files))
+    print("| model | fp32 score std | max abs diff | p99 | mean | share > 0.02 |")
+    for row in agreement:
+        print("| %s | %.3f | %.4f | %.4f | %.4f | %.3f |" % row)
+
+
+def _interleaved(runs, repeat):
+    """Fastest median per engine over 3 rounds, the engines taking turns within each round."""
+    times = {k: [] for k in runs}
+    for _ in range(3):
+        for k, fn in runs.items():
+            times[k].append(median_call(fn, repeat))
+    return {k: min(v) for k, v in times.items()}
+
+
+if __name__ == "__main__":
+    main()
