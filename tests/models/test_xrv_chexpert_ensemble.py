@@ -23,6 +23,7 @@ from mxvision.io.torchfile.writer import GlobalRef, Reduce, save_torch_file
 from mxvision.models import zoo
 from mxvision.models.xrv import chexpert_ensemble as ce
 from mxvision.models.xrv.torchvision_densenet import DenseNetBlock
+from support.graphs import fused_bn_relu_check
 
 NAME = ce.NAME
 AGGREGATION, GROUPS = ce.predict_config()
@@ -208,3 +209,11 @@ def test_a_corrupt_member_is_refused(tmp_path, ensemble_zip):
     with zipfile.ZipFile(buf, "w") as zf:  # a zip member that is itself a zip of junk
         zf.writestr("archive/data.pkl", b"junk")
     _refused(_hostile(tmp_path, buf.getvalue(), name="junk.zip"), "corrupt or")
+
+
+def test_members_take_the_fused_batchnorm_relu_on_a_cpu_only(ensemble_zip):
+    """The members' DenseNets are built (and rebuilt for a checkpoint's tasks) while the zip loads:
+    loading chooses their operators for its context, and ``for_context`` reaches them."""
+    net = zoo.get_model(NAME, weights=ensemble_zip[0], num_models=1)
+    x = mx.nd.array(np.random.default_rng(3).uniform(-1024, 1024, (1, 1, 320, 320)))  # native size
+    assert fused_bn_relu_check(net, x) == len(FIRST) * (58 * 2 + 3)

@@ -16,6 +16,7 @@ from mxvision.io.torchfile.writer import save_torch_file
 from mxvision.models import zoo
 from mxvision.models.xrv.baseline_specs import BASELINES
 from mxvision.models.xrv.jfhealthcare import JFHealthcareDenseNet
+from support.graphs import fused_bn_relu_check
 
 NAME = "jfhealthcare-densenet121"
 #: what the release holds besides the ported network (shapes of JF Healthcare's modules)
@@ -90,3 +91,9 @@ def test_module_prefix_is_accepted_and_foreign_tensors_are_refused(release_state
     missing = OrderedDict((k, v) for k, v in release_state.items() if k != "fc_2.bias")
     with pytest.raises(WeightsError, match=r"1 tensors missing \(fc_2.bias\)"):
         net.load_torch_state_dict(missing, source="r.pt")
+
+
+def test_the_backbone_takes_the_fused_batchnorm_relu_on_a_cpu_only():
+    net = zoo.get_model(NAME, weights="none")
+    x = mx.nd.array(np.random.default_rng(4).uniform(-1024, 1024, (1, 1, 512, 512)))
+    assert fused_bn_relu_check(net, x) == 58 * 2 + 3

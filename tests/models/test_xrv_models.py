@@ -22,6 +22,7 @@ from mxvision.models import store, zoo
 from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
+from support.graphs import traced_ops
 from support.xrv_files import DENSE, RESNET, random_state_dict, write_release_file
 
 zoo.family_modules()  # build_model finds the network in the registry the families fill
@@ -88,29 +89,22 @@ def test_densenet_matches_torchxrayvision_layout():
     assert params[keys["classifier.weight"]].shape == (18, 1024)
 
 
-def _ops(net, x):
-    net.hybridize()
-    net(x)
-    sym = net._cached_graph[1]
-    return [node["op"] for node in json.loads(sym.tojson())["nodes"]]
-
-
 def test_densenet_fuses_batchnorm_relu_on_cpu_float32_only(dense_pt):
     """The speed lever (docs/BENCHMARKS_XRV.md): every BatchNorm + ReLU of the dense layers and
     transitions is oneDNN's one fused operator on a CPU in float32, with the same outputs as the two
     operators; float64 (no fused kernel) and a GPU context run the two operators."""
     x = mx.nd.array(np.random.default_rng(2).uniform(-1024, 1024, (2, 1, 224, 224)))
     fused = zoo.get_model(DENSE, weights=dense_pt[0], calibrated=False)
-    ops = _ops(fused, x)
+    ops = traced_ops(fused, x)
     assert ops.count("_contrib_BatchNormWithReLU") == 58 * 2 + 3
     assert ops.count("BatchNorm") == 2  # norm0 (then relu0) and norm5 (features' output, then ReLU)
     plain = zoo.get_model(DENSE, weights=dense_pt[0], calibrated=False).for_context(mx.gpu(0))
-    plain_ops = _ops(plain, x)  # built on the CPU; only the graph's choice is checked
+    plain_ops = traced_ops(plain, x)  # built on the CPU; only the graph's choice is checked
     assert "_contrib_BatchNormWithReLU" not in plain_ops and plain_ops.count("BatchNorm") == 121
     assert np.array_equal(fused(x).asnumpy(), plain(x).asnumpy())
     wide = zoo.get_model(DENSE, weights=dense_pt[0], calibrated=False)
     wide.cast("float64")
-    assert "_contrib_BatchNormWithReLU" not in _ops(wide, x.astype("float64"))
+    assert "_contrib_BatchNormWithReLU" not in traced_ops(wide, x.astype("float64"))
 
 
 def test_resnet_matches_torchvision_layout():

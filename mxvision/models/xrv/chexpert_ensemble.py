@@ -216,12 +216,12 @@ class CheXpertEnsemble(BaselineModel):
             source = "%s, member %s" % (path, ckpt_path)
             member.configure(task_sequence, source)
             member.model.load_torch_state_dict(state, source=source, ctx=ctx)
-        for block in [self] + members:  # the members' task indices are read when a graph is built
-            block._clear_cached_op()
         self.weights_info = {"spec": path, "file": path, "sha1": file_digest(path, "sha1"),
                              "description": "%s: %d checkpoints per task group from %s"
                                             % (NAME, self.num_models, path)}
-        return self
+        # the operators for ctx in the members' DenseNets (some just rebuilt by configure); this
+        # also drops any graph built before, which read the members' old task indices
+        return self.for_context(ctx)
 
     @staticmethod
     def _member_limit(members):

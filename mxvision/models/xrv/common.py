@@ -269,6 +269,14 @@ _IGNORED_KEYS = ("num_batches_tracked", "op_threshs")
 _MX_PARAMS_MAGIC = (0x112).to_bytes(8, "little")
 
 
+class FusedOnCPU:
+    """A block with a fused oneDNN operator that exists on the CPU only (DenseNet's BatchNorm +
+    ReLU, :class:`~.densenet.BatchNormReLU`): ``on_cpu`` says whether to use it, and
+    :meth:`XRVModel.for_context` sets it in every such block of a model, wherever it sits."""
+
+    on_cpu = True
+
+
 class XRVModel(HybridBlock):
     """Behaviour shared by the torchxrayvision ports (subclasses define the layers).
 
@@ -345,8 +353,17 @@ class XRVModel(HybridBlock):
         warnings.warn(message, XRVInputWarning, stacklevel=5)  # the caller of model(x)
 
     def for_context(self, ctx):
-        """Choose the operators for ``ctx`` before the first forward (nothing to choose here;
-        DenseNet picks its fused BatchNorm + ReLU on a CPU)."""
+        """Choose the operators for ``ctx``: the fused ones of :class:`FusedOnCPU` blocks on a CPU,
+        the plain ones elsewhere. Loading weights and :meth:`init_random` call it with their
+        context, so every block is covered, also those a model builds late (the CheXpert
+        ensemble's members, rebuilt for a checkpoint's number of tasks)."""
+        return self.fuse_bn_relu(ctx.device_type == "cpu")
+
+    def fuse_bn_relu(self, on=True):
+        """Fused operators (where the dtype allows them) or the plain ones, in every
+        :class:`FusedOnCPU` block of this model; a graph built with the other choice is dropped."""
+        self.apply(lambda block: setattr(block, "on_cpu", on) if isinstance(block, FusedOnCPU) else None)
+        self.apply(lambda block: block._clear_cached_op() if isinstance(block, HybridBlock) else None)
         return self
 
     # -- weights
@@ -358,7 +375,7 @@ class XRVModel(HybridBlock):
                         ctx=ctx or mx.cpu(), force_reinit=True)
         self.weights_info = {"spec": "none", "file": None, "random_seed": seed,
                              "description": "%s with RANDOM weights (seed %s)" % (self.ARCH, seed)}
-        return self
+        return self.for_context(ctx or mx.cpu())
 
     def expected_torch_keys(self):
         """{PyTorch state-dict key: Gluon structural name} for every parameter of this network."""
@@ -406,7 +423,7 @@ class XRVModel(HybridBlock):
             self.initialize(ctx=ctx, force_reinit=True)  # allocate; every value is overwritten next
         for gname, value in arrays.items():
             params[gname].set_data(mx.nd.array(value))
-        return self
+        return self.for_context(ctx)
 
     def load_weights_file(self, path, ctx=None):
         """Load a torchxrayvision ``.pt`` (converted on the fly) or a Gluon ``.params`` file, checked
@@ -433,4 +450,4 @@ class XRVModel(HybridBlock):
             kind = "torchxrayvision .pt"
         self.weights_info = {"spec": path, "file": path, "sha1": file_digest(path, "sha1"),
                              "description": "%s weights from %s (%s)" % (self.ARCH, path, kind)}
-        return self
+        return self.for_context(ctx)

@@ -18,7 +18,7 @@ import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
 from mxvision.models.xrv import weights as xrv_weights
-from mxvision.models.xrv.common import NUM_CLASSES, XRVModel
+from mxvision.models.xrv.common import NUM_CLASSES, FusedOnCPU, XRVModel
 
 BN_EPS = 1e-5  # PyTorch's BatchNorm2d default, which torchxrayvision uses
 
@@ -45,19 +45,18 @@ def _bn(channels):
     return nn.BatchNorm(epsilon=BN_EPS, in_channels=channels)
 
 
-class BatchNormReLU(nn.BatchNorm):
+class BatchNormReLU(nn.BatchNorm, FusedOnCPU):
     """BatchNorm then ReLU, as oneDNN's one fused operator (MXNet's ``contrib.BatchNormWithReLU``).
 
     Why: DenseNet applies a BatchNorm + ReLU to every growing concatenation; as two operators
     each is a pass over the whole tensor, and this port took 1.2-1.4x torchxrayvision's time. Fused,
     it takes 0.55-0.65x (docs/BENCHMARKS_XRV.md), with bitwise the same outputs and the same
     parameters (``gamma``, ``beta``, ``running_mean``, ``running_var``) and gradients.
-    The fused operator exists for float32 on the CPU only: :meth:`XRVDenseNet.for_context` says
-    whether the context is a CPU, :meth:`cast` whether the type is float32; otherwise the two
-    operators run. They run too with ``use_global_stats`` (how mxvision.audit.explain takes
+    The fused operator exists for float32 on the CPU only: ``on_cpu`` (set by
+    :meth:`~.common.XRVModel.for_context`) says whether the context is a CPU, :meth:`cast` whether
+    the type is float32; otherwise the two operators run. They run too with ``use_global_stats`` (how mxvision.audit.explain takes
     gradients in inference mode), whose backward oneDNN's fused operator cannot create."""
 
-    on_cpu = True
     float32 = True
 
     def cast(self, dtype):
@@ -146,16 +145,6 @@ class XRVDenseNet(XRVModel):
         if self.output == "pooled":
             return pooled
         return self.classifier(pooled)
-
-    def for_context(self, ctx):
-        """Run on ``ctx``: the fused BatchNorm + ReLU on a CPU, the two operators elsewhere (the
-        fused one has no GPU kernel). Call before the first forward (hybridizing fixes the graph)."""
-        return self.fuse_bn_relu(ctx.device_type == "cpu")
-
-    def fuse_bn_relu(self, on=True):
-        """Fused BatchNorm + ReLU (where float32 allows it) or the two operators; before hybridizing."""
-        self.apply(lambda block: setattr(block, "on_cpu", on) if isinstance(block, BatchNormReLU) else None)
-        return self
 
     def features2(self, x):
         """torchxrayvision's ``features2``: resize/check like ``forward``, then the pooled (N, 1024)."""

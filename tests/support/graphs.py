@@ -1,0 +1,23 @@
+"""What a hybridized Gluon block's traced graph holds."""
+import json
+
+
+def traced_ops(net, x):
+    """The operator of every node in the graph ``net`` builds for input ``x`` (hybridized)."""
+    net.hybridize()
+    net(x)
+    return [node["op"] for node in json.loads(net._cached_graph[1].tojson())["nodes"]]
+
+
+def fused_bn_relu_check(net, x):
+    """Fused BatchNorm + ReLU count on the CPU, then with ``for_context(gpu)``: none, same outputs.
+    Returns the count on the CPU (the graph is only traced, so no GPU is needed)."""
+    import mxnet as mx
+    import numpy as np
+
+    fused = traced_ops(net, x).count("_contrib_BatchNormWithReLU")
+    expected = net(x).asnumpy()
+    plain = traced_ops(net.for_context(mx.gpu(0)), x)
+    assert "_contrib_BatchNormWithReLU" not in plain
+    np.testing.assert_array_equal(net(x).asnumpy(), expected)
+    return fused
