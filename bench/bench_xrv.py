@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 
-def _import_torch_stack():
+def import_torch_stack():
     """torch and torchxrayvision, with torchvision as the parity suite gets it: the real one when it
     imports, else the verified stand-in (tests/parity/torchvision_stand_in.py; CI has no torchvision)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "parity"))
@@ -32,7 +32,7 @@ def _import_torch_stack():
     return torch, torchxrayvision
 
 
-def _time(fn, repeat):
+def time_call(fn, repeat):
     """(median wall seconds, median process CPU seconds) per call, after two warm-up calls.
 
     CPU time is the robust figure on a shared machine: other jobs stretch wall time, not the
@@ -62,7 +62,7 @@ def main(argv=None):
 
     import mxvision  # noqa: F401  (first: mxvision.runtime.compat restores what MXNet reads)
     import mxnet as mx
-    torch, xrv_torch = _import_torch_stack()
+    torch, xrv_torch = import_torch_stack()
     torch.set_num_threads(args.threads)
     from mxvision.models import zoo
     from mxvision.models.xrv.common import WEIGHTS
@@ -110,8 +110,8 @@ def main(argv=None):
             tm.op_threshs, nm.calibrated = thresholds, True
             t_torch, t_mx = [], []
             for _ in range(3):  # interleave: three rounds of each
-                t_torch.append(_time(run_torch, max(1, args.repeat // 3)))
-                t_mx.append(_time(run_mx, max(1, args.repeat // 3)))
+                t_torch.append(time_call(run_torch, max(1, args.repeat // 3)))
+                t_mx.append(time_call(run_mx, max(1, args.repeat // 3)))
             (tt, ct), (tmx, cmx) = min(t_torch), min(t_mx)
             ct, cmx = min(c for _, c in t_torch), min(c for _, c in t_mx)
             rows.append((name, res, batch, tt * 1000, tmx * 1000, tt / tmx, ct * 1000, cmx * 1000, ct / cmx, diff))

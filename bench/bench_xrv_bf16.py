@@ -15,28 +15,18 @@ threads. Needs the parity extras (torch 2.13 CPU, torchxrayvision), as bench_xrv
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import bench_xrv  # noqa: E402  (its torch stack and timing; no MXNet import at module level)
+
 MODELS = {"densenet121-res224-all": (224, (1, 8)), "resnet50-res512-all": (512, (1, 4))}
-
-
-def median_call(fn, repeat):
-    fn()
-    fn()  # warm-up: graph building, oneDNN primitive caches
-    times = []
-    for _ in range(repeat):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -49,8 +39,8 @@ def main(argv=None):
     import mxvision  # noqa: F401  (first: restores what MXNet reads)
     import mxnet as mx
     from mxnet.contrib import amp
-    sys.path.insert(0, str(BENCH.parent / "tests" / "parity"))
-    from reference import DICOM, RASTER, realistic, sample_paths, torch, torchxrayvision_input, xrv_torch
+    torch, xrv_torch = bench_xrv.import_torch_stack()  # puts tests/parity on the path
+    from reference import DICOM, RASTER, realistic, sample_paths, torchxrayvision_input
     from mxvision.data.xrv_transforms import load_xray, preprocess
     from mxvision.models import zoo
     from mxvision.models.xrv.common import WEIGHTS
@@ -118,7 +108,7 @@ def _interleaved(runs, repeat):
     times = {k: [] for k in runs}
     for _ in range(3):
         for k, fn in runs.items():
-            times[k].append(median_call(fn, repeat))
+            times[k].append(bench_xrv.time_call(fn, repeat)[0])  # wall median after warm-up
     return {k: min(v) for k, v in times.items()}
 
 

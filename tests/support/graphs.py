@@ -1,6 +1,9 @@
 """What a hybridized Gluon block's traced graph holds."""
 import json
 
+import mxnet as mx
+import numpy as np
+
 
 def traced_ops(net, x):
     """The operator of every node in the graph ``net`` builds for input ``x`` (hybridized)."""
@@ -12,9 +15,6 @@ def traced_ops(net, x):
 def fused_bn_relu_check(net, x):
     """Fused BatchNorm + ReLU count on the CPU, then with ``for_context(gpu)``: none, same outputs.
     Returns the count on the CPU (the graph is only traced, so no GPU is needed)."""
-    import mxnet as mx
-    import numpy as np
-
     fused = traced_ops(net, x).count("_contrib_BatchNormWithReLU")
     expected = net(x).asnumpy()
     plain = traced_ops(net.for_context(mx.gpu(0)), x)

@@ -362,8 +362,12 @@ class XRVModel(HybridBlock):
     def fuse_bn_relu(self, on=True):
         """Fused operators (where the dtype allows them) or the plain ones, in every
         :class:`FusedOnCPU` block of this model; a graph built with the other choice is dropped."""
-        self.apply(lambda block: setattr(block, "on_cpu", on) if isinstance(block, FusedOnCPU) else None)
-        self.apply(lambda block: block._clear_cached_op() if isinstance(block, HybridBlock) else None)
+        def choose(block):
+            if isinstance(block, FusedOnCPU):
+                block.on_cpu = on
+            if isinstance(block, HybridBlock):
+                block._clear_cached_op()
+        self.apply(choose)
         return self
 
     # -- weights
@@ -444,10 +448,11 @@ class XRVModel(HybridBlock):
                 raise WeightsError(path, "does not fit %s (%s)" % (self.ARCH, one_line(err, 300))) from None
             store.check_weight_values({name: p.data() for name, p in self._collect_params_with_prefix().items()},
                                       path)
+            self.for_context(ctx)  # (the .pt branch's load_torch_state_dict does this itself)
             kind = "Gluon params"
         else:
             self.load_torch_state_dict(load_torch_file(path, max_bytes=limit), source=path, ctx=ctx)
             kind = "torchxrayvision .pt"
         self.weights_info = {"spec": path, "file": path, "sha1": file_digest(path, "sha1"),
                              "description": "%s weights from %s (%s)" % (self.ARCH, path, kind)}
-        return self.for_context(ctx)
+        return self
