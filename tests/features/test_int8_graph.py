@@ -1,0 +1,104 @@
+"""The float32 graph re-expressed for MXNet's INT8 pass (mxvision.features.int8_graph).
+
+Small torchxrayvision-style networks (the ports' own classes, fewer layers) with random BatchNorm
+statistics: the rewrite keeps their float32 outputs, and after quantization no BatchNorm or ReLU
+is left in float32 between a dequantize and a quantize (what made INT8 slower than float32)."""
+import json
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from mxvision.features.int8_graph import int8_ready
+from mxvision.models.xrv.densenet import XRVDenseNet
+from mxvision.models.xrv.resnet import XRVResNet
+
+
+def _exported(net, tmp_path, size=64):
+    """The network with random weights and BatchNorm statistics, exported: (sym, arg, aux, input)."""
+    net.init_random(mx.cpu())
+    rs = np.random.RandomState(0)
+    for name, p in net.collect_params().items():
+        if name.endswith(("running_var", "gamma")):
+            p.set_data(mx.nd.array(rs.uniform(0.5, 2.0, p.shape)))
+        elif name.endswith(("running_mean", "beta")):
+            p.set_data(mx.nd.array(rs.normal(0.0, 0.5, p.shape)))
+    x = mx.nd.array(rs.uniform(-1024, 1024, (4, 1, size, size)))
+    net.hybridize()
+    net(x).wait_to_read()
+    net.export(str(tmp_path / "net"), 0)
+    sym, arg, aux = mx.model.load_checkpoint(str(tmp_path / "net"), 0)
+    return sym, arg, aux, x
+
+
+def _run(sym, arg, aux, x):
+    exe = sym.bind(mx.cpu(), {**arg, "data": x}, aux_states=aux, grad_req="null")
+    return exe.forward(is_train=False)[0].asnumpy()
+
+
+def _ops(sym):
+    return [n["op"] for n in json.loads(sym.tojson())["nodes"] if n["op"] != "null"]
+
+
+def _small_densenet():
+    return XRVDenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2)
+
+
+@pytest.mark.parametrize("make, expected", [
+    # DenseNet: norm1 of the 4 layers (the first of each block follows a pooling, the others a
+    # Concat) and norm2 (after a convolution); the transition and norm5 follow a Concat
+    (_small_densenet, {"relu": 1, "bn_relu": 4 + 2, "bn_as_conv": 2 + 1 + 1}),
+    (lambda: XRVResNet(layers=(1, 1, 1, 1)), {"relu": 1 + 4 * 3, "bn_relu": 0, "bn_as_conv": 0}),
+])
+def test_rewrite_keeps_the_float32_outputs(make, expected, tmp_path):
+    sym, arg, aux, x = _exported(make(), tmp_path)
+    assert "_contrib_BatchNormWithReLU" in _ops(sym) or expected["bn_relu"] == 0  # fused on a CPU
+    before = _run(sym, arg, aux, x)
+    sym2, arg2, aux2, counts = int8_ready(sym, arg, aux)
+    assert counts == expected
+    ops = _ops(sym2)
+    assert "relu" not in ops and "_contrib_BatchNormWithReLU" not in ops
+    graph = json.loads(sym2.tojson())["nodes"]
+    after_concat = [n for n in graph if n["op"] == "BatchNorm" and graph[n["inputs"][0][0]]["op"] == "Concat"]
+    assert after_concat == []
+    assert set(sym2.list_arguments()) - {"data"} == set(arg2)  # folded BatchNorms' parameters gone
+    assert set(sym2.list_auxiliary_states()) == set(aux2)
+    after = _run(sym2, arg2, aux2, x)
+    scale = np.abs(before).max()
+    assert scale > 0 and np.abs(after - before).max() <= 1e-5 * scale
+    assert set(arg) >= set(arg2) - {k for k in arg2 if k.endswith(("_conv_weight", "_conv_bias"))}
+
+
+def test_a_graph_with_nothing_to_rewrite_is_returned_as_it_is(tmp_path):
+    data = mx.sym.var("data")
+    sym = mx.sym.Activation(mx.sym.Convolution(data, kernel=(3, 3), num_filter=4, name="c"),
+                            act_type="relu", name="r")
+    out, arg, aux, counts = int8_ready(sym, {}, {})
+    assert out is sym and not any(counts.values())
+
+
+def test_quantized_densenet_runs_wholly_in_int8(tmp_path):
+    """The point of the rewrite: MXNet's INT8 pass leaves no float32 BatchNorm or ReLU behind, so
+    the network is quantized once at its input and stays INT8 to its classifier."""
+    from mxnet.contrib.quantization import quantize_model_mkldnn
+
+    sym, arg, aux, x = _exported(_small_densenet(), tmp_path)
+
+    def quantized(s, a, b):
+        calib = mx.io.NDArrayIter(data=x.asnumpy(), batch_size=4)
+        return quantize_model_mkldnn(s, a, b, ctx=mx.cpu(), calib_mode="naive", calib_data=calib,
+                                     num_calib_examples=4, quantized_dtype="auto",
+                                     quantize_mode="smart", label_names=None, logger=None)
+
+    plain = _ops(quantized(sym, arg, aux)[0])
+    assert plain.count("_contrib_dequantize") > 2  # as it was: float32 islands between INT8 convolutions
+    qsym, qarg, qaux = quantized(*int8_ready(sym, arg, aux)[:3])
+    ops = _ops(qsym)
+    # quantized once at the input; the classifier's INT8 FullyConnected gives float32 itself
+    assert ops.count("_contrib_quantize_v2") == 1 and ops.count("_contrib_dequantize") == 0, ops
+    assert not {"BatchNorm", "relu", "Activation", "_contrib_BatchNormWithReLU"} & set(ops), ops
+    assert "_contrib_quantized_concat" in ops
+    ref = _run(sym, arg, aux, x)
+    out = _run(qsym, qarg, qaux, x)
+    corr = np.corrcoef(out.ravel(), ref.ravel())[0, 1]
+    assert corr > 0.9, corr  # INT8, calibrated on these inputs: close, not equal
