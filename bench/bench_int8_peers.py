@@ -37,7 +37,8 @@ Levers (``--levers``), each its own interleaved run: ``batch`` (8/16/32 for the 
 engines), ``calib`` (entropy vs naive calibration, tensor- vs channel-wise weights), ``tail``
 (the final BatchNorm+ReLU left fp32 -- ``smart`` -- or quantized too -- ``full``), ``fusion``
 (MXNet environment flags: MXNET_SUBGRAPH_BACKEND=MKLDNN, MXNET_ENGINE_TYPE=NaiveEngine),
-``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
+``preact`` (ResNet v2's pre-activation BatchNorm + ReLU after each residual sum re-expressed as
+a depthwise convolution + ReLU, ``mxvision.features.int8_graph``, so it fuses), ``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
 ``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
 ``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels).
 
@@ -415,18 +416,28 @@ def interleaved(engines, workers, args, reference="mxvision int8"):
 
 # --------------------------------------------------------------------------- orchestration
 def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smart",
-                    granularity="tensor-wise"):
-    """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params."""
+                    granularity="tensor-wise", bn_after=None):
+    """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params.
+
+    ``bn_after``: re-express the BatchNorms after these operators as depthwise convolutions
+    (``mxvision.features.int8_graph``) but the last one, which stays float32 as ``smart`` keeps it."""
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_model_mkldnn
+    from mxvision.features.int8_graph import int8_ready
     sym_file, params_file = work / f"{name}-symbol.json", work / f"{name}.params"
     if not sym_file.is_file():
         sym, arg, aux = mx.model.load_checkpoint(str(work / "fp32"), 0)
+        excluded = None
+        if bn_after:
+            sym, arg, aux, counts = int8_ready(sym, arg, aux, bn_after=bn_after)
+            tail = [n["name"] for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Convolution"][-1]
+            excluded = [tail] if tail.endswith("_conv") else None
+            log(f"{name}: {counts}; left float32: {excluded}")
         data = mx.io.NDArrayIter(data=calib, batch_size=min(16, len(calib)), last_batch_handle="pad")
         qsym, qarg, qaux = quantize_model_mkldnn(
             sym, arg, aux, ctx=mx.cpu(), calib_mode=calib_mode, calib_data=data,
             num_calib_examples=len(calib), quantized_dtype="auto", quantize_mode=quantize_mode,
-            quantize_granularity=granularity, label_names=None, logger=None)
+            quantize_granularity=granularity, excluded_sym_names=excluded, label_names=None, logger=None)
         qsym.save(str(sym_file))
         mx.nd.save(str(params_file), {**{f"arg:{k}": v for k, v in qarg.items()},
                                       **{f"aux:{k}": v for k, v in qaux.items()}})
@@ -483,7 +494,7 @@ def main():
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--levers", nargs="*", default=[],
-                   choices=["batch", "calib", "tail", "fusion", "isa"])
+                   choices=["batch", "calib", "tail", "preact", "fusion", "isa"])
     p.add_argument("--skip-peers", action="store_true", help="only the levers")
     p.add_argument("--onednn-profile", action="store_true",
                    help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without AMX)")
@@ -653,6 +664,11 @@ def lever_engines(lever, specs, files, work, args):
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 full (tail quantized)": (("mxnet", mx_int8_variant(work, "q-full", calib,
                                                                          quantize_mode="full")), b, None)}
+    if lever == "preact":
+        log("lever preact: ResNet v2's pre-activation BatchNorms as depthwise convolutions")
+        variant = mx_int8_variant(work, "q-preact", calib, bn_after=("Concat", "elemwise_add", "Pooling"))
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 pre-activation BatchNorm as conv": (("mxnet", variant), b, None)}
     if lever == "fusion":
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 MXNET_SUBGRAPH_BACKEND=MKLDNN": (specs["mxvision int8"], b,
