@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,9 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import mxvision  # noqa: F401  (first: restores what MXNet reads)
     import mxnet as mx
-    from mxnet import gluon
     torch, _ = bench_xrv.import_torch_stack()
     import torchvision
+    from mxvision.features import quantize
     from mxvision.features.int8_graph import int8_ready
     from mxvision.models import zoo
 
@@ -53,13 +52,9 @@ def main(argv=None):
         " / ".join("%.2f" % v for v in os.getloadavg()), counts), flush=True)
 
     def block(s, a, b, backend):
-        prefix = os.path.join(tmp, "variant")
-        s.save(prefix + "-symbol.json")
-        mx.nd.save(prefix + ".params", {**{"arg:" + k: v for k, v in a.items()},
-                                        **{"aux:" + k: v for k, v in b.items()}})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blk = gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"], prefix + ".params", ctx=mx.cpu())
+        folder = tempfile.mkdtemp(dir=tmp)
+        info = quantize.save(folder, "float32", s, a, b, {})
+        blk = quantize.load_block(folder, info, mx.cpu())
         blk.hybridize(static_alloc=True, static_shape=True, **({"backend": backend} if backend else {}))
         return blk
 

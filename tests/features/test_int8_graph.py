@@ -12,6 +12,7 @@ import pytest
 from mxvision.features.int8_graph import int8_ready
 from mxvision.models.xrv.densenet import XRVDenseNet
 from mxvision.models.xrv.resnet import XRVResNet
+from support.graphs import symbol_ops
 
 
 def _exported(net, tmp_path, size=64):
@@ -36,10 +37,6 @@ def _run(sym, arg, aux, x):
     return exe.forward(is_train=False)[0].asnumpy()
 
 
-def _ops(sym):
-    return [n["op"] for n in json.loads(sym.tojson())["nodes"] if n["op"] != "null"]
-
-
 def _small_densenet():
     return XRVDenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2)
 
@@ -52,11 +49,11 @@ def _small_densenet():
 ])
 def test_rewrite_keeps_the_float32_outputs(make, expected, tmp_path):
     sym, arg, aux, x = _exported(make(), tmp_path)
-    assert "_contrib_BatchNormWithReLU" in _ops(sym) or expected["bn_relu"] == 0  # fused on a CPU
+    assert "_contrib_BatchNormWithReLU" in symbol_ops(sym) or expected["bn_relu"] == 0  # fused on a CPU
     before = _run(sym, arg, aux, x)
     sym2, arg2, aux2, counts = int8_ready(sym, arg, aux)
     assert counts == expected
-    ops = _ops(sym2)
+    ops = symbol_ops(sym2)
     assert "relu" not in ops and "_contrib_BatchNormWithReLU" not in ops
     graph = json.loads(sym2.tojson())["nodes"]
     after_concat = [n for n in graph if n["op"] == "BatchNorm" and graph[n["inputs"][0][0]]["op"] == "Concat"]
@@ -90,10 +87,10 @@ def test_quantized_densenet_runs_wholly_in_int8(tmp_path):
                                      num_calib_examples=4, quantized_dtype="auto",
                                      quantize_mode="smart", label_names=None, logger=None)
 
-    plain = _ops(quantized(sym, arg, aux)[0])
+    plain = symbol_ops(quantized(sym, arg, aux)[0])
     assert plain.count("_contrib_dequantize") > 2  # as it was: float32 islands between INT8 convolutions
     qsym, qarg, qaux = quantized(*int8_ready(sym, arg, aux)[:3])
-    ops = _ops(qsym)
+    ops = symbol_ops(qsym)
     # quantized once at the input; the classifier's INT8 FullyConnected gives float32 itself
     assert ops.count("_contrib_quantize_v2") == 1 and ops.count("_contrib_dequantize") == 0, ops
     assert not {"BatchNorm", "relu", "Activation", "_contrib_BatchNormWithReLU"} & set(ops), ops

@@ -5,11 +5,16 @@ import mxnet as mx
 import numpy as np
 
 
+def symbol_ops(sym):
+    """The operator of every node of a symbol (``"null"`` for its variables)."""
+    return [node["op"] for node in json.loads(sym.tojson())["nodes"]]
+
+
 def traced_ops(net, x):
     """The operator of every node in the graph ``net`` builds for input ``x`` (hybridized)."""
     net.hybridize()
     net(x)
-    return [node["op"] for node in json.loads(net._cached_graph[1].tojson())["nodes"]]
+    return symbol_ops(net._cached_graph[1])
 
 
 def fused_bn_relu_check(net, x):
