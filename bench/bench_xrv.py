@@ -5,7 +5,8 @@
 Both frameworks get the same random weights (torchxrayvision's own networks, saved by torch and
 read by mxvision's restricted reader), the same inputs and the same number of CPU threads; each
 case is warmed up, then timed as the median of ``--repeat`` calls (``torch.no_grad`` / MXNet
-hybridized with static shapes, ``asnumpy`` to wait for MXNet's asynchronous engine). Needs the
+hybridized as ``classify`` runs the ports: static shapes and oneDNN's graph fusion on a CPU;
+``asnumpy`` to wait for MXNet's asynchronous engine). Needs the
 parity extras (torch 2.13 CPU, torchxrayvision; install as in tests/parity/test_xrv_parity.py). Timings interleave the
 two frameworks so that load from other processes hits both alike.
 """
@@ -56,7 +57,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also write the markdown section here")
     ap.add_argument("--two-op-bn-relu", action="store_true",
                     help="lever off: DenseNet's BatchNorm + ReLU as two operators (as before issue #16)")
-    ap.add_argument("--backend", default=None, help="hybridize(backend=...), e.g. MKLDNN (oneDNN graph fusion)")
+    ap.add_argument("--backend", default="auto",
+                    help="auto: as classify runs the ports (mxvision.runtime.hybridize_for_inference: oneDNN "
+                         "graph fusion on a CPU); none: a plain static graph (the lever off); or a "
+                         "hybridize(backend=...) name, e.g. MKLDNN")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -66,6 +70,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from mxvision.models import zoo
     from mxvision.models.xrv.common import WEIGHTS
+    from mxvision.runtime import hybridize_for_inference
 
     load = " / ".join("%.1f" % v for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     tmp = tempfile.mkdtemp(prefix="bench_xrv_")
@@ -84,7 +89,11 @@ def main(argv=None):
         nm = zoo.get_model(name, weights=os.path.join(tmp, WEIGHTS[name].file))
         if args.two_op_bn_relu and hasattr(nm, "fuse_bn_relu"):
             nm.fuse_bn_relu(False)
-        nm.hybridize(static_alloc=True, static_shape=True, **({"backend": args.backend} if args.backend else {}))
+        if args.backend == "auto":
+            hybridize_for_inference(nm, mx.cpu())
+        else:
+            nm.hybridize(static_alloc=True, static_shape=True,
+                         **({"backend": args.backend} if args.backend != "none" else {}))
         nets[name] = (tm, nm, WEIGHTS[name].resolution)
 
     rows = []
@@ -123,7 +132,8 @@ def main(argv=None):
         "",
         "Command: `.venv/bin/python bench/bench_xrv.py --repeat %d --batch %s --threads %d%s%s`"
         % (args.repeat, " ".join(map(str, args.batch)), args.threads,
-           " --two-op-bn-relu" if args.two_op_bn_relu else "", " --backend " + args.backend if args.backend else ""),
+           " --two-op-bn-relu" if args.two_op_bn_relu else "",
+           " --backend " + args.backend if args.backend != "auto" else ""),
         "",
         "Machine: %s, %d CPU threads given to each framework; MXNet %s (oneDNN), PyTorch %s, torchxrayvision %s, "
         "Python %s. Same random weights and inputs in one process; median per call of the fastest of 3 "

@@ -38,7 +38,7 @@ from mxvision.errors import BadImage, BadIndex, BadRun, MxvisionError, one_line
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.models.xrv.thresholds import DEFAULT_MIN_POSITIVES, fit_thresholds, thresholds_document
-from mxvision.runtime import parse_ctx
+from mxvision.runtime import hybridize_for_inference, parse_ctx
 from mxvision.train import multilabel
 from mxvision.train.calibrators import calibrate_probs, load_run_calibrator
 from mxvision.train.calibrators import describe as describe_calibration
@@ -138,7 +138,7 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
     ctx = parse_ctx(ctx)
     net = zoo.get_model(model, weights=weights, calibrated=calibrated, apply_sigmoid=not calibrated,
                         ctx=ctx, root=root, progress=progress, thresholds=thresholds)
-    net.hybridize(static_alloc=True, static_shape=True)
+    hybridize_for_inference(net, ctx)
     reasons = unavailable_outputs(spec, calibrated, net.op_threshs)
     results = [None] * len(paths)
     batch = []

@@ -22,7 +22,7 @@ from mxvision.data.xrv_transforms import load_xray, preprocess
 from mxvision.errors import BadImage
 from mxvision.models import zoo
 from mxvision.models.xrv.baseline_specs import BASELINES
-from mxvision.runtime import parse_ctx
+from mxvision.runtime import hybridize_for_inference, parse_ctx
 
 VIEW_MODEL = "xinario-view-resnet50"
 #: the view spelling of each of the model's targets (Frontal, Lateral)
@@ -43,7 +43,7 @@ class ViewPredictor:
         self.source = "model:" + VIEW_MODEL
         self.ctx = parse_ctx(ctx)
         self.net = zoo.get_model(VIEW_MODEL, weights=weights, ctx=self.ctx, root=root, progress=progress)
-        self.net.hybridize(static_alloc=True, static_shape=True)
+        hybridize_for_inference(self.net, self.ctx)
         self.resolution = BASELINES[VIEW_MODEL].resolution
         self.views = [TARGET_VIEWS[t] for t in self.net.targets]
         self.batch_size = max(1, int(batch_size))

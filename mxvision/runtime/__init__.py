@@ -143,6 +143,22 @@ def parse_ctx(spec=None):
     raise MxvisionError(f"--ctx {spec}", "expected auto, cpu, gpu or gpu:N")
 
 
+def hybridize_for_inference(block, ctx):
+    """Hybridize ``block`` for inference: one static graph and, on a CPU with oneDNN, MXNet's
+    oneDNN graph fusion (``backend="MKLDNN"``), which runs a convolution with the BatchNorm,
+    ``Activation(relu)`` and residual sum after it as one operator (torchxrayvision's ResNet-50 at
+    512 px: 1.2x -> 1.5x PyTorch at batch 1, docs/BENCHMARKS_XRV.md). The fused operators have no
+    backward, so blocks that gradients are taken through (Grad-CAM, fine-tuning) are hybridized
+    plainly instead. So is the Xvision pipeline (extract, predict, its archives): fusing reorders
+    float sums (~3e-6 relative on its features), which is enough to move the random-weight demo's
+    figures, pinned in README.md. Returns ``block``."""
+    import mxnet as mx
+
+    fuse = ctx.device_type == "cpu" and mx.runtime.Features().is_enabled("MKLDNN")
+    block.hybridize(static_alloc=True, static_shape=True, **({"backend": "MKLDNN"} if fuse else {}))
+    return block
+
+
 def shared_dir():
     """The real-data folder ``shared/`` (never part of the repository) as a Path, or None.
 

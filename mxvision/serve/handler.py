@@ -40,6 +40,7 @@ from mxvision.data import transforms, xrv_transforms
 from mxvision.errors import BadImage, MxvisionError, one_line
 from mxvision.io.images import decode_image
 from mxvision.models.xrv.common import op_norm_nd
+from mxvision.runtime import hybridize_for_inference
 from mxvision.serve.archive import MANIFEST, PARAMS, SYMBOL, sha256_file
 from mxvision.serve.cam import cam_blocks
 from mxvision.train.calibrators import calibrate_probs, check_calibrator, describe
@@ -83,7 +84,10 @@ class ArchiveModel:
             warnings.simplefilter("ignore", UserWarning)
             self.net = gluon.SymbolBlock.imports(str(model_dir / SYMBOL), ["data"],
                                                  str(model_dir / PARAMS), ctx=self.ctx)
-        self.net.hybridize()
+        if self.manifest["family"] == "xrv":  # as classify runs it
+            hybridize_for_inference(self.net, self.ctx)
+        else:
+            self.net.hybridize()
         self.family = self.manifest["family"]
         if self.family == "xvision":
             self.preset = transforms.get_preset(self.manifest["preprocessing"]["name"])

@@ -22,7 +22,9 @@ from mxvision.models import store, zoo
 from mxvision.models.xrv import common as xrv_common
 from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
-from support.graphs import traced_ops
+from mxvision.models.xrv.covariates import MiraSexResNet34
+from mxvision.models.xrv.resnet import XRVResNet
+from support.graphs import symbol_ops, traced_ops
 from support.xrv_files import DENSE, RESNET, random_state_dict, write_release_file
 
 zoo.family_modules()  # build_model finds the network in the registry the families fill
@@ -105,6 +107,26 @@ def test_densenet_fuses_batchnorm_relu_on_cpu_float32_only(dense_pt):
     wide = zoo.get_model(DENSE, weights=dense_pt[0], calibrated=False)
     wide.cast("float64")
     assert "_contrib_BatchNormWithReLU" not in traced_ops(wide, x.astype("float64"))
+
+
+@pytest.mark.parametrize("make", [lambda: XRVResNet(layers=(1, 1, 1, 1)), MiraSexResNet34],
+                         ids=["resnet50-style", "covariate-resnet34"])
+def test_resnet_ports_fuse_wholly_for_inference_on_a_cpu(make):
+    """The ports' ReLUs are ``Activation(relu)``, the operator oneDNN's graph fusion matches, so
+    ``hybridize_for_inference`` leaves no BatchNorm, ReLU or residual sum outside a fused
+    convolution (with ``F.relu`` every one stayed: ResNet-50 at 512 px ran 0.8x torchxrayvision)."""
+    from mxvision.runtime import hybridize_for_inference
+
+    net = make()
+    net.init_random(mx.cpu())
+    x = mx.nd.array(np.random.default_rng(3).uniform(-1024, 1024, (2, 1, 224, 224)))
+    expected = net(x).asnumpy()  # not hybridized: operator by operator
+    hybridize_for_inference(net, mx.cpu())
+    out = net(x).asnumpy()
+    ops = symbol_ops(net._cached_graph[1])
+    assert not {"BatchNorm", "Activation", "relu", "elemwise_add", "_Plus"} & set(ops), sorted(set(ops))
+    assert ops.count("_sg_mkldnn_conv") >= 5
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_resnet_matches_torchvision_layout():

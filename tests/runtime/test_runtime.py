@@ -134,3 +134,48 @@ def test_a_child_that_inherits_the_amx_cap_is_granted_the_amx_state(tmp_path):
     if int(numpy.__version__.split(".")[0]) == 1 and int(numpy.__version__.split(".")[1]) < 24:
         bare, _ = _run_int8(tmp_path, "mxnet", DNNL_MAX_CPU_ISA=AMX_ISA)
         assert bare.returncode in (-4, 132), (bare.returncode, bare.stderr[-2000:])  # SIGILL
+
+
+def test_hybridize_for_inference_fuses_convolution_batchnorm_relu_and_sum_on_a_cpu():
+    """oneDNN's graph fusion: a residual block's convolutions, BatchNorms, ReLUs and sum become
+    fused convolutions, with the plain graph's outputs; on a GPU context nothing is fused (the
+    graph is only traced here, so no GPU is needed)."""
+    import mxnet as mx
+    import numpy as np
+    from mxnet.gluon import nn
+
+    from mxvision.runtime import hybridize_for_inference
+    from support.graphs import symbol_ops
+
+    class Residual(nn.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            with self.name_scope():
+                self.conv1, self.bn1 = nn.Conv2D(8, 3, padding=1, in_channels=8), nn.BatchNorm(in_channels=8)
+                self.conv2, self.bn2 = nn.Conv2D(8, 3, padding=1, in_channels=8), nn.BatchNorm(in_channels=8)
+
+        def hybrid_forward(self, F, x):
+            out = F.Activation(self.bn1(self.conv1(x)), act_type="relu")
+            return F.Activation(self.bn2(self.conv2(out)) + x, act_type="relu")
+
+    mx.random.seed(0)
+    net = Residual()
+    net.initialize(mx.init.Xavier())
+    for name, p in net.collect_params().items():  # BatchNorms that are not the identity
+        if name.endswith(("running_var", "gamma", "running_mean", "beta")):
+            p.set_data(mx.nd.random.uniform(0.5, 2.0, p.shape))
+    x = mx.nd.random.uniform(-1, 1, (2, 8, 16, 16))
+    net.hybridize()
+    expected = net(x).asnumpy()
+    assert {"BatchNorm", "Activation", "elemwise_add"} <= set(symbol_ops(net._cached_graph[1]))
+
+    assert hybridize_for_inference(net, mx.cpu()) is net
+    out = net(x).asnumpy()
+    ops = [op for op in symbol_ops(net._cached_graph[1]) if op != "null"]
+    assert ops == ["_sg_mkldnn_conv", "_sg_mkldnn_conv"], ops  # BatchNorm, ReLU and sum folded in
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+    net.hybridize(active=False)
+    hybridize_for_inference(net, mx.gpu(0))
+    net._build_cache(x)  # traced, not run
+    assert "BatchNorm" in symbol_ops(net._cached_graph[1])

@@ -55,11 +55,11 @@ class _Bottleneck(Bottleneck):
     bn3 comes before the shortcut is added."""
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.relu(self.bn3(self.conv3(out)))
+        out = F.Activation(self.bn1(self.conv1(x)), act_type="relu")
+        out = F.Activation(self.bn2(self.conv2(out)), act_type="relu")
+        out = F.Activation(self.bn3(self.conv3(out)), act_type="relu")
         identity = self.downsample(x) if self.downsample is not None else x
-        return F.relu(out + identity)
+        return F.Activation(out + identity, act_type="relu")
 
 
 class _DeconvBottleneck(HybridBlock):
@@ -86,11 +86,11 @@ class _DeconvBottleneck(HybridBlock):
                 if upsample else None)
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.relu(self.bn3(self.conv3(out)))
+        out = F.Activation(self.bn1(self.conv1(x)), act_type="relu")
+        out = F.Activation(self.bn2(self.conv2(out)), act_type="relu")
+        out = F.Activation(self.bn3(self.conv3(out)), act_type="relu")
         shortcut = self.upsample(x) if self.upsample is not None else x
-        return F.relu(out + shortcut)
+        return F.Activation(out + shortcut, act_type="relu")
 
 
 class XRVResNetAE(BaselineModel):
@@ -151,7 +151,7 @@ class XRVResNetAE(BaselineModel):
 
     # -- the network
     def _encode(self, F, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(F.Activation(self.bn1(self.conv1(x)), act_type="relu"))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def _decode(self, F, z):

@@ -50,10 +50,10 @@ class _BasicBlock(HybridBlock):
                                if downsample else None)
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.Activation(self.bn1(self.conv1(x)), act_type="relu")
         out = self.bn2(self.conv2(out))
         identity = self.downsample(x) if self.downsample is not None else x
-        return F.relu(out + identity)
+        return F.Activation(out + identity, act_type="relu")
 
 
 #: torchvision's ``resnet18``/``resnet34``/``resnet50``: block type and blocks per stage
@@ -89,7 +89,7 @@ class CovariateResNet(BaselineModel):
         return fc_out
 
     def hybrid_forward(self, F, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(self.rescale(F, x)))))
+        x = self.maxpool(F.Activation(self.bn1(self.conv1(self.rescale(F, x))), act_type="relu"))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         pooled = F.flatten(F.Pooling(x, kernel=(1, 1), global_pool=True, pool_type="avg"))
         if self.output == "features":

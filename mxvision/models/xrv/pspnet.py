@@ -80,7 +80,7 @@ class Bottleneck(HybridBlock):
 
     def hybrid_forward(self, F, x):
         residual = self.cb4(x) if self.cb4 is not None else x
-        return F.relu(self.cb3(self.cbr2(self.cbr1(x))) + residual)
+        return F.Activation(self.cb3(self.cbr2(self.cbr1(x))) + residual, act_type="relu")
 
 
 def residual_stage(blocks, in_channels, mid_channels, out_channels, stride, dilation):

@@ -55,11 +55,11 @@ class Bottleneck(HybridBlock):
                                if downsample else None)
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.Activation(self.bn1(self.conv1(x)), act_type="relu")
+        out = F.Activation(self.bn2(self.conv2(out)), act_type="relu")
         out = self.bn3(self.conv3(out))
         identity = self.downsample(x) if self.downsample is not None else x
-        return F.relu(out + identity)
+        return F.Activation(out + identity, act_type="relu")
 
 
 def add_torchvision_trunk(net, block, layers, in_channels):
@@ -101,7 +101,7 @@ class XRVResNet(XRVModel):
         self.head_name = "fc"
 
     def _trunk(self, F, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(F.Activation(self.bn1(self.conv1(x)), act_type="relu"))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def hybrid_forward(self, F, x):
