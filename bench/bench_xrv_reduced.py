@@ -33,6 +33,36 @@ import bench_xrv  # noqa: E402  (its torch stack and timing; no MXNet import at 
 MODELS = {"densenet121-res224-all": (224, (1, 8)), "resnet50-res512-all": (512, (1, 4))}
 
 
+def realistic_ports(films, calibration):
+    """``(files, calib_files, folder)``: the 5 sample films and the first ``films`` JSRT films to
+    score, the next ``calibration`` JSRT films to calibrate on, and a new folder holding
+    torchxrayvision's DenseNet-121 and ResNet-50 (512) with the parity suite's realistic random
+    weights, in the files mxvision's ``weights=`` reads (``WEIGHTS[name].file``)."""
+    torch, xrv_torch = bench_xrv.import_torch_stack()  # puts tests/parity on the path
+    from reference import DICOM, RASTER, realistic, sample_paths, torchxrayvision_input
+    from mxvision.models.xrv.common import WEIGHTS
+    from mxvision.runtime import shared_dir
+
+    samples = sample_paths()
+    jsrt = sorted((shared_dir() / "data" / "jsrt" / "images").glob("*.png"))
+    files = [samples[n] for n in RASTER + DICOM] + [str(p) for p in jsrt[:films]]
+    calib_files = [str(p) for p in jsrt[films:films + calibration]]
+    aug = lambda x: torch.from_numpy(np.concatenate([x, x[:, :, :, ::-1].copy()]))  # noqa: E731
+    tmp = tempfile.mkdtemp(prefix="bench-xrv-reduced-")
+    torch.manual_seed(0)
+    x224 = np.stack([torchxrayvision_input(samples[n], 224) for n in RASTER + DICOM])
+    dense = xrv_torch.models.DenseNet()
+    realistic(dense, dense.classifier, aug(x224), 0)
+    torch.save(dense, os.path.join(tmp, WEIGHTS["densenet121-res224-all"].file))
+    import torchvision
+    resnet = torchvision.models.resnet50(num_classes=18, weights=None)
+    resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    x512 = np.stack([torchxrayvision_input(samples[n], 512) for n in RASTER])
+    realistic(resnet, resnet.fc, aug(x512), 1)
+    torch.save(resnet.state_dict(), os.path.join(tmp, WEIGHTS["resnet50-res512-all"].file))
+    return files, calib_files, tmp
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--films", type=int, default=27, help="JSRT films besides the 5 samples")
@@ -47,31 +77,13 @@ def main(argv=None):
     import mxnet as mx
     from mxnet.contrib import amp
     torch, xrv_torch = bench_xrv.import_torch_stack()  # puts tests/parity on the path
-    from reference import DICOM, RASTER, realistic, sample_paths, torchxrayvision_input
     from mxvision.data.xrv_transforms import load_xray, preprocess
     from mxvision.features import quantize
     from mxvision.models import zoo
     from mxvision.models.xrv.common import WEIGHTS
-    from mxvision.runtime import shared_dir
 
     torch.set_num_threads(args.threads)
-    samples = sample_paths()
-    jsrt = sorted((shared_dir() / "data" / "jsrt" / "images").glob("*.png"))
-    files = [samples[n] for n in RASTER + DICOM] + [str(p) for p in jsrt[:args.films]]
-    calib_files = [str(p) for p in jsrt[args.films:args.films + args.calibration]]
-    aug = lambda x: torch.from_numpy(np.concatenate([x, x[:, :, :, ::-1].copy()]))  # noqa: E731
-    tmp = tempfile.mkdtemp(prefix="bench-xrv-bf16-")
-    torch.manual_seed(0)
-    x224 = np.stack([torchxrayvision_input(samples[n], 224) for n in RASTER + DICOM])
-    dense = xrv_torch.models.DenseNet()
-    realistic(dense, dense.classifier, aug(x224), 0)
-    torch.save(dense, os.path.join(tmp, WEIGHTS["densenet121-res224-all"].file))
-    import torchvision
-    resnet = torchvision.models.resnet50(num_classes=18, weights=None)
-    resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    x512 = np.stack([torchxrayvision_input(samples[n], 512) for n in RASTER])
-    realistic(resnet, resnet.fc, aug(x512), 1)
-    torch.save(resnet.state_dict(), os.path.join(tmp, WEIGHTS["resnet50-res512-all"].file))
+    files, calib_files, tmp = realistic_ports(args.films, args.calibration)
     print("load average at start: %s; %d films; weights RANDOM (realistic BatchNorm, seed 0/1)"
           % (" / ".join("%.2f" % v for v in os.getloadavg()), len(files)), flush=True)
     short = {"bfloat16": "bf16", "int8": "int8"}

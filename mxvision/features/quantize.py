@@ -200,8 +200,13 @@ def to_bfloat16(net, ctx, preset):
         return amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=ctx)
 
 
-def convert(net, dtype, ctx, preset, calib_images=None):
-    """Convert a float32 backbone block to the INT8 ``(symbol, arg_params, aux_params)``."""
+def convert(net, dtype, ctx, preset, calib_images=None, **options):
+    """Convert a float32 backbone block to the INT8 ``(symbol, arg_params, aux_params)``.
+
+    ``options`` override what is passed to ``quantize_model_mkldnn`` (``calib_mode``,
+    ``quantize_granularity``, ``excluded_sym_names``...): for benches that try other settings
+    (bench/bench_xrv_int8_accuracy.py); mxvision's own conversions, and their cache key, use the
+    defaults."""
     with tempfile.TemporaryDirectory(prefix="mxvision-quantize-") as tmp:
         sym, arg, aux = _export_fp32(net, ctx, preset, tmp)
     if dtype != "int8":
@@ -214,10 +219,9 @@ def convert(net, dtype, ctx, preset, calib_images=None):
     batch = min(16, n)
     data = mx.io.NDArrayIter(data=calib_images, batch_size=batch, last_batch_handle="pad")
     tic = time.time()
-    qsym, qarg, qaux = quantize_model_mkldnn(
-        sym, arg, aux, ctx=mx.cpu(), calib_mode=CALIB_MODE, calib_data=data,
-        num_calib_examples=n, quantized_dtype="auto", quantize_mode=QUANTIZE_MODE,
-        label_names=None, logger=None)
+    settings = {"calib_mode": CALIB_MODE, "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
+    qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=data, num_calib_examples=n,
+                                             label_names=None, logger=None, **settings)
     log.info("INT8 calibration on %d images took %.1f s", n, time.time() - tic)
     return qsym, qarg, qaux
 

@@ -146,9 +146,9 @@ def parse_ctx(spec=None):
 def hybridize_for_inference(block, ctx):
     """Hybridize ``block`` for inference: one static graph and, on a CPU with oneDNN, MXNet's
     oneDNN graph fusion (``backend="MKLDNN"``), which runs a convolution with the BatchNorm,
-    ``Activation(relu)`` and residual sum after it as one operator (torchxrayvision's ResNet-50 at
-    512 px: 1.2x -> 1.5x PyTorch at batch 1, docs/BENCHMARKS_XRV.md). The fused operators have no
-    backward, so blocks that gradients are taken through (Grad-CAM, fine-tuning) are hybridized
+    ``Activation(relu)`` and residual sum after it as one operator (torchxrayvision's ResNet-50
+    at 512 px, batch 1: 1.2x PyTorch without, 1.3-2.2x with; docs/BENCHMARKS_XRV.md). The fused
+    operators have no backward, so blocks that gradients are taken through (Grad-CAM, fine-tuning) are hybridized
     plainly instead. So is the Xvision pipeline (extract, predict, its archives): fusing reorders
     float sums (~3e-6 relative on its features), which is enough to move the random-weight demo's
     figures, pinned in README.md. Returns ``block``."""

@@ -100,3 +100,24 @@ def test_quantized_densenet_runs_wholly_in_int8(tmp_path):
     out = _run(qsym, qarg, qaux, x)
     corr = np.corrcoef(out.ravel(), ref.ravel())[0, 1]
     assert corr > 0.9, corr  # INT8, calibrated on these inputs: close, not equal
+
+
+def test_convert_passes_the_quantizer_options_a_bench_tries():
+    """``quantize.convert(..., **options)``: the convolution named in ``excluded_sym_names`` stays
+    float32 (oneDNN still fuses it with its BatchNorm and ReLU); without it every one is INT8."""
+    from mxvision.features import quantize
+
+    net = _small_densenet()
+    net.init_random(mx.cpu())
+    x = np.random.RandomState(1).uniform(-1024, 1024, (4, 1, 64, 64)).astype(np.float32)
+    net.hybridize()
+    net(mx.nd.array(x))
+
+    def quantized_flags(**options):
+        sym = quantize.convert(net, "int8", mx.cpu(), "xrv224", x, calib_mode="naive", **options)[0]
+        return [n.get("attrs", {}).get("quantized") == "true"
+                for n in json.loads(sym.tojson())["nodes"] if n["op"] == "_sg_mkldnn_conv"]
+
+    every = quantized_flags()
+    assert len(every) > 5 and all(every)
+    assert quantized_flags(excluded_sym_names=["%sfeatures_conv0_fwd" % net.prefix]) == [False] + every[1:]
