@@ -9,7 +9,9 @@ Three rewrites, each exact in float32 (checked in tests/features/test_int8_graph
 
 ``relu`` → ``Activation(act_type="relu")``
     The fusion passes (convolution + ReLU, convolution + sum + ReLU) match only ``Activation``;
-    ``F.relu``, which the ports use, is left as a float32 ReLU after every convolution.
+    an ``F.relu`` is left as a float32 ReLU after its convolution. The ResNet ports now use
+    ``Activation`` themselves (so oneDNN's float32 graph fusion gets them too); DenseNet's ReLU
+    after its last BatchNorm and graphs from elsewhere still need the rewrite.
 ``_contrib_BatchNormWithReLU`` → ``BatchNorm`` + ``Activation(relu)``
     The fused float32 operator has no INT8 kernel; as two operators after a convolution they fold
     into it (convolution + BatchNorm + ReLU).

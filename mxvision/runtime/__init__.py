@@ -148,10 +148,10 @@ def hybridize_for_inference(block, ctx):
     oneDNN graph fusion (``backend="MKLDNN"``), which runs a convolution with the BatchNorm,
     ``Activation(relu)`` and residual sum after it as one operator (torchxrayvision's ResNet-50
     at 512 px, batch 1: 1.2x PyTorch without, 1.3-2.2x with; docs/BENCHMARKS_XRV.md). The fused
-    operators have no backward, so blocks that gradients are taken through (Grad-CAM, fine-tuning) are hybridized
-    plainly instead. So is the Xvision pipeline (extract, predict, its archives): fusing reorders
-    float sums (~3e-6 relative on its features), which is enough to move the random-weight demo's
-    figures, pinned in README.md. Returns ``block``."""
+    operators have no backward, so blocks that gradients are taken through (Grad-CAM,
+    fine-tuning) are hybridized plainly instead. So is the Xvision pipeline (extract, predict, its
+    archives): fusing reorders float sums (~3e-6 relative on its features), which is enough to
+    move the random-weight demo's figures, pinned in README.md. Returns ``block``."""
     import mxnet as mx
 
     fuse = ctx.device_type == "cpu" and mx.runtime.Features().is_enabled("MKLDNN")
