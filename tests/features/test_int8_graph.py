@@ -12,18 +12,14 @@ import pytest
 from mxvision.features.int8_graph import int8_ready
 from mxvision.models.xrv.densenet import XRVDenseNet
 from mxvision.models.xrv.resnet import XRVResNet
-from support.graphs import symbol_ops
+from support.graphs import random_batchnorm, symbol_ops
 
 
 def _exported(net, tmp_path, size=64):
     """The network with random weights and BatchNorm statistics, exported: (sym, arg, aux, input)."""
     net.init_random(mx.cpu())
     rs = np.random.RandomState(0)
-    for name, p in net.collect_params().items():
-        if name.endswith(("running_var", "gamma")):
-            p.set_data(mx.nd.array(rs.uniform(0.5, 2.0, p.shape)))
-        elif name.endswith(("running_mean", "beta")):
-            p.set_data(mx.nd.array(rs.normal(0.0, 0.5, p.shape)))
+    random_batchnorm(net, rs)
     x = mx.nd.array(rs.uniform(-1024, 1024, (4, 1, size, size)))
     net.hybridize()
     net(x).wait_to_read()

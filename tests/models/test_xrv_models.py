@@ -24,7 +24,7 @@ from mxvision.models.xrv import weights as xrv_weights
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, WEIGHTS
 from mxvision.models.xrv.covariates import MiraSexResNet34
 from mxvision.models.xrv.resnet import XRVResNet
-from support.graphs import symbol_ops, traced_ops
+from support.graphs import cached_ops, traced_ops
 from support.xrv_files import DENSE, RESNET, random_state_dict, write_release_file
 
 zoo.family_modules()  # build_model finds the network in the registry the families fill
@@ -123,7 +123,7 @@ def test_resnet_ports_fuse_wholly_for_inference_on_a_cpu(make):
     expected = net(x).asnumpy()  # not hybridized: operator by operator
     hybridize_for_inference(net, mx.cpu())
     out = net(x).asnumpy()
-    ops = symbol_ops(net._cached_graph[1])
+    ops = cached_ops(net)
     assert not {"BatchNorm", "Activation", "relu", "elemwise_add", "_Plus"} & set(ops), sorted(set(ops))
     assert ops.count("_sg_mkldnn_conv") >= 5
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -10,11 +10,27 @@ def symbol_ops(sym):
     return [node["op"] for node in json.loads(sym.tojson())["nodes"]]
 
 
+def cached_ops(net):
+    """The operator of every node of the graph a hybridized ``net`` last built (after oneDNN's
+    graph fusion, when it was hybridized with a backend)."""
+    return symbol_ops(net._cached_graph[1])
+
+
 def traced_ops(net, x):
     """The operator of every node in the graph ``net`` builds for input ``x`` (hybridized)."""
     net.hybridize()
     net(x)
-    return symbol_ops(net._cached_graph[1])
+    return cached_ops(net)
+
+
+def random_batchnorm(net, rs):
+    """Give every BatchNorm of the initialised ``net`` statistics and an affine part that are not
+    the identity (drawn from ``rs``, a numpy RandomState), so that folding or fusing them shows."""
+    for name, p in net.collect_params().items():
+        if name.endswith(("running_var", "gamma")):
+            p.set_data(mx.nd.array(rs.uniform(0.5, 2.0, p.shape)))
+        elif name.endswith(("running_mean", "beta")):
+            p.set_data(mx.nd.array(rs.normal(0.0, 0.5, p.shape)))
 
 
 def fused_bn_relu_check(net, x):
