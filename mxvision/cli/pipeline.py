@@ -1,6 +1,6 @@
 """CLI commands of the Xvision pipeline: each parses its arguments and calls the Python API."""
 from mxvision.cli.common import (add_ctx, add_extract_options, add_train_options, best_epoch_summary,
-                                 extract_options, non_empty, open_probability, positive_int, seed,
+                                 extract_options, non_empty, open_probability, positive_float, positive_int, seed,
                                  train_options)
 from mxvision.errors import MxvisionError
 from mxvision.cli.output import TSV_HELP, print_json, print_tsv
@@ -113,10 +113,13 @@ def _cmd_export(args):
     if args.mar:
         from mxvision.serve.archive import export_archive
         done = export_archive(args.mar, run=args.run, model=args.model, weights=args.weights,
-                              dtype=args.dtype, ctx=args.ctx)
+                              dtype=args.dtype, ctx=args.ctx, calibration=args.calibration,
+                              int8_tolerance=args.int8_tolerance)
         m = done["manifest"]
         weights = m["weights"].get("description") or m["weights"].get("backbone")
-        print(f"wrote {done['archive']}: model {done['name']} ({m['family']}, {m['precision']}; "
+        checked = "" if "int8" not in m else ", within %.3f of float32 on %d held-out calibration films" % (
+            m["int8"]["max_score_difference"], m["int8"]["films"])
+        print(f"wrote {done['archive']}: model {done['name']} ({m['family']}, {m['precision']}{checked}; "
               f"weights: {weights}); serve it with `mxvision serve {done['archive']}`")
         return
     from mxvision.export import export_model
@@ -217,8 +220,13 @@ def add_parsers(sub):
                    help="write a model archive for `mxvision serve` / MXNet Model Server instead")
     p.add_argument("--dtype", default=None, choices=["float32", "int8"],
                    help="float32: export the portable float32 backbone even for a bfloat16/int8 run; "
-                        "int8 (--mar): require the run's INT8 backbone "
-                        "(default: the precision its features were extracted with)")
+                        "int8 (--mar): require the run's INT8 backbone, or, with --model, pack "
+                        "`classify --dtype int8`'s checked INT8 network "
+                        "(default: the precision its features were extracted with; float32 for --model)")
+    p.add_argument("--calibration", type=non_empty, default=None, metavar="INDEX_OR_FOLDER",
+                   help="--model with --dtype int8: films to calibrate and check on, as classify takes them")
+    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=0.02, metavar="SCORE",
+                   help="--model with --dtype int8: largest score difference to float32 accepted (default: 0.02)")
     add_ctx(p)
     p.set_defaults(func=_cmd_export)
 

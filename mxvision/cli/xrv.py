@@ -12,7 +12,7 @@ index, or a ``.npz`` of image files (:mod:`mxvision.features.xrv`).
 """
 from pathlib import Path
 
-from mxvision.cli.common import add_ctx, non_empty, positive_int
+from mxvision.cli.common import add_ctx, non_empty, positive_float, positive_int
 from mxvision.cli.output import TSV_HELP, print_json, tsv_field
 from mxvision.errors import MxvisionError
 
@@ -28,7 +28,10 @@ def _cmd_classify(args):
         check_output_file(args.out, "scores CSV")
     options = dict(model=args.model, weights=args.weights, calibrated=not args.no_calibration, ctx=args.ctx,
                    batch_size=args.batch_size, strict=args.strict, root=args.cache, progress=not args.quiet,
-                   thresholds=args.thresholds)
+                   thresholds=args.thresholds, dtype=args.dtype, calibration=args.calibration,
+                   int8_tolerance=args.int8_tolerance)
+    if args.calibration and args.dtype != "int8":
+        raise MxvisionError("--calibration", "is for --dtype int8 (float32 needs no calibration films)")
     index = None
     if args.index:
         results, index = classify_index(args.index, **options)
@@ -39,6 +42,9 @@ def _cmd_classify(args):
         ok = [r for r in results if "error" not in r]
         kind = ("calibrated (op_threshs%s)" % (" from " + args.thresholds if args.thresholds else "")
                 if ok and ok[0]["calibrated"] else "uncalibrated (sigmoid)")
+        if ok and ok[0]["dtype"] == "int8":
+            kind += ", INT8 (within %.3f of float32 on %d held-out calibration films)" % (
+                ok[0]["int8"]["max_score_difference"], ok[0]["int8"]["films"])
         print(f"{len(results)} films scored with {args.model}, {kind}: {len(ok)} scored, "
               f"{len(results) - len(ok)} unreadable (error column); wrote {tsv_field(path)}")
     elif args.json:
@@ -60,6 +66,9 @@ def _print_table(results, pathologies):
     if first["calibrated"] and first.get("thresholds"):
         kind = "calibrated (op_threshs of %s for %s)" % (tsv_field(first["thresholds"]["file"]),
                                                          ", ".join(first["thresholds"]["recalibrated"]))
+    if first["dtype"] == "int8":
+        kind += ", INT8 (within %.3f of float32 on %d held-out calibration films)" % (
+            first["int8"]["max_score_difference"], first["int8"]["films"])
     print(f"model {first['model']}, {kind}; weights: {first['weights']}")
     names = [tsv_field(Path(r["path"]).name) for r in ok]  # one table line whatever the names hold
     width = max(12, *(len(n) for n in names))
@@ -108,6 +117,15 @@ def add_parsers(sub):
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.add_argument("--batch-size", type=positive_int(), default=1)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--dtype", default="float32", choices=["float32", "int8"],
+                   help="compute precision; int8 (CPU only) is calibrated on half the --calibration films, "
+                        "checked on the other half, and refused when a score moves more than "
+                        "--int8-tolerance from float32 (default: float32)")
+    p.add_argument("--calibration", type=non_empty, default=None, metavar="INDEX_OR_FOLDER",
+                   help="--dtype int8: films to calibrate and check on (index CSV or folder, at least 4; "
+                        "the converted network is kept in the user cache)")
+    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=0.02, metavar="SCORE",
+                   help="--dtype int8: largest score difference to float32 accepted (default: 0.02)")
     add_cache_options(p)
     add_ctx(p)
     p.set_defaults(func=_cmd_classify)

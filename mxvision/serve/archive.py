@@ -29,7 +29,7 @@ import numpy as np
 
 from mxvision.errors import MxvisionError
 from mxvision.export import export_model
-from mxvision.inference import unavailable_outputs
+from mxvision.inference import DEFAULT_INT8_TOLERANCE, int8_classifier, unavailable_outputs
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
@@ -67,33 +67,48 @@ def _xvision_network(run, work, dtype, ctx):
     return paths["symbol"], paths["params"], info
 
 
-def _xrv_network(model, weights, work, dtype, ctx, root):
-    if dtype not in (None, "float32"):
-        raise MxvisionError("--dtype %s" % dtype, "the torchxrayvision ports are served in float32 only")
+def _xrv_network(model, weights, work, dtype, ctx, root, calibration=None, int8_tolerance=DEFAULT_INT8_TOLERANCE):
     spec = get_weights_spec(model)
     net = zoo.get_model(model, weights=weights, calibrated=True, ctx=ctx, root=root)
-    net.hybridize()
-    net(mx.nd.zeros((1, 1, spec.resolution, spec.resolution), ctx=ctx))
-    net.export(str(work / "model"), epoch=0)  # the symbolic graph ends at the logits
     reasons = unavailable_outputs(spec, calibrated=True)
+    check = None
+    if dtype == "int8":  # classify's INT8 network, with its check: refused beyond the tolerance
+        if calibration is None:
+            raise MxvisionError("--dtype int8", "needs --calibration (an index CSV or a folder of films) to "
+                                                "calibrate and check the INT8 scores on")
+        _, check = int8_classifier(net, model, ctx, calibration, int8_tolerance, reasons, keep=work / "int8")
+        files = check.pop("files")
+        os.replace(files["symbol"], work / SYMBOL)  # the quantized graph, also ending at the logits
+        os.replace(files["params"], work / PARAMS)
+    else:
+        net.hybridize()
+        net(mx.nd.zeros((1, 1, spec.resolution, spec.resolution), ctx=ctx))
+        net.export(str(work / "model"), epoch=0)  # the symbolic graph ends at the logits
     info = {"family": "xrv", "model": model, "pathologies": list(DEFAULT_PATHOLOGIES),
             "output": "calibrated scores (torchxrayvision's op_norm of the sigmoid), in the order "
                       "of pathologies; null where unavailable",
             "preprocessing": {"name": spec.preset, "resolution": spec.resolution},
             "op_threshs": [float(v) for v in net.op_threshs] if net.op_threshs is not None else None,
             "unavailable": {DEFAULT_PATHOLOGIES[k]: why for k, why in sorted(reasons.items())},
-            "precision": "float32", "weights": dict(net.weights_info),
-            "random_weights": net.weights_info.get("spec") == "none"}
+            "precision": dtype or "float32", "weights": dict(net.weights_info),
+            "random_weights": net.weights_info.get("spec") == "none", **({"int8": check} if check else {})}
     return str(work / SYMBOL), str(work / PARAMS), info
 
 
 def export_archive(out, run=None, model=None, weights=None, dtype=None, name=None, ctx=None,
-                   root=None):
+                   root=None, calibration=None, int8_tolerance=DEFAULT_INT8_TOLERANCE):
     """Write the model archive ``out`` (``.mar``) for a trained Xvision ``run`` or a
     torchxrayvision port ``model`` (``weights``: a path, or None for the registry's default).
+    A port with ``dtype="int8"`` packs ``classify --dtype int8``'s network, calibrated and checked
+    on the ``calibration`` films (:func:`mxvision.inference.int8_classifier`; refused when its
+    scores move more than ``int8_tolerance``); its manifest's ``int8`` records the check, and it
+    gives no Grad-CAM (the quantized graph has no gradient).
     Returns ``{"archive", "name", "manifest"}``. The file appears whole or not at all."""
     if (run is None) == (model is None):
         raise MxvisionError("export", "give a trained run (--run) or a torchxrayvision model (--model)")
+    if calibration is not None and (run is not None or dtype != "int8"):
+        raise MxvisionError("--calibration", "is for --model with --dtype int8 (a run's INT8 network was "
+                                             "calibrated when its features were extracted)")
     out = Path(out)
     if out.suffix != ".mar":
         raise MxvisionError(str(out), "a model archive's name ends in .mar (MXNet Model Server "
@@ -105,11 +120,11 @@ def export_archive(out, run=None, model=None, weights=None, dtype=None, name=Non
         if run is not None:
             symbol, params, info = _xvision_network(run, work, dtype, ctx)
         else:
-            symbol, params, info = _xrv_network(model, weights, work, dtype, ctx, root)
+            symbol, params, info = _xrv_network(model, weights, work, dtype, ctx, root, calibration, int8_tolerance)
         from mxvision import __version__
 
         with open(symbol, encoding="utf-8") as f:
-            cam_layer = find_cam_layer(json.load(f))
+            cam_layer = None if info.get("int8") else find_cam_layer(json.load(f))
         manifest = {"format": 1, "name": name, "mxvision": __version__, "mxnet": mx.__version__,
                     **info, "input": {"name": "data"}, "cam_layer": cam_layer,
                     "files": {SYMBOL: sha256_file(symbol), PARAMS: sha256_file(params)}}

@@ -84,7 +84,9 @@ class ArchiveModel:
             warnings.simplefilter("ignore", UserWarning)
             self.net = gluon.SymbolBlock.imports(str(model_dir / SYMBOL), ["data"],
                                                  str(model_dir / PARAMS), ctx=self.ctx)
-        if self.manifest["family"] == "xrv":  # as classify runs it
+        if self.manifest.get("precision") == "int8":  # quantized and fused already
+            self.net.hybridize(static_alloc=True, static_shape=True)
+        elif self.manifest["family"] == "xrv":  # as classify runs it
             hybridize_for_inference(self.net, self.ctx)
         else:
             self.net.hybridize()
@@ -114,6 +116,9 @@ class ArchiveModel:
     def cam_target(self, target=None) -> int:
         """Output index Grad-CAM explains: ``target`` (a name or index), else the default of
         ``mxvision audit explain`` (the positive class of two, ``Nodule``, else the top class)."""
+        if self.manifest.get("cam_layer") is None:
+            raise MxvisionError("gradcam=1", "this archive's network is INT8, which has no gradient; "
+                                             "Grad-CAM needs a float32 archive of the model")
         if target in (None, ""):
             if self.family == "xrv":
                 return self.labels.index("Nodule")

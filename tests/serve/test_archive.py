@@ -237,3 +237,43 @@ def test_an_uncalibrated_archive_says_so(xvision_mar, small_store, tmp_path):
     model = ArchiveModel(_unpack(xvision_mar["archive"], tmp_path / "x"))
     path = Path(small_store.items[0]["path"])
     assert model.score([model.prepare(path.read_bytes(), path.name)])[0]["calibration"] == "uncalibrated"
+
+
+# --------------------------------------------------------------------------- INT8 archives of a port
+@pytest.fixture(scope="module")
+def int8_films(shared, tmp_path_factory):
+    from support.xrv_int8 import int8_setup
+    return int8_setup(shared, tmp_path_factory.mktemp("int8"))
+
+
+def test_an_int8_archive_serves_classifys_checked_int8_scores(int8_films, tmp_path):
+    from support.xrv_files import DENSE
+    setup = int8_films
+    done = export_archive(tmp_path / "q.mar", model=DENSE, weights=setup["weights"], dtype="int8",
+                          calibration=str(setup["calibration"]), int8_tolerance=1.0)
+    manifest = done["manifest"]
+    assert manifest["precision"] == "int8" and manifest["int8"]["films"] == 4 and manifest["cam_layer"] is None
+    model = ArchiveModel(_unpack(done["archive"], tmp_path / "q"))
+    served = model.score([model.prepare(Path(p).read_bytes(), Path(p).name) for p in setup["samples"]])
+    offline = classify(setup["samples"], model=DENSE, weights=setup["weights"], dtype="int8",
+                       calibration=str(setup["calibration"]), int8_tolerance=1.0)
+    fp32 = classify(setup["samples"], model=DENSE, weights=setup["weights"])
+    for got, want, full in zip(served, offline, fp32):
+        names = [n for n, v in want["scores"].items() if v is not None]
+        assert [n for n, v in got["scores"].items() if v is None] == [n for n, v in want["scores"].items() if v is None]
+        np.testing.assert_allclose([got["scores"][n] for n in names], [want["scores"][n] for n in names], atol=1e-5)
+        assert not np.allclose([got["scores"][n] for n in names], [full["scores"][n] for n in names], atol=1e-6)
+    with pytest.raises(MxvisionError, match="INT8, which has no gradient"):
+        model.cam_target("Nodule")
+
+
+def test_an_int8_archive_beyond_the_tolerance_is_refused_and_not_written(int8_films, tmp_path):
+    from support.xrv_files import DENSE
+    setup = int8_films
+    code, _, err = run_cli("export", "--model", DENSE, "--weights", setup["weights"], "--mar", tmp_path / "q.mar",
+                           "--dtype", "int8", "--calibration", setup["calibration"], "--int8-tolerance", "0.000001")
+    one_line_error(code, err, "--dtype int8", "differ from float32 by up to", "score in float32")
+    assert not (tmp_path / "q.mar").exists()
+    code, _, err = run_cli("export", "--model", DENSE, "--weights", setup["weights"], "--mar", tmp_path / "q.mar",
+                           "--calibration", setup["calibration"])
+    one_line_error(code, err, "--calibration: is for --model with --dtype int8")
