@@ -53,7 +53,8 @@ from mxvision.utils import atomic_path, write_json
 
 __all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL", "classify_index", "scores_table",
            "write_scores_csv", "calibrate_xrv", "check_output_file", "int8_classifier",
-           "DEFAULT_INT8_TOLERANCE", "CLASSIFY_DTYPES"]
+           "check_int8_arguments", "parameters_sha1", "scoring_sha1", "DEFAULT_INT8_TOLERANCE",
+           "CLASSIFY_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def unavailable_outputs(spec, calibrated, op_threshs=None):
 
 def parameters_sha1(net):
     """sha1 over a block's parameter names and values: what its INT8 conversion is keyed by
-    (random weights have no file, and a thresholds file changes no file either)."""
+    (random weights have no file). The thresholds are not parameters; the INT8 graph ends at the
+    logits, before them (:func:`scoring_sha1` keys the check instead)."""
     digest = hashlib.sha1()
     params = net.collect_params()
     for name in sorted(params):  # without the prefix: another instance of the same model is densenet1_
@@ -151,16 +153,44 @@ def _xrv_films(paths, resolution, what):
     return np.stack(films)
 
 
-def _recorded_difference(path, reasons):
-    """The largest difference a kept check recorded (for the same excluded outputs), or None."""
+def scoring_sha1(net, reasons):
+    """sha1 of how ``net``'s logits become scores: op_norm with which thresholds, or a sigmoid, or
+    none, and which outputs are left out. The INT8 graph ends at the logits, so one converted
+    network serves every scoring; its check does not: op_norm stretches a probability difference
+    below a threshold t by 1/(2t)."""
+    calibrated = bool(net.calibrated and net.op_threshs is not None)
+    thresholds = [None if np.isnan(t) else float(t) for t in net.op_threshs] if calibrated else None
+    scoring = {"op_threshs": thresholds, "sigmoid": bool(not calibrated and net.apply_sigmoid),
+               "excluded_outputs": sorted(reasons or {})}
+    return hashlib.sha1(json.dumps(scoring, sort_keys=True).encode()).hexdigest()
+
+
+def _recorded_difference(path):
+    """The largest difference a kept check recorded, or None."""
     try:
-        record = json.loads(Path(path).read_text())
-        worst = record["max_score_difference"]
-        if record["excluded_outputs"] == sorted(reasons or {}) and isinstance(worst, float) and worst >= 0:
+        worst = json.loads(Path(path).read_text())["max_score_difference"]
+        if isinstance(worst, float) and worst >= 0:
             return worst
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass  # none kept, or unreadable: checked again
     return None
+
+
+def check_int8_arguments(ctx, calibration, tolerance):
+    """One line for what makes an INT8 classifier impossible, before any model is built: a GPU
+    context, no or too few calibration films, a tolerance that is not a positive number.
+    Returns the calibration films and where they came from: ``(paths, source)``."""
+    quantize.check_cpu("int8", ctx)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < float("inf"):
+        raise MxvisionError(f"--int8-tolerance {tolerance}", "must be a finite number above 0")
+    if calibration is None:
+        raise MxvisionError("--dtype int8", "needs --calibration (an index CSV or a folder of films) to "
+                                            "calibrate and check the INT8 scores on")
+    paths, source = quantize.calibration_paths(calibration, ())
+    if len(paths) < MIN_INT8_FILMS:
+        raise MxvisionError(f"--calibration {calibration}", f"holds {len(paths)} film(s); INT8 needs at least "
+                            f"{MIN_INT8_FILMS}: half calibrate, half check the scores")
+    return paths, source
 
 
 def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERANCE, reasons=None, keep=None):
@@ -180,11 +210,7 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
     a served archive packs them), instead of a temporary one.
     """
     spec = get_weights_spec(model)
-    quantize.check_cpu("int8", ctx)
-    paths, source = quantize.calibration_paths(calibration, ())
-    if len(paths) < MIN_INT8_FILMS:
-        raise MxvisionError(f"--calibration {calibration}", f"holds {len(paths)} film(s); INT8 needs at least "
-                            f"{MIN_INT8_FILMS}: half calibrate, half check the scores")
+    paths, source = check_int8_arguments(ctx, calibration, tolerance)
     calibrate_on, check_on = paths[::2], paths[1::2]
     checked = _xrv_films(check_on, spec.resolution, f"--calibration {calibration}")  # before converting
     preset = f"xrv{spec.resolution}"
@@ -200,13 +226,14 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
 
     # the check's result is kept beside the converted network: a later call with the same films
     # does not score them twice again
-    recorded = Path(info["cache_entry"]) / ("check-%s.json" % quantize.calibration_hash(check_on, preset))
-    worst = _recorded_difference(recorded, reasons)
+    recorded = Path(info["cache_entry"]) / ("check-%s-%s.json" % (quantize.calibration_hash(check_on, preset),
+                                                                   scoring_sha1(net, reasons)))
+    worst = _recorded_difference(recorded)
     if worst is None:
         x = mx.nd.array(checked, ctx=ctx)
         want, got = net(x).asnumpy(), scorer(x).asnumpy()
         available = [k for k in range(want.shape[1]) if k not in (reasons or {})]
-        if not np.isfinite(got).all():
+        if not (np.isfinite(got).all() and np.isfinite(want).all()):
             worst = float("inf")  # refused below, and not kept
         else:
             worst = float(np.abs(want[:, available] - got[:, available]).max()) if available else 0.0
@@ -217,12 +244,12 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
                                      "excluded_outputs": sorted(reasons or {})})
             except OSError as err:  # the entry went away meanwhile (cache clear): nothing lost
                 log.info("check not kept in the cache (%s)", one_line(err, 120))
-    if worst > tolerance:
+    if not worst <= tolerance:  # NaN (a non-finite float32 score) is refused too
         raise MxvisionError("--dtype int8", f"{model}'s INT8 scores differ from float32 by up to {worst:.3f} on "
                             f"{len(check_on)} held-out calibration films, more than --int8-tolerance "
                             f"{tolerance:g}; score in float32")
     check = {"films": len(check_on), "max_score_difference": worst, "tolerance": float(tolerance),
-             "calibration": {"source": source, "n_images": len(calibrate_on)}, "cache": info["cache"],
+             "calibration": {"source": source, "n_images": info["calibration"]["n_images"]}, "cache": info["cache"],
              "key": info["key"]}
     if keep is not None:
         check["files"] = {"symbol": str(Path(keep) / info["symbol"]), "params": str(Path(keep) / info["params"])}
@@ -250,12 +277,11 @@ def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=Non
     """
     if dtype not in CLASSIFY_DTYPES:
         raise MxvisionError(f"--dtype {dtype}", f"expected one of {', '.join(CLASSIFY_DTYPES)}")
-    if dtype == "int8" and calibration is None:
-        raise MxvisionError("--dtype int8", "needs --calibration (an index CSV or a folder of films) to "
-                                            "calibrate and check the INT8 scores on")
     spec = get_weights_spec(model)
     paths = expand_images([images] if isinstance(images, (str, Path)) else images, require=True)
     ctx = parse_ctx(ctx)
+    if dtype == "int8":
+        check_int8_arguments(ctx, calibration, int8_tolerance)
     net = zoo.get_model(model, weights=weights, calibrated=calibrated, apply_sigmoid=not calibrated,
                         ctx=ctx, root=root, progress=progress, thresholds=thresholds)
     reasons = unavailable_outputs(spec, calibrated, net.op_threshs)

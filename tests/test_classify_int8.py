@@ -19,9 +19,18 @@ def setup(shared, tmp_path_factory):
     return int8_setup(shared, tmp_path_factory.mktemp("int8"))
 
 
-def _int8(setup, paths, tolerance=1.0):
+def _int8(setup, paths, tolerance=1.0, **options):
     return classify(paths, model=DENSE, weights=setup["weights"], dtype="int8", batch_size=4,
-                    calibration=str(setup["calibration"]), int8_tolerance=tolerance)
+                    calibration=str(setup["calibration"]), int8_tolerance=tolerance, **options)
+
+
+def _largest_difference(setup, **options):
+    """Recomputed: float32 against INT8 scores on the held-out (odd-numbered) calibration films."""
+    held_out = setup["films"][1::2]
+    a = classify(held_out, model=DENSE, weights=setup["weights"], batch_size=4, **options)
+    b = _int8(setup, held_out, **options)
+    available = [k for k, v in a[0]["scores"].items() if v is not None]
+    return max(abs(x["scores"][k] - y["scores"][k]) for x, y in zip(a, b) for k in available)
 
 
 def test_int8_scores_come_from_the_converted_network_and_its_check_is_what_it_says(setup):
@@ -32,17 +41,24 @@ def test_int8_scores_come_from_the_converted_network_and_its_check_is_what_it_sa
     assert check["films"] == 4 and check["calibration"]["n_images"] == 4 and check["tolerance"] == 1.0
     assert _int8(setup, setup["samples"][:1])[0]["int8"]["cache"] == "hit"  # converted once
     # the check's figure is the largest difference on the odd-numbered calibration films
-    held_out = setup["films"][1::2]
-    a = classify(held_out, model=DENSE, weights=setup["weights"], batch_size=4)
-    b = _int8(setup, held_out)
-    available = [k for k, v in a[0]["scores"].items() if v is not None]
-    worst = max(abs(x["scores"][k] - y["scores"][k]) for x, y in zip(a, b) for k in available)
+    worst = _largest_difference(setup)
     assert check["max_score_difference"] == pytest.approx(worst, abs=1e-6) and worst > 0
     # INT8 scores: not float32's, but close; unavailable outputs stay unavailable
     for x, y in zip(fp32, int8):
         assert x["unavailable"] == y["unavailable"] and y["scores"]["Infiltration"] is None
         got, want = np.array(y["outputs"]), np.array(x["outputs"])
         assert not np.allclose(got, want, atol=1e-6) and np.abs(got - want).max() < 0.5
+
+
+def test_each_way_of_scoring_is_checked_for_itself(setup):
+    """One converted network (it ends at the logits), but a check per scoring: op_norm stretches
+    differences below a threshold, so the sigmoid's check says nothing about calibrated scores."""
+    calibrated = _int8(setup, setup["samples"][:1])[0]["int8"]
+    sigmoid = _int8(setup, setup["samples"][:1], calibrated=False)[0]
+    assert sigmoid["calibrated"] is False and sigmoid["int8"]["key"] == calibrated["key"]
+    assert sigmoid["int8"]["max_score_difference"] == pytest.approx(_largest_difference(setup, calibrated=False),
+                                                                    abs=1e-6)
+    assert sigmoid["int8"]["max_score_difference"] != pytest.approx(calibrated["max_score_difference"], abs=1e-4)
 
 
 def test_int8_beyond_the_tolerance_is_refused_in_one_line(setup, capsys):
@@ -61,7 +77,9 @@ def test_int8_passes_its_check_into_the_table(setup, capsys):
     assert cli.main(["classify", setup["samples"][1], "--model", DENSE, "--weights", setup["weights"],
                      "--dtype", "int8", "--calibration", str(setup["calibration"]),
                      "--int8-tolerance", "1", "--quiet"]) == 0
-    assert ", INT8 (within 0." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    worst = _int8(setup, setup["samples"][:1])[0]["int8"]["max_score_difference"]
+    assert ", INT8 (within %.3f of float32 on 4 held-out calibration films)" % worst in out.splitlines()[0]
 
 
 @pytest.mark.parametrize("extra, problem", [
@@ -87,8 +105,16 @@ def test_int8_without_enough_readable_films_is_one_line(setup, tmp_path, capsys,
     assert code != 0 and len(err) == 1 and problem in err[0]
 
 
-def test_calibration_films_without_int8_are_refused(setup, capsys):
+@pytest.mark.parametrize("option", [["--calibration", "CAL"], ["--int8-tolerance", "0.1"]])
+def test_int8_options_without_int8_are_refused(setup, capsys, option):
+    option = [str(setup["calibration"]) if o == "CAL" else o for o in option]
     code = cli.main(["classify", setup["samples"][0], "--model", DENSE, "--weights", setup["weights"],
-                     "--calibration", str(setup["calibration"]), "--quiet"])
+                     *option, "--quiet"])
     err = capsys.readouterr().err
-    assert code != 0 and "--calibration: is for --dtype int8" in err
+    assert code != 0 and f"{option[0]}: is for --dtype int8" in err
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), 0.0, -0.1, None, "0.02"])
+def test_an_int8_tolerance_that_is_not_a_positive_number_is_one_line(setup, tolerance):
+    with pytest.raises(MxvisionError, match="--int8-tolerance .*: must be a finite number above 0"):
+        _int8(setup, setup["samples"][:1], tolerance=tolerance)

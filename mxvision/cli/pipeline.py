@@ -112,9 +112,9 @@ def _cmd_export(args):
         raise MxvisionError("export", problem)
     if args.mar:
         from mxvision.serve.archive import export_archive
+        tolerance = {} if args.int8_tolerance is None else {"int8_tolerance": args.int8_tolerance}
         done = export_archive(args.mar, run=args.run, model=args.model, weights=args.weights,
-                              dtype=args.dtype, ctx=args.ctx, calibration=args.calibration,
-                              int8_tolerance=args.int8_tolerance)
+                              dtype=args.dtype, ctx=args.ctx, calibration=args.calibration, **tolerance)
         m = done["manifest"]
         weights = m["weights"].get("description") or m["weights"].get("backbone")
         checked = "" if "int8" not in m else ", within %.3f of float32 on %d held-out calibration films" % (
@@ -138,6 +138,10 @@ def _export_problem(args):
         return "--weights goes with --model"
     if args.dtype == "int8" and not args.mar:
         return "--dtype int8 is for --mar; --out exports the run's own precision (or float32)"
+    for given, option in ((args.calibration, "--calibration"), (args.int8_tolerance, "--int8-tolerance")):
+        if given is not None and not (args.model and args.dtype == "int8"):
+            return f"{option} is for --model NAME --mar OUT.mar --dtype int8 (a run's INT8 network was " \
+                   "calibrated when its features were extracted)"
     return None
 
 
@@ -225,7 +229,7 @@ def add_parsers(sub):
                         "(default: the precision its features were extracted with; float32 for --model)")
     p.add_argument("--calibration", type=non_empty, default=None, metavar="INDEX_OR_FOLDER",
                    help="--model with --dtype int8: films to calibrate and check on, as classify takes them")
-    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=0.02, metavar="SCORE",
+    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=None, metavar="SCORE",
                    help="--model with --dtype int8: largest score difference to float32 accepted (default: 0.02)")
     add_ctx(p)
     p.set_defaults(func=_cmd_export)

@@ -28,10 +28,12 @@ def _cmd_classify(args):
         check_output_file(args.out, "scores CSV")
     options = dict(model=args.model, weights=args.weights, calibrated=not args.no_calibration, ctx=args.ctx,
                    batch_size=args.batch_size, strict=args.strict, root=args.cache, progress=not args.quiet,
-                   thresholds=args.thresholds, dtype=args.dtype, calibration=args.calibration,
-                   int8_tolerance=args.int8_tolerance)
-    if args.calibration and args.dtype != "int8":
-        raise MxvisionError("--calibration", "is for --dtype int8 (float32 needs no calibration films)")
+                   thresholds=args.thresholds, dtype=args.dtype, calibration=args.calibration)
+    if args.int8_tolerance is not None:
+        options["int8_tolerance"] = args.int8_tolerance
+    for given, option in ((args.calibration, "--calibration"), (args.int8_tolerance, "--int8-tolerance")):
+        if given is not None and args.dtype != "int8":
+            raise MxvisionError(option, "is for --dtype int8 (float32 needs no calibration films)")
     index = None
     if args.index:
         results, index = classify_index(args.index, **options)
@@ -124,7 +126,7 @@ def add_parsers(sub):
     p.add_argument("--calibration", type=non_empty, default=None, metavar="INDEX_OR_FOLDER",
                    help="--dtype int8: films to calibrate and check on (index CSV or folder, at least 4; "
                         "the converted network is kept in the user cache)")
-    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=0.02, metavar="SCORE",
+    p.add_argument("--int8-tolerance", type=positive_float(1.0), default=None, metavar="SCORE",
                    help="--dtype int8: largest score difference to float32 accepted (default: 0.02)")
     add_cache_options(p)
     add_ctx(p)

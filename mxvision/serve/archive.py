@@ -29,7 +29,7 @@ import numpy as np
 
 from mxvision.errors import MxvisionError
 from mxvision.export import export_model
-from mxvision.inference import DEFAULT_INT8_TOLERANCE, int8_classifier, unavailable_outputs
+from mxvision.inference import DEFAULT_INT8_TOLERANCE, check_int8_arguments, int8_classifier, unavailable_outputs
 from mxvision.models import zoo
 from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES, get_weights_spec
 from mxvision.runtime import parse_ctx
@@ -68,14 +68,15 @@ def _xvision_network(run, work, dtype, ctx):
 
 
 def _xrv_network(model, weights, work, dtype, ctx, root, calibration=None, int8_tolerance=DEFAULT_INT8_TOLERANCE):
+    if dtype not in (None, "float32", "int8"):
+        raise MxvisionError("--dtype %s" % dtype, "the torchxrayvision ports are served in float32 or int8")
     spec = get_weights_spec(model)
+    if dtype == "int8":
+        check_int8_arguments(ctx, calibration, int8_tolerance)
     net = zoo.get_model(model, weights=weights, calibrated=True, ctx=ctx, root=root)
     reasons = unavailable_outputs(spec, calibrated=True)
     check = None
     if dtype == "int8":  # classify's INT8 network, with its check: refused beyond the tolerance
-        if calibration is None:
-            raise MxvisionError("--dtype int8", "needs --calibration (an index CSV or a folder of films) to "
-                                                "calibrate and check the INT8 scores on")
         _, check = int8_classifier(net, model, ctx, calibration, int8_tolerance, reasons, keep=work / "int8")
         files = check.pop("files")
         os.replace(files["symbol"], work / SYMBOL)  # the quantized graph, also ending at the logits
@@ -101,8 +102,8 @@ def export_archive(out, run=None, model=None, weights=None, dtype=None, name=Non
     torchxrayvision port ``model`` (``weights``: a path, or None for the registry's default).
     A port with ``dtype="int8"`` packs ``classify --dtype int8``'s network, calibrated and checked
     on the ``calibration`` films (:func:`mxvision.inference.int8_classifier`; refused when its
-    scores move more than ``int8_tolerance``); its manifest's ``int8`` records the check, and it
-    gives no Grad-CAM (the quantized graph has no gradient).
+    scores move more than ``int8_tolerance``); its manifest's ``int8`` records the check, and a
+    Grad-CAM request gets an error in place of the map (the quantized graph has no gradient).
     Returns ``{"archive", "name", "manifest"}``. The file appears whole or not at all."""
     if (run is None) == (model is None):
         raise MxvisionError("export", "give a trained run (--run) or a torchxrayvision model (--model)")

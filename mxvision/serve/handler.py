@@ -84,7 +84,8 @@ class ArchiveModel:
             warnings.simplefilter("ignore", UserWarning)
             self.net = gluon.SymbolBlock.imports(str(model_dir / SYMBOL), ["data"],
                                                  str(model_dir / PARAMS), ctx=self.ctx)
-        if self.manifest.get("precision") == "int8":  # quantized and fused already
+        self.int8_port = self.manifest["family"] == "xrv" and self.manifest.get("precision") == "int8"
+        if self.int8_port:  # quantized and fused already, as classify --dtype int8 runs it
             self.net.hybridize(static_alloc=True, static_shape=True)
         elif self.manifest["family"] == "xrv":  # as classify runs it
             hybridize_for_inference(self.net, self.ctx)
@@ -116,9 +117,6 @@ class ArchiveModel:
     def cam_target(self, target=None) -> int:
         """Output index Grad-CAM explains: ``target`` (a name or index), else the default of
         ``mxvision audit explain`` (the positive class of two, ``Nodule``, else the top class)."""
-        if self.manifest.get("cam_layer") is None:
-            raise MxvisionError("gradcam=1", "this archive's network is INT8, which has no gradient; "
-                                             "Grad-CAM needs a float32 archive of the model")
         if target in (None, ""):
             if self.family == "xrv":
                 return self.labels.index("Nodule")
@@ -133,6 +131,9 @@ class ArchiveModel:
     def gradcam(self, inputs, images, target):
         """Grad-CAM of output ``target`` (-1: each image's top class) for prepared ``inputs``
         of the decoded ``images``: one dict per image (target, logit, grid, overlay)."""
+        if self.int8_port:  # the answer keeps its scores, with this in place of the map
+            raise MxvisionError("gradcam=1", "this archive's network is INT8, which has no gradient; "
+                                             "Grad-CAM needs a float32 archive of the model")
         if self._cam is None:  # built on the first request that asks: most never do
             model_dir = self.model_dir
             self._cam = cam_blocks(model_dir / SYMBOL, model_dir / PARAMS,

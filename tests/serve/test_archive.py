@@ -263,8 +263,8 @@ def test_an_int8_archive_serves_classifys_checked_int8_scores(int8_films, tmp_pa
         assert [n for n, v in got["scores"].items() if v is None] == [n for n, v in want["scores"].items() if v is None]
         np.testing.assert_allclose([got["scores"][n] for n in names], [want["scores"][n] for n in names], atol=1e-5)
         assert not np.allclose([got["scores"][n] for n in names], [full["scores"][n] for n in names], atol=1e-6)
-    with pytest.raises(MxvisionError, match="INT8, which has no gradient"):
-        model.cam_target("Nodule")
+    with pytest.raises(MxvisionError, match="INT8, which has no gradient"):  # the handler keeps the scores
+        model.gradcam([model.prepare(Path(setup["samples"][0]).read_bytes())], [None], model.cam_target("Nodule"))
 
 
 def test_an_int8_archive_beyond_the_tolerance_is_refused_and_not_written(int8_films, tmp_path):
@@ -276,4 +276,7 @@ def test_an_int8_archive_beyond_the_tolerance_is_refused_and_not_written(int8_fi
     assert not (tmp_path / "q.mar").exists()
     code, _, err = run_cli("export", "--model", DENSE, "--weights", setup["weights"], "--mar", tmp_path / "q.mar",
                            "--calibration", setup["calibration"])
-    one_line_error(code, err, "--calibration: is for --model with --dtype int8")
+    one_line_error(code, err, "--calibration is for --model NAME --mar OUT.mar --dtype int8")
+    with pytest.raises(MxvisionError, match="served in float32 or int8"):
+        export_archive(tmp_path / "b.mar", model=DENSE, weights=setup["weights"], dtype="bfloat16")
+    assert not (tmp_path / "b.mar").exists()
