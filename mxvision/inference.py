@@ -53,7 +53,7 @@ from mxvision.utils import atomic_path, write_json
 
 __all__ = ["predict", "classify", "unavailable_outputs", "DEFAULT_MODEL", "classify_index", "scores_table",
            "write_scores_csv", "calibrate_xrv", "check_output_file", "int8_classifier",
-           "check_int8_arguments", "parameters_sha1", "scoring_sha1", "DEFAULT_INT8_TOLERANCE",
+           "check_int8_arguments", "describe_int8_check", "parameters_sha1", "scoring_sha1", "DEFAULT_INT8_TOLERANCE",
            "CLASSIFY_DTYPES"]
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,13 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
     if keep is not None:
         check["files"] = {"symbol": str(Path(keep) / info["symbol"]), "params": str(Path(keep) / info["params"])}
     return scorer, check
+
+
+def describe_int8_check(check):
+    """``within X of float32 on N held-out calibration films``: what an INT8 result's (or an
+    archive manifest's) ``int8`` check says, for the lines the commands print."""
+    return "within %.3f of float32 on %d held-out calibration films" % (check["max_score_difference"],
+                                                                        check["films"])
 
 
 def classify(images, model=DEFAULT_MODEL, weights=None, calibrated=True, ctx=None, batch_size=1,

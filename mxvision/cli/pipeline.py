@@ -117,8 +117,8 @@ def _cmd_export(args):
                               dtype=args.dtype, ctx=args.ctx, calibration=args.calibration, **tolerance)
         m = done["manifest"]
         weights = m["weights"].get("description") or m["weights"].get("backbone")
-        checked = "" if "int8" not in m else ", within %.3f of float32 on %d held-out calibration films" % (
-            m["int8"]["max_score_difference"], m["int8"]["films"])
+        from mxvision.inference import describe_int8_check
+        checked = ", " + describe_int8_check(m["int8"]) if "int8" in m else ""
         print(f"wrote {done['archive']}: model {done['name']} ({m['family']}, {m['precision']}{checked}; "
               f"weights: {weights}); serve it with `mxvision serve {done['archive']}`")
         return

@@ -20,7 +20,7 @@ NAME_WIDTH = 28
 
 
 def _cmd_classify(args):
-    from mxvision.inference import check_output_file, classify, classify_index, write_scores_csv
+    from mxvision.inference import check_output_file, classify, classify_index, describe_int8_check, write_scores_csv
     from mxvision.models.xrv.common import DEFAULT_PATHOLOGIES
     if bool(args.images) == bool(args.index):
         raise MxvisionError("mxvision classify", "give IMAGE files or folders, or --index CSV (one of the two)")
@@ -45,8 +45,7 @@ def _cmd_classify(args):
         kind = ("calibrated (op_threshs%s)" % (" from " + args.thresholds if args.thresholds else "")
                 if ok and ok[0]["calibrated"] else "uncalibrated (sigmoid)")
         if ok and ok[0]["dtype"] == "int8":
-            kind += ", INT8 (within %.3f of float32 on %d held-out calibration films)" % (
-                ok[0]["int8"]["max_score_difference"], ok[0]["int8"]["films"])
+            kind += ", INT8 (%s)" % describe_int8_check(ok[0]["int8"])
         print(f"{len(results)} films scored with {args.model}, {kind}: {len(ok)} scored, "
               f"{len(results) - len(ok)} unreadable (error column); wrote {tsv_field(path)}")
     elif args.json:
@@ -57,6 +56,7 @@ def _cmd_classify(args):
 
 
 def _print_table(results, pathologies):
+    from mxvision.inference import describe_int8_check
     ok = [r for r in results if "error" not in r]
     for r in results:
         if "error" in r:
@@ -69,8 +69,7 @@ def _print_table(results, pathologies):
         kind = "calibrated (op_threshs of %s for %s)" % (tsv_field(first["thresholds"]["file"]),
                                                          ", ".join(first["thresholds"]["recalibrated"]))
     if first["dtype"] == "int8":
-        kind += ", INT8 (within %.3f of float32 on %d held-out calibration films)" % (
-            first["int8"]["max_score_difference"], first["int8"]["films"])
+        kind += ", INT8 (%s)" % describe_int8_check(first["int8"])
     print(f"model {first['model']}, {kind}; weights: {first['weights']}")
     names = [tsv_field(Path(r["path"]).name) for r in ok]  # one table line whatever the names hold
     width = max(12, *(len(n) for n in names))
