@@ -162,8 +162,11 @@ class ArchiveModel:
 
     def _result(self, row):
         m = self.manifest
+        # the precision (and an INT8 port's check against float32) in every answer, as classify
+        # records them per result: a reader of one answer should not need the manifest
         base = {"model": m["name"], "family": self.family, "weights": _weights_text(m),
-                "random_weights": bool(m.get("random_weights"))}
+                "random_weights": bool(m.get("random_weights")), "dtype": m.get("precision", "float32"),
+                **({"int8": m["int8"]} if self.int8_port else {})}
         if self.family == "xvision":
             probs = {c: float(p) for c, p in zip(self.labels, row)}
             return {**base, "probabilities": probs, "predicted": self.labels[int(row.argmax())],

@@ -78,6 +78,7 @@ def test_the_handler_scores_an_upload_exactly_as_predict_scores_the_file(xvision
         np.testing.assert_allclose(list(got["probabilities"].values()), list(want["probabilities"].values()),
                                    atol=1e-5)
         assert got["predicted"] == want["predicted"]
+        assert got["dtype"] == xvision_mar["manifest"]["precision"] == "float32" and "int8" not in got
 
 
 def test_the_handler_scores_an_upload_exactly_as_classify_scores_the_file(xrv_mar, shared, tmp_path):
@@ -87,6 +88,7 @@ def test_the_handler_scores_an_upload_exactly_as_classify_scores_the_file(xrv_ma
     offline = classify(paths, model=XRV_MODEL, weights="none")
     assert len(served) == len(offline) == len(paths) >= 5
     for got, want in zip(served, offline):
+        assert got["dtype"] == want["dtype"] == "float32" and "int8" not in got
         assert got["scores"].keys() == want["scores"].keys()
         for name, value in want["scores"].items():
             if value is None:
@@ -259,6 +261,8 @@ def test_an_int8_archive_serves_classifys_checked_int8_scores(int8_films, tmp_pa
                        calibration=str(setup["calibration"]), int8_tolerance=1.0)
     fp32 = classify(setup["samples"], model=DENSE, weights=setup["weights"])
     for got, want, full in zip(served, offline, fp32):
+        assert got["dtype"] == want["dtype"] == "int8" and got["int8"] == manifest["int8"]
+        assert got["int8"]["max_score_difference"] == want["int8"]["max_score_difference"]
         names = [n for n, v in want["scores"].items() if v is not None]
         assert [n for n, v in got["scores"].items() if v is None] == [n for n, v in want["scores"].items() if v is None]
         np.testing.assert_allclose([got["scores"][n] for n in names], [want["scores"][n] for n in names], atol=1e-5)

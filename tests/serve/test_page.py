@@ -47,10 +47,21 @@ from test_server import free_ports  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(small_run, tmp_path_factory):
+def int8_archive(shared, tmp_path_factory):
+    """An INT8 archive of the DenseNet port with the soft weights that keep the bar (the INT8
+    tests' conversion, from the session's cache when they ran first)."""
+    from support.xrv_int8 import int8_setup
+    setup = int8_setup(shared, tmp_path_factory.mktemp("int8"))
+    return export_archive(tmp_path_factory.mktemp("mar8") / "q.mar", model=XRV_MODEL, weights=setup["weights"],
+                          dtype="int8", calibration=str(setup["calibration"]), int8_tolerance=1.0)
+
+
+@pytest.fixture(scope="module")
+def server(small_run, int8_archive, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mars")
     archives = [export_archive(folder / "xv.mar", run=small_run)["archive"],
-                export_archive(folder / "dn.mar", model=XRV_MODEL, weights="none")["archive"]]
+                export_archive(folder / "dn.mar", model=XRV_MODEL, weights="none")["archive"],
+                int8_archive["archive"]]
     running = mms.start(archives, port=free_ports(), batch_size=2, max_batch_delay=50,
                         state_dir=tmp_path_factory.mktemp("state"))
     yield running
@@ -102,7 +113,8 @@ def test_an_upload_shows_the_scores_the_server_gives_with_the_warnings(server, b
     status = browser.find_element(By.ID, "status").text
     assert status == f"Scored {film.name}.", status
     used = browser.find_element(By.CSS_SELECTOR, ".model-used").text
-    assert "dn (xrv)" in used and "RANDOM" in used
+    assert "dn (xrv), float32," in used and "RANDOM" in used
+    assert browser.find_elements(By.CSS_SELECTOR, ".precision") == []  # float32: no INT8 check to show
     warnings = [w.text for w in browser.find_elements(By.CSS_SELECTOR, ".warn")]
     assert any("RANDOM weights" in w for w in warnings), warnings
     want = classify([film], model=XRV_MODEL, weights="none")[0]
@@ -111,6 +123,17 @@ def test_an_upload_shows_the_scores_the_server_gives_with_the_warnings(server, b
     for name, value in want["scores"].items():
         shown = bars[name].split("\n")[-1] if value is None else bars[name].split()[-1]
         assert (shown.startswith("n/a") if value is None else shown == f"{value:.3f}"), (name, bars[name], value)
+
+
+def test_an_int8_model_shows_its_precision_and_its_check_against_float32(server, int8_archive, browser, shared):
+    film = shared / "data" / "samples" / "00000001_000.png"
+    _upload(browser, server.page_url, "q", film)
+    assert browser.find_element(By.ID, "status").text == f"Scored {film.name}."
+    assert "q (xrv), int8," in browser.find_element(By.CSS_SELECTOR, ".model-used").text
+    check = int8_archive["manifest"]["int8"]
+    assert browser.find_element(By.CSS_SELECTOR, ".precision").text == (
+        "INT8 scores, within %.3f of float32 on %d held-out calibration films" % (check["max_score_difference"], check["films"]))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".bar")) == 18
 
 
 def test_the_xvision_model_shows_its_classes_and_prediction(server, browser, shared, tmp_path):
