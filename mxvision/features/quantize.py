@@ -52,7 +52,7 @@ from mxvision.data import transforms
 from mxvision.data.folder import IMAGE_SUFFIXES
 from mxvision.features.int8_graph import int8_ready
 from mxvision.io.download import locked_file
-from mxvision.runtime import parse_ctx, user_cache_dir
+from mxvision.runtime import cpu_flags, parse_ctx, user_cache_dir
 from mxvision.errors import BadRun, MxvisionError, one_line
 from mxvision.models import zoo
 from mxvision.models.store import check_params_file, check_weight_values, mxnet_error_line
@@ -78,10 +78,25 @@ def check_dtype(dtype):
     return text
 
 
-def check_cpu(dtype, ctx):
+#: The CPU flags oneDNN 2.4 (MXNet 1.9.1's) needs for its bfloat16 kernels: ``avx512_core``. On an
+#: AVX2-only CPU (an AMD EPYC of the Zen 3 kind) MXNet fails in the first convolution with "could
+#: not create a primitive descriptor iterator"; INT8 and float32 have AVX2 kernels.
+BFLOAT16_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def check_cpu(dtype, ctx, flags=None):
+    """Refuse in one line a ``dtype`` this context cannot run: reduced precision off the CPU, and
+    bfloat16 on a CPU without AVX-512 (``flags``: the CPU's, from /proc/cpuinfo by default; an
+    empty set, as off Linux, is not judged)."""
     if dtype != "float32" and ctx.device_type != "cpu":
         raise MxvisionError(f"--dtype {dtype}", "runs on the CPU only (oneDNN operators); "
                                                 "use --ctx cpu, or float32 on a GPU")
+    flags = cpu_flags() if flags is None else set(flags)
+    missing = sorted(BFLOAT16_CPU_FLAGS - flags)
+    if dtype == "bfloat16" and flags and missing:
+        raise MxvisionError("--dtype bfloat16", "this CPU has no AVX-512 (%s missing from its flags), which "
+                                                "MXNet 1.9.1's bfloat16 kernels need; use float32 or int8"
+                            % ", ".join(missing))
 
 
 def file_names(dtype):
