@@ -100,10 +100,17 @@ def cpu_model():
 
 
 def platform_key():
-    """(CPU model, NumPy major.minor): what the demo's float rounding depends on besides threads."""
+    """(CPU, NumPy major.minor): what the demo's float rounding depends on besides threads. The CPU
+    is its model name, with " (AVX2)" when it has no AVX-512: oneDNN then runs other float32
+    kernels, and an AMD EPYC of either kind gives other figures under the same name."""
     import numpy
 
-    return cpu_model(), ".".join(numpy.__version__.split(".")[:2])
+    sys.path.insert(0, str(REPO))
+    from mxvision.runtime import cpu_info
+
+    model, flags = cpu_info()
+    cpu = model + (" (AVX2)" if flags and "avx512f" not in flags else "")
+    return cpu, ".".join(numpy.__version__.split(".")[:2])
 
 
 def mxvision(*args, cwd):
@@ -209,7 +216,7 @@ def synth_figures(work, seed):
 
 
 def machine():
-    model = cpu_model()
+    model = platform_key()[0]
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     threads = f"OMP_NUM_THREADS={FIGURE_THREADS}"
     import numpy
