@@ -51,7 +51,8 @@ NAME = "jfhealthcare-densenet121"
 SPEC = BASELINES[NAME]
 SCORE_ATOL = 1e-4  # the sigmoid outputs, float32 (see above why not 1e-5)
 EXACT_ATOL = 1e-9  # float64 logits: the same function
-ROUNDING_FACTOR = 2.0  # mxvision's float32 error vs torch's own, as in test_xrv_parity
+ROUNDING_FACTOR = 4.0  # mxvision's float32 error vs torch's own: <= 2 with AVX-512 as in test_xrv_parity,
+#                       2.6 on an AVX2-only AMD EPYC (oneDNN 2.4's AVX2 kernels sum in another order)
 
 
 def _jfhealthcare():
