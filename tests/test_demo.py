@@ -57,15 +57,17 @@ def test_default_demo_runs_end_to_end_within_five_minutes(tmp_path):
         assert json.loads(readme[matrix_column]) == metrics["confusion_matrix"]
     else:
         # a platform README has no row for rounds differently; what must hold on any platform:
-        # the same split and trivial baselines (no float-kernel dependence), and an AUC inside
-        # every stated row's bootstrap interval (40 test films cannot tell platforms apart)
+        # the same split and trivial baselines (no float-kernel dependence), and an AUC inside a
+        # stated row's bootstrap interval. Not inside every row's: the stated platforms' own AUCs
+        # (0.688 to 0.870 on 40 test films) already fall outside one another's intervals.
         warnings.warn(f"README's demo table has no row for {platform}: `make figures` adds it")
         split, baseline = figures.DEMO_HEADER[2], figures.DEMO_HEADER[-2]
         ci = figures.HEADER[4]
+        intervals = []
         for readme in rows.values():
             assert (measured[2], measured[-1]) == (readme[split], readme[baseline]), readme
-            low, high = (float(v) for v in readme[ci].split(";")[0].strip(" []").split(","))
-            assert low <= metrics["auc"] <= high, (metrics["auc"], readme[ci])
+            intervals.append(tuple(float(v) for v in readme[ci].split(";")[0].strip(" []").split(",")))
+        assert any(low <= metrics["auc"] <= high for low, high in intervals), (metrics["auc"], intervals)
     warns = "the audit warns" in readme[figures.HEADER[-1]]
     printed = "WARNING: model AUC" in result.stdout + result.stderr
     assert printed == warns == metrics["shortcut_audit"]["warn"], (printed, warns)

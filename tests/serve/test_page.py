@@ -50,9 +50,10 @@ from test_server import free_ports  # noqa: E402
 def int8_archive(shared, tmp_path_factory):
     """An INT8 archive of the DenseNet port with the soft weights that keep the bar (the INT8
     tests' conversion, from the session's cache when they ran first)."""
+    from support.xrv_files import DENSE  # the model of those weights: the same conversion key
     from support.xrv_int8 import int8_setup
     setup = int8_setup(shared, tmp_path_factory.mktemp("int8"))
-    return export_archive(tmp_path_factory.mktemp("mar8") / "q.mar", model=XRV_MODEL, weights=setup["weights"],
+    return export_archive(tmp_path_factory.mktemp("mar8") / "q.mar", model=DENSE, weights=setup["weights"],
                           dtype="int8", calibration=str(setup["calibration"]), int8_tolerance=1.0)
 
 
