@@ -92,25 +92,21 @@ def demo_rows(readme_text):
 
 
 def cpu_model():
-    """The CPU's model name as /proc/cpuinfo gives it (``platform.processor()`` elsewhere)."""
-    sys.path.insert(0, str(REPO))
-    from mxvision.runtime import cpu_info
-
-    return cpu_info()[0]
-
-
-def platform_key():
-    """(CPU, NumPy major.minor): what the demo's float rounding depends on besides threads. The CPU
-    is its model name, with " (AVX2)" when it has no AVX-512: oneDNN then runs other float32
-    kernels, and an AMD EPYC of either kind gives other figures under the same name."""
-    import numpy
-
+    """The CPU as the demo table names it: its model name as /proc/cpuinfo gives it
+    (``platform.processor()`` elsewhere), with " (AVX2)" when it has no AVX-512: oneDNN then runs
+    other float32 kernels, and an AMD EPYC of either kind gives other figures under the same name."""
     sys.path.insert(0, str(REPO))
     from mxvision.runtime import cpu_info
 
     model, flags = cpu_info()
-    cpu = model + (" (AVX2)" if flags and "avx512f" not in flags else "")
-    return cpu, ".".join(numpy.__version__.split(".")[:2])
+    return model + (" (AVX2)" if flags and "avx512f" not in flags else "")
+
+
+def platform_key():
+    """(CPU, NumPy major.minor): what the demo's float rounding depends on besides threads."""
+    import numpy
+
+    return cpu_model(), ".".join(numpy.__version__.split(".")[:2])
 
 
 def mxvision(*args, cwd):
@@ -216,7 +212,7 @@ def synth_figures(work, seed):
 
 
 def machine():
-    model = platform_key()[0]
+    model = cpu_model()
     load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     threads = f"OMP_NUM_THREADS={FIGURE_THREADS}"
     import numpy

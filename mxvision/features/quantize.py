@@ -91,9 +91,11 @@ def check_cpu(dtype, ctx, flags=None):
     if dtype != "float32" and ctx.device_type != "cpu":
         raise MxvisionError(f"--dtype {dtype}", "runs on the CPU only (oneDNN operators); "
                                                 "use --ctx cpu, or float32 on a GPU")
+    if dtype != "bfloat16":
+        return
     flags = cpu_flags() if flags is None else set(flags)
     missing = sorted(BFLOAT16_CPU_FLAGS - flags)
-    if dtype == "bfloat16" and flags and missing:
+    if flags and missing:
         raise MxvisionError("--dtype bfloat16", "this CPU has no AVX-512 (%s missing from its flags), which "
                                                 "MXNet 1.9.1's bfloat16 kernels need; use float32 or int8"
                             % ", ".join(missing))
