@@ -383,7 +383,7 @@ def machine_info():
     from mxvision.runtime import cpu_info
 
     model, flags = cpu_info()
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    isa = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version(),
             "mxnet": mx.__version__, "onnxruntime": __import__("onnxruntime").__version__}
 

@@ -20,7 +20,9 @@ How the peers get the same graph and the same films, as FILES:
    cannot, the bench stops with one line. There the ONNX file gets a symbolic batch axis, and:
    ONNX Runtime ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, QUInt8 activations /
    QInt8 weights, no reduce_range: its docstring's advice for an x86 CPU with VNNI; MinMax, the
-   default calibration), and OpenVINO reads the same ONNX file for fp32 and for
+   default calibration; on a CPU without VNNI -- AVX2 only -- a second row with ``reduce_range``,
+   7-bit weights, which the same docstring advises there against u8 x s8 overflow; ``--ort-reduce-range``
+   adds it anywhere), and OpenVINO reads the same ONNX file for fp32 and for
    ``nncf.quantize`` (default preset) on the same 64 films.
 
 Measuring: every engine lives in a worker process (MXNet ones in the main venv, the peers in
@@ -62,6 +64,9 @@ HELD_OUT = 32
 #: mxvision with oneDNN's default ISA cap (AVX-512 VNNI): what it ran before it enabled AMX itself
 NO_AMX_ENV = {"MXVISION_AMX": "0"}
 NO_AMX_ROW = "mxvision int8, MXVISION_AMX=0 (no AMX: oneDNN's default)"
+ORT_REDUCE_RANGE_ROW = "onnxruntime int8, reduce_range"
+#: a CPU with one of these multiplies u8 x s8 into 32 bits; without, AVX2's vpmaddubsw can saturate
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
 def log(*a):
@@ -309,13 +314,14 @@ def _quantize(state, msg):
                 x = next(self.items, None)
                 return None if x is None else {"data": x}
         quantize_static(str(pre), msg["out"], Films(), quant_format=QuantFormat.QDQ,
-                        per_channel=msg.get("per_channel", True), reduce_range=False,
+                        per_channel=msg.get("per_channel", True), reduce_range=msg.get("reduce_range", False),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         import onnxruntime
         info = {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
                 "quant_format": "QDQ", "per_channel": msg.get("per_channel", True),
-                "activation_type": "QUInt8", "weight_type": "QInt8", "reduce_range": False,
+                "activation_type": "QUInt8", "weight_type": "QInt8",
+                "reduce_range": msg.get("reduce_range", False),
                 "calibrate_method": "MinMax"}
     else:
         import nncf
@@ -500,6 +506,9 @@ def main():
                    help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without AMX)")
     p.add_argument("--vnni-row", action="store_true",
                    help="add mxvision INT8 with MXVISION_AMX=0 (the isa lever: no AMX) to the peers table")
+    p.add_argument("--ort-reduce-range", action="store_true",
+                   help="add ONNX Runtime INT8 with reduce_range (7-bit weights) to the peers table; "
+                        "on by default on a CPU without VNNI, where ONNX Runtime advises it")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for a 1-minute load average < 0.5")
     p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"))
@@ -558,13 +567,21 @@ def main():
                      "params": str(work / "fp32-0000.params")}
         int8_spec = {"kind": "mxnet-store", "folder": str(work / "mx-int8"), "info": files["int8_info"]}
         ov_threads = {"INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        from mxvision.runtime import cpu_flags
+        flags = cpu_flags()
+        reduce_range_row = args.ort_reduce_range or not flags & VNNI_FLAGS
+        result["cpu_has_vnni"] = bool(flags & VNNI_FLAGS)
         if peers_py is not None:
-            for tool, name in (("onnxruntime", "ort-int8.onnx"), ("nncf", "ov-int8.xml")):
+            quantizations = [("onnxruntime", "ort-int8.onnx", {}), ("nncf", "ov-int8.xml", {})]
+            if reduce_range_row:
+                quantizations.append(("onnxruntime", "ort-int8-rr.onnx", {"reduce_range": True}))
+            for tool, name, options in quantizations:
                 if not (work / name).is_file():
-                    log(f"quantizing with {tool} in the peer venv")
-                    info = worker("peers").call(cmd="quantize", tool=tool, out=str(work / name))
+                    log(f"quantizing with {tool} {options or ''} in the peer venv")
+                    info = worker("peers").call(cmd="quantize", tool=tool, out=str(work / name), **options)
                     (work / f"{name}.json").write_text(json.dumps(info))
-                result.setdefault("peer_quantization", {})[tool] = json.loads((work / f"{name}.json").read_text())
+                key = tool + (", reduce_range" if options else "")
+                result.setdefault("peer_quantization", {})[key] = json.loads((work / f"{name}.json").read_text())
         specs = {
             "mxvision fp32": ("mxnet", fp32_spec),
             "mxvision int8": ("mxnet", int8_spec),
@@ -577,6 +594,9 @@ def main():
             "openvino int8": ("peers", {"kind": "openvino", "model": str(work / "ov-int8.xml"),
                                         "config": ov_threads}),
         }
+        if reduce_range_row:
+            specs[ORT_REDUCE_RANGE_ROW] = ("peers", {"kind": "ort", "model": str(work / "ort-int8-rr.onnx"),
+                                                     "threads": args.threads})
         runs = []
         if not args.skip_peers:
             peers = {k: (specs[k], args.batch, None) for k in specs}
