@@ -39,6 +39,7 @@ from mxvision.audit.explain import grad_cam, overlay, to_image_grid
 from mxvision.data import transforms, xrv_transforms
 from mxvision.errors import BadImage, MxvisionError, one_line
 from mxvision.io.images import decode_image
+from mxvision.inference import describe_int8_check
 from mxvision.models.xrv.common import op_norm_nd
 from mxvision.runtime import hybridize_for_inference
 from mxvision.serve.archive import MANIFEST, PARAMS, SYMBOL, sha256_file
@@ -166,7 +167,8 @@ class ArchiveModel:
         # records them per result: a reader of one answer should not need the manifest
         base = {"model": m["name"], "family": self.family, "weights": _weights_text(m),
                 "random_weights": bool(m.get("random_weights")), "dtype": m.get("precision", "float32"),
-                **({"int8": m["int8"]} if self.int8_port else {})}
+                **({"int8": m["int8"], "precision_note": "INT8 scores, " + describe_int8_check(m["int8"])}
+                   if self.int8_port else {})}
         if self.family == "xvision":
             probs = {c: float(p) for c, p in zip(self.labels, row)}
             return {**base, "probabilities": probs, "predicted": self.labels[int(row.argmax())],

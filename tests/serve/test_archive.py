@@ -79,6 +79,7 @@ def test_the_handler_scores_an_upload_exactly_as_predict_scores_the_file(xvision
                                    atol=1e-5)
         assert got["predicted"] == want["predicted"]
         assert got["dtype"] == xvision_mar["manifest"]["precision"] == "float32" and "int8" not in got
+        assert "precision_note" not in got
 
 
 def test_the_handler_scores_an_upload_exactly_as_classify_scores_the_file(xrv_mar, shared, tmp_path):
@@ -263,6 +264,8 @@ def test_an_int8_archive_serves_classifys_checked_int8_scores(int8_films, tmp_pa
     for got, want, full in zip(served, offline, fp32):
         assert got["dtype"] == want["dtype"] == "int8" and got["int8"] == manifest["int8"]
         assert got["int8"]["max_score_difference"] == want["int8"]["max_score_difference"]
+        assert got["precision_note"] == "INT8 scores, within %.3f of float32 on 4 held-out calibration films" % (
+            manifest["int8"]["max_score_difference"])
         names = [n for n, v in want["scores"].items() if v is not None]
         assert [n for n, v in got["scores"].items() if v is None] == [n for n, v in want["scores"].items() if v is None]
         np.testing.assert_allclose([got["scores"][n] for n in names], [want["scores"][n] for n in names], atol=1e-5)
