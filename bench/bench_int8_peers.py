@@ -569,7 +569,9 @@ def main():
         ov_threads = {"INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         from mxvision.runtime import cpu_flags
         flags = cpu_flags()
-        reduce_range_row = args.ort_reduce_range or not flags & VNNI_FLAGS
+        # ONNX Runtime's advice for an x86 CPU without VNNI; off Linux the flags are unknown (empty)
+        reduce_range_row = not args.skip_peers and (
+            args.ort_reduce_range or ("avx2" in flags and not flags & VNNI_FLAGS))
         result["cpu_has_vnni"] = bool(flags & VNNI_FLAGS)
         if peers_py is not None:
             quantizations = [("onnxruntime", "ort-int8.onnx", {}), ("nncf", "ov-int8.xml", {})]
