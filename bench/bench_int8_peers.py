@@ -572,17 +572,18 @@ def main():
         # ONNX Runtime's advice for an x86 CPU without VNNI; off Linux the flags are unknown (empty)
         reduce_range_row = not args.skip_peers and (
             args.ort_reduce_range or ("avx2" in flags and not flags & VNNI_FLAGS))
-        result["cpu_has_vnni"] = bool(flags & VNNI_FLAGS)
         if peers_py is not None:
-            quantizations = [("onnxruntime", "ort-int8.onnx", {}), ("nncf", "ov-int8.xml", {})]
+            # (key in the result's peer_quantization, tool, file, the tool's options)
+            quantizations = [("onnxruntime", "onnxruntime", "ort-int8.onnx", {}),
+                             ("nncf", "nncf", "ov-int8.xml", {})]
             if reduce_range_row:
-                quantizations.append(("onnxruntime", "ort-int8-rr.onnx", {"reduce_range": True}))
-            for tool, name, options in quantizations:
+                quantizations.append(("onnxruntime, reduce_range", "onnxruntime", "ort-int8-rr.onnx",
+                                      {"reduce_range": True}))
+            for key, tool, name, options in quantizations:
                 if not (work / name).is_file():
-                    log(f"quantizing with {tool} {options or ''} in the peer venv")
+                    log(f"quantizing with {key} in the peer venv")
                     info = worker("peers").call(cmd="quantize", tool=tool, out=str(work / name), **options)
                     (work / f"{name}.json").write_text(json.dumps(info))
-                key = tool + (", reduce_range" if options else "")
                 result.setdefault("peer_quantization", {})[key] = json.loads((work / f"{name}.json").read_text())
         specs = {
             "mxvision fp32": ("mxnet", fp32_spec),

@@ -86,6 +86,13 @@ class ArchiveModel:
             self.net = gluon.SymbolBlock.imports(str(model_dir / SYMBOL), ["data"],
                                                  str(model_dir / PARAMS), ctx=self.ctx)
         self.int8_port = self.manifest["family"] == "xrv" and self.manifest.get("precision") == "int8"
+        # the precision (and an INT8 port's check against float32, with the sentence the page
+        # shows) go into every answer, as classify records them per result: a reader of one answer
+        # should not need the manifest
+        self.precision = {"dtype": self.manifest.get("precision", "float32")}
+        if self.int8_port:
+            check = self.manifest["int8"]
+            self.precision.update(int8=check, precision_note="INT8 scores, " + describe_int8_check(check))
         if self.int8_port:  # quantized and fused already, as classify --dtype int8 runs it
             self.net.hybridize(static_alloc=True, static_shape=True)
         elif self.manifest["family"] == "xrv":  # as classify runs it
@@ -163,12 +170,8 @@ class ArchiveModel:
 
     def _result(self, row):
         m = self.manifest
-        # the precision (and an INT8 port's check against float32) in every answer, as classify
-        # records them per result: a reader of one answer should not need the manifest
         base = {"model": m["name"], "family": self.family, "weights": _weights_text(m),
-                "random_weights": bool(m.get("random_weights")), "dtype": m.get("precision", "float32"),
-                **({"int8": m["int8"], "precision_note": "INT8 scores, " + describe_int8_check(m["int8"])}
-                   if self.int8_port else {})}
+                "random_weights": bool(m.get("random_weights")), **self.precision}
         if self.family == "xvision":
             probs = {c: float(p) for c, p in zip(self.labels, row)}
             return {**base, "probabilities": probs, "predicted": self.labels[int(row.argmax())],
