@@ -40,7 +40,10 @@ engines), ``calib`` (entropy vs naive calibration, tensor- vs channel-wise weigh
 (the final BatchNorm+ReLU left fp32 -- ``smart`` -- or quantized too -- ``full``), ``fusion``
 (MXNet environment flags: MXNET_SUBGRAPH_BACKEND=MKLDNN, MXNET_ENGINE_TYPE=NaiveEngine),
 ``preact`` (ResNet v2's pre-activation BatchNorm + ReLU after each residual sum re-expressed as
-a depthwise convolution + ReLU, ``mxvision.features.int8_graph``, so it fuses), ``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
+a depthwise convolution + ReLU, ``mxvision.features.int8_graph``, so it fuses), ``fold`` (mxvision
+folds the same BatchNorms away since conversion version 7 -- their scale into the next
+convolutions, their shift into the residual stream, ``int8_graph.fold_preact``, a ReLU left --
+against the conversion without it), ``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
 ``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
 ``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels).
 
@@ -163,6 +166,7 @@ def worker_main(role, work):
     sys.stdout = sys.stderr
     state = {"work": Path(work), "engines": {}, "held": None}
     handlers = {"run": _run, "features": _features, "load": _load, "quantize": _quantize,
+                "openvino_profile": _openvino_profile,
                 "info": lambda s, m: {"pid": os.getpid()}}
     for line in sys.stdin:
         msg = json.loads(line)
@@ -283,6 +287,31 @@ def _openvino_engine(path, batch, config):
                **{k: str(compiled.get_property(k)) for k in
                   ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")}}
     return fn
+
+
+def _openvino_profile(state, msg):
+    """OpenVINO's own per-node timing (``PERF_COUNT``) of ``msg['batches']`` batches, summed by node
+    type and kernel: the counterpart of ``onednn_profile`` (runs in .venv-peers)."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(msg["model"])
+    model.reshape([msg["batch"], 3, 224, 224])
+    request = core.compile_model(model, "CPU", dict(msg["config"], PERF_COUNT=True)).create_infer_request()
+    x = _batch(state, msg["batch"])
+    for _ in range(2):
+        request.infer({0: x})
+    times, nodes = {}, {}
+    for _ in range(msg["batches"]):
+        request.infer({0: x})
+        for p in request.get_profiling_info():
+            if p.status == p.Status.EXECUTED:
+                key = f"{p.node_type} {p.exec_type}"
+                times[key] = times.get(key, 0.0) + p.real_time.total_seconds() * 1000
+                nodes[key] = nodes.get(key, 0) + 1
+    total = sum(times.values()) or 1.0
+    return {k: {"ms_per_batch": round(v / msg["batches"], 1), "share": round(v / total, 3),
+                "nodes": nodes[k] // msg["batches"]}
+            for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:10]}
 
 
 def _quantize(state, msg):
@@ -422,23 +451,28 @@ def interleaved(engines, workers, args, reference="mxvision int8"):
 
 # --------------------------------------------------------------------------- orchestration
 def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smart",
-                    granularity="tensor-wise", bn_after=None):
-    """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params.
+                    granularity="tensor-wise", bn_after=None, fold=True):
+    """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params
+    (named with ``quantize.CONVERSION_VERSION``, so a ``--work`` folder of older code is not reused).
 
-    ``bn_after``: re-express the BatchNorms after these operators as depthwise convolutions
-    (``mxvision.features.int8_graph``) but the last one, which stays float32 as ``smart`` keeps it."""
+    The graph is re-expressed as ``quantize.convert`` does (``int8_graph.int8_ready``), with
+    ``bn_after``: the BatchNorms after these operators become depthwise convolutions too, but the
+    last one, which stays float32 as ``smart`` keeps it; ``fold=False``: the pre-activation
+    BatchNorms are not folded away (mxvision before conversion version 7)."""
     import mxnet as mx
     from mxnet.contrib.quantization import quantize_model_mkldnn
-    from mxvision.features.int8_graph import int8_ready
+    from mxvision.features.int8_graph import BN_AFTER, int8_ready
+    from mxvision.features.quantize import CONVERSION_VERSION
+    name = f"{name}-v{CONVERSION_VERSION}"
     sym_file, params_file = work / f"{name}-symbol.json", work / f"{name}.params"
     if not sym_file.is_file():
         sym, arg, aux = mx.model.load_checkpoint(str(work / "fp32"), 0)
         excluded = None
+        sym, arg, aux, counts = int8_ready(sym, arg, aux, bn_after=bn_after or BN_AFTER, fold=fold)
         if bn_after:
-            sym, arg, aux, counts = int8_ready(sym, arg, aux, bn_after=bn_after)
             tail = [n["name"] for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Convolution"][-1]
             excluded = [tail] if tail.endswith("_conv") else None
-            log(f"{name}: {counts}; left float32: {excluded}")
+        log(f"{name}: {counts}; left float32: {excluded}")
         data = mx.io.NDArrayIter(data=calib, batch_size=min(16, len(calib)), last_batch_handle="pad")
         qsym, qarg, qaux = quantize_model_mkldnn(
             sym, arg, aux, ctx=mx.cpu(), calib_mode=calib_mode, calib_data=data,
@@ -500,10 +534,11 @@ def main():
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--levers", nargs="*", default=[],
-                   choices=["batch", "calib", "tail", "preact", "fusion", "isa"])
+                   choices=["batch", "calib", "tail", "preact", "fold", "fusion", "isa"])
     p.add_argument("--skip-peers", action="store_true", help="only the levers")
     p.add_argument("--onednn-profile", action="store_true",
-                   help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without AMX)")
+                   help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without "
+                        "AMX, and the INT8 networks of the preact and fold levers)")
     p.add_argument("--vnni-row", action="store_true",
                    help="add mxvision INT8 with MXVISION_AMX=0 (the isa lever: no AMX) to the peers table")
     p.add_argument("--ort-reduce-range", action="store_true",
@@ -649,11 +684,19 @@ def main():
             result[run_name] = section
             print(table(run_name, section), flush=True)
         if args.onednn_profile:
-            result["onednn_profile"] = {
-                label: onednn_profile(int8_spec, args, work, env)
-                for label, env in (("mxvision int8", {}), ("mxvision int8, MXVISION_AMX=0", NO_AMX_ENV))}
-            for label, rows in result["onednn_profile"].items():
-                print(f"\noneDNN time by primitive, {label} (share of the summed primitive time):")
+            profiled = {"mxvision int8": (int8_spec, {}), "mxvision int8, MXVISION_AMX=0": (int8_spec, NO_AMX_ENV)}
+            for run_name, engine_specs in runs:  # and the graph levers' INT8 networks
+                if run_name in ("preact", "fold"):
+                    profiled.update({k: (spec, {}) for k, ((_, spec), _, _) in engine_specs.items()
+                                     if k != "mxvision int8"})
+            result["onednn_profile"] = {label: onednn_profile(spec, args, work, env)
+                                        for label, (spec, env) in profiled.items()}
+            if peers_py is not None:  # OpenVINO INT8's own timing, by node type
+                ov = specs["openvino int8"][1]
+                result["openvino_profile"] = {"openvino int8": worker("peers").call(
+                    cmd="openvino_profile", model=ov["model"], config=ov["config"], batch=args.batch, batches=4)}
+            for label, rows in {**result["onednn_profile"], **result.get("openvino_profile", {})}.items():
+                print(f"\ntime by primitive (oneDNN) or node type (OpenVINO), {label} (share of the sum):")
                 for key, row in rows.items():
                     print(f"  {row['share']:6.1%}  {row['ms_per_batch']:8.1f} ms/batch  {key}")
         result["loadavg_at_end"] = [round(a, 2) for a in os.getloadavg()]
@@ -692,6 +735,11 @@ def lever_engines(lever, specs, files, work, args):
         variant = mx_int8_variant(work, "q-preact", calib, bn_after=("Concat", "elemwise_add", "Pooling"))
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 pre-activation BatchNorm as conv": (("mxnet", variant), b, None)}
+    if lever == "fold":
+        log("lever fold: ResNet v2's pre-activation BatchNorms not folded away (as before version 7)")
+        variant = mx_int8_variant(work, "q-nofold", calib, fold=False)
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                "int8 pre-activation BatchNorm not folded": (("mxnet", variant), b, None)}
     if lever == "fusion":
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 MXNET_SUBGRAPH_BACKEND=MKLDNN": (specs["mxvision int8"], b,

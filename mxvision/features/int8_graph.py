@@ -5,7 +5,7 @@ The same function, written with the operators the oneDNN quantization flow
 torchxrayvision ports ran *slower* in INT8 than in float32 (docs/BENCHMARKS_XRV.md): every
 BatchNorm + ReLU the pass cannot handle stays float32 between a dequantize and a quantize.
 
-Three rewrites, each exact in float32 (checked in tests/features/test_int8_graph.py):
+Four rewrites, each exact in float32 (checked in tests/features/test_int8_graph.py):
 
 ``relu`` → ``Activation(act_type="relu")``
     The fusion passes (convolution + ReLU, convolution + sum + ReLU) match only ``Activation``;
@@ -21,29 +21,33 @@ Three rewrites, each exact in float32 (checked in tests/features/test_int8_graph
     ``w * x + b`` (``w = gamma / sqrt(var + eps)``, ``b = beta - mean * w``), which is a
     depthwise 1x1 convolution; that, and the ReLU after it, run in INT8.
 
-ResNet v2's pre-activation BatchNorm after a residual sum or a pooling is left alone: MXNet has an
-INT8 BatchNorm for it, and as a convolution (``bn_after``, the ``preact`` lever of
-bench/bench_int8_peers.py) the Xvision trunk ran faster but with a larger feature error
-(docs/BENCHMARKS.md, "Levers").
+ResNet v2's pre-activation BatchNorm + ReLU after a residual sum
+    MXNet runs it as a stand-alone INT8 BatchNorm (8% of the Xvision trunk's oneDNN time in INT8 on
+    an AVX2 CPU, 17% with VNNI). :func:`fold_preact` folds it away where that is exact: its scale into the
+    convolutions after it, its shift into the residual stream; a ReLU is left (10 of the trunk's
+    14). Re-expressed as a depthwise convolution instead (``bn_after``, the ``preact`` lever of
+    bench/bench_int8_peers.py), the trunk ran faster with VNNI but with a larger feature error
+    (docs/BENCHMARKS.md, "Levers").
 """
 import json
 
 import mxnet as mx
 import numpy as np
 
-__all__ = ["int8_ready"]
+__all__ = ["int8_ready", "fold_preact"]
 
 
 #: The operators after which a BatchNorm becomes a depthwise convolution.
 BN_AFTER = ("Concat",)
 
 
-def int8_ready(sym, arg_params, aux_params, bn_after=BN_AFTER):
+def int8_ready(sym, arg_params, aux_params, bn_after=BN_AFTER, fold=True):
     """``(symbol, arg_params, aux_params, counts)``: the same network for the INT8 pass.
 
     ``bn_after``: the operators after which a BatchNorm (+ ReLU) becomes a depthwise convolution.
-    ``counts`` says how many nodes each rewrite changed (``relu``, ``bn_relu``, ``bn_as_conv``);
-    when none, ``sym`` itself is returned. The inputs are not modified."""
+    ``fold``: then fold ResNet v2's pre-activation BatchNorms away (:func:`fold_preact`).
+    ``counts`` says how many nodes each rewrite changed (``relu``, ``bn_relu``, ``bn_as_conv``,
+    ``bn_folded``); when none, ``sym`` itself is returned. The inputs are not modified."""
     graph = json.loads(sym.tojson())
     old = graph["nodes"]
     arg, aux = dict(arg_params), dict(aux_params)
@@ -84,11 +88,14 @@ def int8_ready(sym, arg_params, aux_params, bn_after=BN_AFTER):
             remap[i] = relu_after([bn, 0, 0], node["name"])
             continue
         remap[i] = add(dict(node, inputs=[entry(e) for e in node.get("inputs", [])]))
-    if not any(counts.values()):
-        return sym, arg, aux, counts  # the very same graph (the Xvision trunk's case)
-    out = {"nodes": nodes, "arg_nodes": [k for k, n in enumerate(nodes) if n["op"] == "null"],
-           "heads": [entry(h) for h in graph["heads"]], "attrs": graph.get("attrs", {})}
-    return mx.sym.load_json(json.dumps(out)), arg, aux, counts
+    if any(counts.values()):
+        out = {"nodes": nodes, "arg_nodes": [k for k, n in enumerate(nodes) if n["op"] == "null"],
+               "heads": [entry(h) for h in graph["heads"]], "attrs": graph.get("attrs", {})}
+        sym = mx.sym.load_json(json.dumps(out))
+    counts["bn_folded"] = 0
+    if fold:
+        sym, arg, aux, counts["bn_folded"] = fold_preact(sym, arg, aux)
+    return sym, arg, aux, counts  # the very same ``sym`` when nothing changed
 
 
 def _from(old, node):
@@ -101,21 +108,151 @@ def _bn_as_conv(node, old, arg, aux, add, entry):
     attrs = node.get("attrs", {})
     if int(attrs.get("axis", 1)) != 1:
         raise ValueError(f"{node['name']}: BatchNorm over axis {attrs['axis']} is not a convolution")
-    gamma_name, beta_name, mean_name, var_name = (old[e[0]]["name"] for e in node["inputs"][1:5])
-    gamma = arg.pop(gamma_name).asnumpy().astype(np.float64)
-    beta = arg.pop(beta_name).asnumpy().astype(np.float64)
-    mean = aux.pop(mean_name).asnumpy().astype(np.float64)
-    var = aux.pop(var_name).asnumpy().astype(np.float64)
-    if attrs.get("fix_gamma", "True") == "True":  # MXNet's default: gamma is 1, whatever is stored
-        gamma = np.ones_like(gamma)
-    scale = gamma / np.sqrt(var + float(attrs.get("eps", 1e-3)))
+    scale, shift = _affine(node, old, arg, aux)
+    _drop_params(node, old, arg, aux)
     channels = scale.shape[0]
     name = node["name"] + "_conv"
     arg[name + "_weight"] = mx.nd.array(scale.reshape(channels, 1, 1, 1), dtype=np.float32)
-    arg[name + "_bias"] = mx.nd.array(beta - mean * scale, dtype=np.float32)
+    arg[name + "_bias"] = mx.nd.array(shift, dtype=np.float32)
     weight = add({"op": "null", "name": name + "_weight", "inputs": []})
     bias = add({"op": "null", "name": name + "_bias", "inputs": []})
     return add({"op": "Convolution", "name": name,
                 "attrs": {"kernel": "(1, 1)", "num_filter": str(channels), "num_group": str(channels),
                           "no_bias": "False"},
                 "inputs": [entry(node["inputs"][0]), [weight, 0, 0], [bias, 0, 0]]})
+
+
+def fold_preact(sym, arg_params, aux_params):
+    """``(symbol, arg_params, aux_params, folded)``: ResNet v2's pre-activation BatchNorms after the
+    residual sums folded away, exactly in float32; ``folded`` counts them.
+
+    After each residual sum ``s`` a unit computes ``relu(w * s + b)`` (its BatchNorm, per channel)
+    and feeds it to convolutions. Where every ``w > 0`` that is ``w * relu(s + b / w)``: ``w`` goes
+    into the input channels of those convolutions, and ``b / w`` into the residual stream itself,
+    as a bias of the convolution summed into it (each later sum takes the shift back out, so every
+    sum whose BatchNorm stays sees its true value). What is left is a ReLU, so MXNet's INT8 pass
+    has no stand-alone BatchNorm to run there (14 of them in the Xvision trunk).
+
+    A BatchNorm stays where that would not be exact: a ``w <= 0`` channel, a consumer that is not a
+    plain convolution, or a sum with no convolution of its own to carry the shift. It also stays
+    after a sum that feeds nothing else (the last unit of a stage), for INT8's sake (below). The
+    inputs are not modified."""
+    graph = json.loads(sym.tojson())
+    old = graph["nodes"]
+    consumers = {}
+    for i, node in enumerate(old):
+        for e in node.get("inputs", []):
+            consumers.setdefault(e[0], []).append(i)
+    heads = {h[0] for h in graph["heads"]}
+    arg, aux = dict(arg_params), dict(aux_params)
+
+    def own_conv(add_id):
+        """The convolution summed by ``add_id`` that feeds nothing else (it can carry a bias)."""
+        for e in old[add_id]["inputs"]:
+            src = old[e[0]]
+            if src["op"] == "Convolution" and consumers.get(e[0]) == [add_id] and e[0] not in heads \
+                    and src.get("attrs", {}).get("no_bias", "False") == "True":
+                return e[0]
+        return None
+
+    # which BatchNorms fold: their affine part and the shift each residual sum carries
+    fold, shift = {}, {}  # fold[bn id] = (relu id, w, b/w); shift[sum id] = b/w
+    for i, node in enumerate(old):
+        attrs = node.get("attrs", {})
+        if node["op"] != "BatchNorm" or old[node["inputs"][0][0]]["op"] != "elemwise_add" \
+                or attrs.get("output_mean_var", "False") != "False" or int(attrs.get("axis", 1)) != 1:
+            continue
+        add_id = node["inputs"][0][0]
+        users = consumers.get(i, [])
+        if len(users) != 1 or i in heads or own_conv(add_id) is None:
+            continue
+        relu = users[0]
+        if old[relu]["op"] != "Activation" or old[relu]["attrs"].get("act_type") != "relu" or relu in heads:
+            continue
+        convs = consumers.get(relu, [])
+        if not convs or any(old[c]["op"] != "Convolution" or old[c]["inputs"][0][0] != relu
+                            or int(old[c]["attrs"].get("num_group", 1)) != 1 for c in convs):
+            continue
+        others = [u for u in consumers[add_id] if u != i]
+        if add_id in heads or not others or any(old[u]["op"] != "elemwise_add" for u in others):
+            # the shifted stream would reach something that cannot take the shift out; or the sum
+            # feeds only this BatchNorm (the unit before a downsampling one), where MXNet 1.9.1's
+            # INT8 pass would fuse the ReLU left into the summing convolution, u8 out: that lost
+            # accuracy (feature error 0.091 against 0.076 for the Xvision trunk, naive calibration)
+            continue
+        w, b = _affine(node, old, arg, aux)
+        if not np.all(w > 0):
+            continue
+        fold[i] = (relu, w, b / w)
+        shift[add_id] = b / w
+    # a later sum takes a shift back out through a convolution of its own: without one, no fold
+    for add_id in list(shift):
+        if any(own_conv(u) is None for u in consumers[add_id] if old[u]["op"] == "elemwise_add"):
+            del shift[add_id]
+            fold = {bn: f for bn, f in fold.items() if old[bn]["inputs"][0][0] != add_id}
+    if not fold:
+        return sym, arg, aux, 0
+    # the bias each sum's own convolution gets: its shift, minus the shift of the sum it adds to
+    bias = {}
+    for add_id, node in enumerate(old):
+        if node["op"] != "elemwise_add":
+            continue
+        delta = shift.get(add_id, 0.0) - sum((shift[e[0]] for e in node["inputs"] if e[0] in shift), 0.0)
+        if np.any(delta != 0):
+            conv = own_conv(add_id)
+            bias[conv] = np.broadcast_to(delta, (int(old[conv]["attrs"]["num_filter"]),))
+    scale = {c: w for relu, w, _ in fold.values() for c in consumers[relu]}
+    for bn in fold:
+        _drop_params(old[bn], old, arg, aux)
+    nodes, remap = [], {}
+
+    def add(node):
+        nodes.append(node)
+        return len(nodes) - 1
+
+    def entry(e):
+        if e[0] not in remap:
+            remap[e[0]] = add(dict(old[e[0]]))
+        return [remap[e[0]], e[1], e[2]]
+
+    for i, node in enumerate(old):
+        if node["op"] == "null":
+            continue
+        if i in fold:  # the ReLU reads the (shifted) sum itself
+            remap[i] = entry(node["inputs"][0])[0]
+            continue
+        inputs = [entry(e) for e in node.get("inputs", [])]
+        attrs = dict(node.get("attrs", {}))
+        if i in scale:
+            name = old[node["inputs"][1][0]]["name"]
+            weight = arg[name].asnumpy()
+            arg[name] = mx.nd.array(weight * scale[i].reshape(1, -1, 1, 1).astype(weight.dtype))
+        if i in bias:
+            name = node["name"] + "_bias"
+            arg[name] = mx.nd.array(bias[i], dtype=np.float32)
+            inputs.append([add({"op": "null", "name": name, "inputs": []}), 0, 0])
+            attrs["no_bias"] = "False"
+        remap[i] = add(dict(node, attrs=attrs, inputs=inputs))
+    out = {"nodes": nodes, "arg_nodes": [k for k, n in enumerate(nodes) if n["op"] == "null"],
+           "heads": [entry(h) for h in graph["heads"]], "attrs": graph.get("attrs", {})}
+    return mx.sym.load_json(json.dumps(out)), arg, aux, len(fold)
+
+
+def _affine(node, old, arg, aux):
+    """``(w, b)`` of the inference BatchNorm ``node`` (``w * x + b``), float64."""
+    attrs = node.get("attrs", {})
+    gamma_name, beta_name, mean_name, var_name = (old[e[0]]["name"] for e in node["inputs"][1:5])
+    gamma = arg[gamma_name].asnumpy().astype(np.float64)
+    if attrs.get("fix_gamma", "True") == "True":  # MXNet's default: gamma is 1, whatever is stored
+        gamma = np.ones_like(gamma)
+    mean = aux[mean_name].asnumpy().astype(np.float64)
+    var = aux[var_name].asnumpy().astype(np.float64)
+    w = gamma / np.sqrt(var + float(attrs.get("eps", 1e-3)))
+    return w, arg[beta_name].asnumpy().astype(np.float64) - mean * w
+
+
+def _drop_params(node, old, arg, aux):
+    """Remove a BatchNorm's parameters and statistics (it is folded away)."""
+    for e in node["inputs"][1:]:
+        arg.pop(old[e[0]]["name"], None)
+        aux.pop(old[e[0]]["name"], None)

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from mxvision.features.int8_graph import int8_ready
+from mxvision.features.int8_graph import fold_preact, int8_ready
 from mxvision.models.xrv.densenet import XRVDenseNet
 from mxvision.models.xrv.resnet import XRVResNet
 from support.graphs import random_batchnorm, symbol_ops
@@ -40,9 +40,11 @@ def _small_densenet():
 @pytest.mark.parametrize("make, expected", [
     # DenseNet: norm1 of the 4 layers (the first of each block follows a pooling, the others a
     # Concat) and norm2 (after a convolution); the transition and norm5 follow a Concat
-    (_small_densenet, {"relu": 1, "bn_relu": 4 + 2, "bn_as_conv": 2 + 1 + 1}),
+    (_small_densenet, {"relu": 1, "bn_relu": 4 + 2, "bn_as_conv": 2 + 1 + 1,
+                     "bn_folded": 0}),
     # the ResNet port: its ReLUs are Activation already, so nothing to rewrite
-    (lambda: XRVResNet(layers=(1, 1, 1, 1)), {"relu": 0, "bn_relu": 0, "bn_as_conv": 0}),
+    (lambda: XRVResNet(layers=(1, 1, 1, 1)), {"relu": 0, "bn_relu": 0, "bn_as_conv": 0,
+                                              "bn_folded": 0}),
 ])
 def test_rewrite_keeps_the_float32_outputs(make, expected, tmp_path):
     sym, arg, aux, x = _exported(make(), tmp_path)
@@ -117,3 +119,75 @@ def test_convert_passes_the_quantizer_options_a_bench_tries():
     every = quantized_flags()
     assert len(every) > 5 and all(every)
     assert quantized_flags(excluded_sym_names=["%sfeatures_conv0_fwd" % net.prefix]) == [False] + every[1:]
+
+
+def _resnet_v2(tmp_path, negative_gamma=None):
+    """Gluon's ResNet-18 v2 (the Xvision trunk's family) with random BatchNorms, exported; with
+    ``negative_gamma`` (a parameter name without the net's prefix), that BatchNorm's first channel
+    gets a negative gamma."""
+    from mxnet.gluon.model_zoo import vision
+    net = vision.get_resnet(2, 18, thumbnail=True)
+    net.initialize(mx.init.Xavier())
+    rs = np.random.RandomState(0)
+    x = mx.nd.array(rs.uniform(-1, 1, (4, 3, 32, 32)))
+    net(x)
+    random_batchnorm(net, rs)
+    if negative_gamma:
+        gamma = net.collect_params()[net.prefix + negative_gamma]
+        gamma.set_data(gamma.data() * mx.nd.array([-1] + [1] * (gamma.shape[0] - 1)))
+    net.hybridize()
+    net(x)
+    net.export(str(tmp_path / "resnet"), 0)
+    return (*mx.model.load_checkpoint(str(tmp_path / "resnet"), 0), x)
+
+
+def _bn_after_sum(sym):
+    nodes = json.loads(sym.tojson())["nodes"]
+    return [n["name"] for n in nodes if n["op"] == "BatchNorm" and nodes[n["inputs"][0][0]]["op"] == "elemwise_add"]
+
+
+def test_fold_preact_keeps_the_float32_outputs(tmp_path):
+    """ResNet-18 v2 has 8 BatchNorms after a residual sum (7 units' first and the final one): the 4
+    whose sum goes on to the next unit fold; after the last unit of a stage (its sum feeds only the
+    BatchNorm) and at the end (no convolution after it) they stay."""
+    sym, arg, aux, x = _resnet_v2(tmp_path)
+    before = _run(sym, arg, aux, x)
+    sym2, arg2, aux2, folded = fold_preact(sym, arg, aux)
+    assert folded == 4 and len(_bn_after_sum(sym)) == 8 and len(_bn_after_sum(sym2)) == 4
+    # what the INT8 conversion does by default; fold=False leaves the graph as it is
+    assert int8_ready(sym, arg, aux)[3] == {"relu": 0, "bn_relu": 0, "bn_as_conv": 0, "bn_folded": 4}
+    assert int8_ready(sym, arg, aux, fold=False)[0] is sym
+    assert set(sym2.list_arguments()) - {"data"} == set(arg2)
+    assert set(sym2.list_auxiliary_states()) == set(aux2)
+    after = _run(sym2, arg2, aux2, x)
+    scale = np.abs(before).max()
+    assert scale > 0 and np.abs(after - before).max() <= 1e-5 * scale
+    # MXNet's INT8 pass then has 4 fewer INT8 BatchNorms to run
+    from mxnet.contrib.quantization import quantize_model_mkldnn
+
+    def int8_batchnorms(s, a, b):
+        calib = mx.io.NDArrayIter(data=x.asnumpy(), batch_size=4)
+        qsym = quantize_model_mkldnn(s, a, b, ctx=mx.cpu(), calib_mode="naive", calib_data=calib,
+                                     num_calib_examples=4, quantized_dtype="auto",
+                                     quantize_mode="smart", label_names=None, logger=None)[0]
+        return symbol_ops(qsym).count("_contrib_quantized_batch_norm")
+    assert int8_batchnorms(sym2, arg2, aux2) == int8_batchnorms(sym, arg, aux) - 4
+
+
+def test_fold_preact_leaves_a_batchnorm_with_a_negative_scale(tmp_path):
+    """relu(w * s + b) is w * relu(s + b / w) only where w > 0: that BatchNorm stays, and the
+    output is still the same."""
+    sym, arg, aux, x = _resnet_v2(tmp_path)
+    kept = _bn_after_sum(fold_preact(sym, arg, aux)[0])
+    foldable = [n.split("_", 1)[1] for n in _bn_after_sum(sym) if n not in kept]  # without the net's prefix
+    sym, arg, aux, x = _resnet_v2(tmp_path, negative_gamma=foldable[1].replace("_fwd", "_gamma"))
+    sym2, arg2, aux2, folded = fold_preact(sym, arg, aux)
+    assert folded == 3 and any(n.endswith(foldable[1]) for n in _bn_after_sum(sym2))
+    before, after = _run(sym, arg, aux, x), _run(sym2, arg2, aux2, x)
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+
+
+def test_fold_preact_without_residual_sums_returns_the_graph(tmp_path):
+    sym, arg, aux, _ = _exported(_small_densenet(), tmp_path)
+    out, arg2, aux2, folded = fold_preact(sym, arg, aux)
+    assert out is sym and folded == 0 and arg2 == arg and aux2 == aux
