@@ -47,6 +47,10 @@ against the conversion without it), ``isa`` (mxvision's default, which on a CPU 
 ``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
 ``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels).
 
+``--realistic-batchnorm``: the random trunk's BatchNorms are identities (mean 0, var 1, gamma 1,
+beta 0), so nothing is centred; with it, every engine gets a trunk whose BatchNorms have random
+affine parameters and the statistics of the calibration films, as a trained network's would.
+
 Prints a table and writes the JSON (``--out``, default ``bench/results/int8-peers-<date>.json``).
 """
 import argparse
@@ -70,6 +74,9 @@ NO_AMX_ROW = "mxvision int8, MXVISION_AMX=0 (no AMX: oneDNN's default)"
 ORT_REDUCE_RANGE_ROW = "onnxruntime int8, reduce_range"
 #: a CPU with one of these multiplies u8 x s8 into 32 bits; without, AVX2's vpmaddubsw can saturate
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+WEIGHTS_PLAIN = "RANDOM (seed 0): no pretrained weights on this machine"
+WEIGHTS_REALISTIC = ("RANDOM (seed 0) with realistic BatchNorms: gamma U(0.5, 1.5), beta U(-0.2, 0.2) "
+                     "(seed 0), statistics of the 64 calibration films")
 
 
 def log(*a):
@@ -484,6 +491,34 @@ def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smar
     return {"kind": "mxnet-symbol", "symbol": str(sym_file), "params": str(params_file)}
 
 
+def realistic_batchnorm(net, images, seed=0):
+    """Give every BatchNorm of the float32 ``net`` random affine parameters (gamma U(0.5, 1.5), beta
+    U(-0.2, 0.2), as the parity suite's ``realistic_batchnorm``) and the statistics of its own input
+    over ``images`` (real films), layer by layer in one pass: a trained network's BatchNorms
+    centre and scale each channel, where the random trunk's are identities (mean 0, var 1)."""
+    import numpy as np
+    import mxnet as mx
+    from mxnet.gluon import nn
+    rs = np.random.RandomState(seed)
+    layers = []
+    net.apply(lambda block: layers.append(block) if isinstance(block, nn.BatchNorm) else None)
+
+    def set_statistics(block, inputs):  # before the layer runs, so the layers after see its output
+        x = inputs[0].asnumpy().astype(np.float64)
+        channels = x.shape[1]
+        block.gamma.set_data(mx.nd.array(rs.uniform(0.5, 1.5, channels)))
+        block.beta.set_data(mx.nd.array(rs.uniform(-0.2, 0.2, channels)))
+        block.running_mean.set_data(mx.nd.array(x.mean(axis=(0, 2, 3))))
+        block.running_var.set_data(mx.nd.array(x.var(axis=(0, 2, 3))))
+    hooks = [layer.register_forward_pre_hook(set_statistics) for layer in layers]
+    net.hybridize(active=False)  # hooks run only in imperative calls
+    net(mx.nd.array(images)).wait_to_read()
+    for hook in hooks:
+        hook.detach()
+    net.hybridize()
+    log(f"realistic BatchNorm statistics for {len(layers)} layers from {len(images)} films")
+
+
 def prepare_files(args, work):
     """Everything the engines need, as files in ``work`` (kept and reused with ``--work``)."""
     import numpy as np
@@ -510,6 +545,13 @@ def prepare_files(args, work):
     np.save(work / "held_out.npy", np.stack([transforms.load_image(q, preset) for q in held_paths]))
     ctx = mx.cpu()
     net, winfo = zoo.build_backbone(weights="none", ctx=ctx)
+    weights = WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN
+    if args.realistic_batchnorm:
+        realistic_batchnorm(net, calib)
+    marker = work / "weights.txt"  # a --work folder holds the files of one kind of weights
+    if marker.is_file() and marker.read_text() != weights:
+        fail(f"--work {work}: holds the files of other weights ({marker.read_text()}); use another folder")
+    marker.write_text(weights)
     if not (work / "fp32-const.onnx").is_file():
         log("exporting the trunk with mx.onnx")
         bench_extract.export_onnx(net, args.batch, work)
@@ -544,6 +586,9 @@ def main():
     p.add_argument("--ort-reduce-range", action="store_true",
                    help="add ONNX Runtime INT8 with reduce_range (7-bit weights) to the peers table; "
                         "on by default on a CPU without VNNI, where ONNX Runtime advises it")
+    p.add_argument("--realistic-batchnorm", action="store_true",
+                   help="give the trunk's BatchNorms random affine parameters and the statistics of the "
+                        "calibration films (the random trunk's are identities); every engine gets them")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for a 1-minute load average < 0.5")
     p.add_argument("--peer-venv", default=str(REPO / ".venv-peers"))
@@ -583,7 +628,7 @@ def main():
         [".venv/bin/python", "bench/bench_int8_peers.py", *sys.argv[1:]]),
         "machine": bench_extract.machine_info(), "threads": args.threads, "batch": args.batch,
         "network": "model-zoo resnet50_v2 cut at stage4_unit2_relu1 (Xvision trunk), 224 px",
-        "weights": "RANDOM (seed 0): no pretrained weights on this machine",
+        "weights": WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN,
         "loadavg_at_start": [round(a, 2) for a in os.getloadavg()]}
     workers = {}
 
