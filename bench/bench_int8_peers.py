@@ -519,6 +519,15 @@ def realistic_batchnorm(net, images, seed=0):
     log(f"realistic BatchNorm statistics for {len(layers)} layers from {len(images)} films")
 
 
+def params_digest(net):
+    """sha1 of a network's parameters, names and values."""
+    digest = hashlib.sha1()
+    for name, param in sorted(net.collect_params().items()):
+        digest.update(name.encode())
+        digest.update(param.data().asnumpy().tobytes())
+    return digest.hexdigest()
+
+
 def prepare_files(args, work):
     """Everything the engines need, as files in ``work`` (kept and reused with ``--work``)."""
     import numpy as np
@@ -548,6 +557,9 @@ def prepare_files(args, work):
     weights = WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN
     if args.realistic_batchnorm:
         realistic_batchnorm(net, calib)
+        # random weights are keyed by their seed alone (sha1 None): these are other weights, and
+        # mxvision's INT8 cache must not hand one kind's conversion to the other
+        winfo = dict(winfo, sha1=params_digest(net), description=weights)
     marker = work / "weights.txt"  # a --work folder holds the files of one kind of weights
     if marker.is_file() and marker.read_text() != weights:
         fail(f"--work {work}: holds the files of other weights ({marker.read_text()}); use another folder")
