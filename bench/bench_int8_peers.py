@@ -315,10 +315,7 @@ def _openvino_profile(state, msg):
                 key = f"{p.node_type} {p.exec_type}"
                 times[key] = times.get(key, 0.0) + p.real_time.total_seconds() * 1000
                 nodes[key] = nodes.get(key, 0) + 1
-    total = sum(times.values()) or 1.0
-    return {k: {"ms_per_batch": round(v / msg["batches"], 1), "share": round(v / total, 3),
-                "nodes": nodes[k] // msg["batches"]}
-            for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:10]}
+    return top_times(times, msg["batches"], nodes)
 
 
 def _quantize(state, msg):
@@ -519,6 +516,11 @@ def realistic_batchnorm(net, images, seed=0):
     log(f"realistic BatchNorm statistics for {len(layers)} layers from {len(images)} films")
 
 
+def weights_description(args):
+    """What the trunk's weights are, for the result and the ``--work`` folder's marker."""
+    return WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN
+
+
 def params_digest(net):
     """sha1 of a network's parameters, names and values."""
     digest = hashlib.sha1()
@@ -554,7 +556,7 @@ def prepare_files(args, work):
     np.save(work / "held_out.npy", np.stack([transforms.load_image(q, preset) for q in held_paths]))
     ctx = mx.cpu()
     net, winfo = zoo.build_backbone(weights="none", ctx=ctx)
-    weights = WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN
+    weights = weights_description(args)
     if args.realistic_batchnorm:
         realistic_batchnorm(net, calib)
         # random weights are keyed by their seed alone (sha1 None): these are other weights, and
@@ -640,7 +642,7 @@ def main():
         [".venv/bin/python", "bench/bench_int8_peers.py", *sys.argv[1:]]),
         "machine": bench_extract.machine_info(), "threads": args.threads, "batch": args.batch,
         "network": "model-zoo resnet50_v2 cut at stage4_unit2_relu1 (Xvision trunk), 224 px",
-        "weights": WEIGHTS_REALISTIC if args.realistic_batchnorm else WEIGHTS_PLAIN,
+        "weights": weights_description(args),
         "loadavg_at_start": [round(a, 2) for a in os.getloadavg()]}
     workers = {}
 
@@ -838,8 +840,15 @@ def onednn_profile(spec, args, work, env, batches=4):
             if len(f) > 5 and f[0] == "dnnl_verbose" and f[1] == "exec":
                 key = f"{f[3]} {f[4]}"
                 times[key] = times.get(key, 0.0) + float(f[-1])
+    return top_times(times, batches)
+
+
+def top_times(times, batches, counts=None):
+    """The 10 largest of ``times`` (ms summed over ``batches`` batches, by primitive or node type):
+    ms per batch, share of the sum, and with ``counts`` how many ran per batch."""
     total = sum(times.values()) or 1.0
-    return {k: {"ms_per_batch": round(v / batches, 1), "share": round(v / total, 3)}
+    return {k: {"ms_per_batch": round(v / batches, 1), "share": round(v / total, 3),
+                **({"nodes": counts[k] // batches} if counts else {})}
             for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:10]}
 
 

@@ -90,10 +90,9 @@ class ArchiveModel:
         # shows) go into every answer, as classify records them per result: a reader of one answer
         # should not need the manifest
         self.precision = {"dtype": self.manifest.get("precision", "float32")}
-        if self.int8_port:
+        if self.int8_port:  # quantized and fused already, as classify --dtype int8 runs it
             check = self.manifest["int8"]
             self.precision.update(int8=check, precision_note="INT8 scores, " + describe_int8_check(check))
-        if self.int8_port:  # quantized and fused already, as classify --dtype int8 runs it
             self.net.hybridize(static_alloc=True, static_shape=True)
         elif self.manifest["family"] == "xrv":  # as classify runs it
             hybridize_for_inference(self.net, self.ctx)
