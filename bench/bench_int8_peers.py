@@ -14,7 +14,9 @@ How the peers get the same graph and the same films, as FILES:
    (``bench_extract.export_onnx``: weights made graph constants), the 64 JSRT calibration films
    (the seeded sample ``bench_extract`` and ``mxvision extract`` use) and 32 held-out films are
    written preprocessed as ``.npy``, and mxvision's own INT8 is made by
-   ``mxvision.features.quantize.prepare`` (oneDNN, entropy calibration on the same 64 films).
+   ``mxvision.features.quantize.prepare`` (oneDNN, on the same 64 films: since conversion version 8
+   it calibrates on 32 of them and keeps entropy or naive calibration, whichever agrees better
+   with float32 on the other 32; the choice is in the JSON's ``mxvision_int8_calibration``).
 2. The peers' tools need newer onnx/NumPy than ``mx.onnx`` accepts, so they run in their own venv,
    ``.venv-peers``, which this bench builds (or reuses) from ``bench/requirements-peers.txt``; if it
    cannot, the bench stops with one line. There the ONNX file gets a symbolic batch axis, and:
@@ -571,10 +573,11 @@ def prepare_files(args, work):
         bench_extract.export_onnx(net, args.batch, work)
     features_info = {"backbone": zoo.DEFAULT_BACKBONE, "cut": zoo.DEFAULT_CUT, "weights": winfo,
                      "preprocessing": preset.to_dict()}
-    log("mxvision INT8 (quantize.prepare: entropy calibration on the 64 films)")
+    log("mxvision INT8 (quantize.prepare: calibrated on the 64 films)")
     tic = time.perf_counter()
     _, int8_info = quantize.prepare(net, "int8", ctx, preset, features_info, work / "mx-int8",
                                     calibration=calib_paths)
+    log(f"mxvision INT8: {quantize.describe_calibration(int8_info['calibration'])}")
     return {"calib": calib, "int8_info": int8_info, "int8_seconds": round(time.perf_counter() - tic, 1),
             "calibration_films": [Path(p).name for p in calib_paths],
             "held_out_films": [Path(p).name for p in held_paths]}
@@ -656,6 +659,8 @@ def main():
     try:
         files = prepare_files(args, work)
         result.update(mxvision_int8_calibration_seconds=files["int8_seconds"],
+                      mxvision_int8_calibration={k: v for k, v in files["int8_info"]["calibration"].items()
+                                                 if k != "paths"},
                       calibration_films=files["calibration_films"], held_out_films=files["held_out_films"])
         fp32_spec = {"kind": "mxnet-symbol", "symbol": str(work / "fp32-symbol.json"),
                      "params": str(work / "fp32-0000.params")}

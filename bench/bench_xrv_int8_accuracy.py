@@ -84,7 +84,7 @@ def main(argv=None):
                  if n["op"] in ("Convolution", "FullyConnected")]
         for label, options in variants(names, *STAGES[name]).items():
             tic = time.perf_counter()
-            qsym, qarg, qaux = quantize.convert(net, "int8", mx.cpu(), "xrv%d" % res, calib, **options)
+            qsym, qarg, qaux, _ = quantize.convert(net, "int8", mx.cpu(), "xrv%d" % res, calib, **options)
             folder = tempfile.mkdtemp(dir=tmp)
             block = quantize.load_block(folder, quantize.save(folder, "int8", qsym, qarg, qaux, {}), mx.cpu())
             block.hybridize(static_alloc=True, static_shape=True)

@@ -109,7 +109,7 @@ def main(argv=None):
         if "int8" in args.dtypes:
             calib = np.stack([preprocess(load_xray(f), res) for f in calib_files]).astype(np.float32)
             tic = time.perf_counter()
-            qsym, qarg, qaux = quantize.convert(net, "int8", mx.cpu(), "xrv%d" % res, calib)
+            qsym, qarg, qaux, _ = quantize.convert(net, "int8", mx.cpu(), "xrv%d" % res, calib)
             folder = os.path.join(tmp, name + "-int8")
             info = quantize.save(folder, "int8", qsym, qarg, qaux, {})
             reduced["int8"] = quantize.load_block(folder, info, mx.cpu())

@@ -24,6 +24,9 @@ def _cmd_extract(args):
     print(f"{m['n_features']} feature maps {tuple(m['feature_shape'])} in {store.path} "
           f"({m['n_skipped']} skipped); weights: {m['weights']['description']}; computed in "
           f"{m['dtype']}, stored as {m['storage_dtype']}{', pooled' if m['pooled'] else ''}")
+    if m["dtype"] == "int8":
+        from mxvision.features.quantize import describe_calibration
+        print(f"INT8: {describe_calibration(m['precision']['calibration'])}")
     if m["n_skipped"] and args.strict:
         return 1
 

@@ -188,8 +188,11 @@ def _made_from(info):
     preset = info.get("preprocessing")
     preset = preset.get("name") if isinstance(preset, dict) else None
     weights = str(info.get("weights_sha1") or "?")[:8]
+    mode = calib.get("chosen") or calib.get("mode", "?")
+    if calib.get("mode") == quantize.CALIB_MODE and "chosen" in calib:
+        mode += ", chosen by agreement with float32"
     return (f"{info.get('backbone', '?')} cut {info.get('cut', '?')} (weights sha1 {weights}), "
-            f"preset {preset or '?'}, {info.get('dtype', '?')} calibrated ({calib.get('mode', '?')}) on "
+            f"preset {preset or '?'}, {info.get('dtype', '?')} calibrated ({mode}) on "
             f"{calib.get('n_images', '?')} images, MXNet {info.get('mxnet_version', '?')}")
 
 

@@ -9,9 +9,14 @@
     after each concatenation -- are first re-expressed with operators it quantizes, and ResNet
     v2's pre-activation BatchNorms folded into their neighbours (:mod:`mxvision.features.int8_graph`;
     same float32 function). Activation ranges come from a
-    *calibration set* of real images: each layer's histogram over it, cut where the KL divergence
-    to the fp32 distribution is least (``entropy`` calibration; measured on 32 held-out JSRT films
-    against plain min/max: feature error 6.4% instead of 7.1% relative L1, same speed).
+    *calibration set* of real images, split in two (:func:`calibrate`): one forward pass over the
+    even-numbered films collects each layer's histogram, from which MXNet's two calibrations are
+    made -- ``entropy`` (cut where the KL divergence to the fp32 distribution is least) and
+    ``naive`` (the layer's min/max) -- and the one whose features on the odd-numbered films are
+    closer to float32 (relative L1) is kept. Neither wins everywhere: on the Xvision trunk with
+    identity BatchNorms entropy does (feature error 0.069 against 0.076), with BatchNorm
+    statistics of real films naive does by far (cosine to float32 0.78 against 0.35;
+    docs/BENCHMARKS.md). The choice and both errors are recorded in ``calibration``.
     Calibrating is the slow part (a forward pass per image plus MXNet's graph passes, ~15 s), so
     the result is cached, keyed by everything it depends on (:func:`model_key`).
 ``bfloat16``
@@ -43,6 +48,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 
 import mxnet as mx
 import numpy as np
@@ -63,8 +69,15 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "int8")
 # Bumped whenever the conversion itself changes, so cached networks of older code are not reused.
-CONVERSION_VERSION = 7
-CALIB_MODE = "entropy"
+CONVERSION_VERSION = 8
+#: How INT8 activation ranges are chosen: by agreement with float32 on held-out calibration films,
+#: between MXNet's ``CALIB_MODES`` (:func:`calibrate`).
+CALIB_MODE = "agreement"
+CALIB_MODES = ("entropy", "naive")  # in order of preference on a tie
+#: Fewer calibration films than this are all calibrated on, with entropy: none held out to choose.
+MIN_FILMS_TO_CHOOSE = 4
+#: Above this relative L1 between INT8 and float32 features on the held-out films, a warning.
+WARN_FEATURE_ERROR = 0.25
 QUANTIZE_MODE = "smart"
 DEFAULT_CALIBRATION_SIZE = 64
 CALIBRATION_SEED = 0
@@ -219,12 +232,13 @@ def to_bfloat16(net, ctx, preset):
 
 
 def convert(net, dtype, ctx, preset, calib_images=None, **options):
-    """Convert a float32 backbone block to the INT8 ``(symbol, arg_params, aux_params)``.
+    """Convert a float32 backbone block to the INT8 ``(symbol, arg_params, aux_params, calibration)``.
 
+    ``calibration`` says how the activation ranges were chosen (:func:`calibrate`).
     ``options`` override what is passed to ``quantize_model_mkldnn`` (``calib_mode``,
     ``quantize_granularity``, ``excluded_sym_names``...): for benches that try other settings
-    (bench/bench_xrv_int8_accuracy.py); mxvision's own conversions, and their cache key, use the
-    defaults."""
+    (bench/bench_xrv_int8_accuracy.py), which then calibrate on all ``calib_images``; mxvision's
+    own conversions, and their cache key, use the defaults."""
     with tempfile.TemporaryDirectory(prefix="mxvision-quantize-") as tmp:
         sym, arg, aux = _export_fp32(net, ctx, preset, tmp)
     if dtype != "int8":
@@ -233,15 +247,103 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
     sym, arg, aux, rewritten = int8_ready(sym, arg, aux)
     if any(rewritten.values()):
         log.info("graph re-expressed for the INT8 pass: %s", rewritten)
-    n = len(calib_images)
-    batch = min(16, n)
-    data = mx.io.NDArrayIter(data=calib_images, batch_size=batch, last_batch_handle="pad")
     tic = time.time()
-    settings = {"calib_mode": CALIB_MODE, "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
-    qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=data, num_calib_examples=n,
-                                             label_names=None, logger=None, **settings)
-    log.info("INT8 calibration on %d images took %.1f s", n, time.time() - tic)
-    return qsym, qarg, qaux
+    if not options:
+        qsym, qarg, qaux, calibration = calibrate(sym, arg, aux, calib_images)
+    else:
+        n = len(calib_images)
+        data = mx.io.NDArrayIter(data=calib_images, batch_size=min(16, n), last_batch_handle="pad")
+        settings = {"calib_mode": "entropy", "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
+        qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=data, num_calib_examples=n,
+                                                 label_names=None, logger=None, **settings)
+        calibration = {"chosen": settings["calib_mode"], "calibrated_on": n}
+    log.info("INT8 calibration on %d images took %.1f s", len(calib_images), time.time() - tic)
+    return qsym, qarg, qaux, calibration
+
+
+def _forward(sym, arg, aux, images):
+    """``sym``'s output for ``images`` (batches of up to 16), as one float32 array."""
+    from mxnet.module import Module
+    batch = min(16, len(images))
+    mod = Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind(for_training=False, data_shapes=[("data", (batch,) + images.shape[1:])])
+    mod.set_params(arg, aux)
+    outputs = []
+    for batch_data in mx.io.NDArrayIter(data=images, batch_size=batch, last_batch_handle="pad"):
+        mod.forward(batch_data, is_train=False)
+        # to NumPy before slicing: a oneDNN-layout output cannot be viewed (Module.predict slices it)
+        out = mod.get_outputs()[0].asnumpy()
+        outputs.append(out[:len(out) - batch_data.pad])
+    return np.concatenate(outputs).reshape(len(images), -1).astype(np.float32)
+
+
+def feature_error(want, got):
+    """Relative L1 of ``got`` against ``want``: sum |got - want| / sum |want| (inf if not finite)."""
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - want).sum() / max(np.abs(want).sum(), 1e-12))
+
+
+def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
+    """Quantize the float32 graph ``sym`` with MXNet's oneDNN flow, choosing the calibration by
+    agreement with float32: ``(qsym, qarg, qaux, calibration)``.
+
+    The even-numbered ``images`` go once through the float32 graph, collecting every quantized
+    layer's output histogram; from it come both of MXNet's calibrations, ``entropy`` (the
+    histogram's KL-optimal thresholds) and ``naive`` (its min and max). Both INT8 graphs then run on
+    the odd-numbered images, and the one whose outputs are closer to float32 (:func:`feature_error`)
+    is returned: the recorded errors are those of the returned network, on films it was not
+    calibrated on. With fewer than :data:`MIN_FILMS_TO_CHOOSE` images, entropy on all of them.
+    ``modes``: the candidates (one, for a bench or a test that wants that mode).
+
+    The sequence is ``quantize_model_mkldnn``'s (backend passes around MXNet's ``quantize_graph``
+    and ``calib_graph``), with one statistics pass shared by both modes; the pass itself is
+    MXNet's ``_collect_layer_statistics`` (mxnet 1.9.1, the last release: it will not move).
+    """
+    from mxnet.contrib.quantization import _collect_layer_statistics, calib_graph, quantize_graph
+    from mxnet.module import Module
+    images = np.asarray(images, dtype=np.float32)
+    fit, check = (images[0::2], images[1::2]) if len(images) >= MIN_FILMS_TO_CHOOSE else (images, images[:0])
+    fused = sym.get_backend_symbol("MKLDNN_QUANTIZE")
+    qsym, _, _, collector = quantize_graph(fused, arg, aux, ctx=mx.cpu(), calib_mode="entropy",
+                                           quantized_dtype="auto", quantize_mode=QUANTIZE_MODE)
+    batch = min(16, len(fit))
+    mod = Module(fused, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind(for_training=False, data_shapes=[("data", (batch,) + fit.shape[1:])])
+    mod.set_params(arg, aux)
+    data = mx.io.NDArrayIter(data=fit, batch_size=batch, last_batch_handle="pad")
+    _collect_layer_statistics(mod, data, collector, len(fit))
+    # the histogram keeps each layer's exact min and max: naive calibration's thresholds
+    ranges = SimpleNamespace(min_max_dict={name: (h[2], h[3]) for name, h in collector.hist_dict.items()})
+    modes = tuple(modes) if len(check) else ("entropy",)
+    candidates = {}
+    for mode in modes:  # (calib_graph's entropy consumes the histograms: the ranges are taken first)
+        q, qarg, qaux = calib_graph(qsym, arg, aux, collector if mode == "entropy" else ranges,
+                                    calib_mode=mode, quantized_dtype="auto", logger=None)
+        candidates[mode] = (q.get_backend_symbol("MKLDNN_QUANTIZE"), qarg, qaux)
+    calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check)}
+    if len(check):
+        want = _forward(sym, arg, aux, check)
+        errors = {mode: feature_error(want, _forward(*candidates[mode], check)) for mode in modes}
+        calibration.update(chosen=min(modes, key=lambda m: (errors[m], modes.index(m))),
+                           feature_error={m: round(e, 6) for m, e in errors.items()})
+        log.info("INT8 calibration: %s", describe_calibration(calibration))
+        if errors[calibration["chosen"]] > WARN_FEATURE_ERROR:
+            log.warning("INT8 output differs from float32 by %.3f (relative L1) on %d held-out calibration "
+                        "films: check it on your task, or use float32", errors[calibration["chosen"]], len(check))
+    return candidates[calibration["chosen"]] + (calibration,)
+
+
+def describe_calibration(calibration):
+    """One phrase for a converted network's ``calibration`` record (manifest, archive, logs)."""
+    if not calibration or "chosen" not in calibration:
+        return "calibration not recorded"
+    text = f"{calibration['chosen']} calibration on {calibration.get('calibrated_on', '?')} films"
+    errors = calibration.get("feature_error")
+    if errors:
+        text += ", chosen on %d held-out films (error vs float32: %s)" % (
+            calibration.get("checked_on", 0), ", ".join(f"{m} {e:.3f}" for m, e in errors.items()))
+    return text
 
 
 def save(folder, dtype, sym, arg, aux, info):
@@ -413,7 +515,9 @@ def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib)
     images = load_calibration(calib["paths"], preset) if calib else None
     if calib:
         calib["n_images"] = len(images)
-    sym, arg, aux = convert(net, dtype, ctx, preset, images)
+    sym, arg, aux, calibration = convert(net, dtype, ctx, preset, images)
+    if calib:
+        calib.update(calibration)
     record = {"key": key, "backbone": features_info["backbone"], "cut": features_info["cut"],
               "weights_sha1": features_info["weights"]["sha1"],
               "preprocessing": features_info["preprocessing"], "calibration": calib,

@@ -183,6 +183,9 @@ def test_a_second_int8_extract_of_real_films_reuses_the_calibration(shared, tmp_
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stderr[-3000:]
         manifests.append(FeatureStore(tmp_path / run).manifest)
+        # the calibration chosen, and the held-out error it was chosen by, are printed
+        calib = manifests[-1]["precision"]["calibration"]
+        assert f"INT8: {calib['chosen']} calibration on {calib['calibrated_on']} films, chosen on " in r.stdout
     first_m, second_m = manifests
     key = first_m["precision"]["key"]
     assert [m["precision"]["cache"] for m in manifests] == ["stored", "hit"]

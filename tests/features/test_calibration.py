@@ -1,0 +1,94 @@
+"""INT8 calibration chosen by agreement with float32 (mxvision.features.quantize.calibrate).
+
+A small DenseNet port with random BatchNorm statistics: the two candidates are exactly what MXNet's
+own ``quantize_model_mkldnn`` makes in each mode from the same films, the returned one is the
+candidate closer to float32 on the held-out films, and the recorded errors are that network's."""
+import json
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from mxvision.features import quantize
+from mxvision.features.int8_graph import int8_ready
+from mxvision.models.xrv.densenet import XRVDenseNet
+from support.graphs import random_batchnorm
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    """The float32 graph the quantizer sees, and 12 inputs: (sym, arg, aux, images)."""
+    net = XRVDenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2)
+    net.init_random(mx.cpu())
+    rs = np.random.RandomState(0)
+    random_batchnorm(net, rs)
+    images = rs.uniform(-1024, 1024, (12, 1, 64, 64)).astype(np.float32)
+    net.hybridize()
+    net(mx.nd.array(images[:2])).wait_to_read()
+    prefix = str(tmp_path_factory.mktemp("calib") / "net")
+    net.export(prefix, 0)
+    sym, arg, aux, _ = int8_ready(*mx.model.load_checkpoint(prefix, 0))
+    return sym, arg, aux, images
+
+
+def _mxnet_own(sym, arg, aux, images, mode):
+    from mxnet.contrib.quantization import quantize_model_mkldnn
+    data = mx.io.NDArrayIter(data=images, batch_size=min(16, len(images)), last_batch_handle="pad")
+    return quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_mode=mode, calib_data=data,
+                                 num_calib_examples=len(images), quantized_dtype="auto",
+                                 quantize_mode=quantize.QUANTIZE_MODE, label_names=None, logger=None)
+
+
+def _thresholds(qsym):
+    """Every calibrated range in the graph (oneDNN's fused nodes carry them as attributes)."""
+    return sorted((n["name"], k, v) for n in json.loads(qsym.tojson())["nodes"]
+                  for k, v in n.get("attrs", {}).items() if "calib" in k)
+
+
+def _output(qsym, qarg, qaux, images):
+    exe = qsym.bind(mx.cpu(), {**qarg, "data": mx.nd.array(images)}, aux_states=qaux, grad_req="null")
+    return exe.forward(is_train=False)[0].asnumpy().reshape(len(images), -1)
+
+
+@pytest.mark.parametrize("mode", quantize.CALIB_MODES)
+def test_each_candidate_is_mxnets_own_calibration(graph, mode):
+    sym, arg, aux, images = graph
+    fit = images[0::2]
+    qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, images, modes=(mode,))
+    assert record["chosen"] == mode and record["calibrated_on"] == len(fit) == 6
+    want_sym, want_arg, _ = _mxnet_own(sym, arg, aux, fit, mode)
+    assert _thresholds(qsym) == _thresholds(want_sym) and len(_thresholds(qsym)) > 5
+    assert set(qarg) == set(want_arg)
+    for name in qarg:
+        assert np.array_equal(qarg[name].asnumpy(), want_arg[name].asnumpy()), name
+
+
+def test_the_candidate_closer_to_float32_is_returned_and_its_error_recorded(graph):
+    sym, arg, aux, images = graph
+    qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, images)
+    errors = record["feature_error"]
+    assert set(errors) == set(quantize.CALIB_MODES) and record["checked_on"] == 6
+    assert errors[record["chosen"]] == min(errors.values())
+    # the two modes really differ here, so the choice matters
+    assert abs(errors["entropy"] - errors["naive"]) > 1e-3, errors
+    # the recorded error is the returned network's, on the films it was not calibrated on
+    check = images[1::2]
+    want = _output(sym, arg, aux, check)
+    got = _output(qsym, qarg, qaux, check)
+    assert quantize.feature_error(want, got) == pytest.approx(errors[record["chosen"]], rel=1e-4)
+    assert record["chosen"] in quantize.describe_calibration(record)
+
+
+def test_too_few_films_to_hold_any_out_calibrate_with_entropy_on_all(graph):
+    sym, arg, aux, images = graph
+    few = images[:quantize.MIN_FILMS_TO_CHOOSE - 1]
+    qsym, _, _, record = quantize.calibrate(sym, arg, aux, few)
+    assert record == {"chosen": "entropy", "calibrated_on": len(few), "checked_on": 0}
+    assert _thresholds(qsym) == _thresholds(_mxnet_own(sym, arg, aux, few, "entropy")[0])
+
+
+def test_feature_error():
+    want = np.array([[1.0, -2.0], [3.0, 4.0]])
+    assert quantize.feature_error(want, want) == 0.0
+    assert quantize.feature_error(want, want * 1.1) == pytest.approx(0.1)
+    assert quantize.feature_error(want, np.full_like(want, np.nan)) == float("inf")
