@@ -10,13 +10,14 @@
     v2's pre-activation BatchNorms folded into their neighbours (:mod:`mxvision.features.int8_graph`;
     same float32 function). Activation ranges come from a
     *calibration set* of real images, split in two (:func:`calibrate`): one forward pass over the
-    even-numbered films collects each layer's histogram, from which MXNet's two calibrations are
-    made -- ``entropy`` (cut where the KL divergence to the fp32 distribution is least) and
-    ``naive`` (the layer's min/max) -- and the one whose features on the odd-numbered films are
-    closer to float32 (relative L1) is kept. Neither wins everywhere: on the Xvision trunk with
-    identity BatchNorms entropy does (feature error 0.069 against 0.076), with BatchNorm
-    statistics of real films naive does by far (cosine to float32 0.78 against 0.35;
-    docs/BENCHMARKS.md). The choice and both errors are recorded in ``calibration``.
+    even-numbered films collects each layer's histogram, from which four calibrations are made --
+    MXNet's ``entropy`` (cut where the KL divergence to the fp32 distribution is least) and
+    ``naive`` (the layer's min/max), and the 99.99th and 99.999th percentiles of |output| -- and
+    the one whose features on the odd-numbered films are closer to float32 (relative L1) is kept.
+    None wins everywhere: on the Xvision trunk with identity BatchNorms entropy beat naive (feature
+    error 0.069 against 0.076), with BatchNorm statistics of real films naive beat entropy by far
+    (cosine to float32 0.78 against 0.35), and a percentile beat both on each
+    (docs/BENCHMARKS.md). The choice and every candidate's error are recorded in ``calibration``.
     Calibrating is the slow part (a forward pass per image plus MXNet's graph passes, ~15 s), so
     the result is cached, keyed by everything it depends on (:func:`model_key`).
 ``bfloat16``
@@ -71,9 +72,14 @@ DTYPES = ("float32", "bfloat16", "int8")
 # Bumped whenever the conversion itself changes, so cached networks of older code are not reused.
 CONVERSION_VERSION = 8
 #: How INT8 activation ranges are chosen: by agreement with float32 on held-out calibration films,
-#: between MXNet's ``CALIB_MODES`` (:func:`calibrate`).
+#: between the ``CALIB_MODES`` (:func:`calibrate`).
 CALIB_MODE = "agreement"
-CALIB_MODES = ("entropy", "naive")  # in order of preference on a tie
+#: The calibrations tried, in order of preference on a tie: MXNet's two, ``entropy`` (the KL-optimal
+#: thresholds of each layer's histogram) and ``naive`` (its min and max), and two percentiles of
+#: each layer's |output| (:func:`percentile_range`), which clip less than entropy and more than
+#: naive: on the bench's realistic trunk the 99.999th gave 0.79 relative L1 where naive gave 0.89
+#: and entropy 1.05 (docs/BENCHMARKS.md, conversion version 8).
+CALIB_MODES = ("entropy", "naive", "p99.99", "p99.999")
 #: Fewer calibration films than this are all calibrated on, with entropy: none held out to choose.
 MIN_FILMS_TO_CHOOSE = 4
 #: Above this relative L1 between INT8 and float32 features on the held-out films, a warning.
@@ -199,6 +205,7 @@ def model_key(features_info, dtype, calib_sha1=None):
              "weights_sha1": features_info["weights"]["sha1"],
              "preprocessing": features_info["preprocessing"], "dtype": dtype,
              "calibration_sha1": calib_sha1, "calib_mode": CALIB_MODE if dtype == "int8" else None,
+             "calib_modes": list(CALIB_MODES) if dtype == "int8" else None,
              "quantize_mode": QUANTIZE_MODE if dtype == "int8" else None,
              "mxnet": mx.__version__, "conversion_version": CONVERSION_VERSION}
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -289,15 +296,16 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     agreement with float32: ``(qsym, qarg, qaux, calibration)``.
 
     The even-numbered ``images`` go once through the float32 graph, collecting every quantized
-    layer's output histogram; from it come both of MXNet's calibrations, ``entropy`` (the
-    histogram's KL-optimal thresholds) and ``naive`` (its min and max). Both INT8 graphs then run on
-    the odd-numbered images, and the one whose outputs are closer to float32 (:func:`feature_error`)
-    is returned: the recorded errors are those of the returned network, on films it was not
-    calibrated on. With fewer than :data:`MIN_FILMS_TO_CHOOSE` images, entropy on all of them.
-    ``modes``: the candidates (one, for a bench or a test that wants that mode).
+    layer's output histogram; from it come the :data:`CALIB_MODES`' ranges: MXNet's ``entropy``
+    (the histogram's KL-optimal thresholds) and ``naive`` (its min and max), and percentiles
+    (:func:`percentile_range`). Every INT8 graph then runs on the odd-numbered images, and the one
+    whose outputs are closest to float32 (:func:`feature_error`) is returned: the recorded errors
+    are those of the returned network, on films it was not calibrated on. With fewer than
+    :data:`MIN_FILMS_TO_CHOOSE` images, entropy on all of them. ``modes``: the candidates (one,
+    for a bench or a test that wants that mode).
 
     The sequence is ``quantize_model_mkldnn``'s (backend passes around MXNet's ``quantize_graph``
-    and ``calib_graph``), with one statistics pass shared by both modes; the pass itself is
+    and ``calib_graph``), with one statistics pass shared by every mode; the pass itself is
     MXNet's ``_collect_layer_statistics`` (mxnet 1.9.1, the last release: it will not move).
     """
     from mxnet.contrib.quantization import _collect_layer_statistics, calib_graph, quantize_graph
@@ -314,12 +322,15 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     data = mx.io.NDArrayIter(data=fit, batch_size=batch, last_batch_handle="pad")
     _collect_layer_statistics(mod, data, collector, len(fit))
     # the histogram keeps each layer's exact min and max: naive calibration's thresholds
-    ranges = SimpleNamespace(min_max_dict={name: (h[2], h[3]) for name, h in collector.hist_dict.items()})
     modes = tuple(modes) if len(check) else ("entropy",)
+    # every range is taken before calib_graph's entropy consumes the histograms
+    ranges = {mode: SimpleNamespace(min_max_dict={name: _range(h, mode) for name, h in collector.hist_dict.items()})
+              for mode in modes if mode != "entropy"}
     candidates = {}
-    for mode in modes:  # (calib_graph's entropy consumes the histograms: the ranges are taken first)
-        q, qarg, qaux = calib_graph(qsym, arg, aux, collector if mode == "entropy" else ranges,
-                                    calib_mode=mode, quantized_dtype="auto", logger=None)
+    for mode in modes:
+        q, qarg, qaux = calib_graph(qsym, arg, aux, collector if mode == "entropy" else ranges[mode],
+                                    calib_mode="entropy" if mode == "entropy" else "naive",
+                                    quantized_dtype="auto", logger=None)
         candidates[mode] = (q.get_backend_symbol("MKLDNN_QUANTIZE"), qarg, qaux)
     calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check)}
     if len(check):
@@ -332,6 +343,37 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
             log.warning("INT8 output differs from float32 by %.3f (relative L1) on %d held-out calibration "
                         "films: check it on your task, or use float32", errors[calibration["chosen"]], len(check))
     return candidates[calibration["chosen"]] + (calibration,)
+
+
+def _range(hist_entry, mode):
+    """The (min, max) a ``naive`` or ``pNN.NN`` calibration gives one layer's histogram entry."""
+    if mode == "naive":
+        return hist_entry[2], hist_entry[3]
+    if not mode.startswith("p"):
+        raise ValueError(f"unknown calibration {mode!r}")
+    return percentile_range(hist_entry, float(mode[1:]) / 100)
+
+
+def percentile_range(hist_entry, fraction):
+    """The range that keeps ``fraction`` of a layer's outputs unclipped: ``(-t, t)``, or ``(0, t)``
+    for a layer with no negative output (as MXNet's entropy calibration gives them), where ``t`` is
+    the upper edge of the first histogram bin at which ``fraction`` of the |outputs| lie at or
+    below it (never beyond the largest |output|).
+
+    ``hist_entry`` is MXNet's ``_LayerHistogramCollector`` entry ``(hist, edges, min, max, th)``:
+    an odd number of equal bins over ``(-th, th)``, the middle one centred on 0."""
+    hist, _, low, _, th = hist_entry
+    n = len(hist)
+    mid = n // 2
+    width = 2.0 * th / n
+    folded = hist[mid:].astype(np.float64)  # |x| in bins of the same width, the first centred on 0
+    folded[1:] += hist[:mid][::-1]
+    total = folded.sum()
+    if total <= 0:
+        return (0.0, float(th)) if low >= 0 else (-float(th), float(th))
+    k = int(np.searchsorted(np.cumsum(folded) / total, fraction))
+    t = min(float(th), (k + 0.5) * width)
+    return (0.0, t) if low >= 0 else (-t, t)
 
 
 def describe_calibration(calibration):
