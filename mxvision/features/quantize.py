@@ -76,8 +76,8 @@ CONVERSION_VERSION = 8
 CALIB_MODE = "agreement"
 #: The calibrations tried, in order of preference on a tie: MXNet's two, ``entropy`` (the KL-optimal
 #: thresholds of each layer's histogram) and ``naive`` (its min and max), and two percentiles of
-#: each layer's |output| (:func:`percentile_range`), which clip less than entropy and more than
-#: naive: on the bench's realistic trunk the 99.99th gave 0.81 relative L1 on the held-out films
+#: each layer's |output| (:func:`percentile_range`), which clip a fixed small share of every
+#: layer's outputs: on the bench's realistic trunk the 99.99th gave 0.81 relative L1 on the held-out films
 #: where naive gave 0.92 and entropy 1.04 (docs/BENCHMARKS.md, conversion version 8).
 CALIB_MODES = ("entropy", "naive", "p99.99", "p99.999")
 #: Fewer calibration films than this are all calibrated on, with entropy: none held out to choose.
