@@ -15,8 +15,9 @@ How the peers get the same graph and the same films, as FILES:
    (the seeded sample ``bench_extract`` and ``mxvision extract`` use) and 32 held-out films are
    written preprocessed as ``.npy``, and mxvision's own INT8 is made by
    ``mxvision.features.quantize.prepare`` (oneDNN, on the same 64 films: since conversion version 8
-   it calibrates on 32 of them and keeps entropy or naive calibration, whichever agrees better
-   with float32 on the other 32; the choice is in the JSON's ``mxvision_int8_calibration``).
+   it calibrates on 32 of them and keeps the calibration -- entropy, naive, 99.99th or 99.999th
+   percentile -- that agrees best with float32 on the other 32; the choice is in the JSON's
+   ``mxvision_int8_calibration``).
 2. The peers' tools need newer onnx/NumPy than ``mx.onnx`` accepts, so they run in their own venv,
    ``.venv-peers``, which this bench builds (or reuses) from ``bench/requirements-peers.txt``; if it
    cannot, the bench stops with one line. There the ONNX file gets a symbolic batch axis, and:
@@ -573,7 +574,7 @@ def prepare_files(args, work):
         bench_extract.export_onnx(net, args.batch, work)
     features_info = {"backbone": zoo.DEFAULT_BACKBONE, "cut": zoo.DEFAULT_CUT, "weights": winfo,
                      "preprocessing": preset.to_dict()}
-    log("mxvision INT8 (quantize.prepare: calibrated on the 64 films)")
+    log("mxvision INT8 (quantize.prepare: calibrated on 32 of the 64 films, chosen on the other 32)")
     tic = time.perf_counter()
     _, int8_info = quantize.prepare(net, "int8", ctx, preset, features_info, work / "mx-int8",
                                     calibration=calib_paths)

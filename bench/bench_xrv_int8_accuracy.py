@@ -7,9 +7,14 @@ would try first (issue #16 item 3: an INT8 ``classify`` must stay within 0.02 of
 Weights, films and calibration films are bench_xrv_reduced.py's (the parity suite's realistic
 random weights; the 5 sample films and ``--films`` JSRT films scored, ``--calibration`` other JSRT
 films to calibrate on). Each variant is ``mxvision.features.quantize.convert`` (the graph
-re-expressed by ``int8_graph``, then MXNet's oneDNN quantization) with one setting changed:
+re-expressed by ``int8_graph``, then MXNet's oneDNN quantization) with one setting changed from
+``entropy``; all calibrate on all ``--calibration`` films, except ``as extract``:
 
-* ``as extract``: entropy calibration, per-tensor weights (what ``extract --dtype int8`` uses);
+* ``as extract``: what ``extract --dtype int8`` does since conversion version 8: calibrated on half
+  the films, the calibration (entropy, naive, 99.99th or 99.999th percentile) chosen by agreement
+  with float32 on the other half (``quantize.calibrate``), per-tensor weights;
+* ``entropy``: entropy calibration on all the films, per-tensor weights (``extract`` before
+  version 8);
 * ``channel-wise``: per-output-channel weight scales;
 * ``naive``: min/max calibration instead of entropy, channel-wise;
 * ``first and last float32``: the first convolution and the classifier left in float32;
@@ -44,6 +49,7 @@ def variants(names, first_stage, last_stage):
         return [n for n in names if part not in n]
     return {
         "as extract": {},
+        "entropy": {"calib_mode": "entropy"},
         "channel-wise": {"quantize_granularity": "channel-wise"},
         "naive, channel-wise": {"calib_mode": "naive", "quantize_granularity": "channel-wise"},
         "first and last float32": {"excluded_sym_names": [names[0], names[-1]]},

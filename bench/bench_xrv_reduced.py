@@ -12,7 +12,8 @@ preprocessed by mxvision (xrv224 / xrv512). bfloat16 is MXNet AMP's ``convert_hy
 the port's graph (oneDNN bf16 kernels; needs AVX512-BF16 or AMX to be fast), followed by the same
 float32 op_norm calibration. INT8 is what ``mxvision.features.quantize.convert`` makes of the
 port (its graph re-expressed by ``mxvision.features.int8_graph``, then MXNet's oneDNN quantization,
-entropy calibration) on ``--calibration`` *other* JSRT films, then the same op_norm. Speed: median per call of the fastest of 3 interleaved rounds, after
+calibrated as ``extract`` does: on half the ``--calibration`` *other* JSRT films, the calibration
+chosen by agreement with float32 on the other half), then the same op_norm. Speed: median per call of the fastest of 3 interleaved rounds, after
 warm-up, torchxrayvision float32 vs mxvision float32 vs mxvision bfloat16, same process and
 threads. Needs the parity extras (torch 2.13 CPU, torchxrayvision), as bench_xrv.py does.
 """

@@ -200,8 +200,9 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
 
     ``calibration`` (an index CSV, a folder of films or a list of files; at least
     :data:`MIN_INT8_FILMS`) is split in two: the even-numbered films calibrate MXNet's quantizer
-    (as ``extract --dtype int8``: entropy or naive, whichever agrees better with float32 on a
-    held-out part of them; converted once and kept in the user cache,
+    (as ``extract --dtype int8``, which takes half of those films to calibrate on and the other
+    half to choose the calibration by agreement with float32 -- with fewer than 8 films, entropy
+    on all of them; converted once and kept in the user cache,
     :func:`mxvision.features.quantize.prepare`), the odd-numbered ones are scored in both
     precisions. If any available output (``reasons``: those that are not, as
     :func:`unavailable_outputs` gives them) differs by more than ``tolerance``, one line says by

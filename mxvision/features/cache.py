@@ -188,12 +188,12 @@ def _made_from(info):
     preset = info.get("preprocessing")
     preset = preset.get("name") if isinstance(preset, dict) else None
     weights = str(info.get("weights_sha1") or "?")[:8]
-    mode = calib.get("chosen") or calib.get("mode", "?")
-    if calib.get("mode") == quantize.CALIB_MODE and "chosen" in calib:
-        mode += ", chosen by agreement with float32"
+    mode = str(calib.get("chosen") or calib.get("mode", "?"))
+    if calib.get("checked_on"):
+        mode += f", chosen by agreement with float32 on {calib['checked_on']} other images"
     return (f"{info.get('backbone', '?')} cut {info.get('cut', '?')} (weights sha1 {weights}), "
             f"preset {preset or '?'}, {info.get('dtype', '?')} calibrated ({mode}) on "
-            f"{calib.get('n_images', '?')} images, MXNet {info.get('mxnet_version', '?')}")
+            f"{calib.get('calibrated_on', calib.get('n_images', '?'))} images, MXNet {info.get('mxnet_version', '?')}")
 
 
 def _weights_entries(folder):

@@ -18,7 +18,8 @@
     error 0.069 against 0.076), with BatchNorm statistics of real films naive beat entropy by far
     (cosine to float32 0.78 against 0.35), and a percentile beat both on each
     (docs/BENCHMARKS.md). The choice and every candidate's error are recorded in ``calibration``.
-    Calibrating is the slow part (a forward pass per image plus MXNet's graph passes, ~15 s), so
+    Calibrating is the slow part (a forward pass per image, MXNet's graph passes, and the
+    candidates run on the held-out films: ~25 s for the Xvision trunk on 2 cores), so
     the result is cached, keyed by everything it depends on (:func:`model_key`).
 ``bfloat16``
     MXNet AMP (:func:`mxnet.contrib.amp.convert_hybrid_block`) runs the network in bfloat16 with
@@ -264,7 +265,7 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
         qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=data, num_calib_examples=n,
                                                  label_names=None, logger=None, **settings)
         calibration = {"chosen": settings["calib_mode"], "calibrated_on": n}
-    log.info("INT8 calibration on %d images took %.1f s", len(calib_images), time.time() - tic)
+    log.info("INT8 conversion with %d calibration images took %.1f s", len(calib_images), time.time() - tic)
     return qsym, qarg, qaux, calibration
 
 
@@ -300,7 +301,8 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     (the histogram's KL-optimal thresholds) and ``naive`` (its min and max), and percentiles
     (:func:`percentile_range`). Every INT8 graph then runs on the odd-numbered images, and the one
     whose outputs are closest to float32 (:func:`feature_error`) is returned: the recorded errors
-    are those of the returned network, on films it was not calibrated on. With fewer than
+    are those of the returned network, on films it was not calibrated on (the chosen one's, as the
+    least of several, is slightly optimistic: it was also chosen on those films). With fewer than
     :data:`MIN_FILMS_TO_CHOOSE` images, entropy on all of them. ``modes``: the candidates (one,
     for a bench or a test that wants that mode).
 
@@ -321,9 +323,9 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     mod.set_params(arg, aux)
     data = mx.io.NDArrayIter(data=fit, batch_size=batch, last_batch_handle="pad")
     _collect_layer_statistics(mod, data, collector, len(fit))
-    # the histogram keeps each layer's exact min and max: naive calibration's thresholds
     modes = tuple(modes) if len(check) else ("entropy",)
-    # every range is taken before calib_graph's entropy consumes the histograms
+    # every range is taken before calib_graph's entropy consumes the histograms (a histogram entry
+    # keeps its layer's exact min and max: naive calibration's range)
     ranges = {mode: SimpleNamespace(min_max_dict={name: _range(h, mode) for name, h in collector.hist_dict.items()})
               for mode in modes if mode != "entropy"}
     candidates = {}
@@ -331,6 +333,8 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
         q, qarg, qaux = calib_graph(qsym, arg, aux, collector if mode == "entropy" else ranges[mode],
                                     calib_mode="entropy" if mode == "entropy" else "naive",
                                     quantized_dtype="auto", logger=None)
+        # calib_graph writes the ranges into qsym's graph in place; get_backend_symbol copies it
+        # (MXGenBackendSubgraph), so this candidate keeps its own before the next one is written
         candidates[mode] = (q.get_backend_symbol("MKLDNN_QUANTIZE"), qarg, qaux)
     calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check)}
     if len(check):
@@ -358,7 +362,7 @@ def percentile_range(hist_entry, fraction):
     """The range that keeps ``fraction`` of a layer's outputs unclipped: ``(-t, t)``, or ``(0, t)``
     for a layer with no negative output (as MXNet's entropy calibration gives them), where ``t`` is
     the upper edge of the first histogram bin at which ``fraction`` of the |outputs| lie at or
-    below it (never beyond the largest |output|).
+    below it (never beyond the histogram's range ``th``).
 
     ``hist_entry`` is MXNet's ``_LayerHistogramCollector`` entry ``(hist, edges, min, max, th)``:
     an odd number of equal bins over ``(-th, th)``, the middle one centred on 0."""

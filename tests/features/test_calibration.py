@@ -1,8 +1,9 @@
 """INT8 calibration chosen by agreement with float32 (mxvision.features.quantize.calibrate).
 
-A small DenseNet port with random BatchNorm statistics: the two candidates are exactly what MXNet's
-own ``quantize_model_mkldnn`` makes in each mode from the same films, the returned one is the
-candidate closer to float32 on the held-out films, and the recorded errors are that network's."""
+A small DenseNet port with random BatchNorm statistics: the entropy and naive candidates are exactly
+what MXNet's own ``quantize_model_mkldnn`` makes in each mode from the same films, the percentile
+ones keep their share of a layer's outputs, the returned candidate is the one closest to float32
+on the held-out films, and the recorded errors are that network's."""
 import json
 
 import mxnet as mx
@@ -75,8 +76,20 @@ def test_the_candidate_closer_to_float32_is_returned_and_its_error_recorded(grap
     check = images[1::2]
     want = _output(sym, arg, aux, check)
     got = _output(qsym, qarg, qaux, check)
-    assert quantize.feature_error(want, got) == pytest.approx(errors[record["chosen"]], rel=1e-4)
+    assert quantize.feature_error(want, got) == pytest.approx(errors[record["chosen"]], rel=1e-4, abs=1e-6)
     assert record["chosen"] in quantize.describe_calibration(record)
+
+
+def test_each_candidate_keeps_its_own_ranges(graph, monkeypatch):
+    """MXNet writes each candidate's ranges into one shared graph: the first candidate, returned
+    after the others were written, must still hold its own (as calibrated alone)."""
+    sym, arg, aux, images = graph
+    alone = _thresholds(quantize.calibrate(sym, arg, aux, images, modes=("entropy",))[0])
+    scores = iter(range(10))  # the first candidate scored is the closest: entropy is returned
+    monkeypatch.setattr(quantize, "feature_error", lambda want, got: float(next(scores)))
+    qsym, _, _, record = quantize.calibrate(sym, arg, aux, images)
+    assert record["chosen"] == "entropy" and record["feature_error"]["p99.999"] == 3.0
+    assert _thresholds(qsym) == alone
 
 
 def test_too_few_films_to_hold_any_out_calibrate_with_entropy_on_all(graph):
@@ -107,6 +120,22 @@ def test_percentile_range_keeps_that_fraction_unclipped(fraction):
     relu = np.maximum(x, 0)
     low, high = quantize.percentile_range(_histogram_entry(relu), fraction)
     assert low == 0 and np.mean(relu <= high) >= fraction - 1e-9
+
+
+def test_percentile_range_of_a_histogram_mxnet_grew():
+    """MXNet's collector widens a layer's histogram when a later batch reaches further
+    (``combine_histogram``): the range is still the percentile of all the outputs."""
+    from mxnet.contrib.quantization import combine_histogram
+    rs = np.random.RandomState(1)
+    first, second = rs.normal(0, 1, 100_000), rs.normal(0, 4, 100_000)
+    entry = _histogram_entry(first)
+    entry = combine_histogram(entry, second, float(second.min()), float(second.max()),
+                              float(np.abs(second).max()))
+    assert len(entry[0]) % 2 == 1 and len(entry[0]) > 8001  # grown, still centred on 0
+    both = np.abs(np.concatenate([first, second]))
+    high = quantize.percentile_range(entry, 0.999)[1]
+    width = 2 * entry[4] / len(entry[0])
+    assert np.mean(both <= high) >= 0.999 and np.mean(both <= high - width) < 0.999
 
 
 def test_feature_error():
