@@ -1,4 +1,5 @@
 """mxvision.features.cache: the entries of the user cache folders, listed and deleted."""
+import json
 import os
 
 import pytest
@@ -68,6 +69,25 @@ def test_damaged_records_and_missing_folders(tmp_path, monkeypatch):
         cache.list_entries(["weights"])
     with pytest.raises(MxvisionError, match="expected some of quantized, weights"):
         cache.list_entries(["models"])
+
+
+@pytest.mark.parametrize("calibration, says", [
+    # since conversion version 8: the calibration chosen on held-out images, and how many calibrated
+    ({"mode": "agreement", "chosen": "p99.99", "calibrated_on": 32, "checked_on": 32, "n_images": 64},
+     "calibrated (p99.99, chosen by agreement with float32 on 32 other images) on 32 images"),
+    # too few images to hold any out: nothing was chosen
+    ({"mode": "agreement", "chosen": "entropy", "calibrated_on": 3, "checked_on": 0, "n_images": 3},
+     "calibrated (entropy) on 3 images"),
+    # a damaged record is described, not a crash
+    ({"mode": "agreement", "chosen": 7, "checked_on": 2}, "calibrated (7, chosen by agreement"),
+])
+def test_a_quantized_entry_says_which_calibration_it_holds(tmp_path, monkeypatch, calibration, says):
+    monkeypatch.setenv("MXVISION_CACHE", str(tmp_path))
+    entry = tmp_path / "quantized" / KEY
+    entry.mkdir(parents=True)
+    (entry / "backbone-int8.json").write_text(json.dumps({"key": KEY, "dtype": "int8", "calibration": calibration}))
+    (made_from,) = [e.made_from for e in cache.list_entries(["quantized"])]
+    assert says in made_from, made_from
 
 
 def test_human_size():
