@@ -467,9 +467,8 @@ def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smar
     last one, which stays float32 as ``smart`` keeps it; ``fold=False``: the pre-activation
     BatchNorms are not folded away (mxvision before conversion version 7)."""
     import mxnet as mx
-    from mxnet.contrib.quantization import quantize_model_mkldnn
     from mxvision.features.int8_graph import BN_AFTER, int8_ready
-    from mxvision.features.quantize import CONVERSION_VERSION
+    from mxvision.features.quantize import CONVERSION_VERSION, quantize_with
     name = f"{name}-v{CONVERSION_VERSION}"
     sym_file, params_file = work / f"{name}-symbol.json", work / f"{name}.params"
     if not sym_file.is_file():
@@ -480,11 +479,8 @@ def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smar
             tail = [n["name"] for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Convolution"][-1]
             excluded = [tail] if tail.endswith("_conv") else None
         log(f"{name}: {counts}; left float32: {excluded}")
-        data = mx.io.NDArrayIter(data=calib, batch_size=min(16, len(calib)), last_batch_handle="pad")
-        qsym, qarg, qaux = quantize_model_mkldnn(
-            sym, arg, aux, ctx=mx.cpu(), calib_mode=calib_mode, calib_data=data,
-            num_calib_examples=len(calib), quantized_dtype="auto", quantize_mode=quantize_mode,
-            quantize_granularity=granularity, excluded_sym_names=excluded, label_names=None, logger=None)
+        qsym, qarg, qaux, _ = quantize_with(sym, arg, aux, calib, calib_mode=calib_mode, quantize_mode=quantize_mode,
+                                            quantize_granularity=granularity, excluded_sym_names=excluded)
         qsym.save(str(sym_file))
         mx.nd.save(str(params_file), {**{f"arg:{k}": v for k, v in qarg.items()},
                                       **{f"aux:{k}": v for k, v in qaux.items()}})

@@ -251,7 +251,6 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
         sym, arg, aux = _export_fp32(net, ctx, preset, tmp)
     if dtype != "int8":
         raise ValueError(dtype)
-    from mxnet.contrib.quantization import quantize_model_mkldnn
     sym, arg, aux, rewritten = int8_ready(sym, arg, aux)
     if any(rewritten.values()):
         log.info("graph re-expressed for the INT8 pass: %s", rewritten)
@@ -259,26 +258,43 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
     if not options:
         qsym, qarg, qaux, calibration = calibrate(sym, arg, aux, calib_images)
     else:
-        n = len(calib_images)
-        data = mx.io.NDArrayIter(data=calib_images, batch_size=min(16, n), last_batch_handle="pad")
-        settings = {"calib_mode": "entropy", "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
-        qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=data, num_calib_examples=n,
-                                                 label_names=None, logger=None, **settings)
-        calibration = {"chosen": settings["calib_mode"], "calibrated_on": n}
+        qsym, qarg, qaux, calibration = quantize_with(sym, arg, aux, calib_images, **options)
     # (tests look for "INT8 calibration on": the one line each conversion logs)
     log.info("INT8 calibration on %d images took %.1f s", calibration["calibrated_on"], time.time() - tic)
     return qsym, qarg, qaux, calibration
 
 
+def quantize_with(sym, arg, aux, calib_images, **options):
+    """``quantize_model_mkldnn`` on the float32 graph ``sym`` with ``options`` over mxvision's
+    defaults (entropy calibration on all ``calib_images``, ``quantize_mode`` :data:`QUANTIZE_MODE`):
+    ``(qsym, qarg, qaux, calibration)``, for benches that try one setting rather than choose."""
+    from mxnet.contrib.quantization import quantize_model_mkldnn
+    settings = {"calib_mode": "entropy", "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
+    qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=_batches(calib_images),
+                                             num_calib_examples=len(calib_images), label_names=None, logger=None,
+                                             **settings)
+    return qsym, qarg, qaux, {"chosen": settings["calib_mode"], "calibrated_on": len(calib_images)}
+
+
+def _batches(images):
+    """``images`` in batches of up to 16, the last one padded (``batch.pad`` says by how many)."""
+    return mx.io.NDArrayIter(data=images, batch_size=min(16, len(images)), last_batch_handle="pad")
+
+
+def _module(sym, arg, aux, images):
+    """A CPU inference Module of ``sym`` with its parameters, bound for :func:`_batches` of ``images``."""
+    from mxnet.module import Module
+    mod = Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind(for_training=False, data_shapes=[("data", (min(16, len(images)),) + images.shape[1:])])
+    mod.set_params(arg, aux)
+    return mod
+
+
 def _forward(sym, arg, aux, images):
     """``sym``'s output for ``images`` (batches of up to 16), as one float32 array."""
-    from mxnet.module import Module
-    batch = min(16, len(images))
-    mod = Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
-    mod.bind(for_training=False, data_shapes=[("data", (batch,) + images.shape[1:])])
-    mod.set_params(arg, aux)
+    mod = _module(sym, arg, aux, images)
     outputs = []
-    for batch_data in mx.io.NDArrayIter(data=images, batch_size=batch, last_batch_handle="pad"):
+    for batch_data in _batches(images):
         mod.forward(batch_data, is_train=False)
         # to NumPy before slicing: a oneDNN-layout output cannot be viewed (Module.predict slices it)
         out = mod.get_outputs()[0].asnumpy()
@@ -312,18 +328,12 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     MXNet's ``_collect_layer_statistics`` (mxnet 1.9.1, the last release: it will not move).
     """
     from mxnet.contrib.quantization import _collect_layer_statistics, calib_graph, quantize_graph
-    from mxnet.module import Module
     images = np.asarray(images, dtype=np.float32)
     fit, check = (images[0::2], images[1::2]) if len(images) >= MIN_FILMS_TO_CHOOSE else (images, images[:0])
     fused = sym.get_backend_symbol("MKLDNN_QUANTIZE")
     qsym, _, _, collector = quantize_graph(fused, arg, aux, ctx=mx.cpu(), calib_mode="entropy",
                                            quantized_dtype="auto", quantize_mode=QUANTIZE_MODE)
-    batch = min(16, len(fit))
-    mod = Module(fused, data_names=["data"], label_names=None, context=mx.cpu())
-    mod.bind(for_training=False, data_shapes=[("data", (batch,) + fit.shape[1:])])
-    mod.set_params(arg, aux)
-    data = mx.io.NDArrayIter(data=fit, batch_size=batch, last_batch_handle="pad")
-    _collect_layer_statistics(mod, data, collector, len(fit))
+    _collect_layer_statistics(_module(fused, arg, aux, fit), _batches(fit), collector, len(fit))
     modes = tuple(modes) if len(check) else ("entropy",)
     # every range is taken before calib_graph's entropy consumes the histograms (a histogram entry
     # keeps its layer's exact min and max: naive calibration's range)
