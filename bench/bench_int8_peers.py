@@ -48,7 +48,10 @@ folds the same BatchNorms away since conversion version 7 -- their scale into th
 convolutions, their shift into the residual stream, ``int8_graph.fold_preact``, a ReLU left --
 against the conversion without it), ``isa`` (mxvision's default, which on a CPU with AMX raises oneDNN's ISA cap to AMX --
 ``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
-``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels).
+``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels), ``unfuse`` (mxvision's conversion with the
+other choice of ``quantize.unfuse_relu_pays``: since conversion version 9, on a CPU with AVX-512
+VNNI and no AMX the ReLUs are left out of the convolutions that feed convolutions, so those get
+s8 inputs and oneDNN's ``jit_int8`` kernels instead of ``brgconv``; ``int8_graph.unfuse_relu``).
 
 ``--realistic-batchnorm``: the random trunk's BatchNorms are identities (mean 0, var 1, gamma 1,
 beta 0), so nothing is centred; with it, every engine gets a trunk whose BatchNorms have random
@@ -458,17 +461,19 @@ def interleaved(engines, workers, args, reference="mxvision int8"):
 
 # --------------------------------------------------------------------------- orchestration
 def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smart",
-                    granularity="tensor-wise", bn_after=None, fold=True):
+                    granularity="tensor-wise", bn_after=None, fold=True, unfuse=None):
     """mxvision's INT8 conversion with one knob changed (the levers), written as symbol/params
     (named with ``quantize.CONVERSION_VERSION``, so a ``--work`` folder of older code is not reused).
 
     The graph is re-expressed as ``quantize.convert`` does (``int8_graph.int8_ready``), with
     ``bn_after``: the BatchNorms after these operators become depthwise convolutions too, but the
     last one, which stays float32 as ``smart`` keeps it; ``fold=False``: the pre-activation
-    BatchNorms are not folded away (mxvision before conversion version 7)."""
+    BatchNorms are not folded away (mxvision before conversion version 7); ``unfuse`` True or False:
+    mxvision's own calibration (``quantize.calibrate``, chosen by agreement) with the ReLUs left out
+    of the convolutions or not, instead of ``calib_mode``."""
     import mxnet as mx
     from mxvision.features.int8_graph import BN_AFTER, int8_ready
-    from mxvision.features.quantize import CONVERSION_VERSION, quantize_with
+    from mxvision.features.quantize import CONVERSION_VERSION, calibrate, describe_calibration, quantize_with
     name = f"{name}-v{CONVERSION_VERSION}"
     sym_file, params_file = work / f"{name}-symbol.json", work / f"{name}.params"
     if not sym_file.is_file():
@@ -479,8 +484,12 @@ def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smar
             tail = [n["name"] for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Convolution"][-1]
             excluded = [tail] if tail.endswith("_conv") else None
         log(f"{name}: {counts}; left float32: {excluded}")
-        qsym, qarg, qaux, _ = quantize_with(sym, arg, aux, calib, calib_mode=calib_mode, quantize_mode=quantize_mode,
-                                            quantize_granularity=granularity, excluded_sym_names=excluded)
+        if unfuse is not None:
+            qsym, qarg, qaux, record = calibrate(sym, arg, aux, calib, unfuse=unfuse)
+            log(f"{name}: {describe_calibration(record)}")
+        else:
+            qsym, qarg, qaux, _ = quantize_with(sym, arg, aux, calib, calib_mode=calib_mode, quantize_mode=quantize_mode,
+                                                quantize_granularity=granularity, excluded_sym_names=excluded)
         qsym.save(str(sym_file))
         mx.nd.save(str(params_file), {**{f"arg:{k}": v for k, v in qarg.items()},
                                       **{f"aux:{k}": v for k, v in qaux.items()}})
@@ -590,7 +599,7 @@ def main():
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--levers", nargs="*", default=[],
-                   choices=["batch", "calib", "tail", "preact", "fold", "fusion", "isa"])
+                   choices=["batch", "calib", "tail", "preact", "fold", "fusion", "isa", "unfuse"])
     p.add_argument("--skip-peers", action="store_true", help="only the levers")
     p.add_argument("--onednn-profile", action="store_true",
                    help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without "
@@ -814,6 +823,13 @@ def lever_engines(lever, specs, files, work, args):
                                                        {"MXNET_SUBGRAPH_BACKEND": "MKLDNN"}),
                 "fp32 hybridize(backend=MKLDNN)": (("mxnet", dict(specs["mxvision fp32"][1],
                                                                   backend="MKLDNN")), b, None)}
+    if lever == "unfuse":
+        from mxvision.features.quantize import unfuse_relu_pays
+        other = not unfuse_relu_pays()
+        log(f"lever unfuse: mxvision's conversion with its ReLUs {'unfused' if other else 'fused (as version 8)'}")
+        variant = mx_int8_variant(work, "q-unfused" if other else "q-fused", calib, unfuse=other)
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                f"int8 ReLUs {'unfused' if other else 'fused (as version 8)'}": (("mxnet", variant), b, None)}
     if lever == "isa":
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 MXVISION_AMX=0": (specs["mxvision int8"], b, NO_AMX_ENV),

@@ -28,13 +28,16 @@ ResNet v2's pre-activation BatchNorm + ReLU after a residual sum
     14). Re-expressed as a depthwise convolution instead (``bn_after``, the ``preact`` lever of
     bench/bench_int8_peers.py), the trunk ran faster with VNNI but with a larger feature error
     (docs/BENCHMARKS.md, "Levers").
+
+And one rewrite of the graph MXNet's oneDNN passes have already fused, :func:`unfuse_relu`, which
+is not a float32 rewrite but a choice of oneDNN kernels (quantize.unfuse_relu_pays says where).
 """
 import json
 
 import mxnet as mx
 import numpy as np
 
-__all__ = ["int8_ready", "fold_preact"]
+__all__ = ["int8_ready", "fold_preact", "unfuse_relu"]
 
 
 #: The operators after which a BatchNorm becomes a depthwise convolution.
@@ -273,3 +276,66 @@ def _drop_params(node, old, arg, aux):
 def _shape(text):
     """``"(1, 1)"`` → ``(1, 1)``: a shape attribute of MXNet's JSON graph."""
     return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
+
+
+def unfuse_relu(fused):
+    """``(symbol, count)``: the graph ``fused`` -- what ``get_backend_symbol("MKLDNN_QUANTIZE")``
+    made of a float32 graph, before ``quantize_graph`` -- with the ReLU taken back out of every
+    fused convolution whose outputs go only to other fused convolutions, as an ``Activation`` after
+    it; ``count`` of them. The same function; ``fused`` itself when there is none.
+
+    Why: MXNet 1.9.1 gives a convolution with a fused ReLU an unsigned (u8) output and one without
+    a signed (s8) output, and its oneDNN 2.4.4 picks its kernel for the *next* convolution by that
+    type. On an AVX-512 VNNI CPU without AMX a u8 input gets the ``brgconv`` kernels, an s8 one the
+    older ``jit_int8`` ones, which ran the Xvision trunk's 1x1 convolutions with a residual sum
+    in half the time (31 against 16 ms per batch of 16, an AMD EPYC Zen 5; docs/BENCHMARKS.md,
+    conversion version 9). The ReLU then runs as MXNet's INT8 ReLU, which keeps s8: those
+    activations have 7 bits instead of 8. The stem's convolution, before its pooling, keeps its
+    ReLU."""
+    graph = json.loads(fused.tojson())
+    old = graph["nodes"]
+    consumers = {}
+    for i, node in enumerate(old):
+        for e in node.get("inputs", []):
+            consumers.setdefault(e[0], []).append(i)
+    heads = {h[0] for h in graph["heads"]}
+
+    def relu_split(node):
+        """The fused node's subgraph without its final ReLU, and that ReLU's name; or None."""
+        if node["op"] != "_sg_mkldnn_conv" or node.get("attrs", {}).get("with_act", "").lower() not in ("true", "1"):
+            return None
+        sub = json.loads(json.dumps(node["subgraphs"][0]))
+        last = len(sub["nodes"]) - 1
+        relu = sub["nodes"][last]
+        if sub["heads"] != [[last, 0, 0]] or relu["op"] != "Activation" \
+                or relu.get("attrs", {}).get("act_type") != "relu":
+            return None
+        sub["heads"] = [relu["inputs"][0]]
+        sub["nodes"].pop()
+        if "node_row_ptr" in sub:
+            sub["node_row_ptr"] = sub["node_row_ptr"][:-1]
+        return sub, relu["name"]
+
+    split = {}
+    for i, node in enumerate(old):
+        users = consumers.get(i, [])
+        if users and i not in heads and all(old[u]["op"] == "_sg_mkldnn_conv" for u in users):
+            parts = relu_split(node)
+            if parts:
+                split[i] = parts
+    if not split:
+        return fused, 0
+    remap, add, entry, finish = _rebuild(graph)
+    for i, node in enumerate(old):
+        if node["op"] == "null":
+            continue
+        inputs = [entry(e) for e in node.get("inputs", [])]
+        if i in split:
+            sub, relu_name = split[i]
+            attrs = {k: v for k, v in node["attrs"].items() if k != "with_act"}
+            conv = add(dict(node, attrs=attrs, inputs=inputs, subgraphs=[sub]))
+            remap[i] = add({"op": "Activation", "name": relu_name, "attrs": {"act_type": "relu"},
+                            "inputs": [[conv, 0, 0]]})
+            continue
+        remap[i] = add(dict(node, inputs=inputs))
+    return finish(), len(split)

@@ -59,7 +59,7 @@ from mxnet.gluon import HybridBlock
 
 from mxvision.data import transforms
 from mxvision.data.folder import IMAGE_SUFFIXES
-from mxvision.features.int8_graph import int8_ready
+from mxvision.features.int8_graph import int8_ready, unfuse_relu
 from mxvision.io.download import locked_file
 from mxvision.runtime import cpu_flags, parse_ctx, user_cache_dir
 from mxvision.errors import BadRun, MxvisionError, one_line
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "int8")
 # Bumped whenever the conversion itself changes, so cached networks of older code are not reused.
-CONVERSION_VERSION = 8
+CONVERSION_VERSION = 9
 #: How INT8 activation ranges are chosen: by agreement with float32 on held-out calibration films,
 #: between the ``CALIB_MODES`` (:func:`calibrate`).
 CALIB_MODE = "agreement"
@@ -120,6 +120,26 @@ def check_cpu(dtype, ctx, flags=None):
         raise MxvisionError("--dtype bfloat16", "this CPU has no AVX-512 (%s missing from its flags), which "
                                                 "MXNet 1.9.1's bfloat16 kernels need; use float32 or int8"
                             % ", ".join(missing))
+
+
+#: ``DNNL_MAX_CPU_ISA`` caps below AVX-512 VNNI: oneDNN then has no ``brgconv`` INT8 kernels to avoid.
+ISA_CAPS_BELOW_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_MIC", "AVX512_MIC_4OPS", "AVX512_CORE"})
+
+
+def unfuse_relu_pays(flags=None, isa_cap=None):
+    """Whether this process's oneDNN runs INT8 convolutions with AVX-512 VNNI and without AMX: there
+    a convolution with an s8 input ran faster than with a u8 one (its ``jit_int8`` kernels against
+    ``brgconv``), so the conversion leaves ReLUs unfused to give the next convolutions s8 inputs
+    (:func:`mxvision.features.int8_graph.unfuse_relu`; the Xvision trunk 1.1x faster on an AMD
+    EPYC Zen 5, its feature error 0.066 against 0.059: docs/BENCHMARKS.md, conversion version 9).
+    With AMX (mxvision's default where the CPU has it) or without VNNI, the fused graph is kept:
+    no gain was measured there. ``flags``: the CPU's (/proc/cpuinfo by default); ``isa_cap``:
+    ``DNNL_MAX_CPU_ISA`` (the environment's by default)."""
+    flags = cpu_flags() if flags is None else set(flags)
+    cap = (os.environ.get("DNNL_MAX_CPU_ISA", "") if isa_cap is None else isa_cap).strip().upper()
+    if "avx512_vnni" not in flags or cap in ISA_CAPS_BELOW_VNNI:
+        return False
+    return not ("AMX" in cap or (cap == "ALL" and "amx_int8" in flags))
 
 
 def file_names(dtype):
@@ -208,6 +228,7 @@ def model_key(features_info, dtype, calib_sha1=None):
              "calibration_sha1": calib_sha1, "calib_mode": CALIB_MODE if dtype == "int8" else None,
              "calib_modes": list(CALIB_MODES) if dtype == "int8" else None,
              "quantize_mode": QUANTIZE_MODE if dtype == "int8" else None,
+             "relu_unfused": unfuse_relu_pays() if dtype == "int8" else None,
              "mxnet": mx.__version__, "conversion_version": CONVERSION_VERSION}
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -309,7 +330,7 @@ def feature_error(want, got):
     return float(np.abs(got - want).sum() / max(np.abs(want).sum(), 1e-12))
 
 
-def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
+def calibrate(sym, arg, aux, images, modes=CALIB_MODES, unfuse=None):
     """Quantize the float32 graph ``sym`` with MXNet's oneDNN flow, choosing the calibration by
     agreement with float32: ``(qsym, qarg, qaux, calibration)``.
 
@@ -321,7 +342,9 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     are those of the returned network, on films it was not calibrated on (the chosen one's, as the
     least of several, is slightly optimistic: it was also chosen on those films). With fewer than
     :data:`MIN_FILMS_TO_CHOOSE` images, entropy on all of them. ``modes``: the candidates (one,
-    for a bench or a test that wants that mode).
+    for a bench or a test that wants that mode). ``unfuse``: leave ReLUs out of the fused
+    convolutions before quantizing (:func:`mxvision.features.int8_graph.unfuse_relu`); by default
+    where that pays (:func:`unfuse_relu_pays`). The record's ``relu_unfused`` counts them.
 
     The sequence is ``quantize_model_mkldnn``'s (backend passes around MXNet's ``quantize_graph``
     and ``calib_graph``), with one statistics pass shared by every mode; the pass itself is
@@ -331,6 +354,7 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
     images = np.asarray(images, dtype=np.float32)
     fit, check = (images[0::2], images[1::2]) if len(images) >= MIN_FILMS_TO_CHOOSE else (images, images[:0])
     fused = sym.get_backend_symbol("MKLDNN_QUANTIZE")
+    fused, unfused = unfuse_relu(fused) if (unfuse_relu_pays() if unfuse is None else unfuse) else (fused, 0)
     qsym, _, _, collector = quantize_graph(fused, arg, aux, ctx=mx.cpu(), calib_mode="entropy",
                                            quantized_dtype="auto", quantize_mode=QUANTIZE_MODE)
     _collect_layer_statistics(_module(fused, arg, aux, fit), _batches(fit), collector, len(fit))
@@ -347,7 +371,7 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES):
         # calib_graph writes the ranges into qsym's graph in place; get_backend_symbol copies it
         # (MXGenBackendSubgraph), so this candidate keeps its own before the next one is written
         candidates[mode] = (q.get_backend_symbol("MKLDNN_QUANTIZE"), qarg, qaux)
-    calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check)}
+    calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check), "relu_unfused": unfused}
     if len(check):
         want = _forward(sym, arg, aux, check)
         errors = {mode: feature_error(want, _forward(*candidates[mode], check)) for mode in modes}
@@ -400,6 +424,8 @@ def describe_calibration(calibration):
     if errors:
         text += ", chosen on %d held-out films (error vs float32: %s)" % (
             calibration.get("checked_on", 0), ", ".join(f"{m} {e:.3f}" for m, e in errors.items()))
+    if calibration.get("relu_unfused"):
+        text += f"; {calibration['relu_unfused']} ReLUs left out of their convolutions for this CPU's kernels"
     return text
 
 

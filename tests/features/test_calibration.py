@@ -55,7 +55,8 @@ def _output(qsym, qarg, qaux, images):
 def test_mxnets_two_calibrations_are_its_own(graph, mode):
     sym, arg, aux, images = graph
     fit = images[0::2]
-    qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, images, modes=(mode,))
+    # (unfuse=False: MXNet's own flow keeps every ReLU fused; unfuse_relu is tested in test_int8_graph)
+    qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, images, modes=(mode,), unfuse=False)
     assert record["chosen"] == mode and record["calibrated_on"] == len(fit) == 6
     want_sym, want_arg, _ = _mxnet_own(sym, arg, aux, fit, mode)
     assert _thresholds(qsym) == _thresholds(want_sym) and len(_thresholds(qsym)) > 5
@@ -95,8 +96,8 @@ def test_each_candidate_keeps_its_own_ranges(graph, monkeypatch):
 def test_too_few_films_to_hold_any_out_calibrate_with_entropy_on_all(graph):
     sym, arg, aux, images = graph
     few = images[:quantize.MIN_FILMS_TO_CHOOSE - 1]
-    qsym, _, _, record = quantize.calibrate(sym, arg, aux, few)
-    assert record == {"chosen": "entropy", "calibrated_on": len(few), "checked_on": 0}
+    qsym, _, _, record = quantize.calibrate(sym, arg, aux, few, unfuse=False)
+    assert record == {"chosen": "entropy", "calibrated_on": len(few), "checked_on": 0, "relu_unfused": 0}
     assert _thresholds(qsym) == _thresholds(_mxnet_own(sym, arg, aux, few, "entropy")[0])
 
 
@@ -143,3 +144,30 @@ def test_feature_error():
     assert quantize.feature_error(want, want) == 0.0
     assert quantize.feature_error(want, want * 1.1) == pytest.approx(0.1)
     assert quantize.feature_error(want, np.full_like(want, np.nan)) == float("inf")
+
+
+@pytest.mark.parametrize("flags, cap, pays", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "", True),  # AVX-512 VNNI, no AMX: AMD EPYC Zen 4 and 5
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX512_CORE_VNNI", True),
+    ({"avx2", "avx512f", "avx512_vnni"}, "avx2", False),  # capped below VNNI by the user
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX512_CORE", False),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "AVX512_CORE_AMX", False),  # mxvision's AMX default
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "ALL", False),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "", True),  # MXVISION_AMX=0: VNNI kernels
+    ({"avx2", "fma"}, "", False),  # AVX2 only (AMD EPYC Zen 3): no brgconv kernels to avoid
+    (set(), "", False),  # flags unknown (not Linux)
+])
+def test_relus_are_unfused_only_where_onednn_runs_vnni_without_amx(flags, cap, pays):
+    assert quantize.unfuse_relu_pays(flags, cap) is pays
+
+
+def test_the_cache_key_holds_whether_relus_are_unfused(monkeypatch):
+    """A network converted on one CPU kind is not taken for the other kind's from a shared cache."""
+    info = {"backbone": "b", "cut": "c", "weights": {"sha1": "0" * 40}, "preprocessing": {}}
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})  # this CPU's, as read
+    keys = {}
+    for cap in ("AVX2", "AVX512_CORE_VNNI"):
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
+        keys[cap] = (quantize.model_key(info, "int8", "1" * 40), quantize.model_key(info, "float32"))
+    assert keys["AVX2"][0] != keys["AVX512_CORE_VNNI"][0]
+    assert keys["AVX2"][1] == keys["AVX512_CORE_VNNI"][1]  # float32 has no ReLUs to unfuse

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from mxvision.features.int8_graph import fold_preact, int8_ready
+from mxvision.features.int8_graph import fold_preact, int8_ready, unfuse_relu
 from mxvision.models.xrv.densenet import XRVDenseNet
 from mxvision.models.xrv.resnet import XRVResNet
 from support.graphs import random_batchnorm, symbol_ops
@@ -194,3 +194,75 @@ def test_fold_preact_without_residual_sums_returns_the_graph(tmp_path):
     sym, arg, aux, _ = _exported(_small_densenet(), tmp_path)
     out, arg2, aux2, folded = fold_preact(sym, arg, aux)
     assert out is sym and folded == 0 and arg2 == arg and aux2 == aux
+
+
+def _chain():
+    """data -> conv a (+BN, ReLU) -> conv b (+BN, ReLU) -> pooling, and its parameters: oneDNN
+    fuses each convolution with its BatchNorm and ReLU; ``a`` feeds only a convolution."""
+    rs = np.random.RandomState(0)
+    data = mx.sym.var("data")
+    a = mx.sym.Convolution(data, kernel=(1, 1), num_filter=16, no_bias=True, name="a")
+    a = mx.sym.Activation(mx.sym.BatchNorm(a, fix_gamma=False, name="a_bn"), act_type="relu", name="a_relu")
+    b = mx.sym.Convolution(a, kernel=(3, 3), pad=(1, 1), num_filter=16, no_bias=True, name="b")
+    b = mx.sym.Activation(mx.sym.BatchNorm(b, fix_gamma=False, name="b_bn"), act_type="relu", name="b_relu")
+    sym = mx.sym.Pooling(b, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")
+    arg = {"a_weight": rs.normal(0, 0.3, (16, 8, 1, 1)), "b_weight": rs.normal(0, 0.1, (16, 16, 3, 3))}
+    aux = {}
+    for bn in ("a_bn", "b_bn"):
+        arg[bn + "_gamma"], arg[bn + "_beta"] = rs.uniform(0.5, 1.5, 16), rs.normal(0, 0.5, 16)
+        aux[bn + "_moving_mean"], aux[bn + "_moving_var"] = rs.normal(0, 0.5, 16), rs.uniform(0.5, 2, 16)
+    to_nd = lambda d: {k: mx.nd.array(v) for k, v in d.items()}  # noqa: E731
+    return sym, to_nd(arg), to_nd(aux), mx.nd.array(rs.uniform(-1, 1, (8, 8, 16, 16)))
+
+
+def test_unfuse_relu_takes_the_relu_out_of_a_convolution_that_feeds_a_convolution():
+    sym, arg, aux, x = _chain()
+    fused = sym.get_backend_symbol("MKLDNN_QUANTIZE")
+    unfused, count = unfuse_relu(fused)
+    assert count == 1
+    nodes = json.loads(unfused.tojson())["nodes"]
+    convs = [n for n in nodes if n["op"] == "_sg_mkldnn_conv"]
+    assert [n.get("attrs", {}).get("with_act") for n in convs] == [None, "true"]  # b, before pooling, keeps it
+    relu = [n for n in nodes if n["op"] == "Activation"]
+    assert len(relu) == 1 and relu[0]["name"] == "a_relu" and nodes[relu[0]["inputs"][0][0]] is convs[0]
+    assert [n["op"] for n in convs[0]["subgraphs"][0]["nodes"] if n["op"] != "null"] == ["Convolution", "BatchNorm"]
+    want = _run(sym, arg, aux, x)
+    assert np.abs(_run(unfused, arg, aux, x) - want).max() <= 1e-5 * np.abs(want).max()
+    assert unfuse_relu(unfused) == (unfused, 0)  # nothing left to take out: the graph itself
+
+
+def test_without_the_relu_fused_the_next_convolution_reads_int8(tmp_path):
+    """Why unfuse_relu exists: MXNet types a fused ReLU's output u8 and an INT8 ReLU's s8, and
+    oneDNN chooses the next convolution's kernel by its input's type (DNNL_VERBOSE shows it)."""
+    import os
+    import subprocess
+    import sys
+
+    from mxvision.features import quantize
+    sym, arg, aux, x = _chain()
+    for unfuse in (False, True):
+        qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, x.asnumpy(), unfuse=unfuse)
+        assert record["relu_unfused"] == int(unfuse)
+        assert symbol_ops(qsym).count("_contrib_quantized_act") == int(unfuse)
+        out = _run(qsym, qarg, qaux, x)
+        want = _run(sym, arg, aux, x)
+        assert np.corrcoef(out.ravel(), want.ravel())[0, 1] > 0.95
+        qsym.save(str(tmp_path / f"q{int(unfuse)}-symbol.json"))
+        mx.nd.save(str(tmp_path / f"q{int(unfuse)}.params"), {**{"arg:" + k: v for k, v in qarg.items()},
+                                                              **{"aux:" + k: v for k, v in qaux.items()}})
+    mx.nd.save(str(tmp_path / "x.nd"), [x])
+    run = ("import sys, mxvision, mxnet as mx\n"
+           "sym, p = mx.sym.load(sys.argv[1] + '-symbol.json'), mx.nd.load(sys.argv[1] + '.params')\n"
+           "arg = {k[4:]: v for k, v in p.items() if k.startswith('arg:')}\n"
+           "aux = {k[4:]: v for k, v in p.items() if k.startswith('aux:')}\n"
+           "arg['data'] = mx.nd.load(sys.argv[2])[0]\n"
+           "sym.bind(mx.cpu(), arg, aux_states=aux, grad_req='null').forward()[0].wait_to_read()\n")
+    sources = {}
+    for unfuse in (0, 1):
+        out = subprocess.run([sys.executable, "-c", run, str(tmp_path / f"q{unfuse}"), str(tmp_path / "x.nd")],
+                             capture_output=True, text=True, env={**os.environ, "DNNL_VERBOSE": "1"},
+                             check=True).stdout
+        convs = [line.split(",") for line in out.splitlines()
+                 if line.startswith("dnnl_verbose,exec") and ",convolution," in line]
+        sources[unfuse] = [f[6].split()[0].split(":")[0] for f in convs]  # src_<type> of each convolution
+    assert sources[0] == ["src_s8", "src_u8"] and sources[1] == ["src_s8", "src_s8"], sources

@@ -48,6 +48,8 @@ def test_int8_features_are_close_to_float32_and_recorded(int8_store, small_store
     assert calib["calibrated_on"] == calib["checked_on"] == 8
     assert set(calib["feature_error"]) == set(quantize.CALIB_MODES)
     assert calib["feature_error"][calib["chosen"]] == min(calib["feature_error"].values())
+    # ReLUs left out of their convolutions where this CPU's kernels pay for it, and recorded
+    assert (calib["relu_unfused"] > 0) is quantize.unfuse_relu_pays()
     assert "seeded sample" in calib["source"]
     train_paths = {it["path"] for it in int8_store.items if it["split"] == "train"}
     assert set(calib["paths"]) <= train_paths  # sampled from the train split
