@@ -281,17 +281,19 @@ def _shape(text):
 def unfuse_relu(fused):
     """``(symbol, count)``: the graph ``fused`` -- what ``get_backend_symbol("MKLDNN_QUANTIZE")``
     made of a float32 graph, before ``quantize_graph`` -- with the ReLU taken back out of every
-    fused convolution whose outputs go only to other fused convolutions, as an ``Activation`` after
-    it; ``count`` of them. The same function; ``fused`` itself when there is none.
+    fused convolution whose output goes only into fused convolutions *with a residual sum*, as
+    their data; it becomes an ``Activation`` after it. ``count`` of them. The same function;
+    ``fused`` itself when there is none.
 
     Why: MXNet 1.9.1 gives a convolution with a fused ReLU an unsigned (u8) output and one without
-    a signed (s8) output, and its oneDNN 2.4.4 picks its kernel for the *next* convolution by that
-    type. On an AVX-512 VNNI CPU without AMX a u8 input gets the ``brgconv`` kernels, an s8 one the
-    older ``jit_int8`` ones, which ran the Xvision trunk's 1x1 convolutions with a residual sum
-    in half the time (31 against 16 ms per batch of 16, an AMD EPYC Zen 5; docs/BENCHMARKS.md,
-    conversion version 9). The ReLU then runs as MXNet's INT8 ReLU, which keeps s8: those
-    activations have 7 bits instead of 8. The stem's convolution, before its pooling, keeps its
-    ReLU."""
+    a signed (s8) output, and its oneDNN 2.4.4 picks the *next* convolution's kernel by that type.
+    On an AVX-512 VNNI CPU without AMX a u8 input gets the ``brgconv`` kernels, an s8 one the older
+    ``jit_int8`` ones, and with a residual sum fused in, ``brgconv`` took twice as long: the Xvision
+    trunk's 14 such 1x1 convolutions 31 ms per batch of 16, 16 ms with s8 inputs (an AMD EPYC Zen 5;
+    docs/BENCHMARKS.md, conversion version 9). Without a sum it was not slower, and unfusing every
+    ReLU before a convolution made the DenseNet-121 port 12% slower (many more INT8 ReLUs), so
+    only the convolutions before a sum lose theirs (ResNet's bottleneck: the 3x3 one). The ReLU
+    then runs as MXNet's INT8 ReLU, which keeps s8: those activations have 7 bits instead of 8."""
     graph = json.loads(fused.tojson())
     old = graph["nodes"]
     consumers = {}
@@ -319,7 +321,9 @@ def unfuse_relu(fused):
     split = {}
     for i, node in enumerate(old):
         users = consumers.get(i, [])
-        if users and i not in heads and all(old[u]["op"] == "_sg_mkldnn_conv" for u in users):
+        if users and i not in heads and all(old[u]["op"] == "_sg_mkldnn_conv" and old[u]["inputs"][0][0] == i
+                                            and old[u].get("attrs", {}).get("with_sum", "").lower() in ("true", "1")
+                                            for u in users):
             parts = relu_split(node)
             if parts:
                 split[i] = parts

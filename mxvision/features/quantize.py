@@ -128,10 +128,11 @@ ISA_CAPS_BELOW_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_MI
 
 def unfuse_relu_pays(flags=None, isa_cap=None):
     """Whether this process's oneDNN runs INT8 convolutions with AVX-512 VNNI and without AMX: there
-    a convolution with an s8 input ran faster than with a u8 one (its ``jit_int8`` kernels against
-    ``brgconv``), so the conversion leaves ReLUs unfused to give the next convolutions s8 inputs
-    (:func:`mxvision.features.int8_graph.unfuse_relu`; the Xvision trunk 1.1x faster on an AMD
-    EPYC Zen 5, its feature error 0.066 against 0.059: docs/BENCHMARKS.md, conversion version 9).
+    a convolution with a residual sum ran faster with an s8 input than with a u8 one (its
+    ``jit_int8`` kernels against ``brgconv``), so the conversion leaves the ReLUs before such
+    convolutions unfused (:func:`mxvision.features.int8_graph.unfuse_relu`; the Xvision trunk
+    1.1x faster on an AMD EPYC Zen 5, its feature error 0.063 against 0.059: docs/BENCHMARKS.md,
+    conversion version 9).
     With AMX (mxvision's default where the CPU has it) or without VNNI, the fused graph is kept:
     no gain was measured there. ``flags``: the CPU's (/proc/cpuinfo by default); ``isa_cap``:
     ``DNNL_MAX_CPU_ISA`` (the environment's by default)."""

@@ -197,35 +197,55 @@ def test_fold_preact_without_residual_sums_returns_the_graph(tmp_path):
 
 
 def _chain():
-    """data -> conv a (+BN, ReLU) -> conv b (+BN, ReLU) -> pooling, and its parameters: oneDNN
-    fuses each convolution with its BatchNorm and ReLU; ``a`` feeds only a convolution."""
+    """A residual unit and a plain convolution after it, with parameters and an input; oneDNN fuses
+    each convolution with its BatchNorm, ``a`` and ``c`` with their ReLU, ``b`` with the sum::
+
+        data -> a (+BN, ReLU) -> b (+BN) + shortcut(data) -> ReLU -> c (+BN, ReLU) -> d -> pooling
+
+    ``a`` feeds a convolution with a sum; ``c`` one without."""
     rs = np.random.RandomState(0)
     data = mx.sym.var("data")
-    a = mx.sym.Convolution(data, kernel=(1, 1), num_filter=16, no_bias=True, name="a")
-    a = mx.sym.Activation(mx.sym.BatchNorm(a, fix_gamma=False, name="a_bn"), act_type="relu", name="a_relu")
-    b = mx.sym.Convolution(a, kernel=(3, 3), pad=(1, 1), num_filter=16, no_bias=True, name="b")
-    b = mx.sym.Activation(mx.sym.BatchNorm(b, fix_gamma=False, name="b_bn"), act_type="relu", name="b_relu")
-    sym = mx.sym.Pooling(b, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")
-    arg = {"a_weight": rs.normal(0, 0.3, (16, 8, 1, 1)), "b_weight": rs.normal(0, 0.1, (16, 16, 3, 3))}
-    aux = {}
-    for bn in ("a_bn", "b_bn"):
-        arg[bn + "_gamma"], arg[bn + "_beta"] = rs.uniform(0.5, 1.5, 16), rs.normal(0, 0.5, 16)
-        aux[bn + "_moving_mean"], aux[bn + "_moving_var"] = rs.normal(0, 0.5, 16), rs.uniform(0.5, 2, 16)
+
+    def conv_bn(x, name, kernel=1, relu=True):
+        y = mx.sym.Convolution(x, kernel=(kernel, kernel), pad=(kernel // 2,) * 2, num_filter=16, no_bias=True,
+                               name=name)
+        y = mx.sym.BatchNorm(y, fix_gamma=False, name=name + "_bn")
+        return mx.sym.Activation(y, act_type="relu", name=name + "_relu") if relu else y
+
+    shortcut = mx.sym.Convolution(data, kernel=(1, 1), num_filter=16, no_bias=True, name="s")
+    unit = mx.sym.Activation(conv_bn(conv_bn(data, "a"), "b", 3, relu=False) + shortcut, act_type="relu",
+                             name="unit_relu")
+    d = mx.sym.Convolution(conv_bn(unit, "c", 3), kernel=(1, 1), num_filter=16, no_bias=True, name="d")
+    sym = mx.sym.Pooling(d, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")
+    arg, aux = {}, {}
+    for name in sym.list_arguments():
+        if name.endswith("_weight"):
+            arg[name] = rs.normal(0, 0.3 if name[0] in "asd" else 0.1, (16, 8 if name[0] in "as" else 16, 3 if name[0] in "bc" else 1, 3 if name[0] in "bc" else 1))
+        elif name.endswith("_gamma"):
+            arg[name] = rs.uniform(0.5, 1.5, 16)
+        elif name.endswith("_beta"):
+            arg[name] = rs.normal(0, 0.5, 16)
+    for name in sym.list_auxiliary_states():
+        aux[name] = rs.normal(0, 0.5, 16) if name.endswith("mean") else rs.uniform(0.5, 2, 16)
     to_nd = lambda d: {k: mx.nd.array(v) for k, v in d.items()}  # noqa: E731
     return sym, to_nd(arg), to_nd(aux), mx.nd.array(rs.uniform(-1, 1, (8, 8, 16, 16)))
 
 
-def test_unfuse_relu_takes_the_relu_out_of_a_convolution_that_feeds_a_convolution():
+def test_unfuse_relu_takes_the_relu_out_of_a_convolution_before_a_residual_sum():
     sym, arg, aux, x = _chain()
     fused = sym.get_backend_symbol("MKLDNN_QUANTIZE")
     unfused, count = unfuse_relu(fused)
     assert count == 1
     nodes = json.loads(unfused.tojson())["nodes"]
-    convs = [n for n in nodes if n["op"] == "_sg_mkldnn_conv"]
-    assert [n.get("attrs", {}).get("with_act") for n in convs] == [None, "true"]  # b, before pooling, keeps it
+    convs = {n["subgraphs"][0]["nodes"][2]["name"]: n for n in nodes if n["op"] == "_sg_mkldnn_conv"}
+    assert sorted(convs) == ["a", "b", "c", "d", "s"]
+    # a, before b's sum, loses its ReLU; c, before d (no sum), keeps it
+    assert {k: n.get("attrs", {}).get("with_act") for k, n in convs.items()} == \
+        {"a": None, "b": None, "c": "true", "d": None, "s": None}
+    assert convs["b"]["attrs"]["with_sum"] == "true"
     relu = [n for n in nodes if n["op"] == "Activation"]
-    assert len(relu) == 1 and relu[0]["name"] == "a_relu" and nodes[relu[0]["inputs"][0][0]] is convs[0]
-    assert [n["op"] for n in convs[0]["subgraphs"][0]["nodes"] if n["op"] != "null"] == ["Convolution", "BatchNorm"]
+    assert len(relu) == 1 and relu[0]["name"] == "a_relu" and nodes[relu[0]["inputs"][0][0]] is convs["a"]
+    assert [n["op"] for n in convs["a"]["subgraphs"][0]["nodes"] if n["op"] != "null"] == ["Convolution", "BatchNorm"]
     want = _run(sym, arg, aux, x)
     assert np.abs(_run(unfused, arg, aux, x) - want).max() <= 1e-5 * np.abs(want).max()
     assert unfuse_relu(unfused) == (unfused, 0)  # nothing left to take out: the graph itself
@@ -233,10 +253,12 @@ def test_unfuse_relu_takes_the_relu_out_of_a_convolution_that_feeds_a_convolutio
 
 def test_without_the_relu_fused_the_next_convolution_reads_int8(tmp_path):
     """Why unfuse_relu exists: MXNet types a fused ReLU's output u8 and an INT8 ReLU's s8, and
-    oneDNN chooses the next convolution's kernel by its input's type (DNNL_VERBOSE shows it)."""
+    oneDNN chooses the next convolution's kernel by its input's type (DNNL_VERBOSE shows it): b,
+    the convolution with the sum, reads s8 once ``a`` has no ReLU fused."""
     import os
     import subprocess
     import sys
+    from collections import Counter
 
     from mxvision.features import quantize
     sym, arg, aux, x = _chain()
@@ -264,5 +286,9 @@ def test_without_the_relu_fused_the_next_convolution_reads_int8(tmp_path):
                              check=True).stdout
         convs = [line.split(",") for line in out.splitlines()
                  if line.startswith("dnnl_verbose,exec") and ",convolution," in line]
-        sources[unfuse] = [f[6].split()[0].split(":")[0] for f in convs]  # src_<type> of each convolution
-    assert sources[0] == ["src_s8", "src_u8"] and sources[1] == ["src_s8", "src_s8"], sources
+        # each convolution's problem (its shapes) and input type
+        sources[unfuse] = Counter((f[-2], f[6].split()[0].split(":")[0]) for f in convs)
+    assert sum(sources[0].values()) == sum(sources[1].values()) == 5
+    # one convolution changed: a 3x3 one (b or c) read u8, now s8
+    assert [(p, t) for p, t in sources[0] - sources[1]] == [(p, "src_u8") for p, t in sources[1] - sources[0]]
+    assert [(("kh3" in p), t) for p, t in sources[1] - sources[0]] == [(True, "src_s8")], sources
