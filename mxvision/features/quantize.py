@@ -8,7 +8,9 @@
     float32 -- the torchxrayvision ports' ``relu`` and fused BatchNorm + ReLU, DenseNet's BatchNorm
     after each concatenation -- are first re-expressed with operators it quantizes, and ResNet
     v2's pre-activation BatchNorms folded into their neighbours (:mod:`mxvision.features.int8_graph`;
-    same float32 function). Activation ranges come from a
+    same float32 function). On a CPU with AVX-512 VNNI and no AMX, the ReLUs before a convolution
+    with a residual sum are then taken back out of their fused convolutions, for oneDNN's faster
+    kernel on s8 inputs (:func:`unfuse_relu_pays`). Activation ranges come from a
     *calibration set* of real images, split in two (:func:`calibrate`): one forward pass over the
     even-numbered films collects each layer's histogram, from which four calibrations are made --
     MXNet's ``entropy`` (cut where the KL divergence to the fp32 distribution is least) and
