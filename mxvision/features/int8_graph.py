@@ -115,6 +115,17 @@ def _rebuild(graph):
     return remap, add, entry, finish
 
 
+def _parsed(sym):
+    """``(graph, nodes, consumers, heads)`` of a symbol's JSON graph: ``consumers[id]`` lists the
+    nodes that read node ``id``; ``heads`` holds the ids of the graph's outputs."""
+    graph = json.loads(sym.tojson())
+    consumers = {}
+    for i, node in enumerate(graph["nodes"]):
+        for e in node.get("inputs", []):
+            consumers.setdefault(e[0], []).append(i)
+    return graph, graph["nodes"], consumers, {h[0] for h in graph["heads"]}
+
+
 def _from(old, node):
     """The operator whose output is the node's data input."""
     return old[node["inputs"][0][0]]["op"]
@@ -155,13 +166,7 @@ def fold_preact(sym, arg_params, aux_params):
     after a sum that feeds nothing else (the last unit of a stage): there MXNet's INT8 pass would
     fuse the ReLU left into the summing convolution, which lost accuracy. The inputs are not
     modified."""
-    graph = json.loads(sym.tojson())
-    old = graph["nodes"]
-    consumers = {}
-    for i, node in enumerate(old):
-        for e in node.get("inputs", []):
-            consumers.setdefault(e[0], []).append(i)
-    heads = {h[0] for h in graph["heads"]}
+    graph, old, consumers, heads = _parsed(sym)
     arg, aux = dict(arg_params), dict(aux_params)
 
     def own_conv(add_id):
@@ -290,17 +295,11 @@ def unfuse_relu(fused):
     On an AVX-512 VNNI CPU without AMX a u8 input gets the ``brgconv`` kernels, an s8 one the older
     ``jit_int8`` ones, and with a residual sum fused in, ``brgconv`` took twice as long: the Xvision
     trunk's 14 such 1x1 convolutions 31 ms per batch of 16, 16 ms with s8 inputs (an AMD EPYC Zen 5;
-    docs/BENCHMARKS.md, conversion version 9). Without a sum it was not slower, and unfusing every
+    docs/BENCHMARKS.md, conversion version 9). Without a sum the two ran about as fast, and unfusing every
     ReLU before a convolution made the DenseNet-121 port 12% slower (many more INT8 ReLUs), so
     only the convolutions before a sum lose theirs (ResNet's bottleneck: the 3x3 one). The ReLU
     then runs as MXNet's INT8 ReLU, which keeps s8: those activations have 7 bits instead of 8."""
-    graph = json.loads(fused.tojson())
-    old = graph["nodes"]
-    consumers = {}
-    for i, node in enumerate(old):
-        for e in node.get("inputs", []):
-            consumers.setdefault(e[0], []).append(i)
-    heads = {h[0] for h in graph["heads"]}
+    graph, old, consumers, heads = _parsed(fused)
 
     def relu_split(node):
         """The fused node's subgraph without its final ReLU, and that ReLU's name; or None."""
