@@ -50,8 +50,11 @@ against the conversion without it), ``isa`` (mxvision's default, which on a CPU 
 ``mxvision.runtime.use_amx``: oneDNN 2.4 in MXNet 1.9.1 does not use AMX by itself -- against
 ``MXVISION_AMX=0``, oneDNN's own AVX-512 VNNI kernels), ``unfuse`` (mxvision's conversion with the
 other choice of ``quantize.unfuse_relu_pays``: since conversion version 9, on a CPU with AVX-512
-VNNI and no AMX the ReLUs are left out of the convolutions that feed convolutions, so those get
-s8 inputs and oneDNN's ``jit_int8`` kernels instead of ``brgconv``; ``int8_graph.unfuse_relu``).
+VNNI and no AMX the ReLUs are left out of the convolutions that feed a convolution with a residual
+sum, so that one gets an s8 input and oneDNN's ``jit_int8`` kernel instead of ``brgconv``;
+``int8_graph.unfuse_relu``). The other levers' variants are made with MXNet's own flow
+(``quantize.quantize_with``), whose ReLUs stay fused: where ``unfuse_relu_pays``, they differ from
+mxvision INT8 by that too.
 
 ``--realistic-batchnorm``: the random trunk's BatchNorms are identities (mean 0, var 1, gamma 1,
 beta 0), so nothing is centred; with it, every engine gets a trunk whose BatchNorms have random
@@ -485,6 +488,8 @@ def mx_int8_variant(work, name, calib, calib_mode="entropy", quantize_mode="smar
             excluded = [tail] if tail.endswith("_conv") else None
         log(f"{name}: {counts}; left float32: {excluded}")
         if unfuse is not None:
+            if (calib_mode, quantize_mode, granularity, bn_after) != ("entropy", "smart", "tensor-wise", None):
+                raise ValueError("unfuse makes mxvision's own conversion: no other knob applies")
             qsym, qarg, qaux, record = calibrate(sym, arg, aux, calib, unfuse=unfuse)
             log(f"{name}: {describe_calibration(record)}")
         else:

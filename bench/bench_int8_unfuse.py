@@ -6,8 +6,8 @@ mxvision's INT8 conversion both ways, per network, on this CPU.
 Since conversion version 9, ``quantize.calibrate`` leaves the ReLU out of each convolution that
 feeds a convolution with a residual sum (``int8_graph.unfuse_relu``) where
 ``quantize.unfuse_relu_pays`` says so (AVX-512 VNNI, no AMX). This converts each network twice
-with the same calibration films and choice of calibration (``calibrate(..., unfuse=False)`` and
-``unfuse=True``) and times the two INT8 networks in one process, alternating every two batches
+with the same calibration films (``calibrate(..., unfuse=False)`` and
+``unfuse=True``; each chooses its calibration the same way) and times the two INT8 networks in one process, alternating every two batches
 (``--rounds`` pairs, the order swapped each round), so that a noisy host slows both alike; the
 figure is the median of the per-round ratios (fused time / unfused time: above 1, unfusing is
 faster). Feature error: relative L1 to float32 on held-out films.
@@ -20,8 +20,8 @@ Networks (RANDOM weights; speed does not depend on them):
   calibrate on, 16 to choose the calibration by; the error on the bench's 32 held-out films;
   batch 16);
 * torchxrayvision's DenseNet-121 (224 px, batch 8) and ResNet-50 (512 px, batch 4) ports, with
-  random BatchNorm statistics, on the same films (one channel, scaled to [-1024, 1024], upsampled
-  for 512 px; 16 given to ``calibrate``, 16 held out).
+  random BatchNorm statistics, on the same films (one channel, scaled to [-1024, 1024], resized
+  bilinearly to 512 px for the ResNet; 16 given to ``calibrate``, 16 held out).
 
 On a network with no such ReLU (DenseNet) both conversions are the same graph: their paired ratio
 shows the method's noise.
@@ -59,7 +59,7 @@ def xrv_port(kind, films, batch):
             p.set_data(mx.nd.array(rs.normal(0.0, 0.5, p.shape)))
     x = films[:, :1]
     if size != x.shape[-1]:
-        x = np.repeat(np.repeat(x, size // x.shape[-1], axis=2), size // x.shape[-1], axis=3)
+        x = mx.nd.contrib.BilinearResize2D(mx.nd.array(x), height=size, width=size).asnumpy()
     x = (1024 * (x - x.min()) / (x.max() - x.min()) * 2 - 1024).astype(np.float32)
     net.hybridize()
     net(mx.nd.array(x[:batch])).wait_to_read()
@@ -111,7 +111,8 @@ def main(argv=None):
                    help="a folder bench_int8_peers.py --work wrote (its fp32 trunk and films)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--networks", nargs="*", default=["xvision-trunk", "densenet121", "resnet50-512"])
+    p.add_argument("--networks", nargs="*", default=["xvision-trunk", "densenet121", "resnet50-512"],
+                   choices=["xvision-trunk", "densenet121", "resnet50-512"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before MXNet loads
@@ -123,6 +124,7 @@ def main(argv=None):
     from bench_extract import machine_info
     from mxvision.features import quantize
     log(f"unfuse_relu_pays on this CPU: {quantize.unfuse_relu_pays()}")
+    load_at_start = os.getloadavg()
     calib_films, held_films = np.load(args.work / "calibration.npy"), np.load(args.work / "held_out.npy")
     rows = []
     for name in args.networks:
@@ -133,7 +135,8 @@ def main(argv=None):
             kind, batch = ("densenet121", 8) if name == "densenet121" else ("resnet50", 4)
             rows.append(compare(name, *xrv_port(kind, calib_films, batch), args.rounds))
     out = args.out or BENCH / "results" / time.strftime("int8-unfuse-%Y%m%d-%H%M.json")
-    out.write_text(json.dumps({"machine": machine_info(), "load_average": os.getloadavg(),
+    out.write_text(json.dumps({"machine": machine_info(), "load_average_at_start": load_at_start,
+                               "load_average_at_end": os.getloadavg(),
                                "unfuse_relu_pays": quantize.unfuse_relu_pays(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -251,7 +251,8 @@ def int8_classifier(net, model, ctx, calibration, tolerance=DEFAULT_INT8_TOLERAN
                             f"{len(check_on)} held-out calibration films, more than --int8-tolerance "
                             f"{tolerance:g}; score in float32")
     check = {"films": len(check_on), "max_score_difference": worst, "tolerance": float(tolerance),
-             "calibration": {"source": source, "n_images": info["calibration"]["n_images"]}, "cache": info["cache"],
+             "calibration": {"source": source, "n_images": info["calibration"]["n_images"],
+                             "relu_unfused": info["calibration"].get("relu_unfused", 0)}, "cache": info["cache"],
              "key": info["key"]}
     if keep is not None:
         check["files"] = {"symbol": str(Path(keep) / info["symbol"]), "params": str(Path(keep) / info["params"])}

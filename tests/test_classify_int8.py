@@ -39,6 +39,7 @@ def test_int8_scores_come_from_the_converted_network_and_its_check_is_what_it_sa
     check = int8[0]["int8"]
     assert [r["dtype"] for r in int8] == ["int8", "int8"] and fp32[0]["dtype"] == "float32"
     assert check["films"] == 4 and check["calibration"]["n_images"] == 4 and check["tolerance"] == 1.0
+    assert check["calibration"]["relu_unfused"] == 0  # DenseNet has no convolution with a residual sum
     assert _int8(setup, setup["samples"][:1])[0]["int8"]["cache"] == "hit"  # converted once
     # the check's figure is the largest difference on the odd-numbered calibration films
     worst = _largest_difference(setup)

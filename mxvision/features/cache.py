@@ -191,9 +191,12 @@ def _made_from(info):
     mode = str(calib.get("chosen") or calib.get("mode", "?"))
     if calib.get("checked_on"):
         mode += f", chosen by agreement with float32 on {calib['checked_on']} other images"
+    unfused = calib.get("relu_unfused")
+    unfused = f", {unfused} ReLUs unfused for AVX-512 VNNI without AMX" if isinstance(unfused, int) and unfused else ""
     return (f"{info.get('backbone', '?')} cut {info.get('cut', '?')} (weights sha1 {weights}), "
             f"preset {preset or '?'}, {info.get('dtype', '?')} calibrated ({mode}) on "
-            f"{calib.get('calibrated_on', calib.get('n_images', '?'))} images, MXNet {info.get('mxnet_version', '?')}")
+            f"{calib.get('calibrated_on', calib.get('n_images', '?'))} images{unfused}, "
+            f"MXNet {info.get('mxnet_version', '?')}")
 
 
 def _weights_entries(folder):

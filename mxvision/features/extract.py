@@ -247,7 +247,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     precision = None
     if dtype != "float32":
         net, precision = quantize.prepare(net, dtype, ctx, preset, config, out_dir, calibration,
-                                          items, calibration_size)
+                                          items, calibration_size, resume_key=old_key if shards else None)
         if shards and old_key != precision["key"]:
             raise BadRun(out_dir, f"holds features of another {dtype} conversion (calibration set); "
                                   "choose a new --out or pass --overwrite")

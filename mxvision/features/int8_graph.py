@@ -293,9 +293,10 @@ def unfuse_relu(fused):
     Why: MXNet 1.9.1 gives a convolution with a fused ReLU an unsigned (u8) output and one without
     a signed (s8) output, and its oneDNN 2.4.4 picks the *next* convolution's kernel by that type.
     On an AVX-512 VNNI CPU without AMX a u8 input gets the ``brgconv`` kernels, an s8 one the older
-    ``jit_int8`` ones, and with a residual sum fused in, ``brgconv`` took twice as long: the Xvision
-    trunk's 14 such 1x1 convolutions 31 ms per batch of 16, 16 ms with s8 inputs (an AMD EPYC Zen 5;
-    docs/BENCHMARKS.md, conversion version 9). Without a sum the two ran about as fast, and unfusing every
+    ``jit_int8`` ones, and with a residual sum fused in, ``brgconv`` was slow: the Xvision trunk's
+    14 such 1x1 convolutions took 30 ms per batch of 16, and one of them 4.2 ms where a projection
+    of the same shape on s8, without the sum, took 1.3 ms (an AMD EPYC Zen 5; docs/BENCHMARKS.md,
+    conversion version 9). Without a sum the two ran about as fast, and unfusing every
     ReLU before a convolution made the DenseNet-121 port 12% slower (many more INT8 ReLUs), so
     only the convolutions before a sum lose theirs (ResNet's bottleneck: the 3x3 one). The ReLU
     then runs as MXNet's INT8 ReLU, which keeps s8: those activations have 7 bits instead of 8."""

@@ -125,6 +125,7 @@ def check_cpu(dtype, ctx, flags=None):
 
 
 #: ``DNNL_MAX_CPU_ISA`` caps below AVX-512 VNNI: oneDNN then has no ``brgconv`` INT8 kernels to avoid.
+#: (oneDNN 2.4 compares the value as it is: ``avx2`` is no cap to it, nor here.)
 ISA_CAPS_BELOW_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_MIC", "AVX512_MIC_4OPS", "AVX512_CORE"})
 
 
@@ -135,14 +136,15 @@ def unfuse_relu_pays(flags=None, isa_cap=None):
     convolutions unfused (:func:`mxvision.features.int8_graph.unfuse_relu`; the Xvision trunk
     1.1x faster on an AMD EPYC Zen 5, its feature error 0.063 against 0.059: docs/BENCHMARKS.md,
     conversion version 9).
-    With AMX (mxvision's default where the CPU has it) or without VNNI, the fused graph is kept:
-    no gain was measured there. ``flags``: the CPU's (/proc/cpuinfo by default); ``isa_cap``:
-    ``DNNL_MAX_CPU_ISA`` (the environment's by default)."""
+    With AMX (mxvision's default where the CPU has it: a cap naming AMX; oneDNN 2.4's ``ALL``
+    leaves AMX out) or without VNNI, the fused graph is kept: not measured there. ``flags``: the
+    CPU's (/proc/cpuinfo by default); ``isa_cap``: ``DNNL_MAX_CPU_ISA`` (the environment's by
+    default)."""
     flags = cpu_flags() if flags is None else set(flags)
-    cap = (os.environ.get("DNNL_MAX_CPU_ISA", "") if isa_cap is None else isa_cap).strip().upper()
+    cap = (os.environ.get("DNNL_MAX_CPU_ISA", "") if isa_cap is None else isa_cap).strip()
     if "avx512_vnni" not in flags or cap in ISA_CAPS_BELOW_VNNI:
         return False
-    return not ("AMX" in cap or (cap == "ALL" and "amx_int8" in flags))
+    return not ("AMX" in cap and {"amx_tile", "amx_int8"} <= flags)
 
 
 def file_names(dtype):
@@ -222,16 +224,17 @@ def load_calibration(paths, preset):
 
 
 # --------------------------------------------------------------------------- the converted network
-def model_key(features_info, dtype, calib_sha1=None):
+def model_key(features_info, dtype, calib_sha1=None, unfuse=None):
     """Everything the converted network depends on, hashed: backbone, cut, weights, preprocessing,
-    precision, calibration set and method, and the MXNet version that converted it."""
+    precision, calibration set and method, whether ReLUs are unfused (``unfuse``; by default
+    :func:`unfuse_relu_pays`), and the MXNet version that converted it."""
     parts = {"backbone": features_info["backbone"], "cut": features_info["cut"],
              "weights_sha1": features_info["weights"]["sha1"],
              "preprocessing": features_info["preprocessing"], "dtype": dtype,
              "calibration_sha1": calib_sha1, "calib_mode": CALIB_MODE if dtype == "int8" else None,
              "calib_modes": list(CALIB_MODES) if dtype == "int8" else None,
              "quantize_mode": QUANTIZE_MODE if dtype == "int8" else None,
-             "relu_unfused": unfuse_relu_pays() if dtype == "int8" else None,
+             "unfuse_relus": (unfuse_relu_pays() if unfuse is None else bool(unfuse)) if dtype == "int8" else None,
              "mxnet": mx.__version__, "conversion_version": CONVERSION_VERSION}
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -263,10 +266,11 @@ def to_bfloat16(net, ctx, preset):
         return amp.convert_hybrid_block(net, target_dtype="bfloat16", ctx=ctx)
 
 
-def convert(net, dtype, ctx, preset, calib_images=None, **options):
+def convert(net, dtype, ctx, preset, calib_images=None, unfuse=None, **options):
     """Convert a float32 backbone block to the INT8 ``(symbol, arg_params, aux_params, calibration)``.
 
-    ``calibration`` says how the activation ranges were chosen (:func:`calibrate`).
+    ``calibration`` says how the activation ranges were chosen (:func:`calibrate`, which ``unfuse``
+    goes to).
     ``options`` override what is passed to ``quantize_model_mkldnn`` (``calib_mode``,
     ``quantize_granularity``, ``excluded_sym_names``...): for benches that try other settings
     (bench/bench_xrv_int8_accuracy.py), which then calibrate on all ``calib_images``; mxvision's
@@ -280,7 +284,7 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
         log.info("graph re-expressed for the INT8 pass: %s", rewritten)
     tic = time.time()
     if not options:
-        qsym, qarg, qaux, calibration = calibrate(sym, arg, aux, calib_images)
+        qsym, qarg, qaux, calibration = calibrate(sym, arg, aux, calib_images, unfuse=unfuse)
     else:
         qsym, qarg, qaux, calibration = quantize_with(sym, arg, aux, calib_images, **options)
     # (tests look for "INT8 calibration on": the one line each conversion logs)
@@ -291,7 +295,9 @@ def convert(net, dtype, ctx, preset, calib_images=None, **options):
 def quantize_with(sym, arg, aux, calib_images, **options):
     """``quantize_model_mkldnn`` on the float32 graph ``sym`` with ``options`` over mxvision's
     defaults (entropy calibration on all ``calib_images``, ``quantize_mode`` :data:`QUANTIZE_MODE`):
-    ``(qsym, qarg, qaux, calibration)``, for benches that try one setting rather than choose."""
+    ``(qsym, qarg, qaux, calibration)``, for benches that try one setting rather than choose. MXNet's
+    own flow: every ReLU stays fused (no :func:`~mxvision.features.int8_graph.unfuse_relu`), so on a
+    CPU where :func:`unfuse_relu_pays`, such a network differs from mxvision's by that too."""
     from mxnet.contrib.quantization import quantize_model_mkldnn
     settings = {"calib_mode": "entropy", "quantized_dtype": "auto", "quantize_mode": QUANTIZE_MODE, **options}
     qsym, qarg, qaux = quantize_model_mkldnn(sym, arg, aux, ctx=mx.cpu(), calib_data=_batches(calib_images),
@@ -597,11 +603,11 @@ def _install(store_dir, entry, dtype):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib):
+def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib, unfuse=None):
     images = load_calibration(calib["paths"], preset) if calib else None
     if calib:
         calib["n_images"] = len(images)
-    sym, arg, aux, calibration = convert(net, dtype, ctx, preset, images)
+    sym, arg, aux, calibration = convert(net, dtype, ctx, preset, images, unfuse=unfuse)
     if calib:
         calib.update(calibration)
     record = {"key": key, "backbone": features_info["backbone"], "cut": features_info["cut"],
@@ -611,7 +617,7 @@ def _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib)
     return save(store_dir, dtype, sym, arg, aux, record)
 
 
-def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib):
+def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib, unfuse=None):
     """``(info, state)``: the network in the store, taken from the user cache or converted (and
     then cached). One process converts a key at a time (a lock file beside the entry); another
     waits for it and copies its result. An entry whose files do not match the sha1s its record
@@ -628,7 +634,7 @@ def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key,
             held.enter_context(locked_file(lock, holder=f"another process converting the {dtype} backbone"))
         except (OSError, MxvisionError) as err:
             warn_unwritable(entry.parent, _reason(err))
-            return _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib), "off"
+            return _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib, unfuse), "off"
         held.callback(_unlink_quietly, lock)  # while still holding it (see locked_file)
         info = _from_cache(entry, store_dir, dtype, key)  # converted by another process meanwhile?
         if info is not None:
@@ -636,7 +642,7 @@ def _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key,
         if entry.exists():
             log.warning("the cached %s backbone %s is damaged (its files do not match the sha1s its "
                         "record gives, or are missing); converting again and replacing it", dtype, entry)
-        info = _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib)
+        info = _convert_into(store_dir, net, dtype, ctx, preset, features_info, key, calib, unfuse)
         try:
             _install(store_dir, entry, dtype)
         except OSError as err:  # e.g. a full disk: the store has the network, the cache does not
@@ -653,14 +659,16 @@ def _unlink_quietly(path):
 
 
 def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None, items=(),
-            calibration_size=DEFAULT_CALIBRATION_SIZE):
+            calibration_size=DEFAULT_CALIBRATION_SIZE, resume_key=None):
     """The ``dtype`` version of ``net`` for extraction, converted once and cached.
 
     Looks for a converted network with the same key in ``store_dir`` (an earlier or interrupted
     run), then in the user cache (:func:`entry_folder`); otherwise converts (calibrating INT8 on
     ``calibration``) and writes it to both. Returns ``(block, info)``: ``info`` is the provenance
     the manifest records (key, files and their sha1, calibration set and method, and ``cache``:
-    one of :data:`CACHE_STATES`, with ``cache_entry`` the cache folder).
+    one of :data:`CACHE_STATES`, with ``cache_entry`` the cache folder). ``resume_key``: the key of
+    the features already in ``store_dir``; another key is refused in one line before anything in
+    the store is replaced.
     """
     dtype = check_dtype(dtype)
     check_cpu(dtype, ctx)
@@ -672,7 +680,12 @@ def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None,
             raise MxvisionError("--calibration", "no calibration images")
         calib = {"source": source, "n_images": len(paths), "sha1": calibration_hash(paths, preset),
                  "mode": CALIB_MODE, "quantize_mode": QUANTIZE_MODE, "paths": paths}
-    key = model_key(features_info, dtype, calib and calib["sha1"])
+    unfuse = unfuse_relu_pays() if dtype == "int8" else None  # decided once: the key says what is built
+    key = model_key(features_info, dtype, calib and calib["sha1"], unfuse)
+    if resume_key is not None and resume_key != key:
+        raise BadRun(store_dir, f"holds features of another {dtype} conversion (another calibration set, or "
+                                f"MXNet, or a CPU kind that gets another INT8 graph); choose a new --out or pass "
+                                f"--overwrite")
     if dtype == "bfloat16":
         info = {"key": key, "dtype": dtype, "method": "mxnet.contrib.amp.convert_hybrid_block, in memory",
                 "backbone": features_info["backbone"], "cut": features_info["cut"],
@@ -681,7 +694,7 @@ def prepare(net, dtype, ctx, preset, features_info, store_dir, calibration=None,
         return to_bfloat16(net, ctx, preset), info
     info, state = find(store_dir, dtype, key), "store"
     if info is None:
-        info, state = _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib)
+        info, state = _cached_or_converted(store_dir, net, dtype, ctx, preset, features_info, key, calib, unfuse)
     info = dict(info, cache=state, cache_entry=str(entry_folder(key)))
     return load_block(store_dir, info, ctx), info
 

@@ -80,6 +80,11 @@ def test_damaged_records_and_missing_folders(tmp_path, monkeypatch):
      "calibrated (entropy) on 3 images"),
     # a damaged record is described, not a crash
     ({"mode": "agreement", "chosen": 7, "checked_on": 2}, "calibrated (7, chosen by agreement"),
+    # since conversion version 9: ReLUs unfused for this CPU kind's kernels
+    ({"mode": "agreement", "chosen": "p99.99", "calibrated_on": 32, "checked_on": 32, "relu_unfused": 14},
+     "on 32 images, 14 ReLUs unfused for AVX-512 VNNI without AMX, MXNet"),
+    ({"mode": "agreement", "chosen": "p99.99", "calibrated_on": 32, "checked_on": 32, "relu_unfused": 0},
+     "on 32 images, MXNet"),
 ])
 def test_a_quantized_entry_says_which_calibration_it_holds(tmp_path, monkeypatch, calibration, says):
     monkeypatch.setenv("MXVISION_CACHE", str(tmp_path))

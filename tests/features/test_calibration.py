@@ -149,10 +149,11 @@ def test_feature_error():
 @pytest.mark.parametrize("flags, cap, pays", [
     ({"avx2", "avx512f", "avx512_vnni"}, "", True),  # AVX-512 VNNI, no AMX: AMD EPYC Zen 4 and 5
     ({"avx2", "avx512f", "avx512_vnni"}, "AVX512_CORE_VNNI", True),
-    ({"avx2", "avx512f", "avx512_vnni"}, "avx2", False),  # capped below VNNI by the user
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX2", False),  # capped below VNNI by the user
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX512_CORE_AMX", True),  # a cap naming AMX, on a CPU without it
     ({"avx2", "avx512f", "avx512_vnni"}, "AVX512_CORE", False),
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "AVX512_CORE_AMX", False),  # mxvision's AMX default
-    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "ALL", False),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "ALL", True),  # oneDNN 2.4's ALL leaves AMX out
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "", True),  # MXVISION_AMX=0: VNNI kernels
     ({"avx2", "fma"}, "", False),  # AVX2 only (AMD EPYC Zen 3): no brgconv kernels to avoid
     (set(), "", False),  # flags unknown (not Linux)

@@ -11,6 +11,7 @@ from mxvision.errors import BadRun, MxvisionError
 from mxvision.export import export_model, load_exported
 from mxvision.features.extract import FeatureStore, extract_features
 from mxvision.inference import predict
+from mxvision.utils import file_digest
 from mxvision.runtime import cpu_flags
 from mxvision.train.loop import load_head, predict_probs, train_head
 from support.cli import one_line_error, run_cli
@@ -73,8 +74,11 @@ def test_int8_model_is_cached_by_key_and_reused(int8_store, synth_index, tmp_pat
     np.testing.assert_array_equal(again.load()[0], int8_store.load()[0])
     # another calibration set is another key, and a resumed store refuses to mix the two
     paths = [it["path"] for it in int8_store.items[:5]]
+    kept = file_digest(tmp_path / "again" / "backbone-int8.params", "sha1")
     with pytest.raises(BadRun, match="another int8 conversion"):
         _extract(synth_index, tmp_path / "again", dtype="int8", calibration=paths)
+    # refused before converting: the store's network is still the one its features came from
+    assert file_digest(tmp_path / "again" / "backbone-int8.params", "sha1") == kept
     other = _extract(synth_index, tmp_path / "other", dtype="int8", calibration=paths)
     assert other.manifest["precision"]["key"] != key
     assert other.manifest["precision"]["calibration"]["n_images"] == 5
