@@ -75,14 +75,14 @@ def compare(name, sym, arg, aux, calib, held, batch, rounds):
     import mxnet as mx
     from mxvision.features import int8_graph, quantize
     sym, arg, aux, _ = int8_graph.int8_ready(sym, arg, aux)
-    want = quantize._forward(sym, arg, aux, held)
+    want = quantize.graph_outputs(sym, arg, aux, held)
     runs, row = {}, {"network": name, "batch": batch}
     for unfuse in (False, True):
         tic = time.time()
         qsym, qarg, qaux, record = quantize.calibrate(sym, arg, aux, calib, unfuse=unfuse)
         key = "unfused" if unfuse else "fused"
         row[key] = {"relus_unfused": record["relu_unfused"], "calibration": record["chosen"],
-                    "feature_error": round(quantize.feature_error(want, quantize._forward(qsym, qarg, qaux, held)), 5),
+                    "feature_error": round(quantize.feature_error(want, quantize.graph_outputs(qsym, qarg, qaux, held)), 5),
                     "calibration_seconds": round(time.time() - tic, 1)}
         exe = qsym.bind(mx.cpu(), {**qarg, "data": mx.nd.array(held[np.arange(batch) % len(held)])},
                         aux_states=qaux, grad_req="null")

@@ -320,8 +320,8 @@ def _module(sym, arg, aux, images):
     return mod
 
 
-def _forward(sym, arg, aux, images):
-    """``sym``'s output for ``images`` (batches of up to 16), as one float32 array."""
+def graph_outputs(sym, arg, aux, images):
+    """``sym``'s output for ``images`` (batches of up to 16), as one float32 array: a converted network's features, for comparing it with float32 (:func:`feature_error`)."""
     mod = _module(sym, arg, aux, images)
     outputs = []
     for batch_data in _batches(images):
@@ -382,8 +382,8 @@ def calibrate(sym, arg, aux, images, modes=CALIB_MODES, unfuse=None):
         candidates[mode] = (q.get_backend_symbol("MKLDNN_QUANTIZE"), qarg, qaux)
     calibration = {"chosen": modes[0], "calibrated_on": len(fit), "checked_on": len(check), "relu_unfused": unfused}
     if len(check):
-        want = _forward(sym, arg, aux, check)
-        errors = {mode: feature_error(want, _forward(*candidates[mode], check)) for mode in modes}
+        want = graph_outputs(sym, arg, aux, check)
+        errors = {mode: feature_error(want, graph_outputs(*candidates[mode], check)) for mode in modes}
         calibration.update(chosen=min(modes, key=lambda m: (errors[m], modes.index(m))),
                            feature_error={m: round(e, 6) for m, e in errors.items()})
         log.info("INT8 calibration: %s", describe_calibration(calibration))
