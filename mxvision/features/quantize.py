@@ -321,7 +321,8 @@ def _module(sym, arg, aux, images):
 
 
 def graph_outputs(sym, arg, aux, images):
-    """``sym``'s output for ``images`` (batches of up to 16), as one float32 array: a converted network's features, for comparing it with float32 (:func:`feature_error`)."""
+    """``sym``'s output for ``images`` (batches of up to 16), as one float32 array: a converted
+    network's features, to compare with float32's (:func:`feature_error`)."""
     mod = _module(sym, arg, aux, images)
     outputs = []
     for batch_data in _batches(images):
