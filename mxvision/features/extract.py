@@ -245,14 +245,11 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         redo = [s["row"] for s in skipped]
         shards = [s for s in shards if not any(s["start"] <= row < s["stop"] for row in redo)]
     precision = None
+    # another dtype is another configuration, refused above (_resume_state); another conversion of
+    # the same dtype is refused by prepare, before it converts
     if dtype != "float32":
         net, precision = quantize.prepare(net, dtype, ctx, preset, config, out_dir, calibration,
                                           items, calibration_size, resume_key=old_key if shards else None)
-        if shards and old_key != precision["key"]:
-            raise BadRun(out_dir, f"holds features of another {dtype} conversion (calibration set); "
-                                  "choose a new --out or pass --overwrite")
-    elif shards and old_key is not None:
-        raise BadRun(out_dir, "holds features of another precision; choose a new --out or pass --overwrite")
     if pooled:
         net = Pooled(net)
     manifest = dict(config, splits_assigned=split_note, shards=shards, skipped=skipped,

@@ -233,3 +233,13 @@ def test_cli_extract_options(synth_index, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mxvision", "extract", "--index", str(synth_index),
                         "--out", str(tmp_path / "g"), "--dtype", "int4"], capture_output=True, text=True)
     assert r.returncode != 0 and "int4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_store_of_another_precision_is_refused_before_anything_is_converted(small_store, int8_store, synth_index):
+    """Resuming float32 features as int8, or int8 features as float32 (the dtype is part of the
+    store's configuration): one line, nothing written."""
+    for store, dtype in ((small_store, "int8"), (int8_store, "float32")):
+        before = sorted(p.name for p in store.path.iterdir())
+        with pytest.raises(BadRun, match="another index or configuration"):
+            _extract(synth_index, store.path, dtype=dtype, calibration_size=16)
+        assert sorted(p.name for p in store.path.iterdir()) == before
