@@ -49,14 +49,11 @@ def xrv_port(kind, films, batch):
     import mxnet as mx
     from mxvision.models.xrv.densenet import XRVDenseNet
     from mxvision.models.xrv.resnet import XRVResNet
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from support.graphs import random_batchnorm  # the tests' BatchNorms that are not identities
     net, size = (XRVDenseNet(), 224) if kind == "densenet121" else (XRVResNet(), 512)
     net.init_random(mx.cpu())
-    rs = np.random.RandomState(0)
-    for name, p in net.collect_params().items():
-        if name.endswith(("running_var", "gamma")):
-            p.set_data(mx.nd.array(rs.uniform(0.5, 2.0, p.shape)))
-        elif name.endswith(("running_mean", "beta")):
-            p.set_data(mx.nd.array(rs.normal(0.0, 0.5, p.shape)))
+    random_batchnorm(net, np.random.RandomState(0))
     x = films[:, :1]
     if size != x.shape[-1]:
         x = mx.nd.contrib.BilinearResize2D(mx.nd.array(x), height=size, width=size).asnumpy()
