@@ -37,7 +37,7 @@ import json
 import mxnet as mx
 import numpy as np
 
-__all__ = ["int8_ready", "fold_preact", "unfuse_relu"]
+__all__ = ["int8_ready", "fold_preact", "unfuse_relu", "batchnorms_as_convs"]
 
 
 #: The operators after which a BatchNorm becomes a depthwise convolution.
@@ -150,7 +150,7 @@ def _bn_as_conv(node, old, arg, aux, add, entry):
                 "inputs": [entry(node["inputs"][0]), [weight, 0, 0], [bias, 0, 0]]})
 
 
-def fold_preact(sym, arg_params, aux_params):
+def fold_preact(sym, arg_params, aux_params, stage_ends=False):
     """``(symbol, arg_params, aux_params, folded)``: ResNet v2's pre-activation BatchNorms after the
     residual sums folded away, the same function up to float32 rounding; ``folded`` counts them.
 
@@ -164,7 +164,8 @@ def fold_preact(sym, arg_params, aux_params):
     A BatchNorm stays where that would not be exact: a ``w <= 0`` channel, a consumer that is not a
     plain convolution, or a sum with no convolution of its own to carry the shift. It also stays
     after a sum that feeds nothing else (the last unit of a stage): there MXNet's INT8 pass would
-    fuse the ReLU left into the summing convolution, which lost accuracy. The inputs are not
+    fuse the ReLU left into the summing convolution, which lost accuracy; ``stage_ends=True`` folds
+    those too (a lever of bench/bench_int8_variants.py, not the conversion). The inputs are not
     modified."""
     graph, old, consumers, heads = _parsed(sym)
     arg, aux = dict(arg_params), dict(aux_params)
@@ -208,8 +209,8 @@ def fold_preact(sym, arg_params, aux_params):
         if not convs or not all(scalable(c, relu) for c in convs):
             continue
         others = [u for u in consumers[add_id] if u != i]
-        if add_id in heads or not others or any(old[u]["op"] != "elemwise_add" or own_conv(u) is None
-                                                for u in others):
+        if add_id in heads or (not others and not stage_ends) \
+                or any(old[u]["op"] != "elemwise_add" or own_conv(u) is None for u in others):
             # the shifted stream would reach something that cannot take the shift out; or the sum
             # feeds only this BatchNorm (the unit before a downsampling one), where MXNet 1.9.1's
             # INT8 pass would fuse the ReLU left into the summing convolution, u8 out: that lost
@@ -256,6 +257,31 @@ def fold_preact(sym, arg_params, aux_params):
             attrs["no_bias"] = "False"
         remap[i] = add(dict(node, attrs=attrs, inputs=inputs))
     return finish(), arg, aux, len(fold)
+
+
+def batchnorms_as_convs(sym, arg_params, aux_params, after=("Pooling", "elemwise_add"), tail=False):
+    """``(symbol, arg_params, aux_params, count)``: every inference BatchNorm whose data comes from
+    one of the ``after`` operators re-expressed as a depthwise 1x1 convolution (as DenseNet's after a
+    ``Concat`` in :func:`int8_ready`), the same function; ``count`` of them. The BatchNorm that feeds
+    the graph's output, directly or through its ReLU, stays (MXNet's ``smart`` INT8 mode leaves it
+    float32) unless ``tail``. For the levers of bench/bench_int8_variants.py: run after
+    :func:`int8_ready`, on what its fold left. The inputs are not modified."""
+    graph, old, consumers, heads = _parsed(sym)
+    arg, aux = dict(arg_params), dict(aux_params)
+    remap, add, entry, finish = _rebuild(graph)
+    count = 0
+    for i, node in enumerate(old):
+        if node["op"] == "null":
+            continue
+        attrs = node.get("attrs", {})
+        at_output = i in heads or any(u in heads for u in consumers.get(i, []))
+        if node["op"] == "BatchNorm" and _from(old, node) in after \
+                and attrs.get("output_mean_var", "False") == "False" and (tail or not at_output):
+            remap[i] = _bn_as_conv(node, old, arg, aux, add, entry)
+            count += 1
+            continue
+        remap[i] = add(dict(node, inputs=[entry(e) for e in node.get("inputs", [])]))
+    return (finish() if count else sym), arg, aux, count
 
 
 def _affine(node, old, arg, aux):

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from mxvision.features.int8_graph import fold_preact, int8_ready, unfuse_relu
+from mxvision.features.int8_graph import batchnorms_as_convs, fold_preact, int8_ready, unfuse_relu
 from mxvision.models.xrv.densenet import XRVDenseNet
 from mxvision.models.xrv.resnet import XRVResNet
 from support.graphs import random_batchnorm, symbol_ops
@@ -188,6 +188,36 @@ def test_fold_preact_leaves_a_batchnorm_with_a_negative_scale(tmp_path):
     assert folded == 2 and any(n.endswith(foldable[1]) for n in _bn_after_sum(sym2))
     before, after = _run(sym, arg, aux, x), _run(sym2, arg2, aux2, x)
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+
+
+def test_fold_preact_at_stage_ends_too(tmp_path):
+    """``stage_ends=True`` (a bench lever) also folds the 3 BatchNorms after the last unit of a
+    stage, whose sum feeds only them; the final one stays (no convolution after it). Same outputs."""
+    sym, arg, aux, x = _resnet_v2(tmp_path)
+    sym2, arg2, aux2, folded = fold_preact(sym, arg, aux, stage_ends=True)
+    assert folded == 6 and len(_bn_after_sum(sym2)) == 1
+    before, after = _run(sym, arg, aux, x), _run(sym2, arg2, aux2, x)
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+
+
+def test_batchnorms_as_convs_leaves_the_output_batchnorm_unless_asked(tmp_path):
+    """The net cut after its final BatchNorm + ReLU, as the Xvision trunk is: after the fold, the 3
+    stage-end BatchNorms and the final one follow a sum. The 3 become depthwise convolutions, the
+    final one too with ``tail=True``; the outputs stay the same, and with nothing to convert (this
+    net has no pooling before a BatchNorm) the graph is returned."""
+    sym, arg, aux, x = _resnet_v2(tmp_path)
+    sym = sym.get_internals()[[n for n in sym.get_internals().list_outputs() if n.endswith("_relu0_fwd_output")][0]]
+    arg = {k: v for k, v in arg.items() if k in sym.list_arguments()}
+    sym, arg, aux, _ = fold_preact(sym, arg, aux)
+    before = _run(sym, arg, aux, x)
+    for tail, count in ((False, 3), (True, 4)):
+        sym2, arg2, aux2, n = batchnorms_as_convs(sym, arg, aux, after=("elemwise_add",), tail=tail)
+        assert n == count and len(_bn_after_sum(sym2)) == 4 - count
+        assert symbol_ops(sym2).count("BatchNorm") == symbol_ops(sym).count("BatchNorm") - count
+        assert set(sym2.list_arguments()) - {"data"} == set(arg2)
+        after = _run(sym2, arg2, aux2, x)
+        assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+    assert batchnorms_as_convs(sym, arg, aux, after=("Pooling",))[::3] == (sym, 0)
 
 
 def test_fold_preact_without_residual_sums_returns_the_graph(tmp_path):
