@@ -316,15 +316,17 @@ def _openvino_profile(state, msg):
     x = _batch(state, msg["batch"])
     for _ in range(2):
         request.infer({0: x})
-    times, nodes = {}, {}
+    times, nodes, wall = {}, {}, 0.0
     for _ in range(msg["batches"]):
+        tic = time.perf_counter()
         request.infer({0: x})
+        wall += time.perf_counter() - tic
         for p in request.get_profiling_info():
             if p.status == p.Status.EXECUTED:
                 key = f"{p.node_type} {p.exec_type}"
                 times[key] = times.get(key, 0.0) + p.real_time.total_seconds() * 1000
                 nodes[key] = nodes.get(key, 0) + 1
-    return top_times(times, msg["batches"], nodes)
+    return {"rows": top_times(times, msg["batches"], nodes), "totals": profile_totals(times, wall, msg["batches"])}
 
 
 def _quantize(state, msg):
@@ -770,10 +772,13 @@ def main():
                 ov = specs["openvino int8"][1]
                 result["openvino_profile"] = {"openvino int8": worker("peers").call(
                     cmd="openvino_profile", model=ov["model"], config=ov["config"], batch=args.batch, batches=4)}
-            for label, rows in {**result["onednn_profile"], **result.get("openvino_profile", {})}.items():
+            for label, profile in {**result["onednn_profile"], **result.get("openvino_profile", {})}.items():
                 print(f"\ntime by primitive (oneDNN) or node type (OpenVINO), {label} (share of the sum):")
-                for key, row in rows.items():
+                for key, row in profile["rows"].items():
                     print(f"  {row['share']:6.1%}  {row['ms_per_batch']:8.1f} ms/batch  {key}")
+                t = profile["totals"]
+                print(f"  all of them {t['all_ms_per_batch']} ms/batch; wall {t['wall_ms_per_batch']} ms/batch "
+                      f"(outside them: {t['outside_ms_per_batch']})")
         result["loadavg_at_end"] = [round(a, 2) for a in os.getloadavg()]
     finally:
         for w in workers.values():
@@ -845,7 +850,9 @@ def lever_engines(lever, specs, files, work, args):
 
 def onednn_profile(spec, args, work, env, batches=4):
     """oneDNN's own timing (DNNL_VERBOSE=1) of ``batches`` batches of an engine, summed by primitive
-    and implementation: where the INT8 network spends its time (shares hold under load too)."""
+    and implementation: where the INT8 network spends its time (shares hold under load too).
+    ``{"rows": ..., "totals": ...}``: the totals set the primitives' sum beside the batches' wall
+    time, whose difference is the time spent outside them (MXNet's engine, the input's copy)."""
     with tempfile.TemporaryFile("w+") as err:
         w = Worker(sys.executable, "mxnet", work, dict(env, DNNL_VERBOSE="1", OMP_NUM_THREADS=str(args.threads)),
                    stderr=err)
@@ -853,7 +860,7 @@ def onednn_profile(spec, args, work, env, batches=4):
             w.call(cmd="load", name="profiled", spec=spec, batch=args.batch)
             err.flush()
             start = err.tell()
-            w.call(cmd="run", name="profiled", iters=batches)
+            wall = w.call(cmd="run", name="profiled", iters=batches)["seconds"]
         finally:
             w.close()
         err.seek(start)
@@ -863,7 +870,15 @@ def onednn_profile(spec, args, work, env, batches=4):
             if len(f) > 5 and f[0] == "dnnl_verbose" and f[1] == "exec":
                 key = f"{f[3]} {f[4]}"
                 times[key] = times.get(key, 0.0) + float(f[-1])
-    return top_times(times, batches)
+    return {"rows": top_times(times, batches), "totals": profile_totals(times, wall, batches)}
+
+
+def profile_totals(times, wall_seconds, batches):
+    """ms per batch: all the primitives (or nodes) of a profile, the batches' wall time, and the
+    difference: the time outside them."""
+    inside, wall = sum(times.values()) / batches, 1000 * wall_seconds / batches
+    return {"all_ms_per_batch": round(inside, 1), "wall_ms_per_batch": round(wall, 1),
+            "outside_ms_per_batch": round(wall - inside, 1)}
 
 
 def top_times(times, batches, counts=None):

@@ -68,6 +68,31 @@ def xrv_port(kind, films, batch):
     return sym, arg, aux, x[:16], x[16:32], batch
 
 
+def bound(qsym, qarg, qaux, held, batch):
+    """An executor of the INT8 network on a batch of ``batch`` held-out films, warmed up (oneDNN
+    creates its primitives on the first runs)."""
+    import mxnet as mx
+    exe = qsym.bind(mx.cpu(), {**qarg, "data": mx.nd.array(held[np.arange(batch) % len(held)])},
+                    aux_states=qaux, grad_req="null")
+    for _ in range(3):
+        exe.forward(is_train=False)[0].wait_to_read()
+    return exe
+
+
+def alternate(runs, rounds):
+    """``{name: [seconds per batch, one per round]}``: the executors ``runs`` timed in one process in
+    alternation, two batches each per round, the order reversed every other round, so that a noisy
+    host slows them all alike."""
+    names, times = list(runs), {k: [] for k in runs}
+    for r in range(rounds):
+        for key in (names if r % 2 == 0 else names[::-1]):
+            tic = time.perf_counter()
+            for _ in range(2):
+                runs[key].forward(is_train=False)[0].wait_to_read()
+            times[key].append((time.perf_counter() - tic) / 2)
+    return times
+
+
 def compare(name, sym, arg, aux, calib, held, batch, rounds):
     import mxnet as mx
     from mxvision.features import int8_graph, quantize
@@ -81,18 +106,8 @@ def compare(name, sym, arg, aux, calib, held, batch, rounds):
         row[key] = {"relus_unfused": record["relu_unfused"], "calibration": record["chosen"],
                     "feature_error": round(quantize.feature_error(want, quantize.graph_outputs(qsym, qarg, qaux, held)), 5),
                     "calibration_seconds": round(time.time() - tic, 1)}
-        exe = qsym.bind(mx.cpu(), {**qarg, "data": mx.nd.array(held[np.arange(batch) % len(held)])},
-                        aux_states=qaux, grad_req="null")
-        for _ in range(3):  # warm-up: primitive creation
-            exe.forward(is_train=False)[0].wait_to_read()
-        runs[key] = exe
-    times = {k: [] for k in runs}
-    for r in range(rounds):
-        for key in (("fused", "unfused") if r % 2 == 0 else ("unfused", "fused")):
-            tic = time.perf_counter()
-            for _ in range(2):
-                runs[key].forward(is_train=False)[0].wait_to_read()
-            times[key].append((time.perf_counter() - tic) / 2)
+        runs[key] = bound(qsym, qarg, qaux, held, batch)
+    times = alternate(runs, rounds)
     fused, unfused = np.array(times["fused"]), np.array(times["unfused"])
     row.update(fused_ms=round(1000 * float(np.median(fused)), 1), unfused_ms=round(1000 * float(np.median(unfused)), 1),
                fused_over_unfused_paired=round(float(np.median(fused / unfused)), 3), rounds=rounds)
@@ -102,20 +117,35 @@ def compare(name, sym, arg, aux, calib, held, batch, rounds):
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def work_parser(doc, rounds):
+    """The arguments of the benches that time INT8 networks in one process on the files of a
+    ``bench_int8_peers.py --work`` folder: ``--work``, ``--rounds``, ``--threads``, ``--out``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--work", type=Path, required=True,
                    help="a folder bench_int8_peers.py --work wrote (its fp32 trunk and films)")
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--networks", nargs="*", default=["xvision-trunk", "densenet121", "resnet50-512"],
-                   choices=["xvision-trunk", "densenet121", "resnet50-512"])
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before MXNet loads
-    for name in ("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy"):
+    return p
+
+
+def checked_work(args):
+    """Stop with one line on bad arguments or a ``--work`` folder without the peers bench's files;
+    then fix the threads (before MXNet loads)."""
+    if args.rounds < 2 or args.threads < 1:
+        sys.exit("--rounds must be >= 2 and --threads >= 1")
+    for name in ("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy", "weights.txt"):
         if not (args.work / name).is_file():
             sys.exit(f"--work {args.work}: no {name} (run bench/bench_int8_peers.py --work {args.work} first)")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+
+def main(argv=None):
+    p = work_parser(__doc__, rounds=40)
+    p.add_argument("--networks", nargs="*", default=["xvision-trunk", "densenet121", "resnet50-512"],
+                   choices=["xvision-trunk", "densenet121", "resnet50-512"])
+    args = p.parse_args(argv)
+    checked_work(args)
     import mxvision  # noqa: F401  (before MXNet: NumPy compatibility, AMX)
     import mxnet as mx
     from bench_extract import machine_info
