@@ -129,12 +129,12 @@ def work_parser(doc, rounds):
     return p
 
 
-def checked_work(args):
-    """Stop with one line on bad arguments or a ``--work`` folder without the peers bench's files;
-    then fix the threads (before MXNet loads)."""
+def checked_work(args, needs=("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy")):
+    """Stop with one line on bad arguments or a ``--work`` folder without the peers bench's files
+    ``needs``; then fix the threads (before MXNet loads)."""
     if args.rounds < 2 or args.threads < 1:
         sys.exit("--rounds must be >= 2 and --threads >= 1")
-    for name in ("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy", "weights.txt"):
+    for name in needs:
         if not (args.work / name).is_file():
             sys.exit(f"--work {args.work}: no {name} (run bench/bench_int8_peers.py --work {args.work} first)")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)

@@ -24,7 +24,8 @@ figure is the median of the per-round ratios shipped time ÷ variant time (above
 faster). Feature error: relative L1 to float32 on the bench's 32 held-out films.
 
 ``--work``: a folder ``bench_int8_peers.py --work`` wrote (``fp32-symbol.json``, ``calibration.npy``,
-``held_out.npy``); with ``--realistic-batchnorm`` there, the trunk's BatchNorms are not identities.
+``held_out.npy``, and ``weights.txt``, which says what weights the results are of); with
+``--realistic-batchnorm`` there, the trunk's BatchNorms are not identities.
 RANDOM weights: speed does not depend on them, the errors only describe this network.
 """
 import json
@@ -63,7 +64,7 @@ def main(argv=None):
     p = work_parser(__doc__, rounds=30)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = p.parse_args(argv)
-    checked_work(args)
+    checked_work(args, needs=("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy", "weights.txt"))
     import mxvision  # noqa: F401  (before MXNet: NumPy compatibility, AMX)
     import mxnet as mx
     from bench_extract import machine_info
