@@ -852,7 +852,8 @@ def onednn_profile(spec, args, work, env, batches=4):
     """oneDNN's own timing (DNNL_VERBOSE=1) of ``batches`` batches of an engine, summed by primitive
     and implementation: where the INT8 network spends its time (shares hold under load too).
     ``{"rows": ..., "totals": ...}``: the totals set the primitives' sum beside the batches' wall
-    time, whose difference is the time spent outside them (MXNet's engine, the input's copy)."""
+    time, whose difference is the time spent outside them (MXNet's dispatch, the copies in and out,
+    DNNL_VERBOSE's own logging)."""
     with tempfile.TemporaryFile("w+") as err:
         w = Worker(sys.executable, "mxnet", work, dict(env, DNNL_VERBOSE="1", OMP_NUM_THREADS=str(args.threads)),
                    stderr=err)

@@ -129,7 +129,11 @@ def work_parser(doc, rounds):
     return p
 
 
-def checked_work(args, needs=("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy")):
+#: What these benches read from a ``bench_int8_peers.py --work`` folder.
+WORK_FILES = ("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy")
+
+
+def checked_work(args, needs=WORK_FILES):
     """Stop with one line on bad arguments or a ``--work`` folder without the peers bench's files
     ``needs``; then fix the threads (before MXNet loads)."""
     if args.rounds < 2 or args.threads < 1:

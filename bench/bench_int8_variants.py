@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_int8_unfuse import alternate, bound, checked_work, work_parser
+from bench_int8_unfuse import WORK_FILES, alternate, bound, checked_work, work_parser
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("fold-stage-ends", "fold-stage-ends-bn-pool", "bn-pool", "bn-pool-stage", "bn-pool-stage-tail")
@@ -69,7 +69,7 @@ def main(argv=None):
     p = work_parser(__doc__, rounds=30)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = p.parse_args(argv)
-    checked_work(args, needs=("fp32-symbol.json", "fp32-0000.params", "calibration.npy", "held_out.npy", "weights.txt"))
+    checked_work(args, needs=WORK_FILES + ("weights.txt",))
     import mxvision  # noqa: F401  (before MXNet: NumPy compatibility, AMX)
     import mxnet as mx
     from bench_extract import machine_info
