@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mxvision.data import transforms  # noqa: E402
 from mxvision.features.store import FORMAT_VERSION, MANIFEST, FeatureStore  # noqa: E402
 from mxvision.features.quantize import Pooled, load_extractor  # noqa: F401  (load_extractor: public here too)
 from mxvision.features.stream import ImageBatchLoader, choose_loader
+from mxvision import runtime
 from mxvision.runtime import parse_ctx
 from mxvision.data.folder import index_from_folder
 from mxvision.data.index import read_index
@@ -195,7 +197,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                      shard_size=256, allow_random=False, strict=False, overwrite=False,
                      progress=True, workers=2, dtype="float32", calibration=None,
                      calibration_size=quantize.DEFAULT_CALIBRATION_SIZE, storage_dtype="float32",
-                     pooled=False, loader="auto", share=None):
+                     pooled=False, loader="auto", share=None, streams=None):
     """Extract backbone features for every image of ``index`` into ``out_dir``; return the store.
 
     Images that cannot be read are skipped, counted and listed in the manifest (``strict=True``
@@ -209,11 +211,16 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     decoded (``auto`` = ``thread``, or ``process`` for decoders that hold the GIL),
     ``workers`` of them.
     ``share=(rank, n)``: only shards k with k % n == rank, in a folder of its own (mxvision.distributed.kvstore).
+    ``streams``: copies of the network run side by side on alternate batches (None: ``MXVISION_STREAMS``,
+    which must be set before the process starts; :func:`mxvision.runtime.streams`).
     """
     started = time.time()
     out_dir = Path(out_dir)
     ctx = parse_ctx(ctx)  # cheap argument checks first, before any file is read
     dtype = quantize.check_dtype(dtype)
+    streams = runtime.streams() if streams is None else streams
+    if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
+        raise MxvisionError("streams", f"expected a whole number from 1 to 64, got {streams!r}")
     quantize.check_cpu(dtype, ctx)
     if storage_dtype not in STORAGE_DTYPES:
         raise MxvisionError(f"--storage-dtype {storage_dtype}", f"expected one of {', '.join(STORAGE_DTYPES)}")
@@ -258,6 +265,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     if shards:
         manifest["feature_shape"] = FeatureStore(out_dir).manifest.get("feature_shape")
     net.hybridize(static_alloc=True, static_shape=True)
+    nets = stream_copies(net, streams)
 
     done = {s["start"] for s in shards}
     todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
@@ -304,8 +312,10 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     pool = ImageBatchLoader(preset, workers, kind)  # process workers start up meanwhile
     computing = None  # (shard, rows, features) of the batch queued last
     try:
-        if jobs:  # build the static graph (and oneDNN primitives) before timing the loop
-            net(mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)).wait_to_read()
+        if jobs:  # build the static graphs (and oneDNN primitives) before timing the loop
+            zeros = mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)
+            for copy in nets:
+                copy(zeros).wait_to_read()
         loop_start, loop_cpu = time.time(), _cpu_seconds()
         pool.feed(jobs)
         current = None  # the shard being computed: start, stop, rows, parts (features), skips
@@ -315,7 +325,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         # output by an engine operation (ordered before the next forward reuses that memory),
         # straight into the storage dtype, and a shard is their concatenation: no read-back into
         # NumPy, no second copy.
-        for _ in range(len(jobs)):
+        for j in range(len(jobs)):
             ((start, stop, b), _, _), batch, errors = pool.next()
             if current is None or current["start"] != start:
                 current = {"start": start, "stop": stop, "rows": [], "parts": [], "skips": []}
@@ -330,7 +340,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
             good = [k for k in range(len(batch_rows)) if k not in bad]
             feats = None
             if good:
-                feats = _batch_features(net(mx.nd.array(batch, ctx=ctx)), good, storage_dtype)
+                feats = _batch_features(nets[j % streams](mx.nd.array(batch, ctx=ctx)), good, storage_dtype)
                 current["parts"].append(feats)
                 current["rows"].extend(batch_rows[k] for k in good)
             computed, computing = computing, (current, batch_rows, feats)
@@ -367,7 +377,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     loop, loop_cpu = time.time() - loop_start, _cpu_seconds() - loop_cpu  # workers reaped by now
     manifest.update(complete=True, finished=datetime.datetime.now().isoformat(timespec="seconds"),
                     n_features=sum(len(s["rows"]) for s in shards), n_skipped=len(skipped),
-                    timing={"images": n_run, "loader": kind, "workers": workers,
+                    timing={"images": n_run, "loader": kind, "workers": workers, "streams": streams,
                             "batch_size": batch_size, "setup_seconds": round(loop_start - started, 3),
                             "loop_seconds": round(loop, 3),
                             "images_per_s": round(n_run / loop, 2) if n_run and loop > 0 else None,
@@ -377,6 +387,21 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         log.warning("skipped %d unreadable image(s); they are listed in %s", len(skipped),
                     out_dir / MANIFEST)
     return FeatureStore(out_dir)
+
+
+def stream_copies(net, n):
+    """``[net]`` and ``n - 1`` copies of the hybridized ``net`` that share its parameters (not
+    copied: the same arrays), each with its own static memory, so MXNet's engine can run one per CPU
+    worker at the same time (``mxvision.runtime.streams``)."""
+    copies = [net]
+    data = mx.sym.var("data")
+    for _ in range(n - 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Cannot decide type for ... data": it is float32
+            copy = mx.gluon.SymbolBlock(net(data), data, params=net.collect_params())
+        copy.hybridize(static_alloc=True, static_shape=True)
+        copies.append(copy)
+    return copies
 
 
 def _cpu_seconds():

@@ -23,13 +23,42 @@ def use_every_core():
     value the user set, or an MXNet already imported, is left alone. The thread count also sets
     the float rounding of oneDNN's reductions, so figures are quoted with it.
     """
-    if "OMP_NUM_THREADS" in os.environ or "mxnet" in sys.modules:
+    if "mxnet" in sys.modules:
         return
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores))
+    try:
+        n = streams()
+    except MxvisionError:  # said in one line by whatever runs the network (extract_features)
+        n = 1
+    if n > 1:  # the engine runs n networks side by side, each on its share of the cores
+        os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(n))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // n)))
+
+
+#: how many copies of the network extraction runs side by side (``streams()``)
+STREAMS_VAR = "MXVISION_STREAMS"
+
+
+def streams():
+    """The network streams asked for with ``MXVISION_STREAMS`` (1 when unset).
+
+    With N > 1, :func:`use_every_core` gives MXNet's engine N CPU workers of cores / N OpenMP
+    threads each (unless the user set ``MXNET_CPU_WORKER_NTHREADS`` / ``OMP_NUM_THREADS``), and
+    ``extract_features`` runs N copies of the network, which share its weights, on alternate
+    batches. One network's oneDNN primitives then never wait for the other core at a barrier:
+    on a shared 2-core host whose cores are taken away now and then, INT8 ran 1.36x as fast with 2
+    streams; a quiet host may gain nothing (docs/BENCHMARKS.md, "Two streams"). MXNet reads both
+    settings once, when it loads, so the variable must be set before the process starts.
+    """
+    text = os.environ.get(STREAMS_VAR, "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise MxvisionError(STREAMS_VAR, f"expected a whole number of streams from 1 to 64, got {text!r}")
+    return int(text)
 
 
 #: oneDNN's ISA cap that lets MXNet 1.9.1's oneDNN 2.4 use AMX (off by default in that release)

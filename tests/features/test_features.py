@@ -212,3 +212,50 @@ def test_manifest_rewrites_take_a_bounded_share_of_a_long_extraction(synth_index
     assert 1 <= len(unfinished) < n_shards / 2, (len(unfinished), n_shards)
     spent = sum(w[0] for w in unfinished)
     assert spent <= extract.MANIFEST_SHARE * seconds + 2 * 0.45, (spent, seconds)
+
+
+def test_two_streams_store_what_one_stream_stores(synth_index, tmp_path):
+    """streams=2 runs alternate batches on a second copy of the network that shares its weights:
+    row for row, the store is the one a single stream writes (5 batches: the copies' outputs
+    must not be mixed up), and the manifest says how it ran."""
+    one = _extract(synth_index, tmp_path / "one", batch_size=5, shard_size=10)
+    two = _extract(synth_index, tmp_path / "two", batch_size=5, shard_size=10, streams=2)
+    x1, _, ids1 = one.load()
+    x2, _, ids2 = two.load()
+    assert list(ids1) == list(ids2) and len(ids1) == 24
+    np.testing.assert_array_equal(x2, x1)
+    assert (one.manifest["timing"]["streams"], two.manifest["timing"]["streams"]) == (1, 2)
+
+
+def test_stream_copies_share_the_weights_and_compute_the_same(small_store):
+    from mxvision.features.extract import load_extractor, stream_copies
+
+    info = dict(small_store.manifest, features_dir=str(small_store.path))
+    net, _ = load_extractor(info, ctx="cpu", fp32_weights_file=small_store.path / "backbone.params")
+    net.hybridize(static_alloc=True, static_shape=True)
+    copies = stream_copies(net, 3)
+    assert len(copies) == 3 and copies[0] is net
+    mine = net.collect_params()
+    for copy in copies[1:]:
+        theirs = copy.collect_params()
+        assert sorted(theirs.keys()) == sorted(mine.keys())
+        assert all(theirs[name] is mine[name] for name in mine.keys())  # the same arrays, not copies
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype("float32"))
+    outs = [c(x) for c in copies]  # queued together: each copy writes its own memory
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.asnumpy(), outs[0].asnumpy())
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "65"])
+def test_a_bad_stream_count_is_one_line(synth_index, tmp_path, value):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MXVISION_STREAMS=value)
+    done = subprocess.run([sys.executable, "-m", "mxvision", "extract", "--index", str(synth_index), "--out",
+                           str(tmp_path / "f"), "--weights", "none", "--backbone", "resnet18_v2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mxvision: error: MXVISION_STREAMS: expected a whole number"), lines
+    assert not (tmp_path / "f").exists()

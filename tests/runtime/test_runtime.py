@@ -46,6 +46,25 @@ def test_a_thread_count_the_user_exported_is_kept():
     assert done.stdout.strip() == "1"
 
 
+STREAMS_PROBE = PROBE.replace('os.environ.get("OMP_NUM_THREADS")',
+                              '(os.environ.get("OMP_NUM_THREADS"), os.environ.get("MXNET_CPU_WORKER_NTHREADS"))')
+
+
+@pytest.mark.parametrize("streams, user, expected", [
+    ("2", {}, (str(max(1, len(os.sched_getaffinity(0)) // 2)), "2")),
+    ("1", {}, (str(len(os.sched_getaffinity(0))), None)),
+    ("2", {"OMP_NUM_THREADS": "3", "MXNET_CPU_WORKER_NTHREADS": "4"}, ("3", "4")),  # the user's, kept
+    ("x", {}, (str(len(os.sched_getaffinity(0))), None)),  # said by extract, in one line
+])
+def test_streams_split_the_cores_before_mxnet_loads(streams, user, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS")}
+    env.update(user, MXVISION_STREAMS=streams)
+    done = subprocess.run([sys.executable, "-c", STREAMS_PROBE % ENTRY_POINTS["cli"]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
+
+
 # --- AMX: oneDNN's ISA cap raised before MXNet loads, on CPUs that have it ------------------------
 from mxvision.runtime import AMX_ISA, AMX_MARK, cpu_flags  # noqa: E402
 
