@@ -1,7 +1,7 @@
 """mxvision INT8 against the quantized peers (issue #16): ONNX Runtime INT8 and OpenVINO INT8.
 
     .venv/bin/python bench/bench_int8_peers.py                      # the peers table (~5-10 min)
-    .venv/bin/python bench/bench_int8_peers.py --levers batch calib tail fusion isa
+    .venv/bin/python bench/bench_int8_peers.py --levers batch calib tail fusion isa streams
     .venv/bin/python bench/bench_int8_peers.py --wait-quiet 1800    # wait for load < 0.5 first
 
 The network is the Xvision trunk: model-zoo ResNet-50 v2 cut at ``stage4_unit2_relu1``, 224 px,
@@ -52,7 +52,11 @@ against the conversion without it), ``isa`` (mxvision's default, which on a CPU 
 other choice of ``quantize.unfuse_relu_pays``: since conversion version 9, on a CPU with AVX-512
 VNNI and no AMX the ReLUs are left out of the convolutions that feed a convolution with a residual
 sum, so that one gets an s8 input and oneDNN's ``jit_int8`` kernel instead of ``brgconv``;
-``int8_graph.unfuse_relu``). The other levers' variants are made with MXNet's own flow
+``int8_graph.unfuse_relu``), ``streams`` (each INT8 engine as above against itself with two
+streams of one thread each, the batch split between them: mxvision's network twice in one
+process, run side by side by MXNet's engine -- ``MXNET_CPU_WORKER_NTHREADS=2``,
+``OMP_NUM_THREADS=1``; OpenVINO's ``THROUGHPUT`` hint with ``NUM_STREAMS=2`` and two infer
+requests; two ONNX Runtime sessions of one thread called from two threads). The other levers' variants are made with MXNet's own flow
 (``quantize.quantize_with``), whose ReLUs stay fused: where ``unfuse_relu_pays``, they differ from
 mxvision INT8 by that too.
 
@@ -220,15 +224,17 @@ def _load(state, msg):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 block = gluon.SymbolBlock.imports(spec["symbol"], ["data"], spec["params"], ctx=ctx)
-        if spec.get("backend"):  # Gluon's own subgraph partitioning (hybridize(backend=...))
+        if spec.get("streams", 1) > 1:  # copies of the network run side by side by MXNet's engine
+            fn = _mxnet_streams(block, spec["streams"], ctx)
+        elif spec.get("backend"):  # Gluon's own subgraph partitioning (hybridize(backend=...))
             block.hybridize(static_alloc=True, static_shape=True, backend=spec["backend"])
             fn = lambda x: block(mx.nd.array(x, ctx=ctx)).asnumpy()  # noqa: E731
         else:
             fn = bench_extract.mxnet_engine(block, ctx)
     elif kind == "ort":
-        fn = _ort_engine(spec["model"], batch, spec["threads"])
+        fn = _ort_engine(spec["model"], batch, spec["threads"], spec.get("streams", 1))
     elif kind == "openvino":
-        fn = _openvino_engine(spec["model"], batch, spec["config"])
+        fn = _openvino_engine(spec["model"], batch, spec["config"], spec.get("streams", 1))
     else:
         raise ValueError(f"unknown engine kind {kind}")
     state["engines"][msg["name"]] = (fn, batch)
@@ -236,6 +242,24 @@ def _load(state, msg):
     fn(x)
     fn(x)  # warm-up: graph building, primitive caches
     return {"ok": True, "info": getattr(fn, "info", None)}
+
+
+def _mxnet_streams(block, n, ctx):
+    """``n`` copies of the network sharing its weights, as ``extract_features`` makes them with
+    ``MXVISION_STREAMS`` (``extract.stream_copies``), each given its share of the batch; MXNet's
+    engine runs them side by side when the worker has as many CPU workers
+    (``MXNET_CPU_WORKER_NTHREADS``), each with its share of the OpenMP threads (the lever's
+    environment sets both, as ``mxvision.runtime.use_every_core`` does)."""
+    import mxnet as mx
+    import numpy as np
+    from mxvision.features.extract import stream_copies
+    block.hybridize(static_alloc=True, static_shape=True)
+    blocks = stream_copies(block, n)
+
+    def fn(x):
+        outs = [b(mx.nd.array(part, ctx=ctx)) for b, part in zip(blocks, np.array_split(x, len(blocks)))]
+        return np.concatenate([o.asnumpy() for o in outs])
+    return fn
 
 
 def _run(state, msg):
@@ -271,34 +295,58 @@ def _static_onnx(path, batch):
     return model.SerializeToString()
 
 
-def _ort_engine(path, batch, threads):
+def _ort_engine(path, batch, threads, streams=1):
     """An ONNX Runtime session as bench_extract.ort_engine makes it (that module needs MXNet,
-    which this venv lacks), on a static batch."""
+    which this venv lacks), on a static batch; with ``streams`` > 1, that many sessions of
+    ``threads // streams`` threads, each given its share of the batch from its own thread (ONNX
+    Runtime releases the GIL while it runs)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = max(1, threads // streams)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    sess = ort.InferenceSession(_static_onnx(path, batch), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    if streams > 1:
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        sessions = [ort.InferenceSession(_static_onnx(path, batch // streams), so,
+                                         providers=["CPUExecutionProvider"]) for _ in range(streams)]
+        pool = ThreadPoolExecutor(streams)
+        name = sessions[0].get_inputs()[0].name
 
-    def fn(x):
-        return sess.run(None, {name: x})[0]
-    fn.info = {"onnxruntime": ort.__version__}
+        def fn(x):
+            parts = np.array_split(x, streams)
+            return np.concatenate(list(pool.map(lambda s, p: s.run(None, {name: p})[0], sessions, parts)))
+    else:
+        sess = ort.InferenceSession(_static_onnx(path, batch), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+
+        def fn(x):
+            return sess.run(None, {name: x})[0]
+    fn.info = {"onnxruntime": ort.__version__, "sessions": streams}
     return fn
 
 
-def _openvino_engine(path, batch, config):
+def _openvino_engine(path, batch, config, streams=1):
+    """An OpenVINO compiled model on a static batch; with ``streams`` > 1 (and a config that asks
+    for as many streams), that many infer requests, each given its share of the batch, run at once."""
+    import numpy as np
     import openvino as ov
     core = ov.Core()
     model = core.read_model(str(path))
-    model.reshape([batch, 3, 224, 224])
+    model.reshape([batch // streams, 3, 224, 224])
     compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    requests = [compiled.create_infer_request() for _ in range(streams)]
 
     def fn(x):
-        request.infer({0: x})
-        return request.get_output_tensor(0).data.copy()  # the request reuses its buffer
+        if streams == 1:
+            requests[0].infer({0: x})
+        else:
+            for request, part in zip(requests, np.array_split(x, streams)):
+                request.start_async({0: part})
+            for request in requests:
+                request.wait()
+        # copies: a request reuses its buffer
+        return np.concatenate([r.get_output_tensor(0).data.copy() for r in requests])
     fn.info = {"openvino": ov.get_version(),
                **{k: str(compiled.get_property(k)) for k in
                   ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")}}
@@ -606,7 +654,7 @@ def main():
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--levers", nargs="*", default=[],
-                   choices=["batch", "calib", "tail", "preact", "fold", "fusion", "isa", "unfuse"])
+                   choices=["batch", "calib", "tail", "preact", "fold", "fusion", "isa", "unfuse", "streams"])
     p.add_argument("--skip-peers", action="store_true", help="only the levers")
     p.add_argument("--onednn-profile", action="store_true",
                    help="also sum oneDNN's verbose timing of mxvision INT8 by primitive (with and without "
@@ -641,7 +689,7 @@ def main():
         fail(f"--out {out}: cannot create its folder ({err.strerror})")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before MXNet loads, here and in the workers
     peers_py = peer_python(args.peer_venv, args.requirements) if not args.skip_peers or \
-        set(args.levers) & {"batch"} else None
+        set(args.levers) & {"batch", "streams"} else None
     sys.path.insert(0, str(BENCH))
     sys.path.insert(0, str(REPO))
     import bench_extract  # noqa: E402  (imports mxvision and MXNet)
@@ -666,7 +714,7 @@ def main():
         key = (role, tuple(sorted((env or {}).items())))
         if key not in workers:
             py = sys.executable if role == "mxnet" else peers_py
-            workers[key] = Worker(py, role, work, dict(env or {}, OMP_NUM_THREADS=str(args.threads)))
+            workers[key] = Worker(py, role, work, {"OMP_NUM_THREADS": str(args.threads), **(env or {})})
         return workers[key]
 
     try:
@@ -747,6 +795,16 @@ def main():
                 med = {k: v["median"] for k, v in section["engines"].items()}
                 section["ratios_without_amx"] = {f"{NO_AMX_ROW} / {k}": round(med[NO_AMX_ROW] / med[k], 2)
                                                  for k in med if k != NO_AMX_ROW}
+            if run_name == "streams":  # each engine with two streams against the others with two
+                mine, rounds = "mxvision int8, 2 streams", section["rounds"]
+                section["ratios_with_streams"] = {
+                    f"{mine} / {peer}": {
+                        "medians": round(section["engines"][mine]["median"] / row["median"], 2),
+                        "paired": round(statistics.median(r["images_per_s"][mine] / r["images_per_s"][peer]
+                                                          for r in rounds), 2)}
+                    for peer, row in section["engines"].items() if peer != mine}
+                print("\n".join(f"  {k}: {v['medians']} (paired {v['paired']})"
+                                 for k, v in section["ratios_with_streams"].items()), flush=True)
             if run_name == "batch":  # mxvision INT8 / peer INT8 at the same batch size
                 med = {k: v["median"] for k, v in section["engines"].items()}
                 section["ratios_at_same_batch"] = {
@@ -840,6 +898,20 @@ def lever_engines(lever, specs, files, work, args):
         variant = mx_int8_variant(work, "q-unfused" if other else "q-fused", calib, unfuse=other)
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 f"int8 ReLUs {'unfused' if other else 'fused (as version 8)'}": (("mxnet", variant), b, None)}
+    if lever == "streams":  # two streams of one thread each, the batch split between them
+        n = 2
+        one_thread = {"MXVISION_STREAMS": str(n), "OMP_NUM_THREADS": str(max(1, args.threads // n)),
+                      "MXNET_CPU_WORKER_NTHREADS": str(n)}
+        role, ort_int8 = specs["onnxruntime int8"]
+        _, ov_int8 = specs["openvino int8"]
+        ov_streams = {"INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": n, "PERFORMANCE_HINT": "THROUGHPUT"}
+        return {"mxvision int8": (specs["mxvision int8"], b, None),
+                f"mxvision int8, {n} streams": (("mxnet", dict(specs["mxvision int8"][1], streams=n)), b,
+                                                one_thread),
+                "openvino int8": (specs["openvino int8"], b, None),
+                f"openvino int8, {n} streams": ((role, dict(ov_int8, config=ov_streams, streams=n)), b, None),
+                "onnxruntime int8": (specs["onnxruntime int8"], b, None),
+                f"onnxruntime int8, {n} streams": ((role, dict(ort_int8, streams=n)), b, None)}
     if lever == "isa":
         return {"mxvision int8": (specs["mxvision int8"], b, None),
                 "int8 MXVISION_AMX=0": (specs["mxvision int8"], b, NO_AMX_ENV),
