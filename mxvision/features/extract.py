@@ -9,6 +9,7 @@ threads (a 512 px PNG costs ~4 ms of CPU; OpenCV releases the GIL; processes on 
 same shape (the last is padded) so the static graph is never rebuilt; shards are written and
 checksummed by a background thread.
 """
+import collections
 import contextlib
 import datetime
 import logging
@@ -266,6 +267,11 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         manifest["feature_shape"] = FeatureStore(out_dir).manifest.get("feature_shape")
     net.hybridize(static_alloc=True, static_shape=True)
     nets = stream_copies(net, streams)
+    engine_workers = os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1")
+    if streams > 1 and (not engine_workers.isdigit() or int(engine_workers) < streams):
+        log.warning("%d streams, but MXNet's engine has MXNET_CPU_WORKER_NTHREADS=%s CPU workers: the "
+                    "copies take turns; set MXVISION_STREAMS=%d before the process starts", streams,
+                    engine_workers, streams)
 
     done = {s["start"] for s in shards}
     todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
@@ -299,7 +305,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         nonlocal pending
         shard, batch_rows, feats = done_batch
         if feats is not None:
-            feats.wait_to_read()  # back-pressure: one batch queued behind the one computing
+            feats.wait_to_read()  # back-pressure: a batch per stream queued behind this one
         bar.update(len(batch_rows))
         if batch_rows[-1] == shard["stop"] - 1:  # shard complete: write it while the next is computed
             if pending is not None:
@@ -310,18 +316,20 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                                     shard["rows"], feats, shard["skips"])
 
     pool = ImageBatchLoader(preset, workers, kind)  # process workers start up meanwhile
-    computing = None  # (shard, rows, features) of the batch queued last
+    # (shard, rows, features) of the batches queued, oldest first: one more than the streams, so
+    # that each copy of the network has a batch queued behind the one it computes
+    in_flight = collections.deque()
     try:
         if jobs:  # build the static graphs (and oneDNN primitives) before timing the loop
             zeros = mx.nd.zeros((batch_size, preset.channels, preset.size, preset.size), ctx=ctx)
-            for copy in nets:
-                copy(zeros).wait_to_read()
+            for warm in [copy(zeros) for copy in nets]:  # side by side, as they will run
+                warm.wait_to_read()
         loop_start, loop_cpu = time.time(), _cpu_seconds()
         pool.feed(jobs)
         current = None  # the shard being computed: start, stop, rows, parts (features), skips
         # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
         # decoders and queued while batch k computes, and only then is k waited for, so the cores
-        # never wait on this loop. Each batch's features are copied out of the static graph's
+        # never wait on this loop (with N streams, k+N is queued before k is waited for). Each batch's features are copied out of the static graph's
         # output by an engine operation (ordered before the next forward reuses that memory),
         # straight into the storage dtype, and a shard is their concatenation: no read-back into
         # NumPy, no second copy.
@@ -343,14 +351,13 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
                 feats = _batch_features(nets[j % streams](mx.nd.array(batch, ctx=ctx)), good, storage_dtype)
                 current["parts"].append(feats)
                 current["rows"].extend(batch_rows[k] for k in good)
-            computed, computing = computing, (current, batch_rows, feats)
-            if computed is not None:
-                settle(computed)
+            in_flight.append((current, batch_rows, feats))
+            if len(in_flight) > streams:
+                settle(in_flight.popleft())
             if batch_rows[-1] == stop - 1:
                 current = None
-        computed, computing = computing, None
-        if computed is not None:
-            settle(computed)
+        while in_flight:
+            settle(in_flight.popleft())
         if pending is not None:
             finish(pending)
             pending = None
@@ -358,8 +365,8 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         # A --strict failure or Ctrl-C: keep what is computed. The batch in flight may complete a
         # shard; written and listed (in a manifest still marked unfinished), a rerun keeps it.
         with contextlib.suppress(Exception):
-            if computing is not None:
-                settle(computing)
+            while in_flight:
+                settle(in_flight.popleft())
             if pending is not None:
                 finish(pending)
                 pending = None

@@ -12,6 +12,19 @@ from mxvision.errors import MxvisionError
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # mxvision/runtime/__init__.py -> the checkout
 
 
+#: names MXNet reads once, when it loads, that mxvision sets unless the user did
+THREAD_VARS = ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS")
+#: what mxvision set of them, e.g. "OMP_NUM_THREADS=2": child processes inherit the values and this,
+#: so they tell mxvision's choice (made afresh, for their own MXVISION_STREAMS) from the user's (kept)
+THREADS_MARK = "MXVISION_SET_THREADS"
+
+
+def set_by_mxvision(name):
+    """Whether the environment's ``name`` was set by mxvision (in this process or a parent), not the user."""
+    mark = dict(item.partition("=")[::2] for item in os.environ.get(THREADS_MARK, "").split())
+    return name in os.environ and mark.get(name) == os.environ[name]
+
+
 def use_every_core():
     """Let MXNet's OpenMP operators use every core this process may run on.
 
@@ -21,7 +34,9 @@ def use_every_core():
     is first imported, so ``mxvision/__init__.py`` calls this before any module can import MXNet
     (tests/test_runtime.py checks the CLI, the API and the training and inference modules); a
     value the user set, or an MXNet already imported, is left alone. The thread count also sets
-    the float rounding of oneDNN's reductions, so figures are quoted with it.
+    the float rounding of oneDNN's reductions, so figures are quoted with it. With
+    ``MXVISION_STREAMS=N`` (:func:`streams`) the engine gets N CPU workers of cores / N threads.
+    Values a parent mxvision process set (:data:`THREADS_MARK`) are decided afresh.
     """
     if "mxnet" in sys.modules:
         return
@@ -33,9 +48,18 @@ def use_every_core():
         n = streams()
     except MxvisionError:  # said in one line by whatever runs the network (extract_features)
         n = 1
+    want = {"OMP_NUM_THREADS": str(max(1, cores // n))}
     if n > 1:  # the engine runs n networks side by side, each on its share of the cores
-        os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", str(n))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // n)))
+        want["MXNET_CPU_WORKER_NTHREADS"] = str(n)
+    ours = {}
+    for name in THREAD_VARS:
+        if name in os.environ and not set_by_mxvision(name):
+            continue  # the user's
+        if name in want:
+            os.environ[name] = ours[name] = want[name]
+        else:  # a parent's streams, not asked for here
+            os.environ.pop(name, None)
+    os.environ[THREADS_MARK] = " ".join(f"{k}={v}" for k, v in ours.items())
 
 
 #: how many copies of the network extraction runs side by side (``streams()``)
@@ -56,7 +80,7 @@ def streams():
     text = os.environ.get(STREAMS_VAR, "").strip()
     if not text:
         return 1
-    if not text.isdigit() or not 1 <= int(text) <= 64:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:  # "²".isdigit() is True
         raise MxvisionError(STREAMS_VAR, f"expected a whole number of streams from 1 to 64, got {text!r}")
     return int(text)
 

@@ -214,17 +214,46 @@ def test_manifest_rewrites_take_a_bounded_share_of_a_long_extraction(synth_index
     assert spent <= extract.MANIFEST_SHARE * seconds + 2 * 0.45, (spent, seconds)
 
 
-def test_two_streams_store_what_one_stream_stores(synth_index, tmp_path):
+def test_two_streams_store_what_one_stream_stores(synth_index, tmp_path, caplog):
     """streams=2 runs alternate batches on a second copy of the network that shares its weights:
     row for row, the store is the one a single stream writes (5 batches: the copies' outputs
-    must not be mixed up), and the manifest says how it ran."""
+    must not be mixed up), and the manifest says how it ran. In this process MXNet's engine has
+    one CPU worker, so the copies take turns, and a warning says so."""
     one = _extract(synth_index, tmp_path / "one", batch_size=5, shard_size=10)
+    assert "copies take turns" not in caplog.text
     two = _extract(synth_index, tmp_path / "two", batch_size=5, shard_size=10, streams=2)
+    assert "2 streams, but MXNet's engine has MXNET_CPU_WORKER_NTHREADS=1 CPU workers" in caplog.text
     x1, _, ids1 = one.load()
     x2, _, ids2 = two.load()
     assert list(ids1) == list(ids2) and len(ids1) == 24
     np.testing.assert_array_equal(x2, x1)
     assert (one.manifest["timing"]["streams"], two.manifest["timing"]["streams"]) == (1, 2)
+
+
+def test_mxvision_streams_runs_the_copies_side_by_side_with_the_same_features(synth_index, tmp_path):
+    """The real switch, as a user sets it: MXVISION_STREAMS=3 before the process starts gives MXNet's
+    engine 3 workers of one thread; `extract` stores the features one stream of every core stores
+    (oneDNN's float32 rounding may depend on the thread count: equal within 1e-5 of the range)."""
+    import subprocess
+    import sys
+
+    stores = {}
+    for streams in ("1", "3"):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS")}
+        env["MXVISION_STREAMS"] = streams
+        out = tmp_path / f"streams-{streams}"
+        done = subprocess.run([sys.executable, "-m", "mxvision", "extract", "--index", str(synth_index),
+                               "--out", str(out), "--weights", "none", "--backbone", "resnet18_v2",
+                               "--batch-size", "3", "--shard-size", "7", "--quiet"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert ("3 streams side by side" in done.stdout) == (streams == "3"), done.stdout
+        assert "take turns" not in done.stderr
+        stores[streams] = FeatureStore(out)
+    x1, _, ids1 = stores["1"].load()
+    x3, _, ids3 = stores["3"].load()
+    assert list(ids3) == list(ids1) and stores["3"].manifest["timing"]["streams"] == 3
+    np.testing.assert_allclose(x3, x1, rtol=0, atol=1e-5 * np.abs(x1).max())
 
 
 def test_stream_copies_share_the_weights_and_compute_the_same(small_store):
@@ -233,20 +262,23 @@ def test_stream_copies_share_the_weights_and_compute_the_same(small_store):
     info = dict(small_store.manifest, features_dir=str(small_store.path))
     net, _ = load_extractor(info, ctx="cpu", fp32_weights_file=small_store.path / "backbone.params")
     net.hybridize(static_alloc=True, static_shape=True)
+    rng = np.random.default_rng(0)
+    xs = [mx.nd.array(rng.normal(size=(2, 3, 128, 128)).astype("float32")) for _ in range(3)]
+    alone = [net(x).asnumpy() for x in xs]
     copies = stream_copies(net, 3)
     assert len(copies) == 3 and copies[0] is net
+    assert len({id(c) for c in copies}) == 3  # three networks, so the engine can run three at once
     mine = net.collect_params()
     for copy in copies[1:]:
         theirs = copy.collect_params()
         assert sorted(theirs.keys()) == sorted(mine.keys())
         assert all(theirs[name] is mine[name] for name in mine.keys())  # the same arrays, not copies
-    x = mx.nd.array(np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype("float32"))
-    outs = [c(x) for c in copies]  # queued together: each copy writes its own memory
-    for out in outs[1:]:
-        np.testing.assert_array_equal(out.asnumpy(), outs[0].asnumpy())
+    outs = [c(x) for c, x in zip(copies, xs)]  # queued together, each its own input and memory
+    for out, want in zip(outs, alone):
+        np.testing.assert_array_equal(out.asnumpy(), want)
 
 
-@pytest.mark.parametrize("value", ["0", "two", "-1", "65"])
+@pytest.mark.parametrize("value", ["0", "two", "-1", "65", "²"])
 def test_a_bad_stream_count_is_one_line(synth_index, tmp_path, value):
     import subprocess
     import sys

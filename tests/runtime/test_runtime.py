@@ -57,8 +57,32 @@ STREAMS_PROBE = PROBE.replace('os.environ.get("OMP_NUM_THREADS")',
     ("x", {}, (str(len(os.sched_getaffinity(0))), None)),  # said by extract, in one line
 ])
 def test_streams_split_the_cores_before_mxnet_loads(streams, user, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXVISION_SET_THREADS")}
     env.update(user, MXVISION_STREAMS=streams)
+    done = subprocess.run([sys.executable, "-c", STREAMS_PROBE % ENTRY_POINTS["cli"]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
+
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("inherited, streams, expected", [
+    # a child of an mxvision process (which set every core, and said so) asks for 2 streams
+    ({"OMP_NUM_THREADS": str(CORES), "MXVISION_SET_THREADS": f"OMP_NUM_THREADS={CORES}"}, "2",
+     (str(max(1, CORES // 2)), "2")),
+    # a child of an mxvision process that ran 2 streams asks for none: every core, one worker
+    ({"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "2",
+      "MXVISION_SET_THREADS": "OMP_NUM_THREADS=1 MXNET_CPU_WORKER_NTHREADS=2"}, "", (str(CORES), None)),
+    # the same values, not marked as mxvision's: the user's, kept
+    ({"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "2"}, "", ("1", "2")),
+])
+def test_thread_settings_a_parent_mxvision_made_are_decided_afresh(inherited, streams, expected):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXVISION_SET_THREADS")}
+    env.update(inherited, MXVISION_STREAMS=streams)
     done = subprocess.run([sys.executable, "-c", STREAMS_PROBE % ENTRY_POINTS["cli"]], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
