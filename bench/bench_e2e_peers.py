@@ -85,6 +85,8 @@ def main():
     args = p.parse_args()
     if args.rounds < 1 or args.threads < 1 or args.batch < 1:
         peers.fail("--rounds, --threads and --batch must be >= 1")
+    if args.streams and (args.threads < 2 or args.threads % 2):
+        peers.fail("--streams needs an even --threads (two streams of --threads / 2 each)")
     out = Path(args.out) if args.out else BENCH / "results" / time.strftime("e2e-peers-%Y%m%d-%H%M.json")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     peers_py = peers.peer_python(args.peer_venv, args.requirements)
@@ -110,7 +112,8 @@ def main():
         worker.close()
         (work / "ov-int8.xml.json").write_text(json.dumps(info))
     mxv = str(Path(sys.executable).parent / "mxvision")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = {k: v for k, v in os.environ.items() if k not in ("MXVISION_STREAMS", "MXNET_CPU_WORKER_NTHREADS")}
+    env["OMP_NUM_THREADS"] = str(args.threads)
     index = work / "jsrt.csv"
     timed([mxv, "data", "index", "jsrt", "--root", str(shared / "data" / "jsrt"), "--out", str(index)], env)
     runs = work / "runs"
@@ -124,7 +127,8 @@ def main():
     envs = {name: env for name in commands}
     if args.streams:
         commands["mxvision int8, 2 streams"] = commands["mxvision int8"]
-        envs["mxvision int8, 2 streams"] = dict(env, MXVISION_STREAMS="2")
+        # OMP_NUM_THREADS as use_every_core sets it for 2 streams (the base env's would be kept)
+        envs["mxvision int8, 2 streams"] = dict(env, MXVISION_STREAMS="2", OMP_NUM_THREADS=str(max(1, args.threads // 2)))
         commands["openvino int8, 2 streams"] = lambda d: commands["openvino int8"](d) + ["--streams", "2"]
         envs["openvino int8, 2 streams"] = env
     peers.log("warm-up: mxvision float32 (the reference features) and INT8 (calibrates once, then cached)")

@@ -900,6 +900,8 @@ def lever_engines(lever, specs, files, work, args):
                 f"int8 ReLUs {'unfused' if other else 'fused (as version 8)'}": (("mxnet", variant), b, None)}
     if lever == "streams":  # two streams of one thread each, the batch split between them
         n = 2
+        if b % n or args.threads % n:
+            fail(f"--levers streams: --batch and --threads must be even (two streams), not {b} and {args.threads}")
         one_thread = {"MXVISION_STREAMS": str(n), "OMP_NUM_THREADS": str(max(1, args.threads // n)),
                       "MXNET_CPU_WORKER_NTHREADS": str(n)}
         role, ort_int8 = specs["onnxruntime int8"]

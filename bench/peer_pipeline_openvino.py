@@ -95,8 +95,12 @@ def main():
             r = k % args.streams
             if r in running:  # the request's previous batch: its output is read before it is reused
                 collect(r)
-            requests[r].start_async({0: x})
             running[r] = (k, len(chunk))
+            if args.streams == 1:  # one stream: as before, a synchronous call
+                requests[0].infer({0: x})
+                collect(0)
+            else:
+                requests[r].start_async({0: x})
         for r in sorted(running, key=lambda r: running[r][0]):
             collect(r)
     os.makedirs(args.out, exist_ok=True)
