@@ -50,23 +50,29 @@ STREAMS_PROBE = PROBE.replace('os.environ.get("OMP_NUM_THREADS")',
                               '(os.environ.get("OMP_NUM_THREADS"), os.environ.get("MXNET_CPU_WORKER_NTHREADS"))')
 
 
-@pytest.mark.parametrize("streams, user, expected", [
-    ("2", {}, (str(max(1, len(os.sched_getaffinity(0)) // 2)), "2")),
-    ("1", {}, (str(len(os.sched_getaffinity(0))), None)),
-    ("2", {"OMP_NUM_THREADS": "3", "MXNET_CPU_WORKER_NTHREADS": "4"}, ("3", "4")),  # the user's, kept
-    ("x", {}, (str(len(os.sched_getaffinity(0))), None)),  # said by extract, in one line
-])
-def test_streams_split_the_cores_before_mxnet_loads(streams, user, expected):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXVISION_SET_THREADS")}
-    env.update(user, MXVISION_STREAMS=streams)
+CORES = len(os.sched_getaffinity(0))
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXVISION_SET_THREADS")
+
+
+def _threads_at_mxnet_import(streams, inherited):
+    """(OMP_NUM_THREADS, MXNET_CPU_WORKER_NTHREADS) when the CLI's parser loads MXNet in a child with
+    ``MXVISION_STREAMS=streams`` and ``inherited`` as its only thread settings."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
+    env.update(inherited, MXVISION_STREAMS=streams)
     done = subprocess.run([sys.executable, "-c", STREAMS_PROBE % ENTRY_POINTS["cli"]], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(expected)
+    return done.stdout.strip()
 
 
-CORES = len(os.sched_getaffinity(0))
+@pytest.mark.parametrize("streams, user, expected", [
+    ("2", {}, (str(max(1, CORES // 2)), "2")),
+    ("1", {}, (str(CORES), None)),
+    ("2", {"OMP_NUM_THREADS": "3", "MXNET_CPU_WORKER_NTHREADS": "4"}, ("3", "4")),  # the user's, kept
+    ("x", {}, (str(CORES), None)),  # said by extract, in one line
+])
+def test_streams_split_the_cores_before_mxnet_loads(streams, user, expected):
+    assert _threads_at_mxnet_import(streams, user) == str(expected)
 
 
 @pytest.mark.parametrize("inherited, streams, expected", [
@@ -80,13 +86,7 @@ CORES = len(os.sched_getaffinity(0))
     ({"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "2"}, "", ("1", "2")),
 ])
 def test_thread_settings_a_parent_mxvision_made_are_decided_afresh(inherited, streams, expected):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXVISION_SET_THREADS")}
-    env.update(inherited, MXVISION_STREAMS=streams)
-    done = subprocess.run([sys.executable, "-c", STREAMS_PROBE % ENTRY_POINTS["cli"]], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(expected)
+    assert _threads_at_mxnet_import(streams, inherited) == str(expected)
 
 
 # --- AMX: oneDNN's ISA cap raised before MXNet loads, on CPUs that have it ------------------------
