@@ -184,8 +184,8 @@ def add_parsers(sub):
     p = sub.add_parser("extract", help="extract backbone features for an index CSV or class folders",
                        epilog="MXVISION_STREAMS=N in the environment (before the process starts) runs N "
                               "copies of the network side by side on alternate batches, each on its share "
-                              "of the cores: the same features (float32 within oneDNN's rounding), faster on a shared host (README, "
-                              "\"Fast on a CPU\")")
+                              "of the cores: the same features (float32 within oneDNN's rounding), faster "
+                              "on a shared host (README, \"Fast on a CPU\")")
     add_extract_options(p)
     p.set_defaults(func=_cmd_extract)
 

@@ -219,9 +219,7 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
     out_dir = Path(out_dir)
     ctx = parse_ctx(ctx)  # cheap argument checks first, before any file is read
     dtype = quantize.check_dtype(dtype)
-    streams = runtime.streams() if streams is None else streams
-    if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
-        raise MxvisionError("streams", f"expected a whole number from 1 to 64, got {streams!r}")
+    streams = runtime.streams(streams)
     quantize.check_cpu(dtype, ctx)
     if storage_dtype not in STORAGE_DTYPES:
         raise MxvisionError(f"--storage-dtype {storage_dtype}", f"expected one of {', '.join(STORAGE_DTYPES)}")
@@ -267,11 +265,10 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         manifest["feature_shape"] = FeatureStore(out_dir).manifest.get("feature_shape")
     net.hybridize(static_alloc=True, static_shape=True)
     nets = stream_copies(net, streams)
-    engine_workers = os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1")
-    if streams > 1 and (not engine_workers.isdigit() or int(engine_workers) < streams):
+    if streams > 1 and (runtime.engine_workers() or 0) < streams:
         log.warning("%d streams, but MXNet's engine has MXNET_CPU_WORKER_NTHREADS=%s CPU workers: the "
                     "copies take turns; set MXVISION_STREAMS=%d before the process starts", streams,
-                    engine_workers, streams)
+                    os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1"), streams)
 
     done = {s["start"] for s in shards}
     todo = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)
@@ -329,10 +326,10 @@ def extract_features(index, out_dir, backbone=zoo.DEFAULT_BACKBONE, cut=zoo.DEFA
         current = None  # the shard being computed: start, stop, rows, parts (features), skips
         # The network runs asynchronously (MXNet's engine): batch k+1 is fetched from the
         # decoders and queued while batch k computes, and only then is k waited for, so the cores
-        # never wait on this loop (with N streams, k+N is queued before k is waited for). Each batch's features are copied out of the static graph's
-        # output by an engine operation (ordered before the next forward reuses that memory),
-        # straight into the storage dtype, and a shard is their concatenation: no read-back into
-        # NumPy, no second copy.
+        # never wait on this loop (with N streams, k+N is queued before k is waited for). Each
+        # batch's features are copied out of the static graph's output by an engine operation
+        # (ordered before the next forward reuses that memory), straight into the storage dtype,
+        # and a shard is their concatenation: no read-back into NumPy, no second copy.
         for j in range(len(jobs)):
             ((start, stop, b), _, _), batch, errors = pool.next()
             if current is None or current["start"] != start:

@@ -66,23 +66,33 @@ def use_every_core():
 STREAMS_VAR = "MXVISION_STREAMS"
 
 
-def streams():
-    """The network streams asked for with ``MXVISION_STREAMS`` (1 when unset).
+def streams(value=None):
+    """The network streams: ``value``, or ``MXVISION_STREAMS`` when it is None (1 when unset).
 
     With N > 1, :func:`use_every_core` gives MXNet's engine N CPU workers of cores / N OpenMP
     threads each (unless the user set ``MXNET_CPU_WORKER_NTHREADS`` / ``OMP_NUM_THREADS``), and
     ``extract_features`` runs N copies of the network, which share its weights, on alternate
     batches. One network's oneDNN primitives then never wait for the other core at a barrier:
-    on a shared 2-core host whose cores are taken away now and then, INT8 ran 1.36x as fast with 2
-    streams; a quiet host may gain nothing (docs/BENCHMARKS.md, "Two streams"). MXNet reads both
-    settings once, when it loads, so the variable must be set before the process starts.
+    on a shared 2-core host whose cores are taken away now and then, INT8 ran 1.36-1.60x as fast
+    with 2 streams; a quiet host may gain nothing (docs/BENCHMARKS.md, "Two streams"). MXNet reads
+    both settings once, when it loads, so the variable must be set before the process starts.
     """
-    text = os.environ.get(STREAMS_VAR, "").strip()
-    if not text:
-        return 1
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:  # "²".isdigit() is True
-        raise MxvisionError(STREAMS_VAR, f"expected a whole number of streams from 1 to 64, got {text!r}")
-    return int(text)
+    subject = "streams" if value is not None else STREAMS_VAR
+    if value is None:
+        text = os.environ.get(STREAMS_VAR, "").strip()
+        if not text:
+            return 1
+        value = int(text) if text.isascii() and text.isdigit() else text  # "²".isdigit() is True
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise MxvisionError(subject, f"expected a whole number of streams from 1 to 64, got {value!r}")
+    return value
+
+
+def engine_workers():
+    """The CPU workers MXNet's engine was given (``MXNET_CPU_WORKER_NTHREADS``, read when it
+    loaded; 1 by default), or None when the variable is not a number."""
+    text = os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 #: oneDNN's ISA cap that lets MXNet 1.9.1's oneDNN 2.4 use AMX (off by default in that release)
